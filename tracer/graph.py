@@ -1,0 +1,274 @@
+"""The attribution graph type: nodes, sparse weighted edges, parameters, scores; Parquet I/O.
+
+Node order is fixed: features, then error nodes, then token nodes, then logit nodes. Edges are
+COO triples ``(target, source, weight)`` with ``weight = A[target, source]``: the direct effect
+of the source on the target's pre-activation (feature) or de-meaned logit (logit node).
+
+One graph is one Parquet file: rows of kind ``node`` and rows of kind ``edge`` in one table
+(null where a column does not apply), graph-level fields as JSON in the schema metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+NODE_KINDS = ("feature", "error", "token", "logit")
+FEATURE, ERROR, TOKEN, LOGIT = range(4)
+
+
+class GraphFormatError(ValueError):
+    """A graph file that cannot be read (wrong kind of file, newer format, damaged)."""
+
+
+@dataclass
+class Graph:
+    """An attribution graph for one prompt.
+
+    Node arrays are all [n_nodes]:
+      kind      int8   0 feature, 1 error, 2 token, 3 logit (see NODE_KINDS)
+      layer     int32  feature/error: layer; token: -1; logit: n_layers
+      position  int32  token position (logits: the last position)
+      feature   int64  feature index (feature), vocabulary id (token, logit), -1 (error)
+      activation float32  feature activation; error: norm of the error vector; token: norm of
+                           the embedding; logit: the logit value
+      probability float32 logit probability (0 for non-logit nodes)
+    Edge arrays are all [n_edges]: target, source (node indices, int32), weight (float32).
+    """
+
+    prompt: str
+    tokens: list[int]
+    token_strings: list[str]
+    model_name: str
+    transcoder_name: str
+    n_layers: int
+    kind: np.ndarray
+    layer: np.ndarray
+    position: np.ndarray
+    feature: np.ndarray
+    activation: np.ndarray
+    probability: np.ndarray
+    target: np.ndarray
+    source: np.ndarray
+    weight: np.ndarray
+    logit_weights: np.ndarray  # [n_nodes] weight of each logit node in influence (sums to 1)
+    params: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. validation results
+
+    # --- basic views ---------------------------------------------------------------------------
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.kind)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.weight)
+
+    def count(self, kind: str) -> int:
+        return int((self.kind == NODE_KINDS.index(kind)).sum())
+
+    def node_id(self, i: int) -> str:
+        """Stable readable id: ``F/L/P/F#``-style strings (feature ``f_{layer}_{pos}_{idx}``)."""
+        k, l, p, f = int(self.kind[i]), int(self.layer[i]), int(self.position[i]), int(self.feature[i])
+        if k == FEATURE:
+            return f"f_{l}_{p}_{f}"
+        if k == ERROR:
+            return f"e_{l}_{p}"
+        if k == TOKEN:
+            return f"t_{p}"
+        return f"l_{f}"
+
+    def node_label(self, i: int) -> str:
+        k = int(self.kind[i])
+        if k == TOKEN:
+            return f"tok {self.token_strings[int(self.position[i])]!r}@{int(self.position[i])}"
+        if k == LOGIT:
+            return f"logit #{int(self.feature[i])} (p={float(self.probability[i]):.3f})"
+        if k == ERROR:
+            return f"err L{int(self.layer[i])}@{int(self.position[i])}"
+        return f"L{int(self.layer[i])}/F{int(self.feature[i])}@{int(self.position[i])}"
+
+    def adjacency(self):
+        """scipy.sparse CSR matrix [n_nodes, n_nodes]: rows targets, columns sources."""
+        import scipy.sparse as sp
+
+        n = self.n_nodes
+        return sp.csr_matrix((self.weight, (self.target, self.source)), shape=(n, n))
+
+    def subgraph(self, keep_nodes: np.ndarray, keep_edges: np.ndarray | None = None) -> Graph:
+        """Graph restricted to nodes where ``keep_nodes`` [n_nodes] bool is true (and edges where
+        ``keep_edges`` [n_edges] bool is true, if given); node indices are renumbered."""
+        keep_nodes = np.asarray(keep_nodes, dtype=bool)
+        new_index = np.full(self.n_nodes, -1, dtype=np.int64)
+        new_index[keep_nodes] = np.arange(int(keep_nodes.sum()))
+        emask = keep_nodes[self.target] & keep_nodes[self.source]
+        if keep_edges is not None:
+            emask &= keep_edges
+        nodes = {k: getattr(self, k)[keep_nodes] for k in _NODE_FIELDS}
+        return Graph(
+            prompt=self.prompt,
+            tokens=list(self.tokens),
+            token_strings=list(self.token_strings),
+            model_name=self.model_name,
+            transcoder_name=self.transcoder_name,
+            n_layers=self.n_layers,
+            **nodes,
+            target=new_index[self.target[emask]].astype(np.int32),
+            source=new_index[self.source[emask]].astype(np.int32),
+            weight=self.weight[emask],
+            params=dict(self.params),
+            scores=dict(self.scores),
+            extra=dict(self.extra),
+        )
+
+    # --- Arrow / Parquet -------------------------------------------------------------------------
+
+    def node_table(self) -> pa.Table:
+        cols = {"node": np.arange(self.n_nodes, dtype=np.int32)}
+        cols.update({k: getattr(self, k) for k in _NODE_FIELDS})
+        table = pa.table(cols)
+        kinds = pa.array([NODE_KINDS[k] for k in self.kind.tolist()], pa.string())
+        return table.append_column("kind_name", kinds)
+
+    def edge_table(self) -> pa.Table:
+        return pa.table({"target": self.target, "source": self.source, "weight": self.weight})
+
+    def header(self) -> dict:
+        return {
+            "format": "circuit-atlas-graph",
+            "format_version": FORMAT_VERSION,
+            "prompt": self.prompt,
+            "tokens": list(map(int, self.tokens)),
+            "token_strings": self.token_strings,
+            "model_name": self.model_name,
+            "transcoder_name": self.transcoder_name,
+            "n_layers": self.n_layers,
+            "params": self.params,
+            "scores": self.scores,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write one Parquet file (atomically: a temp file renamed into place)."""
+        path = Path(path)
+        n, e = self.n_nodes, self.n_edges
+        def col(values, dtype, first):
+            # Node columns hold values in the first n rows; edge columns in the last e rows.
+            arr = np.asarray(values)
+            mask = np.ones(n + e, dtype=bool)
+            full = np.zeros(n + e, dtype=dtype)
+            if first:
+                full[:n] = arr
+                mask[:n] = False
+            else:
+                full[n:] = arr
+                mask[n:] = False
+            return pa.array(full, mask=mask)
+        row_kind = pa.DictionaryArray.from_arrays(
+            pa.array(np.r_[np.zeros(n, np.int8), np.ones(e, np.int8)]), pa.array(["node", "edge"])
+        )
+        columns = {"row": row_kind}
+        for name, dtype in _NODE_FIELDS.items():
+            columns[name] = col(getattr(self, name), dtype, True)
+        columns["target"] = col(self.target, np.int32, False)
+        columns["source"] = col(self.source, np.int32, False)
+        columns["weight"] = col(self.weight, np.float32, False)
+        table = pa.table(columns)
+        meta = {b"circuit_atlas": json.dumps(self.header(), default=_json_default).encode()}
+        table = table.replace_schema_metadata(meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"graph file {path} does not exist")
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise GraphFormatError(f"{path} is not a readable Parquet graph file: {err}") from err
+        raw = (table.schema.metadata or {}).get(b"circuit_atlas")
+        if raw is None:
+            raise GraphFormatError(f"{path} is Parquet but not a circuit-atlas graph file")
+        head = json.loads(raw)
+        version = head.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise GraphFormatError(
+                f"{path} uses graph format version {version}, newer than this circuit-atlas "
+                f"reads ({FORMAT_VERSION}): upgrade circuit-atlas to read it"
+            )
+        is_edge = table.column("row").to_numpy(zero_copy_only=False).astype(str) == "edge"
+        def take(name, dtype, rows):
+            return np.asarray(table.column(name).to_numpy(zero_copy_only=False)[rows], dtype=dtype)
+        nodes = {name: take(name, dt, ~is_edge) for name, dt in _NODE_FIELDS.items()}
+        return cls(
+            prompt=head["prompt"],
+            tokens=head["tokens"],
+            token_strings=head["token_strings"],
+            model_name=head["model_name"],
+            transcoder_name=head["transcoder_name"],
+            n_layers=head["n_layers"],
+            **nodes,
+            target=take("target", np.int32, is_edge),
+            source=take("source", np.int32, is_edge),
+            weight=take("weight", np.float32, is_edge),
+            params=head.get("params", {}),
+            scores=head.get("scores", {}),
+            extra=head.get("extra", {}),
+        )
+
+    # --- networkx ------------------------------------------------------------------------------
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph`` with edges source -> target (attribute ``weight``); node ids as
+        :meth:`node_id`, attributes from the node arrays."""
+        import networkx as nx
+
+        g = nx.DiGraph(prompt=self.prompt, **{f"score_{k}": v for k, v in self.scores.items()})
+        ids = [self.node_id(i) for i in range(self.n_nodes)]
+        for i, nid in enumerate(ids):
+            g.add_node(
+                nid,
+                kind=NODE_KINDS[int(self.kind[i])],
+                layer=int(self.layer[i]),
+                position=int(self.position[i]),
+                feature=int(self.feature[i]),
+                activation=float(self.activation[i]),
+                logit_weight=float(self.logit_weights[i]),
+            )
+        g.add_weighted_edges_from(
+            (ids[s], ids[t], float(w))
+            for t, s, w in zip(self.target.tolist(), self.source.tolist(), self.weight.tolist(), strict=True)
+        )
+        return g
+
+
+_NODE_FIELDS = {
+    "kind": np.int8,
+    "layer": np.int32,
+    "position": np.int32,
+    "feature": np.int64,
+    "activation": np.float32,
+    "probability": np.float32,
+    "logit_weights": np.float32,
+}
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot store {type(o).__name__} in graph metadata")

@@ -1,0 +1,217 @@
+"""The one mechanism for reading and overriding a model's internals.
+
+Every read, freeze and override the engine does (attribution, perturbation, steering, the
+replacement model, tests) goes through :func:`run_hooked`: PyTorch module hooks placed where
+the architecture table says, plus an attention function registered with ``transformers`` that
+records attention patterns or replaces them by frozen ones.
+
+Sites (``(site, layer)`` keys of ``edits``; every tensor is ``[batch, n_pos, d_model]``):
+
+- ``resid_pre``  the residual stream entering layer ``l``
+- ``attn_out``   what attention adds to the residual (after Gemma's post-attention norm)
+- ``resid_mid``  the residual between attention and MLP (input of the MLP's norm)
+- ``mlp_in``     the MLP's input (output of its norm)
+- ``mlp_out``    what the MLP adds to the residual (after Gemma's post-feedforward norm)
+- ``resid_final`` (layer ``n_layers``) the residual entering the final norm
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from tracer.architectures import Architecture, frozen_norm, get_module, norm_scale
+
+ATTN_IMPLEMENTATION = "circuit_atlas"
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_final")
+NORMS = ("attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "final_norm")
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _AttnState:
+    frozen: torch.Tensor | None = None  # [H, q, k] or [B, H, q, k]
+    pattern: torch.Tensor | None = None  # recorded [B, H, q, k]
+
+
+def _atlas_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """Eager attention that records its pattern, or applies a frozen one."""
+    state: _AttnState | None = getattr(module, "_atlas_state", None)
+    if state is not None and state.frozen is not None:
+        groups = query.shape[1] // value.shape[1]
+        v = value.repeat_interleave(groups, dim=1) if groups > 1 else value  # [B, H, k, dh]
+        pattern = state.frozen.to(value.dtype)
+        if pattern.shape[-2:] != (query.shape[2], value.shape[2]):
+            raise ValueError(
+                f"frozen attention pattern covers {tuple(pattern.shape[-2:])} positions but the "
+                f"run has {(query.shape[2], value.shape[2])}: freeze with a record of this prompt"
+            )
+        out = torch.matmul(pattern, v).transpose(1, 2).contiguous()
+        weights = pattern.expand(query.shape[0], *pattern.shape[-3:])
+    else:
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, weights = eager(module, query, key, value, attention_mask, *args, **kwargs)
+    if state is not None:
+        state.pattern = weights.detach()
+    return out, weights
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _atlas_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+@dataclass
+class Freeze:
+    """Quantities held fixed during a hooked run (from an earlier record of the same prompt).
+
+    patterns: [n_layers, n_heads, n_pos, n_pos]; scales: norm name -> [n_layers(, +1), n_pos]
+    (``final_norm`` is [n_pos]). Absent entries stay live.
+    """
+
+    patterns: torch.Tensor | None = None
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class HookedRun:
+    """What one hooked forward pass recorded. Tensors keep the batch dimension first."""
+
+    logits: torch.Tensor  # [B, n_pos, vocab]
+    sites: dict[str, torch.Tensor]  # site -> [B, n_layers, n_pos, d] (resid_final: [B, n_pos, d])
+    patterns: torch.Tensor | None  # [B, n_layers, n_heads, n_pos, n_pos]
+    scales: dict[str, torch.Tensor]  # norm -> [B, n_layers, n_pos] (final_norm: [B, n_pos])
+
+
+def _first_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_first(args, kwargs, value):
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def run_hooked(
+    hf_model: torch.nn.Module,
+    arch: Architecture,
+    input_ids: torch.Tensor,
+    *,
+    edits: Mapping[tuple[str, int], Edit] | None = None,
+    freeze: Freeze | None = None,
+    record: bool = True,
+    record_sites: tuple[str, ...] = SITES,
+) -> HookedRun:
+    """One forward pass of ``hf_model`` on ``input_ids`` [B, n_pos] with hooks in place.
+
+    ``edits[(site, layer)]`` maps the tensor at that site to its replacement (called in forward
+    order, so an edit may read what earlier sites recorded). ``freeze`` holds attention patterns
+    and norm denominators fixed. Gradients flow unless the caller disables them.
+    """
+    edits = dict(edits or {})
+    freeze = freeze or Freeze()
+    for site, layer in edits:
+        if site not in SITES:
+            raise ValueError(f"unknown hook site {site!r}; sites are {', '.join(SITES)}")
+    layers = get_module(hf_model, arch.layers)
+    n_layers = len(layers)
+    for site, layer in edits:
+        top = n_layers if site == "resid_final" else n_layers - 1
+        if not 0 <= layer <= top:
+            raise ValueError(f"layer {layer} out of range for site {site!r} (0..{top})")
+
+    got: dict[str, list] = {s: [None] * n_layers for s in SITES if s != "resid_final"}
+    got["resid_final"] = [None]
+    scales: dict[str, list] = {n: [None] * n_layers for n in NORMS if n != "final_norm"}
+    scales["final_norm"] = [None]
+    attn_states = []
+
+    def at_site(site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        fn = edits.get((site, layer))
+        if fn is not None:
+            x = fn(x)
+        if record and site in record_sites:
+            got[site][0 if site == "resid_final" else layer] = x.detach()
+        return x
+
+    def pre_hook(site, layer):
+        def hook(module, args, kwargs):
+            x = _first_arg(args, kwargs)
+            y = at_site(site, layer, x)
+            return None if y is x else _replace_first(args, kwargs, y)
+
+        return hook
+
+    def out_hook(site, layer):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            y = at_site(site, layer, x)
+            if y is x:
+                return None
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+
+        return hook
+
+    def norm_hook(name, layer):
+        frozen = freeze.scales.get(name)
+        idx = 0 if name == "final_norm" else layer
+
+        def hook(module, args, output):
+            x = args[0]
+            if record:
+                scales[name][idx] = norm_scale(arch.norm_kind, module, x.detach())
+            if frozen is None:
+                return None
+            s = frozen if name == "final_norm" else frozen[layer]
+            return frozen_norm(arch.norm_kind, module, x, s.to(x.device))
+
+        return hook
+
+    with ExitStack() as stack:
+
+        def add(handle):
+            stack.callback(handle.remove)
+
+        for l, layer in enumerate(layers):
+            add(layer.register_forward_pre_hook(pre_hook("resid_pre", l), with_kwargs=True))
+            attn = get_module(layer, arch.attn)
+            state = _AttnState(frozen=None if freeze.patterns is None else freeze.patterns[l])
+            attn._atlas_state = state
+            attn_states.append(state)
+            stack.callback(setattr, attn, "_atlas_state", None)
+            out_mod = get_module(layer, arch.attn_out_norm) if arch.attn_out_norm else attn
+            add(out_mod.register_forward_hook(out_hook("attn_out", l)))
+            mlp_norm = get_module(layer, arch.mlp_norm)
+            add(mlp_norm.register_forward_pre_hook(pre_hook("resid_mid", l), with_kwargs=True))
+            mlp = get_module(layer, arch.mlp)
+            add(mlp.register_forward_pre_hook(pre_hook("mlp_in", l), with_kwargs=True))
+            mlp_out_mod = get_module(layer, arch.mlp_out_norm) if arch.mlp_out_norm else mlp
+            add(mlp_out_mod.register_forward_hook(out_hook("mlp_out", l)))
+            for name in ("attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"):
+                path = getattr(arch, name)
+                if path:
+                    add(get_module(layer, path).register_forward_hook(norm_hook(name, l)))
+        final = get_module(hf_model, arch.final_norm)
+        add(final.register_forward_pre_hook(pre_hook("resid_final", n_layers), with_kwargs=True))
+        add(final.register_forward_hook(norm_hook("final_norm", n_layers)))
+        logits = hf_model(input_ids=input_ids, use_cache=False).logits
+
+    sites = {}
+    for s, vals in got.items():
+        if all(v is not None for v in vals):
+            sites[s] = vals[0] if s == "resid_final" else torch.stack(vals, dim=1)
+    out_scales = {}
+    for n, vals in scales.items():
+        if all(v is not None for v in vals):
+            out_scales[n] = vals[0] if n == "final_norm" else torch.stack(vals, dim=1)
+    patterns = None
+    if record and all(s.pattern is not None for s in attn_states):
+        patterns = torch.stack([s.pattern for s in attn_states], dim=1)
+    return HookedRun(logits=logits, sites=sites, patterns=patterns, scales=out_scales)

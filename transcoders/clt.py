@@ -1,0 +1,189 @@
+"""Cross-layer transcoders (CLT) and their special cases (per-layer and skip transcoders).
+
+Layer ``i`` has an encoder reading the MLP input site of layer ``i`` and decoders writing to
+the MLP output of layers ``i .. i + n_targets(i) - 1``: ``n_layers - i`` targets for a CLT, one
+for a per-layer transcoder (PLT). Shapes, with L layers, F features per layer, d = d_model:
+
+- ``W_enc[i]``  [F, d]        ``b_enc[i]`` [F]     ``threshold[i]`` [F] (JumpReLU)
+- ``W_dec[i]``  [F, T_i, d]   (T_i = L - i for a CLT, 1 for a PLT)
+- ``b_dec[i]``  [d]           output bias of layer i's reconstruction
+- ``W_skip[i]`` [d, d] optional affine skip: out_i += x_i @ W_skip[i].T
+
+Decoders can be supplied lazily (a callable per layer) so a large CLT reads only the decoder
+rows it needs from disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from transcoders.activations import ActivationKind, apply_activation
+
+InputSite = Literal["resid_mid", "mlp_in"]
+
+
+@dataclass
+class TranscoderConfig:
+    """Everything needed to rebuild a transcoder, saved as ``circuit_atlas.json`` beside it.
+
+    input_site: ``resid_mid`` reads the residual before the MLP's norm, ``mlp_in`` after it
+    (the MLP's actual input). Output is always what the MLP adds to the residual.
+    """
+
+    n_layers: int
+    d_model: int
+    n_features: int
+    kind: Literal["clt", "plt"] = "clt"
+    activation: ActivationKind = "jumprelu"
+    topk: int | None = None
+    skip: bool = False
+    input_site: InputSite = "mlp_in"
+    model_name: str | None = None
+    # How inputs/outputs were normalised during training (folded into the weights at export).
+    normalization: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    format_version: int = 1
+
+    def n_targets(self, layer: int) -> int:
+        return self.n_layers - layer if self.kind == "clt" else 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TranscoderConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT or PLT. All weights float32; parameters are trainable unless frozen by caller."""
+
+    def __init__(self, cfg: TranscoderConfig, *, init: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        L, F, d = cfg.n_layers, cfg.n_features, cfg.d_model
+        self.W_enc = nn.Parameter(torch.empty(L, F, d))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        self.threshold = nn.Parameter(torch.zeros(L, F))
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.empty(F, cfg.n_targets(i), d)) for i in range(L)]
+        )
+        self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
+        self._lazy_dec: list[Callable[[], torch.Tensor] | None] = [None] * L
+        if init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        L, F, d = self.cfg.n_layers, self.cfg.n_features, self.cfg.d_model
+        bound = 1.0 / d**0.5
+        nn.init.uniform_(self.W_enc, -bound, bound)
+        for i, w in enumerate(self.W_dec):
+            # Each feature's summed output norm starts comparable across CLT and PLT.
+            b = 1.0 / (F * self.cfg.n_targets(i)) ** 0.5
+            nn.init.uniform_(w, -b, b)
+
+    # --- lazy decoders ---------------------------------------------------------------------------
+
+    def set_lazy_decoder(self, layer: int, loader: Callable[[], torch.Tensor]) -> None:
+        """Defer loading layer ``layer``'s decoder [F, T, d] until first use."""
+        self._lazy_dec[layer] = loader
+        self.W_dec[layer] = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def decoder(self, layer: int) -> torch.Tensor:
+        """Decoder of source layer ``layer``: [F, T_layer, d]."""
+        loader = self._lazy_dec[layer]
+        if loader is not None:
+            w = loader()
+            expected = (self.cfg.n_features, self.cfg.n_targets(layer), self.cfg.d_model)
+            if tuple(w.shape) != expected:
+                raise ValueError(f"decoder of layer {layer} has shape {tuple(w.shape)}, expected {expected}")
+            self.W_dec[layer] = nn.Parameter(w.float(), requires_grad=False)
+            self._lazy_dec[layer] = None
+        return self.W_dec[layer]
+
+    def load_all(self) -> CrossLayerTranscoder:
+        for i in range(self.cfg.n_layers):
+            self.decoder(i)
+        return self
+
+    # --- encode / decode ---------------------------------------------------------------------
+
+    def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] at layer's input site -> pre-activations [..., F]."""
+        return x @ self.W_enc[layer].T + self.b_enc[layer]
+
+    def activate(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
+        return apply_activation(
+            self.cfg.activation, pre, threshold=self.threshold[layer], k=self.cfg.topk
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [L, ..., d] (every layer's input site) -> activations [L, ..., F]."""
+        return torch.stack([self.activate(i, self.pre_activations(i, x[i])) for i in range(len(x))])
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations [L, ..., F] -> reconstructed MLP outputs [L, ..., d] (bias included).
+
+        ``x`` [L, ..., d] (the inputs) is needed only for the skip term.
+        """
+        L = self.cfg.n_layers
+        out = self.b_dec.view(L, *([1] * (acts.dim() - 2)), -1).expand(
+            L, *acts.shape[1:-1], self.cfg.d_model
+        ).clone()
+        for i in range(L):
+            w = self.decoder(i)  # [F, T, d]
+            contrib = torch.einsum("...f,ftd->t...d", acts[i], w)
+            out[i : i + w.shape[1]] += contrib
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("a skip transcoder's decode needs the inputs x")
+            out = out + torch.einsum("l...d,led->l...e", x, self.W_skip)
+        return out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [L, ..., d] -> (reconstruction [L, ..., d], activations [L, ..., F])."""
+        acts = self.encode(x)
+        return self.decode(acts, x), acts
+
+    def decode_sparse(
+        self,
+        layers: torch.Tensor,
+        positions: torch.Tensor,
+        features: torch.Tensor,
+        values: torch.Tensor,
+        n_pos: int,
+    ) -> torch.Tensor:
+        """Decode a sparse set of active features, no output bias. Each argument is [n_active];
+        returns the summed decoded vectors [L, n_pos, d]."""
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        out = torch.zeros(L, n_pos, d, dtype=values.dtype)
+        for i in torch.unique(layers).tolist():
+            sel = layers == i
+            w = self.decoder(i)[features[sel]]  # [n, T, d]
+            vecs = w * values[sel, None, None]
+            T = w.shape[1]
+            # out[i + t, pos] += vecs[:, t]
+            for t in range(T):
+                out[i + t].index_add_(0, positions[sel], vecs[:, t])
+        return out
+
+    def check_model(self, n_layers: int, d_model: int, model_name: str = "the model") -> None:
+        """Raise a clear error when this transcoder does not fit a model's shape."""
+        if d_model != self.cfg.d_model:
+            raise ValueError(
+                f"transcoder has d_model {self.cfg.d_model} but {model_name} has {d_model}: "
+                "it was trained for another model"
+            )
+        if n_layers != self.cfg.n_layers:
+            raise ValueError(
+                f"transcoder covers {self.cfg.n_layers} layers but {model_name} has {n_layers}: "
+                "use the transcoder trained for this model"
+            )
