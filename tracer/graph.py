@@ -77,7 +77,12 @@ class Graph:
 
     def node_id(self, i: int) -> str:
         """Stable readable id: ``F/L/P/F#``-style strings (feature ``f_{layer}_{pos}_{idx}``)."""
-        k, l, p, f = int(self.kind[i]), int(self.layer[i]), int(self.position[i]), int(self.feature[i])
+        k, l, p, f = (
+            int(self.kind[i]),
+            int(self.layer[i]),
+            int(self.position[i]),
+            int(self.feature[i]),
+        )
         if k == FEATURE:
             return f"f_{l}_{p}_{f}"
         if k == ERROR:
@@ -160,6 +165,7 @@ class Graph:
         """Write one Parquet file (atomically: a temp file renamed into place)."""
         path = Path(path)
         n, e = self.n_nodes, self.n_edges
+
         def col(values, dtype, first):
             # Node columns hold values in the first n rows; edge columns in the last e rows.
             arr = np.asarray(values)
@@ -172,6 +178,7 @@ class Graph:
                 full[n:] = arr
                 mask[n:] = False
             return pa.array(full, mask=mask)
+
         row_kind = pa.DictionaryArray.from_arrays(
             pa.array(np.r_[np.zeros(n, np.int8), np.ones(e, np.int8)]), pa.array(["node", "edge"])
         )
@@ -210,8 +217,10 @@ class Graph:
                 f"reads ({FORMAT_VERSION}): upgrade circuit-atlas to read it"
             )
         is_edge = table.column("row").to_numpy(zero_copy_only=False).astype(str) == "edge"
+
         def take(name, dtype, rows):
             return np.asarray(table.column(name).to_numpy(zero_copy_only=False)[rows], dtype=dtype)
+
         nodes = {name: take(name, dt, ~is_edge) for name, dt in _NODE_FIELDS.items()}
         return cls(
             prompt=head["prompt"],
@@ -250,7 +259,9 @@ class Graph:
             )
         g.add_weighted_edges_from(
             (ids[s], ids[t], float(w))
-            for t, s, w in zip(self.target.tolist(), self.source.tolist(), self.weight.tolist(), strict=True)
+            for t, s, w in zip(
+                self.target.tolist(), self.source.tolist(), self.weight.tolist(), strict=True
+            )
         )
         return g
 

@@ -117,7 +117,7 @@ def run_hooked(
     """
     edits = dict(edits or {})
     freeze = freeze or Freeze()
-    for site, layer in edits:
+    for site, _ in edits:
         if site not in SITES:
             raise ValueError(f"unknown hook site {site!r}; sites are {', '.join(SITES)}")
     layers = get_module(hf_model, arch.layers)

@@ -130,7 +130,9 @@ class LanguageModel:
         """Vocabulary id of a single token (given as text such as ' Paris', or an id)."""
         if isinstance(token, int):
             if not 0 <= token < self.facts.vocab_size:
-                raise PromptError(f"token id {token} outside the vocabulary (0..{self.facts.vocab_size - 1})")
+                raise PromptError(
+                    f"token id {token} outside the vocabulary (0..{self.facts.vocab_size - 1})"
+                )
             return token
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:

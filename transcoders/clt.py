@@ -82,7 +82,7 @@ class CrossLayerTranscoder(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        L, F, d = self.cfg.n_layers, self.cfg.n_features, self.cfg.d_model
+        F, d = self.cfg.n_features, self.cfg.d_model
         bound = 1.0 / d**0.5
         nn.init.uniform_(self.W_enc, -bound, bound)
         for i, w in enumerate(self.W_dec):
@@ -104,7 +104,9 @@ class CrossLayerTranscoder(nn.Module):
             w = loader()
             expected = (self.cfg.n_features, self.cfg.n_targets(layer), self.cfg.d_model)
             if tuple(w.shape) != expected:
-                raise ValueError(f"decoder of layer {layer} has shape {tuple(w.shape)}, expected {expected}")
+                raise ValueError(
+                    f"decoder of layer {layer} has shape {tuple(w.shape)}, expected {expected}"
+                )
             self.W_dec[layer] = nn.Parameter(w.float(), requires_grad=False)
             self._lazy_dec[layer] = None
         return self.W_dec[layer]
@@ -135,9 +137,11 @@ class CrossLayerTranscoder(nn.Module):
         ``x`` [L, ..., d] (the inputs) is needed only for the skip term.
         """
         L = self.cfg.n_layers
-        out = self.b_dec.view(L, *([1] * (acts.dim() - 2)), -1).expand(
-            L, *acts.shape[1:-1], self.cfg.d_model
-        ).clone()
+        out = (
+            self.b_dec.view(L, *([1] * (acts.dim() - 2)), -1)
+            .expand(L, *acts.shape[1:-1], self.cfg.d_model)
+            .clone()
+        )
         for i in range(L):
             w = self.decoder(i)  # [F, T, d]
             contrib = torch.einsum("...f,ftd->t...d", acts[i], w)

@@ -44,7 +44,10 @@ def forward_summary(model, prompt: str, top: int = 5) -> str:
         f"prompt {prompt!r}: {len(tokens)} tokens {model.token_strings(tokens)}",
         f"forward pass: {ms:.0f} ms; top next tokens:",
     ]
-    lines += [f"  {p:6.3f}  {model.decode([i])!r}" for p, i in zip(vals.tolist(), idx.tolist(), strict=True)]
+    lines += [
+        f"  {p:6.3f}  {model.decode([i])!r}"
+        for p, i in zip(vals.tolist(), idx.tolist(), strict=True)
+    ]
     return "\n".join(lines)
 
 
