@@ -181,6 +181,13 @@ def run_hooked(
 
         for l, layer in enumerate(layers):
             add(layer.register_forward_pre_hook(pre_hook("resid_pre", l), with_kwargs=True))
+            # Norm hooks first: Gemma's attn_out/mlp_out sites are the outputs of its post-norms,
+            # so a frozen-scale norm must produce its output before the site hook reads or edits
+            # it (forward hooks on one module run in registration order).
+            for name in ("attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"):
+                path = getattr(arch, name)
+                if path:
+                    add(get_module(layer, path).register_forward_hook(norm_hook(name, l)))
             attn = get_module(layer, arch.attn)
             state = _AttnState(frozen=None if freeze.patterns is None else freeze.patterns[l])
             attn._atlas_state = state
@@ -194,10 +201,6 @@ def run_hooked(
             add(mlp.register_forward_pre_hook(pre_hook("mlp_in", l), with_kwargs=True))
             mlp_out_mod = get_module(layer, arch.mlp_out_norm) if arch.mlp_out_norm else mlp
             add(mlp_out_mod.register_forward_hook(out_hook("mlp_out", l)))
-            for name in ("attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"):
-                path = getattr(arch, name)
-                if path:
-                    add(get_module(layer, path).register_forward_hook(norm_hook(name, l)))
         final = get_module(hf_model, arch.final_norm)
         add(final.register_forward_pre_hook(pre_hook("resid_final", n_layers), with_kwargs=True))
         add(final.register_forward_hook(norm_hook("final_norm", n_layers)))
