@@ -1,0 +1,44 @@
+"""Transcoders: cross-layer and per-layer transcoder modules, their activation functions, and
+their weight formats (circuit-tracer, SAELens, GemmaScope; see ``transcoders.formats``).
+
+This package knows nothing of ``tracer`` or ``graphstore``."""
+
+from transcoders.activations import (
+    ActivationKind,
+    apply_activation,
+    jumprelu,
+    step,
+    topk,
+)
+from transcoders.clt import CrossLayerTranscoder, InputSite, TranscoderConfig
+from transcoders.formats import (
+    FORMATS,
+    WRITABLE_FORMATS,
+    TranscoderFormatError,
+    TranscoderInfo,
+    convert_transcoder,
+    detect_format,
+    load_transcoder,
+    save_transcoder,
+    transcoder_info,
+)
+
+__all__ = [
+    "FORMATS",
+    "WRITABLE_FORMATS",
+    "ActivationKind",
+    "CrossLayerTranscoder",
+    "InputSite",
+    "TranscoderConfig",
+    "TranscoderFormatError",
+    "TranscoderInfo",
+    "apply_activation",
+    "convert_transcoder",
+    "detect_format",
+    "jumprelu",
+    "load_transcoder",
+    "save_transcoder",
+    "step",
+    "topk",
+    "transcoder_info",
+]

@@ -48,6 +48,13 @@ class TranscoderConfig:
     # How inputs/outputs were normalised during training (folded into the weights at export).
     normalization: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    # Transcoders assembled from per-layer files (SAELens, GemmaScope) may cover only some model
+    # layers. ``model_layers[i]`` is the model layer that transcoder layer i reads and writes when
+    # the transcoder was loaded compactly (None: transcoder layer i is model layer i).
+    # ``empty_layers`` lists layers filled with inert zeros (no feature ever activates, no bias)
+    # because the source had no transcoder for them.
+    model_layers: list[int] | None = None
+    empty_layers: list[int] = field(default_factory=list)
     format_version: int = 1
 
     def n_targets(self, layer: int) -> int:
@@ -78,6 +85,7 @@ class CrossLayerTranscoder(nn.Module):
         )
         self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
         self._lazy_dec: list[Callable[[], torch.Tensor] | None] = [None] * L
+        self._lazy_rows: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * L
         if init:
             self.reset_parameters()
 
@@ -92,24 +100,70 @@ class CrossLayerTranscoder(nn.Module):
 
     # --- lazy decoders ---------------------------------------------------------------------------
 
-    def set_lazy_decoder(self, layer: int, loader: Callable[[], torch.Tensor]) -> None:
-        """Defer loading layer ``layer``'s decoder [F, T, d] until first use."""
+    def set_lazy_decoder(
+        self,
+        layer: int,
+        loader: Callable[[], torch.Tensor],
+        rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Defer loading layer ``layer``'s decoder [F, T, d] until first use.
+
+        ``rows(features)`` optionally reads only the given decoder rows [n, T, d] (features is a
+        1-D index tensor), so a sparse decode of a few active features need not read the whole
+        decoder from disk.
+        """
         self._lazy_dec[layer] = loader
+        self._lazy_rows[layer] = rows
         self.W_dec[layer] = nn.Parameter(torch.empty(0), requires_grad=False)
 
-    def decoder(self, layer: int) -> torch.Tensor:
-        """Decoder of source layer ``layer``: [F, T_layer, d]."""
+    def decoder_loaded(self, layer: int) -> bool:
+        """Whether layer ``layer``'s decoder is in memory (False while it is still lazy)."""
+        return self._lazy_dec[layer] is None
+
+    def check_decoder_shape(self, layer: int, shape: tuple[int, ...], n: int | None = None):
+        """Raise a clear error unless ``shape`` is layer ``layer``'s decoder shape [F, T, d]
+        (or [n, T, d] for n rows)."""
+        expected = (
+            self.cfg.n_features if n is None else n,
+            self.cfg.n_targets(layer),
+            self.cfg.d_model,
+        )
+        if tuple(shape) != expected:
+            raise ValueError(
+                f"decoder of layer {layer} has shape {tuple(shape)}, expected {expected}: "
+                "the weight files do not match the transcoder's config; re-convert them"
+            )
+
+    def decoder(self, layer: int, *, cache: bool = True) -> torch.Tensor:
+        """Decoder of source layer ``layer``: [F, T_layer, d].
+
+        A lazy decoder is read on first use and kept (``cache=False`` reads it without keeping
+        it, for one pass over a large transcoder, e.g. when converting it).
+        """
         loader = self._lazy_dec[layer]
-        if loader is not None:
-            w = loader()
-            expected = (self.cfg.n_features, self.cfg.n_targets(layer), self.cfg.d_model)
-            if tuple(w.shape) != expected:
-                raise ValueError(
-                    f"decoder of layer {layer} has shape {tuple(w.shape)}, expected {expected}"
-                )
-            self.W_dec[layer] = nn.Parameter(w.float(), requires_grad=False)
+        if loader is None:
+            return self.W_dec[layer]
+        w = loader()
+        self.check_decoder_shape(layer, tuple(w.shape))
+        w = w.float()
+        if cache:
+            self.W_dec[layer] = nn.Parameter(w, requires_grad=False)
             self._lazy_dec[layer] = None
-        return self.W_dec[layer]
+            self._lazy_rows[layer] = None
+        return w
+
+    def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Decoder rows of the given features of layer ``layer``: [n, T_layer, d].
+
+        When the decoder is still lazy and its source can read single rows, only those rows are
+        read (nothing is cached); otherwise this indexes ``decoder(layer)``.
+        """
+        rows = self._lazy_rows[layer]
+        if self._lazy_dec[layer] is not None and rows is not None:
+            w = rows(features.cpu())
+            self.check_decoder_shape(layer, tuple(w.shape), n=len(features))
+            return w.float().to(features.device)
+        return self.decoder(layer)[features]
 
     def load_all(self) -> CrossLayerTranscoder:
         for i in range(self.cfg.n_layers):
@@ -168,10 +222,12 @@ class CrossLayerTranscoder(nn.Module):
         """Decode a sparse set of active features, no output bias. Each argument is [n_active];
         returns the summed decoded vectors [L, n_pos, d]."""
         L, d = self.cfg.n_layers, self.cfg.d_model
-        out = torch.zeros(L, n_pos, d, dtype=values.dtype)
+        out = torch.zeros(L, n_pos, d, dtype=values.dtype, device=values.device)
         for i in torch.unique(layers).tolist():
             sel = layers == i
-            w = self.decoder(i)[features[sel]]  # [n, T, d]
+            # Read each distinct feature's decoder row once, even if it fires at many positions.
+            uniq, inv = torch.unique(features[sel], return_inverse=True)
+            w = self.decoder_rows(i, uniq).to(values.dtype)[inv]  # [n, T, d]
             vecs = w * values[sel, None, None]
             T = w.shape[1]
             # out[i + t, pos] += vecs[:, t]

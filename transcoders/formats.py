@@ -1,0 +1,336 @@
+"""Transcoder weight formats: detect, load, save, convert, describe.
+
+Formats (``FORMATS``):
+
+- ``circuit-tracer``: circuit-tracer's CLT layout (``W_enc_{i}.safetensors`` +
+  ``W_dec_{i}.safetensors``, optional ``config.yaml``). Read and written. Our own layout is this
+  plus ``circuit_atlas.json`` (``TranscoderConfig``: model, input site, activation,
+  normalisation, training metrics).
+- ``circuit-tracer-plt``: circuit-tracer's per-layer layout (``layer_{i}.safetensors``). Read
+  and written (+ ``circuit_atlas.json``).
+- ``saelens``: SAELens transcoders, a ``cfg.json`` + ``sae_weights.safetensors`` folder, or a
+  parent folder of one such folder per layer. Read; written for per-layer transcoders.
+- ``gemmascope``: GemmaScope ``params.npz`` transcoders (a file, or a folder tree of them with
+  ``layer_{i}`` in their paths). Read only.
+
+Per-layer sources (SAELens, GemmaScope) become a per-layer transcoder (kind ``plt``): stacked in
+model-layer order, or, given ``n_layers``, placed at their model layers with inert zero layers
+elsewhere (see ``transcoders.io_assemble.assemble_per_layer``).
+
+With ``lazy=True`` only encoders are read when loading; each layer's decoder is read from disk
+on first use (and a sparse decode reads only the rows it needs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from transcoders.clt import CrossLayerTranscoder, InputSite
+from transcoders.io_assemble import CONFIG_FILE
+from transcoders.io_circuit_tracer import (
+    is_clt_folder,
+    is_plt_folder,
+    read_clt,
+    read_plt,
+    write_clt,
+    write_plt,
+)
+from transcoders.io_files import TranscoderFormatError, atomic_folder, missing
+from transcoders.io_gemmascope import gemmascope_files, read_gemmascope
+from transcoders.io_saelens import (
+    is_saelens_folder,
+    read_saelens,
+    saelens_layer_folders,
+    write_saelens,
+)
+
+FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens", "gemmascope")
+WRITABLE_FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+__all__ = [
+    "DTYPES",
+    "FORMATS",
+    "WRITABLE_FORMATS",
+    "TranscoderFormatError",
+    "TranscoderInfo",
+    "convert_transcoder",
+    "detect_format",
+    "load_transcoder",
+    "save_transcoder",
+    "transcoder_info",
+]
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of the transcoder at ``path`` (a folder, or a GemmaScope .npz file)."""
+    p = Path(path)
+    if not p.exists():
+        raise missing(p, "path")
+    if p.is_file():
+        if p.suffix == ".npz":
+            return "gemmascope"
+        if p.name in ("cfg.json", "sae_weights.safetensors"):
+            raise TranscoderFormatError(f"{p} is part of a SAELens folder: load {p.parent}")
+        raise TranscoderFormatError(
+            f"{p} is a single file; load the folder that holds the transcoder ({p.parent})"
+        )
+    if is_clt_folder(p):
+        return "circuit-tracer"
+    if is_plt_folder(p):
+        return "circuit-tracer-plt"
+    if is_saelens_folder(p) or saelens_layer_folders(p):
+        return "saelens"
+    if gemmascope_files(p):
+        return "gemmascope"
+    raise TranscoderFormatError(
+        f"{p} holds no transcoder in a format we read: expected W_enc_0.safetensors "
+        "(circuit-tracer CLT), layer_0.safetensors (circuit-tracer per-layer), cfg.json + "
+        "sae_weights.safetensors (SAELens) or params.npz (GemmaScope)"
+    )
+
+
+def _saved_config(p: Path) -> dict | None:
+    path = (p if p.is_dir() else p.parent) / CONFIG_FILE
+    if not p.is_dir() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TranscoderFormatError(
+            f"{path} is not valid JSON ({err}): fix it, or delete it to load the weights alone"
+        ) from None
+    if not isinstance(data, dict):
+        raise TranscoderFormatError(f"{path} should hold a JSON object: fix or delete it")
+    return data
+
+
+def load_transcoder(
+    path: str | os.PathLike,
+    *,
+    lazy: bool = True,
+    format: str | None = None,
+    n_layers: int | None = None,
+    d_model: int | None = None,
+    model_name: str | None = None,
+    layer: int | None = None,
+    input_site: InputSite | None = None,
+) -> CrossLayerTranscoder:
+    """Load a transcoder in any format of ``FORMATS`` (detected unless ``format`` is given).
+
+    lazy: read only encoders now; each decoder [F, T, d] is read on first use.
+    n_layers, d_model: the model's shape. The transcoder is checked against them (a clear error
+        when it was trained for another model), and per-layer sources are placed at their model
+        layers of an ``n_layers``-layer transcoder.
+    model_name: recorded in the config (and named in errors) when the files do not say it.
+    layer: the model layer of a single-layer source whose files do not name one.
+    input_site: override the input site (``resid_mid`` or ``mlp_in``) the files declare.
+    Weights are float32 and frozen (no grads).
+    """
+    p = Path(path)
+    fmt = format or detect_format(p)
+    if fmt not in FORMATS:
+        raise TranscoderFormatError(f"unknown transcoder format {fmt!r}: use one of {FORMATS}")
+    if not p.exists():
+        raise missing(p, "path")
+    saved = _saved_config(p)
+    common = dict(saved=saved, lazy=lazy, input_site=input_site, model_name=model_name)
+    if fmt == "circuit-tracer":
+        if layer is not None:
+            raise TranscoderFormatError("layer= applies to single-layer sources, not a CLT")
+        clt = read_clt(p, **common)
+    else:
+        reader = {
+            "circuit-tracer-plt": read_plt,
+            "saelens": read_saelens,
+            "gemmascope": read_gemmascope,
+        }[fmt]
+        clt = reader(p, n_layers=n_layers, layer=layer, **common)
+    if n_layers is not None or d_model is not None:
+        clt.check_model(
+            n_layers if n_layers is not None else clt.cfg.n_layers,
+            d_model if d_model is not None else clt.cfg.d_model,
+            model_name or clt.cfg.model_name or "the model",
+        )
+    return clt
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_format(clt: CrossLayerTranscoder) -> str:
+    return "circuit-tracer" if clt.cfg.kind == "clt" else "circuit-tracer-plt"
+
+
+def save_transcoder(
+    clt: CrossLayerTranscoder,
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write ``clt`` to the folder ``path`` in a format of ``WRITABLE_FORMATS`` (default:
+    circuit-tracer for a CLT, circuit-tracer-plt for a per-layer transcoder), with our config
+    ``circuit_atlas.json`` beside the weights.
+
+    The folder is written under a temporary name and renamed into place, so a failed write
+    leaves nothing (and an existing folder is replaced only with ``overwrite``). ``dtype``
+    (e.g. ``"bfloat16"``) stores the weights in another precision; the default keeps float32,
+    which reloads bit for bit.
+    """
+    fmt = format or default_format(clt)
+    if fmt not in WRITABLE_FORMATS:
+        raise TranscoderFormatError(
+            f"cannot write format {fmt!r}: writable formats are {WRITABLE_FORMATS}"
+        )
+    kind = clt.cfg.kind
+    if fmt == "circuit-tracer" and kind != "clt":
+        raise TranscoderFormatError(
+            "the circuit-tracer CLT layout needs decoders to every later layer; save a "
+            "per-layer transcoder as circuit-tracer-plt or saelens"
+        )
+    if fmt in ("circuit-tracer-plt", "saelens") and kind != "plt":
+        raise TranscoderFormatError(
+            f"{fmt} stores per-layer transcoders; save a cross-layer transcoder as circuit-tracer"
+        )
+    writer = {"circuit-tracer": write_clt, "circuit-tracer-plt": write_plt,
+              "saelens": write_saelens}[fmt]  # fmt: skip
+    dt = _dtype(dtype)
+
+    def write(tmp: Path) -> None:
+        writer(clt, tmp, dt)
+        (tmp / CONFIG_FILE).write_text(clt.cfg.to_json())
+
+    atomic_folder(path, write, overwrite=overwrite)
+    return Path(path)
+
+
+def convert_transcoder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    format: str | None = None,
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | str | None = None,
+    **load_kwargs,
+) -> CrossLayerTranscoder:
+    """Load ``src`` (any readable format; ``load_kwargs`` go to ``load_transcoder``) and save it
+    to ``dst``, reading one decoder at a time. Returns the (lazy) loaded transcoder."""
+    if Path(dst).exists() and not overwrite:
+        raise FileExistsError(
+            f"{dst} already exists: choose another destination or allow overwriting (--force)"
+        )
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError("source and destination are the same folder: convert into a new one")
+    clt = load_transcoder(src, lazy=True, **load_kwargs)
+    save_transcoder(clt, dst, format, overwrite=overwrite, dtype=dtype)
+    return clt
+
+
+@dataclass
+class TranscoderInfo:
+    """A summary of a transcoder on disk (sizes in bytes)."""
+
+    path: Path
+    format: str
+    has_config: bool
+    kind: str
+    n_layers: int
+    d_model: int
+    n_features: int
+    activation: str
+    topk: int | None
+    skip: bool
+    input_site: str
+    model_name: str | None
+    model_layers: list[int] | None
+    empty_layers: list[int]
+    training: dict
+    files: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def n_parameters(self) -> int:
+        L, F, d = self.n_layers, self.n_features, self.d_model
+        n_targets = L * (L + 1) // 2 if self.kind == "clt" else L
+        return L * F * d + n_targets * F * d + L * (2 * F + d) + (L * d * d if self.skip else 0)
+
+    def lines(self) -> list[str]:
+        act = f"topk (k={self.topk})" if self.activation == "topk" else self.activation
+        kind = "cross-layer" if self.kind == "clt" else "per-layer"
+        out = [
+            f"path        {self.path}",
+            f"format      {self.format}" + (f" + {CONFIG_FILE}" if self.has_config else ""),
+            f"kind        {kind} transcoder" + (" with affine skip" if self.skip else ""),
+            f"layers      {self.n_layers}",
+            f"d_model     {self.d_model}",
+            f"features    {self.n_features} per layer, {self.n_features * self.n_layers} total",
+            f"activation  {act}",
+            f"sites       reads {self.input_site}, writes mlp_out",
+            f"model       {self.model_name or '(not recorded)'}",
+            f"parameters  {self.n_parameters:,}",
+        ]
+        if self.model_layers:
+            out.append(f"model layers {self.model_layers}")
+        if self.empty_layers:
+            out.append(f"empty layers {self.empty_layers} (no transcoder in the source)")
+        for key, value in self.training.items():
+            out.append(f"training    {key}: {value}")
+        out.append(f"files       {len(self.files)}, {_human(self.total_bytes)} in all")
+        out += [f"  {_human(size):>10}  {name}" for name, size in self.files]
+        return out
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def transcoder_info(path: str | os.PathLike, **load_kwargs) -> TranscoderInfo:
+    """Describe the transcoder at ``path`` (reads encoders and headers, not decoders)."""
+    p = Path(path)
+    fmt = load_kwargs.pop("format", None) or detect_format(p)
+    clt = load_transcoder(p, lazy=True, format=fmt, **load_kwargs)
+    cfg = clt.cfg
+    if p.is_file():
+        files = [(p.name, p.stat().st_size)]
+    else:
+        files = sorted(
+            (str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*") if f.is_file()
+        )
+    return TranscoderInfo(
+        path=p,
+        format=fmt,
+        has_config=p.is_dir() and (p / CONFIG_FILE).is_file(),
+        kind=cfg.kind,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_features=cfg.n_features,
+        activation=cfg.activation,
+        topk=cfg.topk,
+        skip=cfg.skip,
+        input_site=cfg.input_site,
+        model_name=cfg.model_name,
+        model_layers=cfg.model_layers,
+        empty_layers=list(cfg.empty_layers),
+        training=dict(cfg.training),
+        files=files,
+    )
