@@ -1,0 +1,42 @@
+"""Persistence: pruned circuits in a Bolt graph database (Neo4j 5, or a managed local ArcadeDB
+server), full graphs in a Parquet archive, canned cross-prompt queries, read-only Cypher."""
+
+from graphstore.archive import Archive
+from graphstore.errors import (
+    GraphNotFoundError,
+    ModelMismatchError,
+    ReadOnlyViolation,
+    ServerStartError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailableError,
+    StoreWriteError,
+)
+from graphstore.ingest import WriteResult, content_hash, graph_id, prompt_id
+from graphstore.queries import CANNED, CannedQuery
+from graphstore.readonly import QueryResult
+from graphstore.server import LocalServer, ServerInfo, default_home
+from graphstore.store import GraphStore
+
+__all__ = [
+    "CANNED",
+    "Archive",
+    "CannedQuery",
+    "GraphNotFoundError",
+    "GraphStore",
+    "LocalServer",
+    "ModelMismatchError",
+    "QueryResult",
+    "ReadOnlyViolation",
+    "ServerInfo",
+    "ServerStartError",
+    "StoreAuthError",
+    "StoreError",
+    "StoreUnavailableError",
+    "StoreWriteError",
+    "WriteResult",
+    "content_hash",
+    "default_home",
+    "graph_id",
+    "prompt_id",
+]

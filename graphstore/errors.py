@@ -1,0 +1,38 @@
+"""Errors of the graph store. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class StoreError(RuntimeError):
+    """Base class of graph-store errors."""
+
+
+class StoreUnavailableError(StoreError):
+    """The Bolt server cannot be reached (not running, wrong host or port)."""
+
+
+class StoreAuthError(StoreError):
+    """The server refused the user name or password."""
+
+
+class ServerStartError(StoreError):
+    """The managed local ArcadeDB server did not start."""
+
+
+class ModelMismatchError(StoreError):
+    """A graph traced with another model than the one its transcoder belongs to in the store."""
+
+
+class StoreWriteError(StoreError):
+    """Writing a graph to the database failed (the graph is still archived in Parquet)."""
+
+
+class GraphNotFoundError(StoreError, KeyError):
+    """No complete graph with the given id is stored."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ReadOnlyViolation(StoreError):
+    """User Cypher that would write (CREATE, MERGE, DELETE, SET, ...) was refused."""

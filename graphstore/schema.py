@@ -1,0 +1,76 @@
+"""The database schema: labels, relationships, constraints and indexes, in one place.
+
+Schema (every property name below is what queries use)::
+
+    (:Model {name})
+    (:Transcoder {name, model})-[:FOR_MODEL]->(:Model)
+    (:Feature {key, transcoder, layer, index})          shared by all prompts; key "tc/layer/index"
+    (:Prompt {id, text, model, tokens, token_strings})
+    (:Graph {id, complete, model, transcoder, prompt_id, prompt, n_nodes, n_edges, n_layers,
+             parquet_path, content_hash, params_json, scores_json, extra_json, feature_mass,
+             param_<k>, score_<k>, validation_<k>})
+    (:Graph)-[:OF_PROMPT]->(:Prompt), (:Graph)-[:USES]->(:Transcoder)
+    (:Graph)-[:HAS_FEATURE {nodes, activation}]->(:Feature)   per-graph feature summary
+    (:Node {graph, i, kind, layer, position, feature, activation, probability, logit_weight,
+            token})                                      one per pruned-graph node
+    (:Node)-[:INSTANCE_OF]->(:Feature)                   feature nodes only
+    (:Node)-[:EDGE {weight, k}]->(:Node)                 source -> target, weight = A[target, source]
+
+``Graph.complete`` is false while a graph is being written; every query reads only complete
+graphs. Neo4j 5 and ArcadeDB accept the same DDL below (checked against ArcadeDB 26.10); the
+dialect table keeps any divergence here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node")
+RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE")
+
+# Composite uniqueness is expressed through one string key (Feature.key) so the same constraint
+# works on Neo4j Community, Enterprise and ArcadeDB.
+_COMMON = (
+    "CREATE CONSTRAINT model_name IF NOT EXISTS FOR (m:Model) REQUIRE m.name IS UNIQUE",
+    "CREATE CONSTRAINT transcoder_name IF NOT EXISTS FOR (t:Transcoder) REQUIRE t.name IS UNIQUE",
+    "CREATE CONSTRAINT feature_key IF NOT EXISTS FOR (f:Feature) REQUIRE f.key IS UNIQUE",
+    "CREATE CONSTRAINT prompt_id IF NOT EXISTS FOR (p:Prompt) REQUIRE p.id IS UNIQUE",
+    "CREATE CONSTRAINT graph_id IF NOT EXISTS FOR (g:Graph) REQUIRE g.id IS UNIQUE",
+    "CREATE INDEX node_graph IF NOT EXISTS FOR (n:Node) ON (n.graph)",
+    "CREATE INDEX node_kind_feature IF NOT EXISTS FOR (n:Node) ON (n.kind, n.feature)",
+    "CREATE INDEX graph_complete IF NOT EXISTS FOR (g:Graph) ON (g.complete)",
+)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between servers that speak Bolt and Cypher."""
+
+    name: str
+    ddl: tuple[str, ...]
+    # ArcadeDB reports query_type "w" for every EXPLAIN (checked: 26.10), so EXPLAIN cannot
+    # classify queries there; the read-only guard then relies on its other two layers.
+    explain_classifies: bool
+    default_database: str | None
+
+
+NEO4J = Dialect("neo4j", _COMMON, explain_classifies=True, default_database=None)
+ARCADEDB = Dialect("arcadedb", _COMMON, explain_classifies=False, default_database="atlas")
+
+
+def detect_dialect(agent: str) -> Dialect:
+    """The dialect of a server from its Bolt agent string, e.g. ``Neo4j/5.26.0 compatible
+    (ArcadeDB 26.10.2)`` or ``Neo4j/5.20.0``."""
+    return ARCADEDB if "arcadedb" in agent.lower() else NEO4J
+
+
+def feature_key(transcoder: str, layer: int, index: int) -> str:
+    """The unique key of a transcoder feature: ``"<transcoder>/<layer>/<index>"``."""
+    return f"{transcoder}/{int(layer)}/{int(index)}"
+
+
+def ensure_schema(session, dialect: Dialect) -> None:
+    """Create constraints and indexes (idempotent: IF NOT EXISTS). Run before any data is
+    loaded, so every later MERGE is backed by an index."""
+    for statement in dialect.ddl:
+        session.run(statement).consume()

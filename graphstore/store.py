@@ -1,0 +1,262 @@
+"""GraphStore: pruned attribution graphs in a Bolt graph database (Neo4j 5 or the managed
+ArcadeDB server), full graphs in a Parquet archive, canned and read-only user Cypher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import neo4j
+
+from graphstore import export, ingest, queries, readonly
+from graphstore.archive import Archive
+from graphstore.errors import (
+    ModelMismatchError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailableError,
+    StoreWriteError,
+)
+from graphstore.schema import detect_dialect, ensure_schema
+from graphstore.server import ROOT_USER, LocalServer
+from tracer.graph import Graph
+
+
+class GraphStore:
+    """A graph database of pruned circuits plus a Parquet archive of full graphs.
+
+    ``uri=None`` uses the managed local ArcadeDB server under ``home`` (default
+    ``$CIRCUIT_ATLAS_HOME/store``), starting it when it is not running (it keeps running after
+    this process exits; ``circuit-atlas store stop`` stops it). Any ``bolt://`` or
+    ``neo4j://`` URI with ``user``/``password`` connects to that server instead (Neo4j 5, or
+    ArcadeDB with its Bolt plugin); ``database`` defaults to the server's default database.
+
+    ``model`` / ``transcoder``, when given, bind the store: graphs of another model or
+    transcoder are refused (they are still archived). Independently, a transcoder already in
+    the store belongs to one model; a graph that pairs it with another model is refused.
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        database: str | None = None,
+        *,
+        home: str | Path | None = None,
+        archive_dir: str | Path | None = None,
+        model: str | None = None,
+        transcoder: str | None = None,
+        connect_timeout: float = 10.0,
+    ):
+        self.server: LocalServer | None = None
+        if uri is None:
+            self.server = LocalServer(home)
+            info = self.server.start()
+            uri, user, password = info.uri, ROOT_USER, self.server.password()
+            database = database or info.database
+            if archive_dir is None:
+                archive_dir = self.server.home.parent / "graphs"
+        self.uri = uri
+        self.archive = Archive(archive_dir)
+        self.model = model
+        self.transcoder = transcoder
+        auth = (user or "neo4j", password or "")
+        self._driver = neo4j.GraphDatabase.driver(
+            uri, auth=auth, connection_timeout=connect_timeout, max_transaction_retry_time=5.0
+        )
+        try:
+            self._driver.verify_connectivity()
+            agent = self._driver.get_server_info().agent
+        except neo4j.exceptions.AuthError as err:
+            self._driver.close()
+            where = (
+                f"; the managed server's password is in {self.server.password_file}"
+                if self.server
+                else ""
+            )
+            raise StoreAuthError(
+                f"the graph server at {uri} refused user {auth[0]!r}: wrong user or password "
+                f"({err.message}){where}"
+            ) from None
+        except (neo4j.exceptions.ServiceUnavailable, OSError, ValueError) as err:
+            self._driver.close()
+            raise StoreUnavailableError(
+                f"cannot reach a graph server at {uri} ({err}): start the local one with "
+                "`circuit-atlas store start`, or check the URI, host and port"
+            ) from None
+        self.dialect = detect_dialect(agent)
+        self.agent = agent
+        self.database = database or self.dialect.default_database
+        self._explain_ok: bool | None = None
+        with self._session() as s:
+            try:
+                ensure_schema(s, self.dialect)
+            except neo4j.exceptions.Neo4jError as err:
+                self._driver.close()
+                raise StoreError(
+                    f"cannot create the schema in database {self.database!r} at {uri}: "
+                    f"{err.message}"
+                ) from None
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _session(self, **kw):
+        return self._driver.session(database=self.database, **kw)
+
+    def close(self) -> None:
+        self._driver.close()
+
+    def __enter__(self) -> GraphStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def add(self, graph: Graph, full: Graph | None = None) -> ingest.WriteResult:
+        """Store the pruned ``graph``; archive ``full`` (the unpruned graph; ``graph`` itself
+        when None) to Parquet first, so a failed database write loses nothing.
+
+        Idempotent: storing the same graph again leaves one copy; a graph whose earlier write
+        was interrupted is repaired. Raises ModelMismatchError or StoreWriteError, both naming
+        the Parquet file that holds the graph.
+        """
+        gid = ingest.graph_id(graph)
+        path = self.archive.save(full if full is not None else graph, gid)
+        self._check_binding(graph, path)
+        rows = ingest.graph_rows(graph, gid, str(path))
+
+        def on_state(state: dict) -> None:
+            stored_model = state["transcoder_model"]
+            if stored_model is not None and stored_model != graph.model_name:
+                raise ModelMismatchError(
+                    f"graph of model {graph.model_name!r} uses transcoder "
+                    f"{graph.transcoder_name!r}, which this store holds for model "
+                    f"{stored_model!r}: its features would mix with another model's. Trace it "
+                    f"with the matching transcoder or use another store. The graph is saved "
+                    f"at {path}"
+                )
+
+        try:
+            with self._session() as s:
+                return ingest.write_rows(s, rows, on_state)
+        except ModelMismatchError:
+            raise
+        except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError, OSError) as err:
+            raise StoreWriteError(
+                f"writing graph {gid} to {self.uri} failed ({err}); the graph is saved at "
+                f"{path}: add it again with `circuit-atlas store add {path}` once the server "
+                "is back"
+            ) from err
+
+    def _check_binding(self, graph: Graph, path: Path) -> None:
+        for what, want, got in (
+            ("model", self.model, graph.model_name),
+            ("transcoder", self.transcoder, graph.transcoder_name),
+        ):
+            if want is not None and want != got:
+                raise ModelMismatchError(
+                    f"this store holds graphs of {what} {want!r}, but the graph was traced with "
+                    f"{got!r}: open a store for {got!r} (GraphStore({what}=...)) or retrace. "
+                    f"The graph is saved at {path}"
+                )
+
+    def delete(self, graph_id: str) -> bool:
+        """Remove a stored graph (its archive file stays); True if it existed."""
+        with self._session() as s:
+            return ingest.delete_graph(s, graph_id)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def graph_ids(self) -> list[str]:
+        """Ids of all complete graphs, sorted."""
+        with self._session() as s:
+            return s.execute_read(
+                lambda tx: [
+                    r["id"]
+                    for r in tx.run(
+                        "MATCH (g:Graph) WHERE g.complete = true RETURN g.id AS id ORDER BY id"
+                    )
+                ]
+            )
+
+    def load(self, graph_id: str) -> Graph:
+        """The stored (pruned) graph, equal to the one that was added."""
+        with self._session() as s:
+            return export.read_graph(s, graph_id)
+
+    def load_full(self, graph_id: str) -> Graph:
+        """The archived full graph of a stored graph (from its Parquet file)."""
+        with self._session() as s:
+            rec = s.execute_read(
+                lambda tx: tx.run(
+                    "MATCH (g:Graph {id: $id}) RETURN g.parquet_path AS p", id=graph_id
+                ).single()
+            )
+        if rec is not None and rec["p"] and os.path.exists(rec["p"]):
+            return Graph.load(rec["p"])
+        return self.archive.load(graph_id)
+
+    def to_networkx(self, graph_id: str):
+        """The stored graph as a networkx.DiGraph (see Graph.to_networkx)."""
+        return self.load(graph_id).to_networkx()
+
+    def export_parquet(self, graph_id: str, path: str | Path) -> Path:
+        """Write the stored (pruned) graph to a Parquet file."""
+        return self.load(graph_id).save(path)
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def query(self, name: str, **params) -> readonly.QueryResult:
+        """Run a canned query (see graphstore.queries.CANNED)."""
+        if name == "feature-feeds" and params.get("transcoder") is None:
+            params["transcoder"] = self._default_transcoder()
+        try:
+            with self._session() as s:
+                return queries.run_canned(s, name, **params)
+        except neo4j.exceptions.Neo4jError as err:
+            raise StoreError(f"query {name} failed on the server: {err.message}") from err
+
+    def _default_transcoder(self) -> str:
+        if self.transcoder is not None:
+            return self.transcoder
+        with self._session() as s:
+            names = s.execute_read(
+                lambda tx: [r["n"] for r in tx.run("MATCH (t:Transcoder) RETURN t.name AS n")]
+            )
+        if len(names) != 1:
+            raise ValueError(
+                f"the store holds {len(names)} transcoders ({', '.join(sorted(names))}): "
+                "name one with transcoder=..."
+            )
+        return names[0]
+
+    def cypher(
+        self, query: str, params: dict | None = None, max_rows: int | None = None
+    ) -> readonly.QueryResult:
+        """Run user Cypher read-only: writes are refused (ReadOnlyViolation) and nothing is
+        ever committed."""
+        with self._session() as s:
+            if self._explain_ok is None:
+                self._explain_ok = self.dialect.explain_classifies and readonly.explain_classifies(
+                    s
+                )
+            return readonly.run_read_only(
+                s, query, params, use_explain=self._explain_ok, max_rows=max_rows
+            )
+
+    def stats(self) -> dict:
+        """Counts of complete graphs, prompts, features, nodes and edges."""
+        q = """
+        MATCH (g:Graph) WHERE g.complete = true
+        RETURN count(g) AS graphs, count(DISTINCT g.prompt_id) AS prompts,
+               sum(g.n_nodes) AS nodes, sum(g.n_edges) AS edges
+        """
+        with self._session() as s:
+            rec = s.execute_read(lambda tx: tx.run(q).single().data())
+            rec["features"] = s.execute_read(
+                lambda tx: tx.run("MATCH (f:Feature) RETURN count(f) AS c").single()["c"]
+            )
+        return rec
