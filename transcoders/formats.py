@@ -221,19 +221,21 @@ def convert_transcoder(
     dst: str | os.PathLike,
     format: str | None = None,
     *,
+    src_format: str | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
     **load_kwargs,
 ) -> CrossLayerTranscoder:
-    """Load ``src`` (any readable format; ``load_kwargs`` go to ``load_transcoder``) and save it
-    to ``dst``, reading one decoder at a time. Returns the (lazy) loaded transcoder."""
+    """Load ``src`` (in ``src_format``, detected by default; ``load_kwargs`` go to
+    ``load_transcoder``) and save it to ``dst`` in ``format``, reading one decoder at a time.
+    Returns the (lazy) loaded transcoder."""
     if Path(dst).exists() and not overwrite:
         raise FileExistsError(
             f"{dst} already exists: choose another destination or allow overwriting (--force)"
         )
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError("source and destination are the same folder: convert into a new one")
-    clt = load_transcoder(src, lazy=True, **load_kwargs)
+    clt = load_transcoder(src, lazy=True, format=src_format, **load_kwargs)
     save_transcoder(clt, dst, format, overwrite=overwrite, dtype=dtype)
     return clt
 

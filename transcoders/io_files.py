@@ -29,6 +29,8 @@ class TranscoderFormatError(ValueError):
 
 
 def missing(path: Path, what: str = "file") -> FileNotFoundError:
+    if what == "path":
+        return FileNotFoundError(f"transcoder path {path} does not exist: check the path")
     return FileNotFoundError(f"transcoder {what} {path} does not exist: {REFETCH}")
 
 
@@ -151,6 +153,10 @@ def atomic_folder(dst: str | os.PathLike, write: Callable[[Path], None], *, over
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.writing-", dir=dst.parent))
     try:
+        # mkdtemp makes the folder private (0700); give it the permissions mkdir would.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         write(tmp)
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))

@@ -10,6 +10,8 @@ import sys
 
 COMMAND_MODULES = [
     "tracer.cli.model_cmd",
+    "tracer.cli.report_cmd",
+    "tracer.cli.transcoders_cmd",
 ]
 
 

@@ -1,0 +1,109 @@
+"""``circuit-atlas transcoders ...``: convert and inspect transcoder weights.
+
+Subcommands are added by the functions in ``SUBCOMMANDS`` (each takes the group's subparsers
+object). A subcommand living in another module is added by listing that module in
+``SUBCOMMAND_MODULES``; it must define ``register_subcommand(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Modules that each add one more ``transcoders`` subcommand (e.g. training).
+SUBCOMMAND_MODULES: list[str] = []
+
+
+def _add_model_args(p) -> None:
+    p.add_argument(
+        "--model",
+        help="check the transcoder against this model (folder, hub id or 'smollm2') and place "
+        "per-layer sources at its layers",
+    )
+    p.add_argument("--n-layers", type=int, help="model layer count (instead of --model)")
+    p.add_argument("--d-model", type=int, help="model width (instead of --model)")
+    p.add_argument("--layer", type=int, help="model layer of a single-layer source")
+    p.add_argument("--input-site", choices=["resid_mid", "mlp_in"], help="override input site")
+    p.add_argument("--model-name", help="model name to record when the files lack it")
+    p.add_argument("--from", dest="src_format", help="source format (default: detected)")
+
+
+def _load_kwargs(args) -> dict:
+    kw = dict(
+        n_layers=args.n_layers,
+        d_model=args.d_model,
+        layer=args.layer,
+        input_site=args.input_site,
+        model_name=args.model_name,
+    )
+    if args.model:
+        from tracer.model import LanguageModel
+
+        facts = LanguageModel.load(args.model).facts
+        kw.update(n_layers=facts.n_layers, d_model=facts.d_model)
+        kw["model_name"] = args.model_name or facts.name
+    return kw
+
+
+def add_convert(tsub) -> None:
+    from transcoders.formats import DTYPES, FORMATS, WRITABLE_FORMATS
+
+    p = tsub.add_parser(
+        "convert",
+        help="convert transcoder weights between formats",
+        description=f"Read a transcoder in any of {', '.join(FORMATS)} and write it as "
+        f"{' / '.join(WRITABLE_FORMATS)} (with circuit_atlas.json).",
+    )
+    p.add_argument("src", help="source folder (or GemmaScope params.npz)")
+    p.add_argument("dst", help="destination folder (must not exist unless --force)")
+    p.add_argument(
+        "--format",
+        choices=WRITABLE_FORMATS,
+        help="output format (default: circuit-tracer for a CLT, circuit-tracer-plt otherwise)",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="storage precision (default float32)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    _add_model_args(p)
+    p.set_defaults(func=_convert)
+
+
+def _convert(args) -> int:
+    from transcoders.formats import convert_transcoder, default_format
+
+    clt = convert_transcoder(
+        args.src, args.dst, args.format, src_format=args.src_format, overwrite=args.force,
+        dtype=args.dtype, **_load_kwargs(args),
+    )  # fmt: skip
+    cfg = clt.cfg
+    print(
+        f"wrote {args.dst} ({args.format or default_format(clt)}): {cfg.kind}, "
+        f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_features} features per layer, "
+        f"{cfg.activation}"
+    )
+    return 0
+
+
+def add_info(tsub) -> None:
+    p = tsub.add_parser("info", help="describe transcoder weights on disk")
+    p.add_argument("path", help="transcoder folder (or GemmaScope params.npz)")
+    _add_model_args(p)
+    p.set_defaults(func=_info)
+
+
+def _info(args) -> int:
+    from transcoders.formats import transcoder_info
+
+    info = transcoder_info(args.path, format=args.src_format, **_load_kwargs(args))
+    print("\n".join(info.lines()))
+    return 0
+
+
+SUBCOMMANDS = [add_convert, add_info]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("transcoders", help="convert and inspect transcoder weights")
+    tsub = p.add_subparsers(dest="transcoders_command", required=True)
+    for add in SUBCOMMANDS:
+        add(tsub)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register_subcommand(tsub)
