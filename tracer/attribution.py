@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from tracer.architectures import get_module, norm_center, norm_gain
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 from tracer.model import PromptError
+from tracer.prune import graph_scores
 from tracer.replacement import PromptState, ReplacementModel
 
 
@@ -417,6 +418,7 @@ def attribute(
             "n_active_features": n_feat,
         },
     )
+    graph.scores = graph_scores(graph)
     elapsed = time.perf_counter() - t0
     graph.extra["timing_s"] = {"record": round(t_record, 4), "total": round(elapsed, 4)}
     return graph
