@@ -1,0 +1,299 @@
+"""HTML reports: structure, working in-page links, feature cards, validation, index page, CLI
+errors, and the page opened in a real headless browser (Debian chromium)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from report_fixtures import LOGITS, PROMPT_TOKENS, make_feature_dict, make_graph
+
+from tracer.cli import main as cli_main
+from tracer.graph import FEATURE, GraphFormatError
+from tracer.report import QueryTable, ReportError, write_index, write_report
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+class _Page(HTMLParser):
+    """Collects ids, in-page links, external references and text of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: list[str] = []
+        self.local_links: list[str] = []
+        self.hrefs: list[str] = []
+        self.external: list[str] = []
+        self.tags: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.rows: dict[str, list[str]] = {}  # node-table row id -> its text
+        self._row: str | None = None
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        if "id" in a:
+            self.ids.append(a["id"])
+        for key in ("href", "xlink:href"):
+            if key in a:
+                (self.local_links if a[key].startswith("#") else self.hrefs).append(a[key])
+        if tag in ("script", "img", "iframe") and a.get("src"):
+            self.external.append(a["src"])
+        if tag == "link":
+            self.external.append(a.get("href", ""))
+        if tag == "tr" and a.get("id", "").startswith("node-"):
+            self._row = a["id"]
+            self.rows[self._row] = []
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._row = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._row:
+            self.rows[self._row].append(data)
+
+
+def _parse(path: Path) -> _Page:
+    p = _Page()
+    p.feed(path.read_text(encoding="utf-8"))
+    p.close()
+    return p
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    g = make_graph(n_layers=5, n_features=30)
+    files = write_report(g, out, features=make_feature_dict(g), name="dallas")
+    return g, files
+
+
+def test_files_written_and_html_contains_the_svg(report):
+    g, files = report
+    assert files.html.name == "dallas.html"
+    for p in (files.svg, files.png, files.json):
+        assert p.exists() and p.stat().st_size > 1000
+    page = _parse(files.html)
+    assert page.tags.get("svg", 0) >= 1 and page.tags.get("table", 0) >= 4
+    html_text = files.html.read_text(encoding="utf-8")
+    # the rendered graph is inlined (its node groups are in the page) and the files are linked
+    assert "<?xml" not in html_text and "<!DOCTYPE svg" not in html_text
+    svg_text = files.svg.read_text()
+    svg_ids = {html.unescape(i) for i in re.findall(r'<g id="([^"]+)" class="node"', svg_text)}
+    svg_ids = {i for i in svg_ids if i.startswith("g-")}
+    assert len(svg_ids) == g.n_nodes
+    assert svg_ids and svg_ids <= set(page.ids)
+    assert {"dallas.svg", "dallas.png", "dallas.json"} <= set(page.hrefs)
+    # self-contained: nothing loaded from elsewhere
+    assert page.external == []
+    text = "".join(page.text)
+    for tok in PROMPT_TOKENS:
+        assert tok in text
+    for logit_text, _, _ in LOGITS:
+        assert logit_text in text
+
+
+def test_every_in_page_link_resolves_and_rows_link_their_neighbours(report):
+    g, files = report
+    page = _parse(files.html)
+    ids = set(page.ids)
+    assert len(ids) == len(page.ids), "duplicate ids"
+    missing = [link for link in page.local_links if link[1:] not in ids]
+    assert missing == []
+    # one row per node, and each row lists its strongest inputs as links to their rows
+    assert set(page.rows) == {f"node-{g.node_id(i)}" for i in range(g.n_nodes)}
+    html_text = files.html.read_text(encoding="utf-8")
+    f0 = int(np.flatnonzero(g.kind == FEATURE)[0])
+    src = g.source[g.target == f0]
+    w = g.weight[g.target == f0]
+    strongest = int(src[np.argmax(np.abs(w))])
+    row = re.search(rf"<tr id='node-{g.node_id(f0)}'.*?</tr>", html_text).group(0)
+    assert f'href="#node-{g.node_id(strongest)}"' in row
+    # the graph's nodes link to the rows too
+    assert f"#node-{g.node_id(f0)}" in page.local_links
+
+
+def test_feature_cards_show_contexts_histogram_and_promoted_tokens(report):
+    g, files = report
+    html_text = files.html.read_text(encoding="utf-8")
+    feats = np.flatnonzero(g.kind == FEATURE)
+    with_info = feats[0]  # make_feature_dict covers every other feature, starting at the first
+    card_id = f"feature-{int(g.layer[with_info])}-{int(g.feature[with_info])}"
+    card = re.search(rf"<div class='card' id='{card_id}'>.*?</div>", html_text, re.S).group(0)
+    assert "Promotes" in card and "Austin" in card
+    assert "<svg class='hist'" in card and card.count("<rect") == 10
+    assert "<ol class='contexts'>" in card and "Houston" in card
+    assert "&lt;b&gt;" in card  # context text is escaped, not interpreted
+    # the red marker sits at this prompt's activation on the histogram's 0..10 axis
+    x = float(re.search(r"<line class='mark' x1='([\d.]+)'", card).group(1))
+    assert x == pytest.approx(float(g.activation[with_info]) / 10 * 280, abs=0.06)
+
+
+def test_validation_scores_and_parameters(report):
+    g, files = report
+    page = _parse(files.html)
+    text = " ".join(page.text)
+    for key in ("spearman", "sign_agreement", "sufficiency", "necessity", "replacement",
+                "completeness", "node_threshold", "edge_threshold"):  # fmt: skip
+        assert key in text, key
+    node = g.extra["validation"]["nodes"][0]["node"]
+    assert f"#node-{node}" in page.local_links
+
+
+def test_report_without_features_or_influence(tmp_path):
+    g = make_graph(influence=False, validation=False)
+    files = write_report(g, tmp_path, name="plain")
+    html_text = files.html.read_text(encoding="utf-8")
+    assert "No feature contexts were given" in html_text
+    assert "|activation| (no influence recorded)" in html_text
+    assert "No validation results" in html_text
+    page = _parse(files.html)
+    assert all(link[1:] in set(page.ids) for link in page.local_links)
+
+
+def test_index_page_lists_prompts_and_query_tables(tmp_path, report):
+    _, files = report
+    g2 = make_graph(seed=3)
+    g2.prompt = "The opposite of hot is"
+    files2 = write_report(g2, tmp_path, name="hot")
+    queries = {
+        "Recurring features": [
+            {"feature": "L3/F17", "prompts": 12},
+            {"feature": "L1/F2", "prompts": 9},
+        ],
+        "Paths": QueryTable("Paths", ["from", "to", "weight"], [["'Dallas'", "' Austin'", 1.5]]),
+        "Empty": {"columns": ["a"], "rows": []},
+    }
+    index = write_index(tmp_path, [files, files2], queries)
+    page = _parse(index)
+    text = " ".join(page.text)
+    assert "Recurring features" in text and "L3/F17" in text and "L1/F2" in text
+    assert "Paths" in text and "(no rows)" in text
+    assert "The opposite of hot is" in text and "Dallas" in text
+    assert "hot.html" in page.hrefs
+    # a report in another folder is linked by an absolute file URI
+    assert any(h.endswith("/dallas.html") for h in page.hrefs)
+    assert all(link[1:] in set(page.ids) for link in page.local_links)
+    with pytest.raises(ReportError, match="list of row dicts"):
+        write_index(tmp_path, [files], {"bad": 42})
+
+
+def test_unwritable_output_directory_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(ReportError, match=r"cannot write reports to .*--out"):
+        write_report(make_graph(), blocker / "reports")
+    graph_file = make_graph().save(tmp_path / "g.parquet")
+    rc = cli_main(["report", str(graph_file), "--out", str(blocker / "reports")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write reports to" in err and "Traceback" not in err
+
+
+def test_newer_graph_format_is_a_clear_error(tmp_path, capsys):
+    path = make_graph().save(tmp_path / "g.parquet")
+    table = pq.read_table(path)
+    head = json.loads(table.schema.metadata[b"circuit_atlas"])
+    head["format_version"] = 99
+    pq.write_table(table.replace_schema_metadata({b"circuit_atlas": json.dumps(head)}), path)
+    from tracer.graph import Graph
+
+    with pytest.raises(GraphFormatError, match="version 99"):
+        Graph.load(path)
+    out = tmp_path / "out"
+    rc = cli_main(["report", str(path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "version 99" in err and "upgrade circuit-atlas" in err
+    assert not list(out.glob("*.html"))
+
+
+def test_cli_writes_reports_and_index(tmp_path, capsys):
+    a = make_graph().save(tmp_path / "a.parquet")
+    g = make_graph(seed=5)
+    g.prompt = "The opposite of hot is"
+    b = g.save(tmp_path / "sub" / "a.parquet")  # same stem: gets a numbered name
+    feats = tmp_path / "features.json"
+    feats.write_text(json.dumps(make_feature_dict(g)))
+    out = tmp_path / "out"
+    rc = cli_main(["report", str(a), str(b), "--out", str(out), "--features", str(feats),
+                   "--no-png"])  # fmt: skip
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a-2.html", "a-2.json", "a-2.svg", "a.html", "a.json", "a.svg",
+                     "index.html"]  # fmt: skip
+    assert "Feature information from" in (out / "a-2.html").read_text()
+    printed = capsys.readouterr().out
+    assert str(out / "index.html") in printed and str(out / "a.html") in printed
+
+
+def test_cli_missing_feature_file_is_a_clear_error(tmp_path, capsys):
+    a = make_graph().save(tmp_path / "a.parquet")
+    rc = cli_main(["report", str(a), "--out", str(tmp_path), "--features", str(tmp_path / "x")])
+    assert rc == 2 and "feature information file" in capsys.readouterr().err
+
+
+# --- the real browser ------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium")
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+           *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def _console_lines(stderr: str) -> list[str]:
+    """Every page console message (chromium logs console.* and uncaught errors as CONSOLE)."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (scripts/setup "
+                    "installs it; apt-get install -y chromium)")  # fmt: skip
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    from PIL import Image
+
+    g, files = report
+    # The console check must be able to fail: a page with an error is caught.
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>undefinedFn();</script></body></html>")
+    probe = _chromium(["--dump-dom", bad.as_uri()], tmp_path / "p0")
+    assert any("undefinedFn" in line for line in _console_lines(probe.stderr)), probe.stderr
+
+    run = _chromium(["--dump-dom", files.html.as_uri()], tmp_path / "p1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert _console_lines(run.stderr) == []
+    dom = run.stdout
+    assert "<svg" in dom and f"node-{g.node_id(0)}" in dom and "Austin" in dom
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_screenshot.png"
+    shot.unlink(missing_ok=True)
+    run = _chromium([f"--screenshot={shot}", "--window-size=1400,1000", files.html.as_uri()],
+                    tmp_path / "p2")  # fmt: skip
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    assert _console_lines(run.stderr) == []
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape == (1000, 1400, 3)
+    assert img.std() > 20  # not a blank page
+    r, gr, b = img[..., 0], img[..., 1], img[..., 2]
+    # The graph is on screen: red (negative) edges appear only in the picture above the fold.
+    red = (r > 150) & (r - b > 60) & (r - gr > 60)
+    blue = (b > 120) & (b - r > 60)
+    assert red.sum() > 300 and blue.sum() > 300, (red.sum(), blue.sum())
+    # and the feature/graph nodes (orange fill #f6c98e) are visible
+    orange = (np.abs(r - 0xF6) < 6) & (np.abs(gr - 0xC9) < 6) & (np.abs(b - 0x8E) < 6)
+    assert orange.sum() > 500
