@@ -110,7 +110,7 @@ def _sae_layer(folder: Path, input_site: InputSite | None) -> LayerWeights:
         raise TranscoderFormatError(
             f"{where}: d_in {d_in} != d_out {d_out}; an MLP transcoder maps d_model to d_model"
         )
-    layer = cfg.get("hook_layer")
+    layer = cfg.get("hook_layer", cfg.get("hook_point_layer"))
     if layer is None and hook_in:
         layer = split_hook(str(hook_in))[0]
     site = input_site
