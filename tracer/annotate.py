@@ -13,13 +13,13 @@ from tracer.features import FeatureBook
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 
 
-def node_influence(graph: Graph) -> np.ndarray:
-    """Per-node influence [n_nodes] float64, >= 0.
+def display_influence(graph: Graph) -> np.ndarray:
+    """Per-node influence on the logits for display [n_nodes] float64, >= 0.
 
-    Pruning records each node's influence on the logits (``graph.extra['influence']``, a list
-    aligned with the nodes, or a node array ``graph.influence``); graphs without it fall back to
-    |activation| (activation for features, error-vector norm for errors, embedding norm for
-    tokens, the logit value for logits), which is a size, not an influence.
+    Feature, error and token nodes: the influence recorded by pruning (``graph.extra
+    ['influence']``, a list aligned with the nodes, or a node array ``graph.influence``), else
+    computed now (:func:`tracer.prune.node_influence`), else — for a graph without logit weights
+    — |activation|. Logit nodes: their logit weight (the share of the target they stand for).
     """
     values = getattr(graph, "influence", None)
     if values is None:
@@ -31,13 +31,24 @@ def node_influence(graph: Graph) -> np.ndarray:
                 f"graph influence has shape {arr.shape} but the graph has {graph.n_nodes} nodes; "
                 "it must be a list aligned with the nodes"
             )
-        return np.abs(np.nan_to_num(arr))
-    return np.abs(np.nan_to_num(graph.activation.astype(np.float64)))
+    elif float(np.abs(graph.logit_weights).sum()) > 0:
+        from tracer.prune import node_influence
+
+        arr = node_influence(graph)
+    else:
+        arr = graph.activation.astype(np.float64)
+    arr = np.abs(np.nan_to_num(arr))
+    is_logit = graph.kind == LOGIT
+    arr[is_logit] = np.abs(graph.logit_weights[is_logit])
+    return arr
 
 
-def has_influence(graph: Graph) -> bool:
-    """True when the graph carries per-node influence (not the |activation| fallback)."""
-    return getattr(graph, "influence", None) is not None or "influence" in graph.extra
+def influence_source(graph: Graph) -> str:
+    """Where :func:`display_influence` takes its values from: "recorded", "computed" or
+    "activation"."""
+    if getattr(graph, "influence", None) is not None or "influence" in graph.extra:
+        return "recorded"
+    return "computed" if float(np.abs(graph.logit_weights).sum()) > 0 else "activation"
 
 
 def visible(text: str) -> str:

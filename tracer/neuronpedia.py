@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracer.annotate import node_influence, visible, vocab_text
+from tracer.annotate import display_influence, visible, vocab_text
 from tracer.features import FeatureBook
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 
@@ -109,8 +109,9 @@ def np_node_id(graph: Graph, i: int) -> str:
 
 def cumulative_influence(graph: Graph) -> np.ndarray:
     """[n_nodes] running share of total influence with nodes sorted by influence, largest
-    first (NaN for logits): the ``influence`` value the viewer prunes by."""
-    infl = node_influence(graph)
+    first (NaN for logits): the ``influence`` value the viewer prunes by. Influence as in
+    :func:`tracer.annotate.display_influence` (recorded by pruning, else computed)."""
+    infl = display_influence(graph)
     inner = np.flatnonzero(graph.kind != LOGIT)
     out = np.full(graph.n_nodes, np.nan)
     total = float(infl[inner].sum())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracer.annotate import node_heading, node_influence, node_text, visible, vocab_text
+from tracer.annotate import display_influence, node_heading, node_text, visible, vocab_text
 from tracer.features import FeatureBook
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 
@@ -61,7 +61,7 @@ class Rendered:
 
 def select(graph: Graph, config: RenderConfig) -> tuple[np.ndarray, np.ndarray]:
     """Node indices and edge indices to draw (see :class:`RenderConfig`)."""
-    infl = node_influence(graph)
+    infl = display_influence(graph)
     always = np.flatnonzero((graph.kind == TOKEN) | (graph.kind == LOGIT))
     inner = np.flatnonzero((graph.kind == FEATURE) | (graph.kind == ERROR))
     budget = max(0, config.max_nodes - len(always))
@@ -80,7 +80,7 @@ def layout(graph: Graph, nodes: np.ndarray) -> tuple[dict[int, tuple[float, floa
     Returns ({node: (x, y)}, {row: y}) where row is -1 for tokens, the layer for features and
     errors, and n_layers for logits.
     """
-    infl = node_influence(graph)
+    infl = display_influence(graph)
     last = max(int(graph.position.max(initial=0)), len(graph.token_strings) - 1)
     cells: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in nodes.tolist():
@@ -120,7 +120,7 @@ def build_dot(
     config = config or RenderConfig()
     nodes, edges = select(graph, config)
     coords, row_y = layout(graph, nodes)
-    infl = node_influence(graph)
+    infl = display_influence(graph)
     # Sizes are relative within a kind: logit values, embedding norms and feature
     # influences are different units.
     scale = {k: float(infl[nodes][graph.kind[nodes] == k].max(initial=0.0)) for k in range(4)}

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from tracer.annotate import (
-    has_influence,
+    display_influence,
+    influence_source,
     logit_order,
     neighbours,
     node_heading,
-    node_influence,
     node_text,
     visible,
 )
@@ -31,6 +31,12 @@ from tracer.features import FeatureBook, FeatureInfo, load_features
 from tracer.graph import FEATURE, LOGIT, NODE_KINDS, TOKEN, Graph
 from tracer.neuronpedia import slugify, write_neuronpedia
 from tracer.render import RenderConfig, render_graph
+
+_SIZE_NOTE = {
+    "recorded": "influence on the logits",
+    "computed": "influence on the logits (computed for this report)",
+    "activation": "|activation| (the graph has no logit weights to measure influence by)",
+}
 
 
 class ReportError(RuntimeError):
@@ -183,7 +189,7 @@ def write_index(
 class _Page:
     def __init__(self, graph: Graph, book: FeatureBook, config: ReportConfig, decode):
         self.g, self.book, self.cfg, self.decode = graph, book, config, decode
-        self.infl = node_influence(graph)
+        self.infl = display_influence(graph)
         self.ids = [graph.node_id(i) for i in range(graph.n_nodes)]
         self._id_index = {nid: i for i, nid in enumerate(self.ids)}
         self.rows = self._table_nodes()
@@ -230,7 +236,7 @@ class _Page:
             f"{rendered.shown_edges} of {rendered.total_edges} edges (largest influence / "
             "|weight|). Rows are layers (tokens at the bottom, logits on top), columns token "
             "positions; blue edges excite, red inhibit; node size grows with "
-            + ("influence" if has_influence(g) else "|activation| (no influence recorded)")
+            + _SIZE_NOTE[influence_source(g)]
             + ". Click a node to jump to its row. Files: "
         )
         parts.append(" · ".join(
@@ -258,8 +264,18 @@ class _Page:
             f"<header><h1 id='top'>{_e(visible(g.prompt))}</h1>"
             f"<p>model <b>{_e(g.model_name)}</b> · transcoders <b>{_e(g.transcoder_name)}</b> · "
             f"{g.n_nodes} nodes ({g.count('feature')} features, {g.count('error')} errors, "
-            f"{g.count('token')} tokens, {g.count('logit')} logits) · {g.n_edges} edges</p>"
+            f"{g.count('token')} tokens, {g.count('logit')} logits) · {g.n_edges} edges"
+            f"{self._pruned_note()}</p>"
             f"<nav>{nav}</nav></header>"
+        )
+
+    def _pruned_note(self) -> str:
+        full = self.g.extra.get("full_graph")
+        if not self.g.params.get("pruned") or not isinstance(full, Mapping):
+            return ""
+        return (
+            f" · pruned from {_num(full.get('n_nodes'))} nodes and "
+            f"{_num(full.get('n_edges'))} edges"
         )
 
     def _summary_section(self) -> str:

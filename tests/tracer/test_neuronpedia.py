@@ -163,13 +163,15 @@ def test_check_document_names_each_problem():
         check_document({"metadata": {}, "qParams": {}, "nodes": []})
 
 
-def test_cumulative_influence_without_recorded_influence_uses_activation():
+def test_cumulative_influence_computed_when_not_recorded():
+    from tracer.prune import node_influence
+
     g = make_graph(influence=False)
     cum = cumulative_influence(g)
+    infl = node_influence(g)
     inner = np.flatnonzero(g.kind != LOGIT)
-    a = np.abs(g.activation[inner].astype(np.float64))
-    top = inner[np.argmax(a)]
-    assert cum[top] == pytest.approx(a.max() / a.sum())
+    top = inner[np.argmax(infl[inner])]
+    assert cum[top] == pytest.approx(infl[inner].max() / infl[inner].sum())
     assert np.nanmax(cum) == pytest.approx(1.0)
     assert np.isnan(cum[g.kind == LOGIT]).all()
 

@@ -87,22 +87,26 @@ def test_rows_are_layers_and_columns_positions():
     assert len({coords[i] for i in coords}) == len(coords)
 
 
-def test_node_size_grows_with_influence_and_falls_back_to_activation():
-    g = make_graph()
-    infl = np.asarray(g.extra["influence"])
-    dot, nodes, _ = build_dot(g, config=RenderConfig(max_nodes=10_000))
-    widths = _node_attr(dot.source, "width")
-    feats = np.flatnonzero(g.kind == FEATURE)
-    order = feats[np.argsort(infl[feats])]
-    got = [widths[g.node_id(i)] for i in order]
-    assert got == sorted(got) and got[0] < got[-1]
-    # without recorded influence the size follows |activation|
-    del g.extra["influence"]
+def _assert_widths_follow(g, values):
     dot, _, _ = build_dot(g, config=RenderConfig(max_nodes=10_000))
     widths = _node_attr(dot.source, "width")
-    order = feats[np.argsort(np.abs(g.activation[feats]))]
+    feats = np.flatnonzero(g.kind == FEATURE)
+    order = feats[np.argsort(values[feats], kind="stable")]
     got = [widths[g.node_id(i)] for i in order]
     assert got == sorted(got) and got[0] < got[-1]
+
+
+def test_node_size_grows_with_influence():
+    from tracer.prune import node_influence
+
+    g = make_graph()
+    _assert_widths_follow(g, np.asarray(g.extra["influence"]))
+    # not recorded: computed from the graph (as pruning computes it)
+    del g.extra["influence"]
+    _assert_widths_follow(g, node_influence(g))
+    # no logit weights to measure influence by: |activation|
+    g.logit_weights[:] = 0
+    _assert_widths_follow(g, np.abs(g.activation))
 
 
 def _node_attr(source: str, attr: str) -> dict[str, float]:

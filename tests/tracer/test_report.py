@@ -156,7 +156,7 @@ def test_report_without_features_or_influence(tmp_path):
     files = write_report(g, tmp_path, name="plain")
     html_text = files.html.read_text(encoding="utf-8")
     assert "No feature contexts were given" in html_text
-    assert "|activation| (no influence recorded)" in html_text
+    assert "influence on the logits (computed for this report)" in html_text
     assert "No validation results" in html_text
     page = _parse(files.html)
     assert all(link[1:] in set(page.ids) for link in page.local_links)
