@@ -14,7 +14,7 @@ Schema (every property name below is what queries use)::
     (:Node {graph, i, kind, layer, position, feature, activation, probability, logit_weight,
             token})                                      one per pruned-graph node
     (:Node)-[:INSTANCE_OF]->(:Feature)                   feature nodes only
-    (:Node)-[:EDGE {weight, k}]->(:Node)                 source -> target, weight = A[target, source]
+    (:Node)-[:EDGE {weight, k}]->(:Node)   source -> target, weight = A[target, source]
 
 ``Graph.complete`` is false while a graph is being written; every query reads only complete
 graphs. Neo4j 5 and ArcadeDB accept the same DDL below (checked against ArcadeDB 26.10); the

@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "tracer.cli.model_cmd",
     "tracer.cli.report_cmd",
     "tracer.cli.transcoders_cmd",
+    "tracer.cli.store_cmd",
 ]
 
 
