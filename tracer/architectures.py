@@ -145,7 +145,8 @@ def frozen_norm(
     kind: NormKind, norm: torch.nn.Module, x: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """Apply a norm with its denominator frozen to ``scale`` [...]: affine in x [..., d]."""
-    y = norm_gain(kind, norm) * norm_center(kind, x.float()) * scale.unsqueeze(-1)
+    # Scale before gain: the order HF's RMS norms use, so a frozen-at-recorded norm is bit-exact.
+    y = norm_gain(kind, norm) * (norm_center(kind, x.float()) * scale.unsqueeze(-1))
     bias = getattr(norm, "bias", None)
     if bias is not None:
         y = y + bias.detach().float()
