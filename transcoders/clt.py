@@ -230,9 +230,10 @@ class CrossLayerTranscoder(nn.Module):
             w = self.decoder_rows(i, uniq).to(values.dtype)[inv]  # [n, T, d]
             vecs = w * values[sel, None, None]
             T = w.shape[1]
-            # out[i + t, pos] += vecs[:, t]
-            for t in range(T):
-                out[i + t].index_add_(0, positions[sel], vecs[:, t])
+            # out[i + t, pos] += vecs[:, t], as one scatter into out viewed as [L * n_pos, d].
+            targets = torch.arange(i, i + T, device=out.device)[None, :] * n_pos
+            flat = (targets + positions[sel][:, None]).reshape(-1)
+            out.view(L * n_pos, d).index_add_(0, flat, vecs.reshape(-1, d))
         return out
 
     def check_model(self, n_layers: int, d_model: int, model_name: str = "the model") -> None:

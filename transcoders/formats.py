@@ -37,6 +37,7 @@ from transcoders.io_circuit_tracer import (
     is_plt_folder,
     read_clt,
     read_plt,
+    read_yaml,
     write_clt,
     write_plt,
 )
@@ -88,6 +89,12 @@ def detect_format(path: str | os.PathLike) -> str:
         return "saelens"
     if gemmascope_files(p):
         return "gemmascope"
+    listed = (read_yaml(p) if (p / "config.yaml").is_file() else {}).get("transcoders")
+    if listed:
+        raise TranscoderFormatError(
+            f"{p / 'config.yaml'} only lists transcoder files kept elsewhere (e.g. "
+            f"{listed[0]}): download them and load the folder that holds them"
+        )
     raise TranscoderFormatError(
         f"{p} holds no transcoder in a format we read: expected W_enc_0.safetensors "
         "(circuit-tracer CLT), layer_0.safetensors (circuit-tracer per-layer), cfg.json + "
