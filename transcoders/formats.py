@@ -127,6 +127,7 @@ def load_transcoder(
     model_name: str | None = None,
     layer: int | None = None,
     input_site: InputSite | None = None,
+    model=None,
 ) -> CrossLayerTranscoder:
     """Load a transcoder in any format of ``FORMATS`` (detected unless ``format`` is given).
 
@@ -134,11 +135,19 @@ def load_transcoder(
     n_layers, d_model: the model's shape. The transcoder is checked against them (a clear error
         when it was trained for another model), and per-layer sources are placed at their model
         layers of an ``n_layers``-layer transcoder.
+    model: instead of n_layers/d_model, anything with ``n_layers`` and ``d_model`` attributes
+        (and optionally ``name``), or with a ``facts`` attribute that has them (a
+        ``tracer.model.LanguageModel``).
     model_name: recorded in the config (and named in errors) when the files do not say it.
     layer: the model layer of a single-layer source whose files do not name one.
     input_site: override the input site (``resid_mid`` or ``mlp_in``) the files declare.
     Weights are float32 and frozen (no grads).
     """
+    if model is not None:
+        facts = getattr(model, "facts", model)
+        n_layers = facts.n_layers if n_layers is None else n_layers
+        d_model = facts.d_model if d_model is None else d_model
+        model_name = model_name or getattr(facts, "name", None)
     p = Path(path)
     fmt = format or detect_format(p)
     if fmt not in FORMATS:

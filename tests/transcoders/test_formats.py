@@ -461,6 +461,21 @@ def test_model_mismatch_and_unknown_format(tmp_path):
         load_transcoder(tmp_path / "t", n_layers=L, d_model=32, model_name="tiny")
     with pytest.raises(ValueError, match="covers 3 layers but the model has 5"):
         load_transcoder(tmp_path / "t", n_layers=5)
+
+    class Facts:  # what tracer.model.LanguageModel.facts offers
+        n_layers, d_model, name = L, 32, "tiny-llama"
+
+    class Model:
+        facts = Facts()
+
+    with pytest.raises(ValueError, match="d_model 8 but tiny-llama has 32"):
+        load_transcoder(tmp_path / "t", model=Model())
+    (tmp_path / "pointer").mkdir()
+    (tmp_path / "pointer" / "config.yaml").write_text(
+        "model_kind: transcoder_set\ntranscoders:\n  - hf://org/repo/layer_0/params.npz\n"
+    )
+    with pytest.raises(TranscoderFormatError, match="only lists transcoder files kept elsewhere"):
+        load_transcoder(tmp_path / "pointer")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "weights.bin").write_bytes(b"\0" * 10)
     with pytest.raises(TranscoderFormatError, match="holds no transcoder in a format we read"):
