@@ -284,6 +284,10 @@ def read_plt(
             raise TranscoderFormatError(
                 f"{lw.source} is a JumpReLU transcoder without a threshold: re-convert it"
             )
+    if not saved_layers:
+        # A full set (layer_0 .. layer_{L-1}) is checked against the model's layer count by the
+        # caller rather than padded; only a compact set is placed at its model layers.
+        n_layers = None
     return assemble_per_layer(
         layers,
         where=folder,

@@ -201,6 +201,8 @@ def test_reference_circuit_tracer_per_layer_layout(tmp_path):
     assert got.cfg.kind == "plt" and got.cfg.input_site == "resid_mid" and got.cfg.skip
     ref.cfg.input_site = "resid_mid"
     assert_same_tensors(got, ref)
+    with pytest.raises(ValueError, match="covers 3 layers but the model has 5"):
+        load_transcoder(folder, n_layers=5)
 
 
 # --- SAELens and GemmaScope, written by hand ----------------------------------------------
