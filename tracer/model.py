@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tracer.architectures import Architecture, architecture_for, get_module, value_output_weights
@@ -126,6 +127,12 @@ class LanguageModel:
         try:
             tok = AutoTokenizer.from_pretrained(where)
             hf = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)
+        except SafetensorError as err:
+            raise ModelLoadError(
+                f"could not load model {source!r}: its weights file is damaged or truncated "
+                f"({_one_line(err)}). Copy or save the folder again (for SmolLM2: circuit-atlas "
+                "model fetch smollm2 --force)"
+            ) from err
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "
                                  f"{_LOAD_HINT}") from err  # fmt: skip
