@@ -1,0 +1,87 @@
+"""A real ArcadeDB server for the graph-store tests: started once per test session on a free
+loopback port in a fresh temporary folder (so a fresh database), stopped at the end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphstore import GraphStore, LocalServer
+from graphstore.server import ROOT_USER, free_port
+from graphstore.synthetic import SyntheticConfig, synthetic_graph
+
+# Small graphs with a small shared vocabulary: features recur across prompts, tests stay fast.
+SMALL = SyntheticConfig(
+    n_layers=6,
+    vocab_per_layer=40,
+    zipf_a=1.0,
+    prompt_tokens=(4, 7),
+    features=(25, 45),
+    errors=(3, 6),
+    logits=(2, 4),
+    in_degree=(2, 6),
+    transcoder_name="clt-test",
+    model_name="model-test",
+)
+
+
+@pytest.fixture(scope="session")
+def arcadedb_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("graphstore") / "store"
+    server = LocalServer(home, bolt_port=free_port(), heap="1g")
+    info = server.start(timeout=180)
+    yield server, info
+    assert server.stop(), "the test server was not running at teardown"
+
+
+@pytest.fixture(scope="session")
+def server_auth(arcadedb_server):
+    server, info = arcadedb_server
+    return {
+        "uri": info.uri,
+        "user": ROOT_USER,
+        "password": server.password(),
+        "database": info.database,
+    }
+
+
+@pytest.fixture
+def store(server_auth, tmp_path):
+    s = GraphStore(
+        server_auth["uri"],
+        server_auth["user"],
+        server_auth["password"],
+        server_auth["database"],
+        archive_dir=tmp_path / "archive",
+    )
+    yield s
+    s.close()
+
+
+def wipe(store: GraphStore) -> None:
+    """Remove every graph, complete or not (features stay: queries reach them only through
+    complete graphs)."""
+    res = store.cypher("MATCH (g:Graph) RETURN g.id AS id")
+    for (gid,) in res.rows:
+        store.delete(gid)
+    leftover = store.cypher("MATCH (n:Node) RETURN count(n) AS c").rows[0][0]
+    assert leftover == 0
+
+
+def small_graph(seed: int, **overrides):
+    return synthetic_graph(seed, SMALL, **overrides)
+
+
+def assert_graphs_equal(a, b) -> None:
+    for name in (
+        "kind", "layer", "position", "feature", "activation", "probability", "logit_weights",
+        "target", "source", "weight",
+    ):  # fmt: skip
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    for name in (
+        "prompt", "tokens", "token_strings", "model_name", "transcoder_name", "n_layers",
+        "params", "scores", "extra",
+    ):  # fmt: skip
+        assert getattr(a, name) == getattr(b, name), name
