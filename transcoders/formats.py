@@ -131,7 +131,9 @@ def load_transcoder(
 ) -> CrossLayerTranscoder:
     """Load a transcoder in any format of ``FORMATS`` (detected unless ``format`` is given).
 
-    lazy: read only encoders now; each decoder [F, T, d] is read on first use.
+    lazy: read only encoders now; each decoder [F, T, d] is opened on first use (and a sparse
+        decode reads only its rows). ``lazy=False`` opens and shape-checks every decoder now;
+        safetensors memory-maps them, so their pages still come from disk on first touch.
     n_layers, d_model: the model's shape. The transcoder is checked against them (a clear error
         when it was trained for another model), and per-layer sources are placed at their model
         layers of an ``n_layers``-layer transcoder.
