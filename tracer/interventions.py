@@ -3,10 +3,12 @@
 Interventions (any number at once, composed in the order given):
 
 - :class:`FeatureEdit` set / scale / ablate / clamp / add on feature (layer, position, index)
-  (position ``None``: every position, including generated ones when steering)
+  (position ``None``: every position whose features are nodes, i.e. all but the start token
+  when it is excluded, including generated ones when steering)
 - :class:`VectorEdit` add a vector at an error node (``mlp_out`` of a layer) or a token node
   (``resid_pre`` of layer 0) at one position
 - :class:`FeatureSwap` put one feature's activation in another's place
+- :class:`KeepOnly` zero every feature activation except a listed set (a circuit)
 
 Modes:
 
@@ -18,22 +20,36 @@ Modes:
   recorded error is added (the replacement model as in the graph).
 - ``free_mlp``: attention patterns frozen; the real MLPs run live, and a feature edit adds the
   difference it makes to the decoded output.
+- ``live``: nothing frozen (the real model, any number of positions, as for generation); like
+  ``free_mlp``, a feature edit adds the difference it makes to the decoded output. Needs only
+  token ids, no record.
 
+In every mode a layer's MLP output is a base plus the decoded *difference* between the
+activations used and a baseline: base = recorded MLP output, baseline = recorded activations
+(``constrained``, ``free``); base = the live MLP output, baseline = the live unedited
+activations (``free_mlp``, ``live``). So an intervention that changes nothing adds exactly zero,
+and each active feature's decoder row is read once per run (lazy decoders read only those rows).
+
+Runs are batched: :func:`intervene_batch` takes B independent lists of interventions and runs
+them in one forward pass over B copies of the prompt; :func:`intervene` is the one-list case.
 Everything goes through :func:`tracer.hooks.run_hooked` edits.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from tracer.hooks import Freeze
+from tracer.hooks import SITES, Freeze
 from tracer.replacement import PromptState, ReplacementModel
 
-Mode = Literal["constrained", "free", "free_mlp"]
+Mode = Literal["constrained", "free", "free_mlp", "live"]
+MODES = ("constrained", "free", "free_mlp", "live")
+FEATURE_OPS = ("set", "scale", "ablate", "clamp", "add")
 
 
 class InterventionError(ValueError):
@@ -74,13 +90,26 @@ class FeatureSwap:
     position: int | None = None
 
 
-Intervention = FeatureEdit | VectorEdit | FeatureSwap
+@dataclass(frozen=True, eq=False)
+class KeepOnly:
+    """Zero every feature activation (all layers, all positions) except the listed ones.
+
+    nodes: [n, 3] integer (layer, position, feature). ``KeepOnly(empty)`` ablates every feature.
+    In the free modes features that would newly activate are zeroed too: only the listed
+    features may be active (the circuit-only model of sufficiency).
+    """
+
+    nodes: torch.Tensor
+
+
+Intervention = FeatureEdit | VectorEdit | FeatureSwap | KeepOnly
 
 
 @dataclass
 class InterventionResult:
-    """logits [P, vocab]; inputs [L, P, d] at the transcoder's input site; pre [L, P, F]
-    pre-activations and acts [L, P, F] activations as they were used; sites recorded."""
+    """One run. logits [P, vocab]; inputs [L, P, d] at the transcoder's input site; pre
+    [L, P, F] pre-activations and acts [L, P, F] activations as they were used; sites recorded
+    (site -> [L, P, d]; resid_final [P, d])."""
 
     logits: torch.Tensor
     inputs: torch.Tensor
@@ -89,59 +118,319 @@ class InterventionResult:
     sites: dict[str, torch.Tensor]
 
 
+@dataclass
+class BatchInterventionResult:
+    """B runs of one prompt. logits [B, P, vocab]; sites: recorded sites (site -> [B, L, P, d];
+    resid_final [B, P, d]); watched_pre / watched_acts [B, n_watch] pre-activations and used
+    activations of the watched (layer, position, feature) triples (None when none watched);
+    inputs [B, L, P, d], pre / acts [B, L, P, F] only with ``keep_features``."""
+
+    logits: torch.Tensor
+    sites: dict[str, torch.Tensor]
+    watched_pre: torch.Tensor | None = None
+    watched_acts: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+    pre: torch.Tensor | None = None
+    acts: torch.Tensor | None = None
+
+    def row(self, b: int) -> InterventionResult:
+        """Run ``b`` as an :class:`InterventionResult` (needs ``keep_features``)."""
+        if self.pre is None or self.acts is None or self.inputs is None:
+            raise ValueError("row() needs a batch run with keep_features=True")
+        return InterventionResult(
+            logits=self.logits[b],
+            inputs=self.inputs[b],
+            pre=self.pre[b],
+            acts=self.acts[b],
+            sites={k: v[b] for k, v in self.sites.items()},
+        )
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
 def check_interventions(rm: ReplacementModel, n_pos: int, items: Sequence[Intervention]) -> None:
     """Clear errors for edits that name a layer, feature or position that does not exist."""
     L, F, d = rm.model.facts.n_layers, rm.transcoder.cfg.n_features, rm.model.facts.d_model
     for it in items:
+        if not isinstance(it, (FeatureEdit, VectorEdit, FeatureSwap, KeepOnly)):
+            raise InterventionError(
+                f"{type(it).__name__} is not an intervention: use FeatureEdit, VectorEdit, "
+                "FeatureSwap or KeepOnly"
+            )
+        if isinstance(it, KeepOnly):
+            _check_keep_only(it, L, F, n_pos)
+            continue
         if not 0 <= it.layer < L:
-            raise InterventionError(f"{it}: layer {it.layer} out of range 0..{L - 1}")
+            raise InterventionError(f"{_short(it)}: layer {it.layer} out of range 0..{L - 1}")
         feats = (it.src, it.dst) if isinstance(it, FeatureSwap) else ()
         feats += (it.feature,) if isinstance(it, FeatureEdit) else ()
         for f in feats:
             if not 0 <= f < F:
                 raise InterventionError(
-                    f"{it}: feature index {f} out of range 0..{F - 1} for this transcoder"
+                    f"{_short(it)}: feature index {f} out of range 0..{F - 1} for this transcoder"
                 )
+        if isinstance(it, FeatureEdit) and it.op not in FEATURE_OPS:
+            raise InterventionError(f"unknown feature op {it.op!r}: use one of {FEATURE_OPS}")
         pos = it.position
         if pos is not None and not 0 <= pos < n_pos:
             raise InterventionError(
-                f"{it}: position {pos} is past the prompt "
+                f"{_short(it)}: position {pos} is past the prompt "
                 f"({n_pos} tokens, positions 0..{n_pos - 1})"
             )
+        if (
+            pos is not None
+            and not isinstance(it, VectorEdit)
+            and not bool(rm.feature_mask(n_pos)[pos])
+        ):
+            raise InterventionError(
+                f"{_short(it)}: position {pos} is the start token, whose features are not "
+                "nodes (exclude_bos): edit a later position or build the replacement model "
+                "with exclude_bos=False"
+            )
         if isinstance(it, VectorEdit):
+            if it.site not in ("mlp_out", "resid_pre"):
+                raise InterventionError(
+                    f"vector site {it.site!r}: use 'mlp_out' (error node) or 'resid_pre' (token)"
+                )
             if it.site == "resid_pre" and it.layer != 0:
                 raise InterventionError("token-node vectors go at resid_pre of layer 0")
             if tuple(it.vector.shape) != (d,):
                 raise InterventionError(f"vector has shape {tuple(it.vector.shape)}, need ({d},)")
 
 
-def _edit_acts(acts: torch.Tensor, layer: int, items: Sequence[Intervention]) -> torch.Tensor:
-    """Apply feature edits and swaps of one layer to its activations [B, P, F]."""
-    for it in items:
-        if isinstance(it, VectorEdit) or it.layer != layer:
-            continue
-        pos = slice(None) if it.position is None else it.position
-        if isinstance(it, FeatureSwap):
-            v = acts[:, pos, it.src].clone()
-            acts[:, pos, it.src] = 0.0
-            acts[:, pos, it.dst] = v
-        elif it.op == "ablate":
-            acts[:, pos, it.feature] = 0.0
-        elif it.op in ("set", "clamp"):
-            acts[:, pos, it.feature] = it.value
-        elif it.op == "scale":
-            acts[:, pos, it.feature] *= it.value
-        elif it.op == "add":
-            acts[:, pos, it.feature] += it.value
-        else:
-            raise InterventionError(f"unknown feature op {it.op!r}")
-    return acts
+def _check_keep_only(it: KeepOnly, L: int, F: int, n_pos: int) -> None:
+    n = it.nodes
+    if not isinstance(n, torch.Tensor) or n.dim() != 2 or n.shape[1] != 3:
+        raise InterventionError("KeepOnly.nodes must be an integer tensor [n, 3] (layer, pos, f)")
+    if n.dtype.is_floating_point:
+        raise InterventionError("KeepOnly.nodes must hold integers (layer, position, feature)")
+    for col, (name, hi) in enumerate((("layer", L), ("position", n_pos), ("feature", F))):
+        if len(n) and not (0 <= int(n[:, col].min()) and int(n[:, col].max()) < hi):
+            raise InterventionError(f"KeepOnly: a {name} is out of range 0..{hi - 1}")
 
 
-def _vector_edits(items: Sequence[Intervention], site: str, layer: int):
-    return [
-        it for it in items if isinstance(it, VectorEdit) and it.site == site and it.layer == layer
-    ]
+def _short(it: Intervention) -> str:
+    if isinstance(it, VectorEdit):
+        return f"VectorEdit(site={it.site!r}, layer={it.layer}, position={it.position})"
+    return repr(it)
+
+
+# --- editing activations -----------------------------------------------------------------------
+
+
+class _Plan:
+    """B lists of interventions sorted by where they act: per layer the feature edits (with
+    their batch row, in the order given) and per (site, layer) the vectors to add."""
+
+    def __init__(self, batch: Sequence[Sequence[Intervention]], mask: torch.Tensor):
+        self.mask = mask  # [P] positions whose features are nodes
+        self.layers: dict[int, list[tuple[int, Intervention]]] = defaultdict(list)
+        self.keep: list[tuple[int, int, KeepOnly]] = []  # (row, order, item): every layer
+        self.vectors: dict[tuple[str, int], list[tuple[int, VectorEdit]]] = defaultdict(list)
+        self.order: dict[int, list[tuple[int, int, Intervention]]] = defaultdict(list)
+        for b, items in enumerate(batch):
+            for k, it in enumerate(items):
+                if isinstance(it, VectorEdit):
+                    self.vectors[(it.site, it.layer)].append((b, it))
+                elif isinstance(it, KeepOnly):
+                    self.keep.append((b, k, it))
+                else:
+                    self.order[it.layer].append((b, k, it))
+
+    def layer_items(self, layer: int) -> list[tuple[int, Intervention]]:
+        """Feature edits of one layer, KeepOnly included, in (row, given order)."""
+        items = list(self.order.get(layer, [])) + self.keep
+        return [(b, it) for b, _, it in sorted(items, key=lambda t: (t[0], t[1]))]
+
+    def edit(self, acts: torch.Tensor, layer: int) -> torch.Tensor:
+        """Apply the edits of one layer to its activations [B, P, F] (in place; returned)."""
+        every = self.mask.nonzero().squeeze(1)  # position None: all node positions
+        for b, it in self.layer_items(layer):
+            if isinstance(it, KeepOnly):
+                sel = it.nodes[:, 0] == layer
+                keep = torch.zeros_like(acts[b], dtype=torch.bool)
+                keep[it.nodes[sel, 1], it.nodes[sel, 2]] = True
+                acts[b] = torch.where(keep, acts[b], torch.zeros((), dtype=acts.dtype))
+                continue
+            pos = every if it.position is None else it.position
+            if isinstance(it, FeatureSwap):
+                v = acts[b, pos, it.src].clone()
+                acts[b, pos, it.src] = 0.0
+                acts[b, pos, it.dst] = v
+            elif it.op == "ablate":
+                acts[b, pos, it.feature] = 0.0
+            elif it.op in ("set", "clamp"):
+                acts[b, pos, it.feature] = it.value
+            elif it.op == "scale":
+                acts[b, pos, it.feature] *= it.value
+            else:  # add
+                acts[b, pos, it.feature] += it.value
+        return acts
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _as_watch(watch) -> torch.Tensor | None:
+    if watch is None:
+        return None
+    w = torch.as_tensor(watch, dtype=torch.long)
+    if w.dim() != 2 or w.shape[1] != 3:
+        raise InterventionError("watch must be [n, 3] (layer, position, feature)")
+    return w
+
+
+def intervene_batch(
+    rm: ReplacementModel,
+    prompt: PromptState | torch.Tensor,
+    batch: Sequence[Sequence[Intervention]],
+    mode: Mode = "constrained",
+    *,
+    watch: torch.Tensor | None = None,
+    keep_features: bool = False,
+    record_sites: tuple[str, ...] = SITES,
+) -> BatchInterventionResult:
+    """Run B = len(batch) independent intervention lists on one prompt in one forward pass.
+
+    prompt: a recorded :class:`PromptState` (every mode), or token ids [P] (``live`` only:
+    nothing is frozen, so no record is needed). watch: [n, 3] (layer, position, feature) whose
+    pre-activations and used activations are returned per run (cheap; the full [B, L, P, F]
+    tensors are kept only with ``keep_features``). record_sites: sites to return.
+    """
+    if mode not in MODES:
+        raise InterventionError(f"unknown mode {mode!r}: use one of {MODES}")
+    if isinstance(prompt, PromptState):
+        state, tokens = prompt, prompt.tokens
+    else:
+        if mode != "live":
+            raise InterventionError(
+                f"mode {mode!r} freezes parts of a recorded run: pass rm.record(tokens), not "
+                "token ids (only mode 'live' runs from token ids)"
+            )
+        state, tokens = None, torch.as_tensor(prompt).long()
+        if tokens.dim() != 1 or len(tokens) == 0:
+            raise InterventionError("token ids must be a non-empty 1-D tensor [n_pos]")
+    if len(batch) == 0:
+        raise InterventionError("empty batch: give at least one list of interventions")
+    P = len(tokens)
+    for items in batch:
+        check_interventions(rm, P, items)
+    watch = _as_watch(watch)
+    if watch is not None and len(watch):
+        _check_keep_only(KeepOnly(watch), rm.model.facts.n_layers, rm.transcoder.cfg.n_features, P)
+
+    tc, model = rm.transcoder, rm.model
+    L, d, B = model.facts.n_layers, model.facts.d_model, len(batch)
+    site = rm.input_site
+    mask = rm.feature_mask(P)
+    plan = _Plan(batch, mask)
+    frozen_out = mode in ("constrained", "free")
+    pending: list[torch.Tensor | None] = [None] * L  # decoded differences, [B, P, d] per layer
+    inputs: list[torch.Tensor | None] = [None] * L
+    kept_pre: list[torch.Tensor | None] = [None] * L
+    kept_acts: list[torch.Tensor | None] = [None] * L
+    n_watch = 0 if watch is None else len(watch)
+    watched_pre = torch.zeros(B, n_watch)
+    watched_acts = torch.zeros(B, n_watch)
+    recorded = _recorded_acts(state, tc.cfg.n_features) if state is not None else None
+
+    def add_decoded(layer: int, diff: torch.Tensor) -> None:
+        """Decode the nonzero entries of diff [B, P, F] into every layer they write to."""
+        b, p, f = diff.nonzero(as_tuple=True)
+        if len(f) == 0:
+            return
+        uniq, inv = torch.unique(f, return_inverse=True)
+        rows = tc.decoder_rows(layer, uniq)[inv] * diff[b, p, f][:, None, None]  # [n, T, d]
+        for t in range(rows.shape[1]):
+            if pending[layer + t] is None:
+                pending[layer + t] = torch.zeros(B, P, d)
+            pending[layer + t].index_put_((b, p), rows[:, t], accumulate=True)
+
+    def read_input(l):
+        def fn(x):
+            inputs[l] = x
+            pre = tc.pre_activations(l, x)  # [B, P, F]
+            if mode == "constrained":
+                unedited = recorded[l].expand(B, -1, -1)
+            else:
+                unedited = tc.activate(l, pre)
+                unedited[:, ~mask] = 0.0
+            used = plan.edit(unedited.clone(), l)
+            baseline = recorded[l] if frozen_out else unedited
+            add_decoded(l, used - baseline)
+            if watch is not None:
+                sel = (watch[:, 0] == l).nonzero().squeeze(1)
+                watched_pre[:, sel] = pre[:, watch[sel, 1], watch[sel, 2]]
+                watched_acts[:, sel] = used[:, watch[sel, 1], watch[sel, 2]]
+            if keep_features:
+                kept_pre[l], kept_acts[l] = pre, used
+            return x
+
+        return fn
+
+    def write_output(l):
+        def fn(x):
+            if frozen_out:
+                out = state.sites["mlp_out"][l].expand(B, -1, -1)
+                if tc.W_skip is not None:  # the skip path is live (linear) in the replacement
+                    out = out + (inputs[l] - state.inputs[l]) @ tc.W_skip[l].T
+            else:
+                out = x
+            if pending[l] is not None:
+                out = out + pending[l]
+            vecs = plan.vectors.get(("mlp_out", l))
+            if vecs:
+                out = out.clone()
+                for b, it in vecs:
+                    out[b, it.position] += it.vector
+            return out
+
+        return fn
+
+    def embed_edit(x):
+        vecs = plan.vectors.get(("resid_pre", 0))
+        if not vecs:
+            return x
+        x = x.clone()
+        for b, it in vecs:
+            x[b, it.position] += it.vector
+        return x
+
+    edits = {("resid_pre", 0): embed_edit}
+    for l in range(L):
+        edits[(site, l)] = read_input(l)
+        edits[("mlp_out", l)] = write_output(l)
+    if mode == "constrained":
+        freeze = state.freeze()
+    elif mode == "live":
+        freeze = None
+    else:
+        freeze = Freeze(patterns=state.patterns)
+    with torch.no_grad():
+        run = model.run(
+            tokens.expand(B, P),
+            edits=edits,
+            freeze=freeze,
+            record=bool(record_sites),
+            record_sites=record_sites,
+        )
+    out = BatchInterventionResult(logits=run.logits, sites=run.sites)
+    if watch is not None:
+        out.watched_pre, out.watched_acts = watched_pre, watched_acts
+    if keep_features:
+        out.inputs = torch.stack(inputs, dim=1)
+        out.pre = torch.stack(kept_pre, dim=1)
+        out.acts = torch.stack(kept_acts, dim=1)
+    return out
+
+
+def _recorded_acts(state: PromptState, n_features: int) -> torch.Tensor:
+    """The recorded activations as a dense [L, P, F] tensor."""
+    L = state.inputs.shape[0]
+    a = torch.zeros(L, state.n_pos, n_features)
+    a[state.feat_layer, state.feat_pos, state.feat_index] = state.feat_value
+    return a
 
 
 def intervene(
@@ -151,88 +440,4 @@ def intervene(
     mode: Mode = "constrained",
 ) -> InterventionResult:
     """Run the prompt of ``state`` with ``items`` applied in ``mode``. See the module doc."""
-    check_interventions(rm, state.n_pos, items)
-    tc, model = rm.transcoder, rm.model
-    L = model.facts.n_layers
-    site = rm.input_site
-    mask = rm.feature_mask(state.n_pos)
-    # Activations as recorded (constrained) or as recomputed live (free modes), per layer.
-    acts_used: list[torch.Tensor | None] = [None] * L
-    acts_unedited: list[torch.Tensor | None] = [None] * L
-    pre_used: list[torch.Tensor | None] = [None] * L
-    inputs: list[torch.Tensor | None] = [None] * L
-
-    def read_input(l):
-        def fn(x):
-            inputs[l] = x
-            pre = tc.pre_activations(l, x[0])
-            pre_used[l] = pre
-            if mode == "constrained":
-                a = _recorded_acts(l)
-            else:
-                a = tc.activate(l, pre)
-                a[~mask] = 0.0
-            acts_unedited[l] = a
-            acts_used[l] = _edit_acts(a[None].clone(), l, items)[0]
-            return x
-
-        return fn
-
-    def _recorded_acts(l):
-        a = torch.zeros(state.n_pos, tc.cfg.n_features)
-        sel = state.feat_layer == l
-        a[state.feat_pos[sel], state.feat_index[sel]] = state.feat_value[sel]
-        return a
-
-    def write_output(l):
-        def fn(x):
-            if mode == "free_mlp":
-                delta = _decoded(l, edited=True) - _decoded(l, edited=False)
-                out = x + delta
-            else:
-                out = _decoded(l, edited=True) + tc.b_dec[l] + state.errors[l]
-                if tc.W_skip is not None:
-                    out = out + inputs[l][0] @ tc.W_skip[l].T
-            for it in _vector_edits(items, "mlp_out", l):
-                out = out.clone()
-                out[..., it.position, :] += it.vector
-            return out.expand_as(x) if out.dim() == 2 else out
-
-        return fn
-
-    def _decoded(l, edited: bool):
-        """Sum over source layers i <= l of acts_i @ W_dec[i][:, l - i] -> [P, d]."""
-        total = torch.zeros(state.n_pos, model.facts.d_model)
-        for i in range(l + 1):
-            if l - i >= tc.cfg.n_targets(i):
-                continue
-            a = acts_used[i] if edited else acts_unedited[i]
-            total += a @ tc.decoder(i)[:, l - i]
-        return total
-
-    def embed_edit(x):
-        vecs = _vector_edits(items, "resid_pre", 0)
-        if not vecs:
-            return x
-        x = x.clone()
-        for it in vecs:
-            x[:, it.position] += it.vector
-        return x
-
-    edits = {("resid_pre", 0): embed_edit}
-    for l in range(L):
-        edits[(site, l)] = read_input(l)
-        edits[("mlp_out", l)] = write_output(l)
-    if mode == "constrained":
-        freeze = state.freeze()
-    else:
-        freeze = Freeze(patterns=state.patterns)
-    with torch.no_grad():
-        run = model.run(state.tokens, edits=edits, freeze=freeze)
-    return InterventionResult(
-        logits=run.logits[0],
-        inputs=torch.stack([x[0] for x in inputs]),
-        pre=torch.stack(pre_used),
-        acts=torch.stack(acts_used),
-        sites={k: v[0] for k, v in run.sites.items()},
-    )
+    return intervene_batch(rm, state, [list(items)], mode, keep_features=True).row(0)

@@ -8,40 +8,14 @@ import pytest
 import torch
 from conftest import make_random_clt, make_tiny_model
 
-from tracer.architectures import frozen_norm
 from tracer.attribution import AttributionConfig, FrozenLinearModel, attribute
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN
-from tracer.interventions import FeatureEdit, VectorEdit, intervene
+from tracer.interventions import intervene
 from tracer.model import PromptError
 from tracer.replacement import ReplacementModel
+from tracer.validate import removal, target_values
 
 TOKENS = torch.tensor([1, 5, 9, 22, 40, 7, 13])
-
-
-def target_values(rm, state, graph, result) -> np.ndarray:
-    """Every row target's value after an intervention: feature pre-activations and de-meaned
-    logits (through the frozen final norm, before any soft-capping)."""
-    feats = np.where(graph.kind == FEATURE)[0]
-    vals = [float(result.pre[graph.layer[i], graph.position[i], graph.feature[i]]) for i in feats]
-    model = rm.model
-    x = result.sites["resid_final"][-1]
-    normed = frozen_norm(
-        model.arch.norm_kind, model.final_norm(), x, state.scales["final_norm"][-1]
-    )
-    W_U = model.unembed_matrix()
-    for i in np.where(graph.kind == LOGIT)[0]:
-        vals.append(float((W_U[graph.feature[i]] - W_U.mean(0)) @ normed))
-    return np.array(vals)
-
-
-def removal(graph, state, i):
-    """The intervention that removes source node i entirely."""
-    k, l, p = int(graph.kind[i]), int(graph.layer[i]), int(graph.position[i])
-    if k == FEATURE:
-        return FeatureEdit(layer=l, feature=int(graph.feature[i]), position=p, op="ablate")
-    if k == ERROR:
-        return VectorEdit("mlp_out", l, p, -state.errors[l, p])
-    return VectorEdit("resid_pre", 0, p, -state.sites["resid_pre"][0, p])
 
 
 def check_columns(rm, graph, n_sample=12, seed=0):
