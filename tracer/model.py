@@ -95,10 +95,14 @@ class LanguageModel:
         :func:`tracer.fetch.fetch_smollm2`.
         """
         source = str(source)
+        # The model's name (recorded in graphs, transcoder configs and the graph store) is what
+        # the caller asked for; the built-in model gets one stable name, not its cache path.
+        name = source
         if source.lower() in ("smollm2", "smollm2-135m-instruct"):
             from tracer.fetch import fetch_smollm2
 
             source = str(fetch_smollm2())
+            name = "smollm2"
         path = Path(source).expanduser()
         # Hub ids are "name" or "org/name"; anything starting like a path is a path.
         is_hub_id = not source.startswith((".", "/", "~", "\\")) and (
@@ -136,7 +140,7 @@ class LanguageModel:
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "
                                  f"{_LOAD_HINT}") from err  # fmt: skip
-        return cls(hf, tok, name=source)
+        return cls(hf, tok, name=name)
 
     # --- tokens --------------------------------------------------------------------------------
 

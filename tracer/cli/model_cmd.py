@@ -15,8 +15,16 @@ def register(sub) -> None:
     i = msub.add_parser("info", help="load a model and summarise one forward pass")
     i.add_argument("model", help="local folder, hub id, or 'smollm2'")
     i.add_argument("--prompt", default="The capital of France is")
-    i.add_argument("--top", type=int, default=5)
+    i.add_argument("--top", type=_positive_int, default=5, help="next tokens to list")
     i.set_defaults(func=_info)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def _fetch(args) -> int:
