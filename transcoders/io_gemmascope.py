@@ -78,6 +78,8 @@ def read_gemmascope(
     model_name: str | None,
 ) -> CrossLayerTranscoder:
     files = gemmascope_files(path)
+    if not files:
+        raise TranscoderFormatError(f"no GemmaScope {PARAMS_FILE} files under {path}")
     layers = [_npz_layer(f) for f in tqdm(files, desc="reading GemmaScope layers", disable=None)]
     return assemble_per_layer(
         layers,

@@ -174,6 +174,8 @@ def read_saelens(
 ) -> CrossLayerTranscoder:
     """One SAELens transcoder folder, or a parent folder of several (one per model layer)."""
     folders = [path] if is_saelens_folder(path) else saelens_layer_folders(path)
+    if not folders:
+        raise TranscoderFormatError(f"no SAELens {CFG_FILE} + {WEIGHTS_FILE} folders in {path}")
     if input_site is None and saved:
         input_site = saved.get("input_site")
     layers = [

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from transcoders.formats import FORMATS
+
 # Modules that each add one more ``transcoders`` subcommand (e.g. training).
 SUBCOMMAND_MODULES: list[str] = []
 
@@ -24,7 +26,9 @@ def _add_model_args(p) -> None:
     p.add_argument("--layer", type=int, help="model layer of a single-layer source")
     p.add_argument("--input-site", choices=["resid_mid", "mlp_in"], help="override input site")
     p.add_argument("--model-name", help="model name to record when the files lack it")
-    p.add_argument("--from", dest="src_format", help="source format (default: detected)")
+    p.add_argument(
+        "--from", dest="src_format", choices=FORMATS, help="source format (default: detected)"
+    )
 
 
 def _load_kwargs(args) -> dict:
