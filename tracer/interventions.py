@@ -293,15 +293,19 @@ def intervene_batch(
 ) -> BatchInterventionResult:
     """Run B = len(batch) independent intervention lists on one prompt in one forward pass.
 
-    prompt: a recorded :class:`PromptState` (every mode), or token ids [P] (``live`` only:
-    nothing is frozen, so no record is needed). watch: [n, 3] (layer, position, feature) whose
-    pre-activations and used activations are returned per run (cheap; the full [B, L, P, F]
-    tensors are kept only with ``keep_features``). record_sites: sites to return.
+    prompt: a recorded :class:`PromptState` (every mode), or token ids [P] or [B, P] (one
+    row per list; ``live`` only: nothing is frozen, so no record is needed). watch: [n, 3]
+    (layer, position, feature) whose pre-activations and used activations are returned per run
+    (cheap; the full [B, L, P, F] tensors are kept only with ``keep_features``). record_sites:
+    sites to return.
     """
     if mode not in MODES:
         raise InterventionError(f"unknown mode {mode!r}: use one of {MODES}")
+    if len(batch) == 0:
+        raise InterventionError("empty batch: give at least one list of interventions")
+    B = len(batch)
     if isinstance(prompt, PromptState):
-        state, tokens = prompt, prompt.tokens
+        state, tokens = prompt, prompt.tokens.expand(B, -1)
     else:
         if mode != "live":
             raise InterventionError(
@@ -309,11 +313,13 @@ def intervene_batch(
                 "token ids (only mode 'live' runs from token ids)"
             )
         state, tokens = None, torch.as_tensor(prompt).long()
-        if tokens.dim() != 1 or len(tokens) == 0:
-            raise InterventionError("token ids must be a non-empty 1-D tensor [n_pos]")
-    if len(batch) == 0:
-        raise InterventionError("empty batch: give at least one list of interventions")
-    P = len(tokens)
+        tokens = tokens.expand(B, -1) if tokens.dim() == 1 else tokens
+        if tokens.dim() != 2 or tokens.shape[0] != B or tokens.shape[1] == 0:
+            raise InterventionError(
+                f"token ids of shape {tuple(tokens.shape)}: give [n_pos] or [{B}, n_pos] "
+                "(one row per intervention list)"
+            )
+    P = tokens.shape[1]
     for items in batch:
         check_interventions(rm, P, items)
     watch = _as_watch(watch)
@@ -321,7 +327,7 @@ def intervene_batch(
         _check_keep_only(KeepOnly(watch), rm.model.facts.n_layers, rm.transcoder.cfg.n_features, P)
 
     tc, model = rm.transcoder, rm.model
-    L, d, B = model.facts.n_layers, model.facts.d_model, len(batch)
+    L, d = model.facts.n_layers, model.facts.d_model
     site = rm.input_site
     mask = rm.feature_mask(P)
     plan = _Plan(batch, mask)
@@ -409,7 +415,7 @@ def intervene_batch(
         freeze = Freeze(patterns=state.patterns)
     with torch.no_grad():
         run = model.run(
-            tokens.expand(B, P),
+            tokens,
             edits=edits,
             freeze=freeze,
             record=bool(record_sites),

@@ -120,6 +120,13 @@ class ReplacementModel:
             errors=errors,
         )
 
+    def generate(self, prompt, interventions=(), **options):
+        """Steered generation: continue ``prompt`` with ``interventions`` applied at every step;
+        see :func:`tracer.steer.generate` (options: max_new_tokens, temperature, top_k, seed)."""
+        from tracer.steer import generate  # steer builds on this module
+
+        return generate(self, prompt, interventions, **options)
+
     def forward_logits(self, state: PromptState) -> torch.Tensor:
         """Logits [P, vocab] of the replacement (frozen attention and norms, MLP out = recon +
         error). Equal to the real model's logits up to float rounding."""
