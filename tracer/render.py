@@ -29,6 +29,7 @@ NEGATIVE = "#c62828"  # red
 _FILL = {FEATURE: "#f6c98e", ERROR: "#c8c8c8", TOKEN: "#b9e3c6", LOGIT: "#cdb8ea"}
 _SLOT_W = 105.0  # points between node centres within a column
 _ROW_H = 110.0  # points between rows
+_LINE_H = 55.0  # points between the wrapped lines of one busy row
 _MARGIN = 70.0  # left margin for row labels
 
 
@@ -74,11 +75,16 @@ def select(graph: Graph, config: RenderConfig) -> tuple[np.ndarray, np.ndarray]:
     return nodes, edges
 
 
-def layout(graph: Graph, nodes: np.ndarray) -> tuple[dict[int, tuple[float, float]], dict]:
-    """Pinned positions in points for ``nodes`` and the y of each drawn row.
+def layout(
+    graph: Graph, nodes: np.ndarray, cell_width: int = 6
+) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
+    """Pinned positions in points for ``nodes`` and the vertical band of each drawn row.
 
-    Returns ({node: (x, y)}, {row: y}) where row is -1 for tokens, the layer for features and
-    errors, and n_layers for logits.
+    A row is -1 for tokens, the layer for features and errors, n_layers for logits. Nodes of
+    one (row, position) cell sit side by side, strongest in the middle line first; a cell with
+    more than ``cell_width`` nodes wraps onto further lines within its row's band, so a busy
+    position does not stretch the picture sideways. Returns ({node: (x, y)},
+    {row: (y_bottom, y_top)}), y growing upward (tokens lowest).
     """
     infl = display_influence(graph)
     last = max(int(graph.position.max(initial=0)), len(graph.token_strings) - 1)
@@ -91,21 +97,30 @@ def layout(graph: Graph, nodes: np.ndarray) -> tuple[dict[int, tuple[float, floa
         # Strongest first, error nodes after features, stable by node index.
         members.sort(key=lambda i: (int(graph.kind[i]) == ERROR, -infl[i], i))
     width = [1] * (last + 1)
+    lines: dict[int, int] = defaultdict(lambda: 1)
     for (row, pos), members in cells.items():
+        per_line = min(len(members), cell_width)
+        lines[row] = max(lines[row], math.ceil(len(members) / per_line))
         if row != graph.n_layers:  # logits spread out above the last column, not widening it
-            width[pos] = max(width[pos], len(members))
+            width[pos] = max(width[pos], per_line)
     x0 = [_MARGIN]
     for w in width[:-1]:
         x0.append(x0[-1] + w * _SLOT_W)
-    rows = sorted({row for row, _ in cells})
-    row_y = {row: r * _ROW_H for r, row in enumerate(rows)}
+    bands, y = {}, 0.0
+    for row in sorted({row for row, _ in cells}):
+        bands[row] = (y, y + (lines[row] - 1) * _LINE_H)
+        y = bands[row][1] + _ROW_H
     coords = {}
     for (row, pos), members in cells.items():
-        n = len(members)
+        per_line = min(len(members), cell_width)
         centre = x0[pos] + width[pos] * _SLOT_W / 2
         for j, i in enumerate(members):
-            coords[i] = (centre + (j - (n - 1) / 2) * _SLOT_W, row_y[row])
-    return coords, row_y
+            line, col = divmod(j, per_line)
+            n_here = min(per_line, len(members) - line * per_line)
+            # the strongest line on top, nearest the rows its nodes feed
+            y_line = bands[row][1] - line * _LINE_H
+            coords[i] = (centre + (col - (n_here - 1) / 2) * _SLOT_W, y_line)
+    return coords, bands
 
 
 def build_dot(
@@ -119,7 +134,7 @@ def build_dot(
 
     config = config or RenderConfig()
     nodes, edges = select(graph, config)
-    coords, row_y = layout(graph, nodes)
+    coords, bands = layout(graph, nodes)
     infl = display_influence(graph)
     # Sizes are relative within a kind: logit values, embedding norms and feature
     # influences are different units.
@@ -140,7 +155,8 @@ def build_dot(
         node_attr={"fontname": "Helvetica", "fontsize": "10", "style": "filled,rounded"},
         edge_attr={"arrowsize": "0.4"},
     )
-    for row, y in row_y.items():
+    for row, (lo, hi) in bands.items():
+        y = (lo + hi) / 2
         name = "tokens" if row == -1 else ("logits" if row == graph.n_layers else f"L{row}")
         dot.node(
             f"row_{row}", _esc(name), shape="plaintext", style="", pos=f"6,{y:.1f}!",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -60,22 +61,24 @@ def test_svg_and_png_written_with_logit_and_token_labels(tmp_path):
     assert any(t.startswith("→") and "Austin" in t for t in _texts(nodes[g.node_id(f0)]))
 
 
-def test_rows_are_layers_and_columns_positions():
+@pytest.mark.parametrize("cell_width", [6, 2])
+def test_rows_are_layers_and_columns_positions(cell_width):
     g = make_graph(n_layers=5, n_features=30)
     nodes, _ = select(g, RenderConfig(max_nodes=10_000))
-    coords, row_y = layout(g, nodes)
+    coords, bands = layout(g, nodes, cell_width=cell_width)
     assert len(coords) == g.n_nodes
 
     def row(i):
         k = int(g.kind[i])
         return -1 if k == TOKEN else (g.n_layers if k == LOGIT else int(g.layer[i]))
 
-    # y depends only on the row and increases from tokens (bottom) to logits (top)
+    # each node lies in its row's band; bands are disjoint and rise from tokens to logits
     for i, (_, y) in coords.items():
-        assert y == row_y[row(i)]
-    ys = [row_y[r] for r in sorted(row_y)]
-    assert ys == sorted(ys) and len(set(ys)) == len(ys)
-    assert min(row_y) == -1 and max(row_y) == g.n_layers
+        lo, hi = bands[row(i)]
+        assert lo <= y <= hi
+    spans = [bands[r] for r in sorted(bands)]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert min(bands) == -1 and max(bands) == g.n_layers
     # columns: every node at a smaller position lies left of every node at a larger position
     # (logits excepted: they spread out over the last column)
     inner = [i for i in coords if int(g.kind[i]) != LOGIT]
@@ -83,8 +86,12 @@ def test_rows_are_layers_and_columns_positions():
         for b in inner:
             if g.position[a] < g.position[b]:
                 assert coords[a][0] < coords[b][0]
-    # no two nodes share a spot
+    # no two nodes share a spot, and no cell line holds more than cell_width nodes
     assert len({coords[i] for i in coords}) == len(coords)
+    per_line = Counter((row(i), int(g.position[i]), coords[i][1]) for i in inner)
+    assert max(per_line.values()) <= cell_width
+    if cell_width == 2:
+        assert any(hi > lo for lo, hi in bands.values())  # busy cells wrapped
 
 
 def _assert_widths_follow(g, values):

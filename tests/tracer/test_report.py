@@ -297,3 +297,43 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # and the feature/graph nodes (orange fill #f6c98e) are visible
     orange = (np.abs(r - 0xF6) < 6) & (np.abs(gr - 0xC9) < 6) & (np.abs(b - 0x8E) < 6)
     assert orange.sum() > 500
+
+
+# --- a real graph ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_on_a_pruned_smollm2_graph(smollm2, tmp_path):
+    """Attribute on SmolLM2 (4 layers) with a random CLT, prune, save, and report through the
+    CLI: the tokenizer spells the logits, links resolve, the JSON passes the format check."""
+    import torch
+    from conftest import make_random_clt
+
+    from tracer.attribution import attribute
+    from tracer.neuronpedia import check_document
+    from tracer.prune import prune
+    from tracer.replacement import ReplacementModel
+
+    clt = make_random_clt(4, 576, 64, seed=1)
+    with torch.no_grad():
+        clt.threshold.fill_(0.05)
+    prompt = "The capital of the state containing Dallas is"
+    graph = attribute(ReplacementModel(smollm2, clt), prompt, progress=False, max_n_logits=3)
+    circuit = prune(graph)
+    path = circuit.save(tmp_path / "dallas.parquet")
+    out = tmp_path / "out"
+    assert cli_main(["report", str(path), "--out", str(out), "--model", "smollm2"]) == 0
+    page = _parse(out / "dallas.html")
+    assert all(link[1:] in set(page.ids) for link in page.local_links)
+    assert len(page.rows) == circuit.n_nodes
+    text = " ".join(page.text)
+    logits = np.flatnonzero(circuit.kind == 3)
+    for i in logits:
+        assert smollm2.decode([int(circuit.feature[i])]) in text
+    assert f"pruned from {graph.n_nodes} nodes" in text
+    doc = json.loads((out / "dallas.json").read_text())
+    check_document(doc)
+    assert len(doc["nodes"]) == circuit.n_nodes and len(doc["links"]) == circuit.n_edges
+    svg = (out / "dallas.svg").read_text()
+    for tok in smollm2.token_strings(smollm2.tokenize(prompt))[1:]:
+        assert html.escape(tok.strip()) in svg
