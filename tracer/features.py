@@ -1,9 +1,14 @@
 """What is known about transcoder features, for reports: top-activating contexts, an activation
 histogram and the output tokens each feature's decoder promotes.
 
-This is the one place reports read feature information from. The feature-contexts file is
-written beside trained weights by the transcoder training step; until its reader lands, a plain
-dict (or a JSON file holding one) in the shape below is accepted::
+This is the one place reports read feature information from. Two sources are read:
+
+* the feature-contexts table the transcoder training step writes beside trained weights
+  (``feature_contexts.parquet``, one row per feature: ``layer``, ``feature``, ``frequency``,
+  ``top_activations``, ``top_contexts`` (text with the activating token marked «like this»),
+  ``hist_edges``, ``hist_counts``, ``promoted_tokens`` / ``promoted_logits``,
+  ``suppressed_tokens`` / ``suppressed_logits``); pass the file or the transcoder folder;
+* a plain dict (or a JSON file holding one) in this shape::
 
     {"features": [
         {"layer": 3, "index": 17, "label": "",                  # label: optional human name
@@ -22,6 +27,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+CONTEXTS_FILE = "feature_contexts.parquet"  # the name transcoders.contexts saves under
 
 
 class FeatureInfoError(ValueError):
@@ -59,6 +66,7 @@ class FeatureInfo:
     promoted_tokens: list[tuple[str, float]] = field(default_factory=list)
     suppressed_tokens: list[tuple[str, float]] = field(default_factory=list)
     label: str = ""
+    frequency: float | None = None  # fraction of corpus tokens it fires on
 
     def short_label(self, n_tokens: int = 3) -> str:
         """A few words for a graph node: the human label, else the top promoted tokens, else the
@@ -108,11 +116,34 @@ class FeatureBook:
         return cls((_parse_info(rec, source, i) for i, rec in enumerate(entries)), source)
 
     @classmethod
+    def from_table(cls, table, source: str = "<table>") -> FeatureBook:
+        """Read the feature-contexts table (pyarrow) written beside trained weights."""
+        names = set(table.column_names)
+        missing = {"layer", "feature"} - names
+        if missing:
+            raise FeatureInfoError(
+                f"{source} is not a feature-contexts table: no column(s) {sorted(missing)}"
+            )
+        rows = table.to_pylist()
+        return cls((_info_from_row(r) for r in rows), source)
+
+    @classmethod
     def load(cls, path: str | Path) -> FeatureBook:
-        """Read a JSON file holding the documented dict shape."""
+        """Read a feature-contexts Parquet file (or the transcoder folder holding one) or a JSON
+        file in the documented dict shape."""
         path = Path(path)
+        if path.is_dir():
+            path = path / CONTEXTS_FILE
         if not path.exists():
             raise FileNotFoundError(f"feature information file {path} does not exist")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except Exception as err:  # pyarrow raises several types for a damaged file
+                raise FeatureInfoError(f"{path} is not a readable Parquet file: {err}") from err
+            return cls.from_table(table, source=str(path))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -146,6 +177,7 @@ def _parse_info(rec: Mapping, source: str, i: int) -> FeatureInfo:
             promoted_tokens=[(str(t), float(w)) for t, w in rec.get("promoted_tokens", [])],
             suppressed_tokens=[(str(t), float(w)) for t, w in rec.get("suppressed_tokens", [])],
             label=str(rec.get("label", "") or ""),
+            frequency=None if rec.get("frequency") is None else float(rec["frequency"]),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FeatureInfoError(
@@ -165,6 +197,36 @@ def _parse_info(rec: Mapping, source: str, i: int) -> FeatureInfo:
             f"{len(info.histogram_counts)} counts)"
         )
     return info
+
+
+def _info_from_row(r: dict) -> FeatureInfo:
+    """One row of the feature-contexts table. Its contexts are text with the activating token
+    marked «...» and one activation each: kept as three pieces (before, token, after) with the
+    activation on the token."""
+    contexts = []
+    for text, act in zip(r.get("top_contexts") or [], r.get("top_activations") or [], strict=False):
+        left, mark, rest = str(text).partition("«")
+        token, close, right = rest.rpartition("»")
+        if not mark or not close:
+            left, token, right = "", str(text), ""
+        pieces = [(left, 0.0), (token, float(act)), (right, 0.0)]
+        kept = [(t, a) for t, a in pieces if t or a]
+        contexts.append(Context([t for t, _ in kept], [a for _, a in kept]))
+
+    def pairs(tokens, values):
+        return [(str(t), float(v)) for t, v in zip(tokens or [], values or [], strict=False)]
+
+    return FeatureInfo(
+        layer=int(r["layer"]),
+        index=int(r["feature"]),
+        top_contexts=contexts,
+        histogram_edges=[float(x) for x in r.get("hist_edges") or []],
+        histogram_counts=[int(x) for x in r.get("hist_counts") or []],
+        promoted_tokens=pairs(r.get("promoted_tokens"), r.get("promoted_logits")),
+        suppressed_tokens=pairs(r.get("suppressed_tokens"), r.get("suppressed_logits")),
+        label=str(r.get("label") or ""),
+        frequency=None if r.get("frequency") is None else float(r["frequency"]),
+    )
 
 
 def _visible(token: str) -> str:

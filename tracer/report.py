@@ -450,6 +450,8 @@ class _Page:
 
 def _card_details(info: FeatureInfo, here: list[float]) -> str:
     parts = []
+    if info.frequency is not None:
+        parts.append(f"<p>Fires on {100 * info.frequency:.3g}% of corpus tokens.</p>")
     if info.promoted_tokens:
         parts.append("<p>Promotes: " + " ".join(
             f"<span class='chip pos'>{_e(visible(t))} <small>{w:+.3g}</small></span>"
