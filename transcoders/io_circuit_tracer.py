@@ -31,7 +31,12 @@ from tqdm import tqdm
 from transcoders.clt import CrossLayerTranscoder, InputSite
 from transcoders.hook_names import OUTPUT_HOOK, check_output_hook, input_hook, site_of_hook
 from transcoders.io_assemble import LayerWeights, assemble_per_layer, merge_config, new_transcoder
-from transcoders.io_files import SafetensorsFile, TranscoderFormatError, write_safetensors
+from transcoders.io_files import (
+    LazySafetensorsFile,
+    SafetensorsFile,
+    TranscoderFormatError,
+    write_safetensors,
+)
 
 YAML_FILE = "config.yaml"
 _ENC = re.compile(r"^W_enc_(\d+)\.safetensors$")
@@ -161,10 +166,11 @@ def read_clt(
         path, key = folder / f"W_dec_{i}.safetensors", f"W_dec_{i}"
         if lazy:
             # The decoder file is not touched until the decoder is used.
+            dec = LazySafetensorsFile(path)
             clt.set_lazy_decoder(
                 i,
-                lambda path=path, key=key: SafetensorsFile(path).get(key),
-                lambda idx, path=path, key=key: SafetensorsFile(path).rows(key, idx),
+                lambda dec=dec, key=key: dec.get(key),
+                lambda idx, dec=dec, key=key: dec.rows(key, idx),
             )
         else:
             w = SafetensorsFile(path).get(key)
@@ -242,8 +248,8 @@ def _plt_layer(path: Path, index: int, conf: dict, site, name) -> LayerWeights:
         b_dec=f.get("b_dec"),
         threshold=f.get(thr_key) if thr_key else None,
         W_skip=f.get("W_skip") if "W_skip" in f else None,
-        decoder=lambda: SafetensorsFile(path).get("W_dec").unsqueeze(1),
-        decoder_rows=lambda idx: SafetensorsFile(path).rows("W_dec", idx).unsqueeze(1),
+        decoder=lambda: f.get("W_dec").unsqueeze(1),
+        decoder_rows=lambda idx: f.rows("W_dec", idx).unsqueeze(1),
         activation=activation,
         topk=int(k) if k is not None else None,
         input_site=site,

@@ -97,6 +97,26 @@ class SafetensorsFile:
                 return sl[lo:hi][idx - lo]
 
 
+class LazySafetensorsFile:
+    """A .safetensors file that is not touched until first used; then its header is kept, so
+    repeated row reads do not parse it again."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file: SafetensorsFile | None = None
+
+    def file(self) -> SafetensorsFile:
+        if self._file is None:
+            self._file = SafetensorsFile(self.path)
+        return self._file
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.file().get(key)
+
+    def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        return self.file().rows(key, index)
+
+
 class NpzFile:
     """Arrays of one .npz file (a zip of .npy files, read one array at a time)."""
 
