@@ -167,7 +167,15 @@ def run_hooked(
     def at_site(site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         fn = edits.get((site, layer))
         if fn is not None:
-            x = fn(x)
+            y = fn(x)
+            # A wrong shape would fail deep in the layer (or broadcast silently): say so here.
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(
+                    f"edit at ({site!r}, {layer}) returned {what}; it must return a tensor shaped "
+                    f"like its input {tuple(x.shape)} [batch, n_pos, d_model] (use expand_as)"
+                )
+            x = y
         if record and site in record_sites:
             got[site][0 if site == "resid_final" else layer] = x.detach()
         return x

@@ -310,3 +310,19 @@ def test_unknown_site_and_layer_errors(tiny_model):
     with torch.no_grad():
         r = tiny_model.run(ids, edits={("resid_final", n): lambda x: x * 0})
     assert torch.equal(r.sites["resid_final"], torch.zeros_like(r.sites["resid_final"]))
+
+
+def test_edit_returning_wrong_shape_is_a_clear_error(tiny_model):
+    ids = torch.randint(3, 101, (2, 5))
+    d = tiny_model.facts.d_model
+    bad = [
+        (lambda x: torch.zeros(d), rf"returned \({d},\); it must return a tensor shaped"),
+        (lambda x: x[:, :-1], rf"returned \(2, 4, {d}\).*input \(2, 5, {d}\)"),
+        (lambda x: None, r"returned NoneType"),
+    ]
+    for fn, words in bad:
+        with pytest.raises(ValueError, match=r"edit at \('mlp_out', 1\) " + words):
+            tiny_model.run(ids, edits={("mlp_out", 1): fn})
+    with torch.no_grad():  # expand_as is the documented way to broadcast a replacement
+        r = tiny_model.run(ids, edits={("mlp_out", 1): lambda x: torch.zeros(d).expand_as(x)})
+    assert torch.equal(r.sites["mlp_out"][:, 1], torch.zeros(2, 5, d))
