@@ -52,6 +52,7 @@ class ReportConfig:
     max_table_nodes: int = 2000  # the rest of a huge unpruned graph is left out of the table
     max_feature_cards: int = 300
     neuronpedia: bool = True  # also write the Neuronpedia graph JSON
+    scan: str | None = None  # Neuronpedia model id for that JSON (default: the graph's model)
 
 
 @dataclass
@@ -129,7 +130,7 @@ def write_report(
     files.svg, files.png = rendered.files.get("svg"), rendered.files.get("png")
     if config.neuronpedia:
         files.json = write_neuronpedia(
-            graph, out / f"{slug}.json", slug=slug, features=book, decode=decode
+            graph, out / f"{slug}.json", slug=slug, scan=config.scan, features=book, decode=decode
         )
     svg_text = files.svg.read_text(encoding="utf-8") if files.svg else ""
     page = _Page(graph, book, config, decode)
@@ -622,7 +623,8 @@ tr.k-logit td:first-child{border-left:4px solid #9b7fd1}
 tr.k-feature td:first-child{border-left:4px solid #f0a64d}
 tr.k-error td:first-child{border-left:4px solid #999}
 tr.k-token td:first-child{border-left:4px solid #5cb87a}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px;
+align-items:start}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 12px}
 .card:target{outline:2px solid #f0b400}.contexts li{margin:3px 0;white-space:pre-wrap}
 .contexts .peak{font-weight:bold;border-bottom:2px solid #c46a00}

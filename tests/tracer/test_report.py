@@ -226,12 +226,13 @@ def test_cli_writes_reports_and_index(tmp_path, capsys):
     feats.write_text(json.dumps(make_feature_dict(g)))
     out = tmp_path / "out"
     rc = cli_main(["report", str(a), str(b), "--out", str(out), "--features", str(feats),
-                   "--no-png"])  # fmt: skip
+                   "--no-png", "--scan", "smollm2-135m"])  # fmt: skip
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["a-2.html", "a-2.json", "a-2.svg", "a.html", "a.json", "a.svg",
                      "index.html"]  # fmt: skip
     assert "Feature information from" in (out / "a-2.html").read_text()
+    assert json.loads((out / "a.json").read_text())["metadata"]["scan"] == "smollm2-135m"
     printed = capsys.readouterr().out
     assert str(out / "index.html") in printed and str(out / "a.html") in printed
 
@@ -297,6 +298,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # and the feature/graph nodes (orange fill #f6c98e) are visible
     orange = (np.abs(r - 0xF6) < 6) & (np.abs(gr - 0xC9) < 6) & (np.abs(b - 0x8E) < 6)
     assert orange.sum() > 500
+
+    # the index page too
+    index = write_index(files.html.parent, [files], {"q": [{"feature": "L1/F2", "prompts": 3}]})
+    run = _chromium(["--dump-dom", index.as_uri()], tmp_path / "p3")
+    assert run.returncode == 0 and _console_lines(run.stderr) == []
+    assert "dallas.html" in run.stdout and "L1/F2" in run.stdout
 
 
 # --- a real graph ----------------------------------------------------------------------------

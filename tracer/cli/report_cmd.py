@@ -31,6 +31,11 @@ def register(sub) -> None:
     p.add_argument("--max-nodes", type=int, default=160, help="nodes drawn in the graph picture")
     p.add_argument("--max-edges", type=int, default=500, help="edges drawn in the graph picture")
     p.add_argument("--no-png", action="store_true", help="write SVG only")
+    p.add_argument(
+        "--scan",
+        default=None,
+        help="Neuronpedia model id written into the graph JSON (default: the graph's model name)",
+    )
     p.set_defaults(func=_report)
 
 
@@ -59,7 +64,8 @@ def _report(args) -> int:
             max_nodes=args.max_nodes,
             max_edges=args.max_edges,
             formats=("svg",) if args.no_png else ("svg", "png"),
-        )
+        ),
+        scan=args.scan,
     )
     written = []
     used: set[str] = set()
