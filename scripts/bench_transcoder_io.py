@@ -1,7 +1,7 @@
 """Benchmark transcoder weight I/O: save, lazy vs eager load, and a sparse decode that reads only
 the decoder rows of active features, on a random CLT of SmolLM2-135M's shape.
 
-    .venv/bin/python scripts/bench_transcoder_io.py [--features 1024] [--out FILE]
+    .venv/bin/python scripts/bench_transcoder_io.py [--features 1024] [--threads 1] [--out FILE]
 
 Writes a JSON file of timings (seconds), sizes (bytes) and resident-memory growth (bytes,
 from /proc/self/statm), and prints a summary.
@@ -42,7 +42,11 @@ def main() -> None:
     ap.add_argument("--active", type=int, default=256, help="active features to decode")
     ap.add_argument("--positions", type=int, default=16)
     ap.add_argument("--out", default="artifacts/bench/transcoder_io.json")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)"
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     L, d, F = args.layers, args.d_model, args.features
     cfg = TranscoderConfig(n_layers=L, d_model=d, n_features=F, model_name="random")
@@ -102,14 +106,14 @@ def main() -> None:
           f"({res['decoder_bytes'] / mib:.0f} MiB decoders; bf16 "
           f"{res['disk_bytes_bf16'] / mib:.0f} MiB)")  # fmt: skip
     print(f"save {res['save_s']:.2f} s; save as bf16 (lazy source) {res['save_bf16_s']:.2f} s")
-    print(f"lazy load  {res['lazy_load_s']:.2f} s, +{res['lazy_load_rss'] / mib:.0f} MiB resident")
+    print(f"lazy load  {res['lazy_load_s']:.2f} s, {res['lazy_load_rss'] / mib:+.0f} MiB resident")
     print(
-        f"eager load {res['eager_load_s']:.2f} s, +{res['eager_load_rss'] / mib:.0f} MiB resident"
+        f"eager load {res['eager_load_s']:.2f} s, {res['eager_load_rss'] / mib:+.0f} MiB resident"
     )
     print(f"sparse decode of {args.active} features: lazy (rows only) "
           f"{res['lazy_sparse_decode_s'] * 1e3:.0f} ms (again: "
         f"{res['lazy_sparse_decode_warm_s'] * 1e3:.0f} ms), "
-        f"+{res['lazy_sparse_decode_rss'] / mib:.0f} "
+        f"{res['lazy_sparse_decode_rss'] / mib:+.0f} "
           f"MiB, {res['decoders_in_memory_after_sparse_decode']} decoders kept; eager "
           f"{res['eager_sparse_decode_s'] * 1e3:.0f} ms")  # fmt: skip
     print(f"results: {args.out}")

@@ -155,7 +155,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype=None) 
         v = v.detach().cpu()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
-        out[k] = v.contiguous().clone()
+        v = v.contiguous()
+        whole = v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.nbytes
+        out[k] = v if whole else v.clone()
     save_file(out, str(path))
 
 
