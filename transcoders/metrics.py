@@ -1,0 +1,64 @@
+"""Training metrics for transcoders, per layer and overall: NMSE, L0, dead fraction.
+
+NMSE is the fraction of variance unexplained: sum ||pred - y||^2 / sum ||y - mean(y)||^2 over
+tokens, per layer (scale-free, so raw or normalised activations give the same value).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def nmse_per_layer(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred, target [L, N, d] -> [L] fraction of variance unexplained."""
+    err = (pred - target).pow(2).sum((1, 2))
+    var = (target - target.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+    return err / var
+
+
+def l0_per_layer(acts: torch.Tensor) -> torch.Tensor:
+    """acts [L, N, F] -> [L] mean number of active features per token."""
+    return (acts != 0).float().sum(-1).mean(-1)
+
+
+class FireTracker:
+    """Counts, per feature, the tokens seen since it last fired; a feature is dead when that
+    exceeds ``window`` tokens. State is two tensors (saved in checkpoints)."""
+
+    def __init__(self, n_layers: int, n_features: int, window: int):
+        self.window = window
+        self.since = torch.zeros(n_layers, n_features, dtype=torch.long)
+        self.seen = 0
+
+    def update(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """fired [L, F] bool: fired at least once in the last ``n_tokens`` tokens."""
+        self.since += n_tokens
+        self.since[fired] = 0
+        self.seen += n_tokens
+
+    def dead_mask(self) -> torch.Tensor:
+        """[L, F] bool (nothing is dead before a full window has been seen)."""
+        if self.seen < self.window:
+            return torch.zeros_like(self.since, dtype=torch.bool)
+        return self.since >= self.window
+
+    def dead_fraction(self) -> torch.Tensor:
+        return self.dead_mask().float().mean(-1)
+
+    def state_dict(self) -> dict:
+        return {"since": self.since.clone(), "seen": self.seen, "window": self.window}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.since = s["since"].clone()
+        self.seen = int(s["seen"])
+        self.window = int(s["window"])
+
+
+def summarize(per_layer: dict[str, torch.Tensor]) -> dict:
+    """{name: [L] tensor} -> JSON-ready {name: mean, name + '_per_layer': [...]}."""
+    out = {}
+    for k, v in per_layer.items():
+        v = v.detach().float()
+        out[k] = round(float(v.mean()), 6)
+        out[k + "_per_layer"] = [round(float(x), 6) for x in v]
+    return out

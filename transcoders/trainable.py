@@ -1,0 +1,139 @@
+"""The training layout of a transcoder: decoders stored per *target* layer.
+
+:class:`~transcoders.clt.CrossLayerTranscoder` stores decoders per source layer
+(``W_dec[i]`` [F, T_i, d]); decoding a batch that way materialises every (source, target) pair,
+[N, L(L+1)/2, d] for a CLT, which on SmolLM2 is 465 d-vectors per token. Here target layer l
+owns one matrix ``D[l]`` [(n_sources(l) * F), d] stacking the rows of every source layer that
+writes to it, so a reconstruction is one matmul (dense) or one ``embedding_bag`` over the k
+active rows (TopK) per target: [N, L, d] and nothing bigger.
+
+``to_clt`` / ``from_clt`` convert exactly (a pure re-arrangement of the same numbers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from transcoders.activations import jumprelu
+from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
+
+
+class TrainableTranscoder(nn.Module):
+    def __init__(self, cfg: TranscoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, F, d = cfg.n_layers, cfg.n_features, cfg.d_model
+        self.W_enc = nn.Parameter(torch.zeros(L, F, d))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.threshold = nn.Parameter(torch.zeros(L, F))
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        self.D = nn.ParameterList(
+            [nn.Parameter(torch.zeros(len(self.sources(l)) * F, d)) for l in range(L)]
+        )
+        self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
+
+    def sources(self, target: int) -> range:
+        """Source layers whose features write to ``target``."""
+        return range(0, target + 1) if self.cfg.kind == "clt" else range(target, target + 1)
+
+    # --- conversion ------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def from_clt(cls, clt: CrossLayerTranscoder) -> TrainableTranscoder:
+        m = cls(clt.cfg)
+        for name in ("W_enc", "b_enc", "threshold", "b_dec"):
+            getattr(m, name).copy_(getattr(clt, name))
+        if m.W_skip is not None:
+            m.W_skip.copy_(clt.W_skip)
+        F = clt.cfg.n_features
+        for l in range(clt.cfg.n_layers):
+            for j, i in enumerate(m.sources(l)):
+                m.D[l][j * F : (j + 1) * F] = clt.decoder(i)[:, l - i]
+        return m
+
+    @torch.no_grad()
+    def to_clt(self) -> CrossLayerTranscoder:
+        clt = CrossLayerTranscoder(self.cfg, init=False)
+        for name in ("W_enc", "b_enc", "threshold", "b_dec"):
+            getattr(clt, name).copy_(getattr(self, name))
+        if clt.W_skip is not None:
+            clt.W_skip.copy_(self.W_skip)
+        F = self.cfg.n_features
+        for l in range(self.cfg.n_layers):
+            for j, i in enumerate(self.sources(l)):
+                clt.W_dec[i][:, l - i] = self.D[l][j * F : (j + 1) * F]
+        return clt
+
+    # --- forward pieces --------------------------------------------------------------------
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [L, N, d] -> [L, N, F] (one batched matmul)."""
+        return torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc.transpose(1, 2))
+
+    def activate(self, pre: torch.Tensor, bandwidth: float = 0.1) -> torch.Tensor:
+        """JumpReLU or ReLU activations [L, N, F] (TopK goes through :meth:`topk`)."""
+        if self.cfg.activation == "jumprelu":
+            return torch.stack(
+                [jumprelu(pre[l], self.threshold[l], bandwidth) for l in range(len(pre))]
+            )
+        if self.cfg.activation == "relu":
+            return torch.relu(pre)
+        raise ValueError(f"activate() covers jumprelu/relu, not {self.cfg.activation!r}")
+
+    def topk(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) [L, N, k] of the k largest pre-activations, values through ReLU."""
+        vals, idx = pre.topk(min(k, pre.shape[-1]), dim=-1)
+        return idx, torch.relu(vals)
+
+    def _skip(self, x: torch.Tensor | None) -> torch.Tensor | int:
+        if self.W_skip is None:
+            return 0
+        if x is None:
+            raise ValueError("a skip transcoder's decode needs the inputs x")
+        return torch.einsum("lnd,led->lne", x, self.W_skip)
+
+    def decode_dense(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """acts [L, N, F] -> reconstruction [L, N, d] (bias and skip included)."""
+        L, N, F = acts.shape
+        outs = []
+        for l in range(L):
+            src = self.sources(l)
+            a = acts[src.start : src.stop].transpose(0, 1).reshape(N, len(src) * F)
+            outs.append(a @ self.D[l])
+        return torch.stack(outs) + self.b_dec[:, None, :] + self._skip(x)
+
+    def decode_sparse(
+        self,
+        idx: torch.Tensor,
+        vals: torch.Tensor,
+        x: torch.Tensor | None = None,
+        bias: bool = True,
+    ) -> torch.Tensor:
+        """idx, vals [L, N, k] (active features per layer) -> [L, N, d]; reads only the active
+        decoder rows (embedding_bag sums them weighted by vals)."""
+        L, N, k = idx.shape
+        F = self.cfg.n_features
+        outs = []
+        for l in range(L):
+            src = self.sources(l)
+            off = (torch.arange(len(src)) * F)[:, None, None]
+            ii = (idx[src.start : src.stop] + off).transpose(0, 1).reshape(N, -1)
+            vv = vals[src.start : src.stop].transpose(0, 1).reshape(N, -1)
+            outs.append(Fn.embedding_bag(ii, self.D[l], per_sample_weights=vv, mode="sum"))
+        rec = torch.stack(outs)
+        if bias:
+            rec = rec + self.b_dec[:, None, :]
+        return rec + self._skip(x)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """Norm of each feature's decoder concatenated over all its targets: [L, F]."""
+        L, F = self.cfg.n_layers, self.cfg.n_features
+        parts: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        for l in range(L):
+            sq = self.D[l].pow(2).sum(-1).view(-1, F)
+            for j, i in enumerate(self.sources(l)):
+                parts[i].append(sq[j])
+        return torch.stack([torch.stack(p).sum(0) for p in parts]).sqrt()
