@@ -174,7 +174,7 @@ def build_dot(
             nid,
             _esc(_label(graph, i, features, decode, config.label_chars)),
             pos=f"{x:.1f},{y:.1f}!",
-            shape="box" if k in (TOKEN, LOGIT) else ("diamond" if k == ERROR else "box"),
+            shape="diamond" if k == ERROR else "box",
             width=f"{0.55 + 0.75 * s:.2f}",
             height=f"{height:.2f}",
             fillcolor=_FILL[k],

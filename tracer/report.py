@@ -78,12 +78,16 @@ class QueryTable:
 
     @classmethod
     def from_any(cls, title: str, value) -> QueryTable:
-        """Accept a QueryTable, a list of row dicts, or {"columns": [...], "rows": [[...]]}."""
+        """Accept a QueryTable, anything with ``columns`` and ``rows`` attributes (such as the
+        graph store's query results), a list of row dicts, or {"columns": [...], "rows": [...]}."""
         if isinstance(value, QueryTable):
             return value
+        if hasattr(value, "columns") and hasattr(value, "rows"):
+            return cls(title, list(value.columns), [list(r) for r in value.rows])
         if isinstance(value, Mapping) and "rows" in value:
             rows = [list(r) for r in value["rows"]]
-            cols = list(value.get("columns") or [f"col{j}" for j in range(len(rows[0]))])
+            width = len(rows[0]) if rows else 0
+            cols = list(value.get("columns") or [f"col{j}" for j in range(width)])
             return cls(title, cols, rows, str(value.get("description", "")))
         if isinstance(value, Sequence) and all(isinstance(r, Mapping) for r in value):
             cols: list[str] = []

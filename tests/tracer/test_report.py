@@ -162,6 +162,13 @@ def test_report_without_features_or_influence(tmp_path):
     assert all(link[1:] in set(page.ids) for link in page.local_links)
 
 
+class _StoreResult:
+    """Shaped like the graph store's query results: ``columns`` and ``rows``."""
+
+    def __init__(self, columns, rows):
+        self.columns, self.rows = columns, rows
+
+
 def test_index_page_lists_prompts_and_query_tables(tmp_path, report):
     _, files = report
     g2 = make_graph(seed=3)
@@ -174,12 +181,13 @@ def test_index_page_lists_prompts_and_query_tables(tmp_path, report):
         ],
         "Paths": QueryTable("Paths", ["from", "to", "weight"], [["'Dallas'", "' Austin'", 1.5]]),
         "Empty": {"columns": ["a"], "rows": []},
+        "Store result": _StoreResult(["graph", "shared"], [["g-17", 4]]),
     }
     index = write_index(tmp_path, [files, files2], queries)
     page = _parse(index)
     text = " ".join(page.text)
     assert "Recurring features" in text and "L3/F17" in text and "L1/F2" in text
-    assert "Paths" in text and "(no rows)" in text
+    assert "Paths" in text and "(no rows)" in text and "g-17" in text
     assert "The opposite of hot is" in text and "Dallas" in text
     assert "hot.html" in page.hrefs
     # a report in another folder is linked by an absolute file URI
