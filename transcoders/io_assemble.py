@@ -151,7 +151,7 @@ def assemble_per_layer(
         for lw in layers:
             if lw.model_layer is None:
                 raise TranscoderFormatError(
-                    f"{lw.source} does not say which model layer it reads: pass layer=N"
+                    f"{lw.source} does not say which model layer it reads: pass layer=N (--layer N)"
                 )
             if not 0 <= lw.model_layer < n_layers:
                 raise TranscoderFormatError(

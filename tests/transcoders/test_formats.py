@@ -577,3 +577,19 @@ def test_cli_convert_round_trip_and_errors(tmp_path, capsys):
     assert "save a cross-layer transcoder as circuit-tracer" in capsys.readouterr().err
     assert main(["transcoders", "info", str(dst), "--n-layers", "3", "--d-model", "64"]) == 2
     assert "d_model 8 but the model has 64" in capsys.readouterr().err
+
+
+def test_cli_places_a_gemmascope_file_at_a_model_layer(tmp_path, capsys):
+    from tracer.cli import main
+
+    params = write_gemmascope(tmp_path / "gs" / "params.npz", 4)  # no layer_N in the path
+    dst = tmp_path / "placed"
+    args = ["transcoders", "convert", str(tmp_path / "gs" / "params.npz"), str(dst)]
+    assert main(args + ["--n-layers", "3", "--d-model", str(D), "--layer", "1"]) == 0
+    got = load_transcoder(dst)
+    assert got.cfg.n_layers == 3 and got.cfg.empty_layers == [0, 2]
+    assert torch.equal(got.W_enc[1], params["W_enc"].T) and got.W_enc[[0, 2]].abs().sum() == 0
+    assert main(["transcoders", "info", str(dst)]) == 0
+    assert "empty layers [0, 2]" in capsys.readouterr().out
+    assert main(args[:3] + [str(tmp_path / "x"), "--n-layers", "3"]) == 2
+    assert "does not say which model layer it reads: pass layer=N" in capsys.readouterr().err
