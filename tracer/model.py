@@ -17,7 +17,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tracer.architectures import Architecture, architecture_for, get_module, value_output_weights
+from tracer.architectures import (
+    Architecture,
+    UnsupportedArchitectureError,
+    architecture_for,
+    get_module,
+    value_output_weights,
+)
 from tracer.hooks import ATTN_IMPLEMENTATION, SITES, Edit, Freeze, HookedRun, run_hooked
 
 _LOAD_HINT = (
@@ -29,6 +35,22 @@ _LOAD_HINT = (
 def _one_line(err: BaseException) -> str:
     """An exception's message collapsed to one line (HF messages span several)."""
     return " ".join(str(err).split()).rstrip(".")
+
+
+def _architecture(config) -> Architecture:
+    """The table row for a model config. A wrapper around a supported language model (e.g. the
+    multimodal Gemma-3, model type ``gemma3``, whose layers sit under ``model.language_model``)
+    is refused by name: the table's module paths describe the text-only model."""
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    arch = architecture_for(text_cfg.model_type)
+    if config.model_type not in arch.model_types:
+        raise UnsupportedArchitectureError(
+            f"model type {config.model_type!r} wraps a {text_cfg.model_type!r} language model "
+            "in another module layout; load its text-only model (model type "
+            f"{text_cfg.model_type!r}) or add a row for {config.model_type!r} to "
+            "tracer/architectures.py"
+        )
+    return arch
 
 
 class ModelLoadError(ValueError):
@@ -65,7 +87,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         cfg = hf_model.config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        self.arch: Architecture = architecture_for(text_cfg.model_type)
+        self.arch: Architecture = _architecture(cfg)
         # Our attention function records patterns and can freeze them; other implementations
         # (sdpa, flash) never expose the pattern.
         self.hf.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -126,8 +148,7 @@ class LanguageModel:
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "
                                  f"{_LOAD_HINT}") from err  # fmt: skip
-        text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        architecture_for(text_cfg.model_type)
+        _architecture(config)
         try:
             tok = AutoTokenizer.from_pretrained(where)
             hf = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)

@@ -245,3 +245,18 @@ def test_mistral_row_runs_exactly():
         torch.testing.assert_close(run.sites["mlp_out"][:, l], ref["io"][("mlp", l)][1], **TOL)
     assert torch.all(run.patterns[..., 8, :5] == 0)  # Mistral's window of 4 is in force
     assert len(decoder_layers(twin)) == 2
+
+
+def test_multimodal_gemma3_wrapper_is_refused_by_name():
+    """Gemma-3 4B+ checkpoints are Gemma3ForConditionalGeneration (model type 'gemma3'), whose
+    text layers sit elsewhere; the table describes the text-only model ('gemma3_text')."""
+    from transformers import AutoModelForCausalLM, Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = Gemma3Config(text_config=tiny_config("gemma3_text").to_dict(),
+                       vision_config=vision.to_dict(), mm_tokens_per_image=4)  # fmt: skip
+    hf = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UnsupportedArchitectureError, match="model type 'gemma3' wraps a "
+                       "'gemma3_text' language model .*load its text-only model"):  # fmt: skip
+        LanguageModel(hf, TinyTokenizer())
