@@ -132,9 +132,22 @@ class FrozenLinearModel:
         self.g_final = norm_gain(self.kind, m.final_norm())
         self.patterns_T = state.patterns.transpose(-1, -2).contiguous()  # [L, H, k, q]
         self.skip = rm.transcoder.W_skip
-        self._writer_cache: dict[int, tuple] = {}
-        per_layer = self.n_feat * self.d * 4 * (self.L + 1) / 2
-        self._cache_writers = per_layer * self.L < cache_bytes
+        # Feature columns in position-major order inside a sweep: the features writing to one
+        # layer at one position are then one contiguous slice (no scatter per layer).
+        st = state
+        key = (st.feat_pos * (self.L + 1) + st.feat_layer) * (rm.transcoder.cfg.n_features + 1)
+        self.pm_order = torch.argsort(key + st.feat_index, stable=True)  # pm column -> feature
+        pm_pos, pm_layer = st.feat_pos[self.pm_order], st.feat_layer[self.pm_order]
+        # counts[p, l] = number of features at position p and layer l
+        counts = torch.zeros(self.P, self.L, dtype=torch.long)
+        counts.index_put_((pm_pos, pm_layer), torch.ones_like(pm_pos), accumulate=True)
+        flat = torch.cat([torch.zeros(1, dtype=torch.long), counts.reshape(-1).cumsum(0)])
+        self._start = flat[:-1].view(self.P, self.L)  # first pm column of (p, l)
+        self._stop = flat[1:].view(self.P, self.L)
+        n_targets = torch.tensor([rm.transcoder.cfg.n_targets(i) for i in range(self.L)])
+        writer_bytes = float(n_targets[st.feat_layer].sum()) * self.d * 4
+        self._cache_writers = writer_bytes < cache_bytes
+        self._writer_cache: dict[int, list] = {}
 
     # norms with frozen denominators, transposed: grad_x = C(g * grad_y) * s
     def _norm_T(self, gain: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -159,49 +172,48 @@ class FrozenLinearModel:
             out[sel] = self._norm_T(self.g_mlp[l], s, enc[sel])
         return out
 
-    def _writers(self, l: int):
-        """Active features writing to the MLP output of layer l: (columns, positions, vectors
-        [n, d] = activation x decoder), sorted by position, with position slice bounds."""
+    def _writers(self, l: int) -> list:
+        """Features writing to the MLP output of layer l, per position p: (first, last) pm
+        columns and the written vectors [n, d] = activation x decoder row for target l."""
         if l in self._writer_cache:
             return self._writer_cache[l]
         st, tc = self.state, self.rm.transcoder
-        cols, pos, vecs = [], [], []
-        for ls in range(l + 1):
-            T = tc.cfg.n_targets(ls)
-            if l - ls >= T:
+        src = [i for i in range(l + 1) if l - i < tc.cfg.n_targets(i)]  # a contiguous range
+        out = []
+        for p in range(self.P):
+            if not src:
+                out.append((0, 0, None))
                 continue
-            sel = (st.feat_layer == ls).nonzero().squeeze(1)
-            if len(sel) == 0:
+            c0, c1 = int(self._start[p, src[0]]), int(self._stop[p, src[-1]])
+            if c1 == c0:
+                out.append((c0, c1, None))
                 continue
-            dec = tc.decoder(ls)[st.feat_index[sel], l - ls]  # [n, d]
-            cols.append(sel)
-            pos.append(st.feat_pos[sel])
-            vecs.append(dec * st.feat_value[sel, None])
-        if cols:
-            cols_t, pos_t, vecs_t = torch.cat(cols), torch.cat(pos), torch.cat(vecs)
-            order = torch.argsort(pos_t, stable=True)
-            cols_t, pos_t, vecs_t = cols_t[order], pos_t[order], vecs_t[order]
-        else:
-            cols_t = pos_t = torch.zeros(0, dtype=torch.long)
-            vecs_t = torch.zeros(0, self.d)
-        bounds = torch.searchsorted(pos_t, torch.arange(self.P + 1)).tolist()
-        out = (cols_t, vecs_t, bounds)
+            feats = self.pm_order[c0:c1]
+            lay = st.feat_layer[feats]
+            vecs = torch.empty(c1 - c0, self.d)
+            for i in torch.unique(lay).tolist():
+                sel = lay == i
+                rows = tc.decoder(i)[st.feat_index[feats[sel]], l - i]
+                vecs[sel] = rows * st.feat_value[feats[sel], None]
+            out.append((c0, c1, vecs))
         if self._cache_writers:
             self._writer_cache[l] = out
         return out
 
     def _attn_T(self, l: int, g: torch.Tensor) -> torch.Tensor:
-        """Transpose of frozen attention (with its input norm) at layer l: [R, P, d] -> same."""
-        R, P = g.shape[0], self.P
+        """Transpose of frozen attention (with its input norm) at layer l, on the first
+        ``n = g.shape[1]`` positions (causal: later positions never feed earlier ones)."""
+        R, P = g.shape[0], g.shape[1]
+        st = self.state
         if self.g_post[l] is not None:
-            g = self._norm_T(self.g_post[l], self.state.scales["attn_out_norm"][l], g)
+            g = self._norm_T(self.g_post[l], st.scales["attn_out_norm"][l, :P], g)
         go = (g @ self.W_O[l]).view(R, P, self.H, self.dh)  # grad wrt z (pre-o_proj)
         go = go.permute(2, 1, 0, 3).reshape(self.H, P, R * self.dh)
-        gv = torch.bmm(self.patterns_T[l], go)  # [H, k, R*dh]: sum_q A[h, q, k] go[h, q]
+        gv = torch.bmm(self.patterns_T[l, :, :P, :P], go)  # [H, k, R*dh] = sum_q A[h,q,k] go[q]
         gv = gv.view(self.kv, self.H // self.kv, P, R, self.dh).sum(1)  # heads share kv
         gv = gv.permute(2, 1, 0, 3).reshape(R, P, self.kv * self.dh)
         gh = gv @ self.W_V[l]
-        return self._norm_T(self.g_attn[l], self.state.scales["attn_norm"][l], gh)
+        return self._norm_T(self.g_attn[l], st.scales["attn_norm"][l, :P], gh)
 
     @torch.no_grad()
     def sweep(
@@ -212,11 +224,11 @@ class FrozenLinearModel:
         ``start_pos``, with gradient ``start_vec`` [R, d]. Returns dense [R, n_cols]."""
         R = len(start_layer)
         order = torch.argsort(start_layer, descending=True, stable=True)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(R)
         s_layer, s_pos, s_vec = start_layer[order], start_pos[order], start_vec[order]
-        G = torch.zeros(R, self.P, self.d)
-        out = torch.zeros(R, self.n_cols)
+        P = int(s_pos.max()) + 1 if R else 0  # positions after the last target never matter
+        G = torch.zeros(R, P, self.d)
+        feat = torch.zeros(R, self.n_feat)  # feature columns, position-major
+        rest = torch.zeros(R, self.n_cols - self.n_feat)  # error and token columns
         st = self.state
 
         def inject(layer: int, live: int) -> int:
@@ -228,26 +240,27 @@ class FrozenLinearModel:
         for l in reversed(range(self.L)):
             g = G[:live]  # gradient wrt the residual after layer l (= wrt mlp_out of layer l)
             if live:
-                cols, vecs, bounds = self._writers(l)
-                for p in range(self.P):
-                    a, b = bounds[p], bounds[p + 1]
-                    if b > a:
-                        out[:live, cols[a:b]] += g[:, p] @ vecs[a:b].T
-                e0 = self.err_col0 + l * self.P
-                out[:live, e0 : e0 + self.P] = torch.einsum("rpd,pd->rp", g, st.errors[l])
+                for p, (c0, c1, vecs) in enumerate(self._writers(l)[:P]):
+                    if vecs is not None:
+                        feat[:live, c0:c1].addmm_(g[:, p], vecs.T)
+                e0 = l * self.P
+                rest[:live, e0 : e0 + P] = torch.einsum("rpd,pd->rp", g, st.errors[l, :P])
                 if self.skip is not None:
-                    g_in = (
-                        g @ self.skip[l]
-                    )  # skip: out += x_in @ W_skip.T, live in the linear model
+                    # skip: out += x_in @ W_skip.T, a live path in the linear model
+                    g_in = g @ self.skip[l]
                     if self.rm.input_site == "mlp_in":
-                        g_in = self._norm_T(self.g_mlp[l], st.scales["mlp_norm"][l], g_in)
+                        g_in = self._norm_T(self.g_mlp[l], st.scales["mlp_norm"][l, :P], g_in)
                     G[:live] += g_in
             live = inject(l, live)  # rows whose target reads layer l's MLP input start here
             if live:
                 G[:live] += self._attn_T(l, G[:live])
-        emb = st.sites["resid_pre"][0]  # [P, d] what the embedding writes (positional included)
-        out[:, self.tok_col0 :] = torch.einsum("rpd,pd->rp", G, emb)
-        return out[inv]
+        emb = st.sites["resid_pre"][0, :P]  # [P, d] what the embedding writes (with positions)
+        t0 = self.tok_col0 - self.n_feat
+        rest[:, t0 : t0 + P] = torch.einsum("rpd,pd->rp", G, emb)
+        out = torch.empty(R, self.n_cols)
+        out[order[:, None], self.pm_order[None, :]] = feat  # back to state order, rows too
+        out[order, self.n_feat :] = rest
+        return out
 
 
 # --- attribute -------------------------------------------------------------------------------
@@ -324,12 +337,14 @@ def attribute(
 
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
     visited = np.zeros(n_feat, dtype=bool)
+    pos_major = np.lexsort((state.feat_layer.numpy(), state.feat_pos.numpy()))
     bar = tqdm(total=budget, desc="attribution rows", unit="row", disable=not cfg.progress)
     while visited.sum() < budget:
         n_next = min(cfg.batch_size, budget - int(visited.sum()))
         if budget == n_feat:
-            # No budget: every feature gets a row; take them in order (cheapest sweeps).
-            pick = np.where(~visited)[0][:n_next]
+            # No budget: every feature gets a row. Position-major batches keep each sweep to
+            # the first few positions (causality), so they cost least.
+            pick = pos_major[~visited[pos_major]][:n_next]
         else:
             rows = sp.vstack(blocks).tocsr()
             infl = _influence_on_columns(rows, np.concatenate(row_nodes), lin.n_cols, logit_w)
@@ -419,6 +434,7 @@ def attribute(
         },
     )
     graph.scores = graph_scores(graph)
+    graph.extra["logit_token_strings"] = model.token_strings(targets.tokens)
     elapsed = time.perf_counter() - t0
     graph.extra["timing_s"] = {"record": round(t_record, 4), "total": round(elapsed, 4)}
     return graph

@@ -10,9 +10,12 @@ import sys
 
 COMMAND_MODULES = [
     "tracer.cli.model_cmd",
+    "tracer.cli.trace_cmd",
     "tracer.cli.report_cmd",
     "tracer.cli.transcoders_cmd",
+    "tracer.cli.train_cmd",
     "tracer.cli.store_cmd",
+    "tracer.cli.validate_cmd",
 ]
 
 
