@@ -1,9 +1,10 @@
 """Writing pruned graphs to the database: batched ``UNWIND $rows`` in managed transactions.
 
-A graph is written as (1) its (:Graph) node with ``complete = false``, (2) its nodes in batches,
-(3) its per-graph feature summary, (4) its edges in batches, (5) one last transaction that sets
-``complete = true``. Every query reads complete graphs only, so a writer that dies part-way
-leaves nothing visible; the next write of the same graph id deletes the remains first.
+A graph is written as (1) one transaction with its (:Graph) node (``complete = false``), new
+features, nodes and per-graph feature summary, (2) its edges in batches, (3) one last
+transaction that sets ``complete = true`` and adds the graph to the per-feature counters.
+Every query reads complete graphs only, so a writer that dies part-way leaves nothing
+visible; the next write of the same graph id deletes the remains first.
 """
 
 from __future__ import annotations
@@ -191,7 +192,35 @@ OPTIONAL MATCH (g:Graph {id: $id})
 RETURN t.model AS transcoder_model, g.complete AS complete, g.content_hash AS content_hash
 """
 
-HIDE = "MATCH (g:Graph {id: $id}) SET g.complete = false"
+HIDE = """
+MATCH (g:Graph {id: $id})
+WITH g, g.complete AS was_complete
+SET g.complete = false
+RETURN was_complete, g.prompt_id AS prompt_id
+"""
+
+# Per-feature counters over complete graphs (Feature.graphs, .prompts, .nodes, .activation),
+# updated in the transaction that flips a graph's visibility, so "which features recur" reads
+# a few thousand Feature nodes instead of aggregating every graph's features at query time.
+GRAPH_FEATURES = """
+MATCH (g:Graph {id: $id})-[u:HAS_FEATURE]->(f:Feature)
+RETURN elementId(f) AS eid, u.nodes AS nodes, u.activation AS activation
+"""
+
+SAME_PROMPT_FEATURES = """
+MATCH (h:Graph {prompt_id: $prompt_id})-[:HAS_FEATURE]->(f:Feature)
+WHERE h.complete = true AND h.id <> $id
+RETURN DISTINCT elementId(f) AS eid
+"""
+
+COUNT_FEATURES = """
+UNWIND $rows AS r
+MATCH (f) WHERE elementId(f) = r[0]
+SET f.graphs = coalesce(f.graphs, 0) + $sign,
+    f.prompts = coalesce(f.prompts, 0) + $sign * r[3],
+    f.nodes = coalesce(f.nodes, 0) + $sign * r[1],
+    f.activation = coalesce(f.activation, 0.0) + $sign * r[2]
+"""
 
 DELETE_NODES = """
 MATCH (n:Node {graph: $id})
@@ -276,9 +305,37 @@ class WriteResult:
     seconds: float
 
 
+def _count_features(tx, gid: str, prompt: str, features: list[list], sign: int) -> None:
+    """Add (sign +1) or remove (-1) one complete graph's contribution to the feature counters.
+    ``features`` rows: [feature eid, nodes, activation]. A prompt counts once per feature, so
+    features another complete graph of the same prompt already has do not change ``prompts``."""
+    seen = {r["eid"] for r in tx.run(SAME_PROMPT_FEATURES, prompt_id=prompt, id=gid)}
+    rows = [[eid, n, act, 0 if eid in seen else 1] for eid, n, act in features]
+    for start in range(0, len(rows), NODE_BATCH):
+        tx.run(COUNT_FEATURES, rows=rows[start : start + NODE_BATCH], sign=sign).consume()
+
+
+def _hide(tx, gid: str) -> bool:
+    rec = tx.run(HIDE, id=gid).single()
+    if rec is None:
+        return False
+    if rec["was_complete"]:
+        feats = [[r["eid"], r["nodes"], r["activation"]] for r in tx.run(GRAPH_FEATURES, id=gid)]
+        _count_features(tx, gid, rec["prompt_id"], feats, -1)
+    return True
+
+
+def _complete(tx, gid: str, prompt: str, features: list[list]) -> bool:
+    rec = tx.run(COMPLETE, id=gid).single()
+    if rec is None:  # pragma: no cover - would mean a concurrent delete
+        return False
+    _count_features(tx, gid, prompt, features, +1)
+    return True
+
+
 def delete_graph(session, gid: str) -> bool:
     """Remove a graph (complete or not) and everything that belongs to it; True if found."""
-    found = session.execute_write(lambda tx: tx.run(HIDE, id=gid).consume().counters)
+    found = session.execute_write(_hide, gid)
     while True:
         deleted = session.execute_write(
             lambda tx: tx.run(DELETE_NODES, id=gid, batch=DELETE_BATCH).single()["deleted"]
@@ -286,7 +343,7 @@ def delete_graph(session, gid: str) -> bool:
         if not deleted:
             break
     session.execute_write(lambda tx: tx.run(DELETE_GRAPH, id=gid).consume())
-    return found.properties_set > 0
+    return found
 
 
 def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteResult:
@@ -312,7 +369,7 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
     if repaired:
         delete_graph(session, gid)
 
-    eids = session.execute_write(_write_nodes, rows)
+    eids, feature_eids = session.execute_write(_write_nodes, rows)
     done = 0
     for batch in _edge_batches(rows, eids):
         session.execute_write(lambda tx, b=batch: tx.run(EDGES, rows=b).consume())
@@ -320,15 +377,17 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
         if progress is not None:
             progress(done, n_edges)
 
-    flipped = session.execute_write(lambda tx: tx.run(COMPLETE, id=gid).single())
-    if flipped is None:  # pragma: no cover - would mean a concurrent delete
+    counted = [[feature_eids[key], n, act] for key, n, act, *_ in rows.features]
+    flipped = session.execute_write(_complete, gid, h["prompt_id"], counted)
+    if not flipped:  # pragma: no cover - would mean a concurrent delete
         raise RuntimeError(f"graph {gid} vanished while it was being written")
     return WriteResult(gid, True, repaired, n_nodes, n_edges, time.perf_counter() - t0)
 
 
-def _write_nodes(tx, rows: GraphRows) -> list[str]:
+def _write_nodes(tx, rows: GraphRows) -> tuple[list[str], dict[str, str]]:
     """The graph's (:Graph) node, its new features, nodes and feature summary, in one
-    transaction; returns the element id of every node, by node index."""
+    transaction; returns the element id of every node (by node index) and of every feature
+    (by key)."""
     h = rows.header
     gid = h["id"]
     tx.run(HEADER, h=h).consume()
@@ -342,7 +401,7 @@ def _write_nodes(tx, rows: GraphRows) -> list[str]:
     summary = [[feature_eids[key], n, act] for key, n, act, *_ in rows.features]
     for start in range(0, len(summary), NODE_BATCH):
         tx.run(HAS_FEATURE, id=gid, rows=summary[start : start + NODE_BATCH]).consume()
-    return eids
+    return eids, feature_eids
 
 
 def _ensure_features(tx, features: list[list], transcoder: str) -> dict[str, str]:

@@ -14,15 +14,14 @@ from graphstore.readonly import QueryResult
 from graphstore.schema import feature_key
 
 RECURRING_FEATURES = """
-// Features that recur in the circuits of many prompts.
-// $min_prompts: keep features seen in at least this many distinct prompts; $limit: rows.
-MATCH (g:Graph)-[u:HAS_FEATURE]->(f:Feature)
-WHERE g.complete = true AND ($transcoder IS NULL OR g.transcoder = $transcoder)
-WITH f, count(DISTINCT g.prompt_id) AS prompts, count(g) AS graphs,
-     sum(u.nodes) AS nodes, sum(u.activation) AS activation
-WHERE prompts >= $min_prompts
+// Features that recur in the circuits of many prompts. Feature.prompts / .graphs / .nodes /
+// .activation count complete graphs only; they are kept up to date in the transaction that
+// makes a graph visible (or hides it), so this reads Feature nodes, not every graph.
+// $min_prompts: keep features seen in at least this many distinct prompts (>= 1); $limit: rows.
+MATCH (f:Feature)
+WHERE f.prompts >= $min_prompts AND ($transcoder IS NULL OR f.transcoder = $transcoder)
 RETURN f.transcoder AS transcoder, f.layer AS layer, f.index AS index,
-       prompts, graphs, nodes, activation
+       f.prompts AS prompts, f.graphs AS graphs, f.nodes AS nodes, f.activation AS activation
 ORDER BY prompts DESC, graphs DESC, layer ASC, index ASC
 LIMIT $limit
 """
@@ -116,7 +115,7 @@ class CannedQuery:
 
 
 def _recurring(transcoder=None, min_prompts=2, limit=20):
-    p = {"transcoder": transcoder, "min_prompts": int(min_prompts), "limit": int(limit)}
+    p = {"transcoder": transcoder, "min_prompts": max(1, int(min_prompts)), "limit": int(limit)}
     return RECURRING_FEATURES, p
 
 

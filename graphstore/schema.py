@@ -4,7 +4,8 @@ Schema (every property name below is what queries use)::
 
     (:Model {name})
     (:Transcoder {name, model})-[:FOR_MODEL]->(:Model)
-    (:Feature {key, transcoder, layer, index})          shared by all prompts; key "tc/layer/index"
+    (:Feature {key, transcoder, layer, index,           shared by all prompts; key "tc/layer/index"
+               graphs, prompts, nodes, activation})     counters over complete graphs
     (:Prompt {id, text, model, tokens, token_strings})
     (:Graph {id, complete, model, transcoder, prompt_id, prompt, n_nodes, n_edges, n_layers,
              parquet_path, content_hash, params_json, scores_json, extra_json, feature_mass,
@@ -39,6 +40,8 @@ _COMMON = (
     "CREATE INDEX node_graph IF NOT EXISTS FOR (n:Node) ON (n.graph)",
     "CREATE INDEX node_kind_feature IF NOT EXISTS FOR (n:Node) ON (n.kind, n.feature)",
     "CREATE INDEX graph_complete IF NOT EXISTS FOR (g:Graph) ON (g.complete)",
+    "CREATE INDEX graph_prompt IF NOT EXISTS FOR (g:Graph) ON (g.prompt_id)",
+    "CREATE INDEX feature_prompts IF NOT EXISTS FOR (f:Feature) ON (f.prompts)",
 )
 
 

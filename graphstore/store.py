@@ -4,6 +4,7 @@ ArcadeDB server), full graphs in a Parquet archive, canned and read-only user Cy
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import neo4j
@@ -115,13 +116,14 @@ class GraphStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def add(self, graph: Graph, full: Graph | None = None) -> ingest.WriteResult:
+    def add(self, graph: Graph, full: Graph | None = None, progress=None) -> ingest.WriteResult:
         """Store the pruned ``graph``; archive ``full`` (the unpruned graph; ``graph`` itself
         when None) to Parquet first, so a failed database write loses nothing.
 
         Idempotent: storing the same graph again leaves one copy; a graph whose earlier write
         was interrupted is repaired. Raises ModelMismatchError or StoreWriteError, both naming
-        the Parquet file that holds the graph.
+        the Parquet file that holds the graph. ``progress(edges_written, n_edges)`` is called
+        after each committed edge batch.
         """
         gid = ingest.graph_id(graph)
         path = self.archive.save(full if full is not None else graph, gid)
@@ -140,8 +142,7 @@ class GraphStore:
                 )
 
         try:
-            with self._session() as s:
-                return ingest.write_rows(s, rows, on_state)
+            return self._write_with_retry(rows, on_state, progress)
         except ModelMismatchError:
             raise
         except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError, OSError) as err:
@@ -150,6 +151,47 @@ class GraphStore:
                 f"{path}: add it again with `circuit-atlas store add {path}` once the server "
                 "is back"
             ) from err
+
+    def _write_with_retry(self, rows, on_state, progress, attempts: int = 4):
+        """write_rows, retried when a concurrent writer created the same new feature first
+        (a uniqueness conflict) or the server reports a transient conflict: each attempt
+        starts from the stored state, so a retry repairs what a failed one left."""
+        for attempt in range(attempts):
+            try:
+                with self._session() as s:
+                    return ingest.write_rows(s, rows, on_state, progress)
+            except (neo4j.exceptions.TransientError, neo4j.exceptions.ConstraintError):
+                if attempt == attempts - 1:
+                    raise
+            except neo4j.exceptions.ClientError as err:
+                conflict = "duplicat" in str(err).lower() or "concurrent" in str(err).lower()
+                if not conflict or attempt == attempts - 1:
+                    raise
+            time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def add_many(self, graphs, workers: int = 1, show_progress: bool = True):
+        """Store many pruned graphs (an iterable of Graph); ``workers`` > 1 writes that many
+        graphs at once (each in its own session). Returns the WriteResults in input order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        graphs = list(graphs)
+        bar = tqdm(total=len(graphs), unit="graph", disable=not show_progress, desc="store")
+
+        def one(g):
+            r = self.add(g)
+            bar.update(1)
+            return r
+
+        try:
+            if workers <= 1:
+                return [one(g) for g in graphs]
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(one, graphs))
+        finally:
+            bar.close()
 
     def _check_binding(self, graph: Graph, path: Path) -> None:
         for what, want, got in (

@@ -37,12 +37,12 @@ def stored(server_auth, tmp_path_factory):
     graphs[-1].position = np.minimum(graphs[-1].position, len(base.tokens) - 1).astype(np.int32)
     for g in graphs:
         store.add(g)
-    # An incomplete graph (a writer that died) must not show up in any answer.
+    # An incomplete graph (a writer that died before the flip) must not show up in any answer.
+    from graphstore import ingest
+
     ghost = small_graph(999)
-    store.add(ghost)
-    # (hidden with a trusted write: user Cypher cannot write)
     with store._session() as s:
-        s.run("MATCH (g:Graph {id: $id}) SET g.complete = false", id=graph_id(ghost)).consume()
+        s.execute_write(ingest._write_nodes, ingest.graph_rows(ghost, graph_id(ghost), None))
     yield store, graphs
     store.close()
 
@@ -249,3 +249,35 @@ def test_incomplete_graph_invisible_to_queries(stored):
     ids = {graph_id(g) for g in graphs}
     assert set(store.graph_ids()) == ids
     assert store.stats()["graphs"] == len(graphs)
+
+
+def _recurring_expected(graphs, min_prompts):
+    agg = defaultdict(lambda: [set(), set(), 0])
+    for g in graphs:
+        for i in np.flatnonzero(g.kind == FEATURE):
+            a = agg[(int(g.layer[i]), int(g.feature[i]))]
+            a[0].add(prompt_id(g))
+            a[1].add(graph_id(g))
+            a[2] += 1
+    rows = [
+        [k[0], k[1], len(p), len(gs), n] for k, (p, gs, n) in agg.items() if len(p) >= min_prompts
+    ]
+    rows.sort(key=lambda r: (-r[2], -r[3], r[0], r[1]))
+    return rows
+
+
+def test_counters_follow_delete_and_replace(stored):
+    """Recurrence counters are maintained when a graph is removed, re-added and replaced (this
+    runs last in the module: it changes the stored set)."""
+    store, graphs = stored
+    removed = graphs[0]  # shares its prompt with graphs[-1]
+    assert store.delete(graph_id(removed))
+    rest = graphs[1:]
+    res = store.query("recurring-features", min_prompts=2, limit=1000)
+    assert [r[1:6] for r in res.rows] == _recurring_expected(rest, 2)
+    store.add(removed)
+    changed = small_graph(101)  # = graphs[1] with other activations: replaced in place
+    changed.activation = (changed.activation + 1).astype(np.float32)
+    assert store.add(changed).repaired
+    res = store.query("recurring-features", min_prompts=1, limit=1000)
+    assert [r[1:6] for r in res.rows] == _recurring_expected(graphs, 1)
