@@ -1,15 +1,30 @@
-"""``circuit-atlas trace "PROMPT"``: attribute one prompt, prune, save, summarise."""
+"""``circuit-atlas trace``: attribute prompts, prune, save to Parquet (and the graph store).
+
+One prompt: ``circuit-atlas trace "PROMPT" --transcoders T`` prints a one-screen summary.
+Many: ``circuit-atlas trace --prompts FILE --workers N --store`` traces in worker processes,
+stores each graph as it completes, and skips prompts already traced with the same settings.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
 def register(sub) -> None:
     p = sub.add_parser("trace", help="attribution graph for a prompt")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", nargs="?", help="the prompt text (or use --prompts FILE)")
+    p.add_argument("--prompts", help="file of prompts: one per line, or JSONL with 'prompt'")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for --prompts")
+    p.add_argument("--store", action="store_true", help="write graphs to the graph store")
+    p.add_argument("--store-uri", help="bolt:// URI (default: the embedded local store)")
     p.add_argument("--model", default="smollm2", help="local folder, hub id or 'smollm2'")
     p.add_argument("--transcoders", required=True, help="transcoder folder or file (any format)")
     p.add_argument("--out", default="runs/graphs", help="folder for the graph files")
@@ -67,28 +82,207 @@ def summary(graph, pruned, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _trace(args) -> int:
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line; '#' comments) or JSONL ({"prompt": ...})."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.rstrip("\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{path}:{n}: not a JSON object with a 'prompt' field") from err
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    """Everything a worker needs to trace prompts; hashed into each output's file name so a
+    re-run with the same settings finds its earlier results."""
+
+    model: str
+    transcoders: str
+    out: str
+    max_feature_nodes: int | None = None
+    max_n_logits: int = 10
+    desired_logit_prob: float = 0.95
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    batch_size: int = 1024
+    edge_tolerance: float = 0.0
+    target_tokens: tuple[str, ...] | None = None
+    logit_diff: tuple[str, str] | None = None
+
+    def key(self, prompt: str) -> str:
+        settings = {k: v for k, v in asdict(self).items() if k != "out"}
+        blob = json.dumps([prompt, settings], sort_keys=True)
+        return f"{slug(prompt, 40)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+    def paths(self, prompt: str) -> tuple[Path, Path]:
+        """(pruned, full) graph files of a prompt."""
+        k = self.key(prompt)
+        return Path(self.out) / f"{k}.parquet", Path(self.out) / f"{k}.full.parquet"
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(job: TraceJob, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["rm"] = load_replacement(job.model, job.transcoders)
+
+
+def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
+    """Attribute and prune one prompt and write both graphs (Parquet).
+
+    Returns (pruned graph, full graph, pruned path, full path)."""
     from tracer.attribution import attribute
     from tracer.prune import prune
 
-    t0 = time.perf_counter()
-    rm = load_replacement(args.model, args.transcoders)
     graph = attribute(
         rm,
-        args.prompt,
+        prompt,
+        max_feature_nodes=job.max_feature_nodes,
+        max_n_logits=job.max_n_logits,
+        desired_logit_prob=job.desired_logit_prob,
+        batch_size=job.batch_size,
+        edge_tolerance=job.edge_tolerance,
+        target_tokens=list(job.target_tokens) if job.target_tokens else None,
+        logit_diff=job.logit_diff,
+        progress=progress,
+    )
+    pruned = prune(graph, job.node_threshold, job.edge_threshold)
+    pruned_path, full_path = job.paths(prompt)
+    graph.save(full_path)
+    pruned.save(pruned_path)
+    return pruned, graph, pruned_path, full_path
+
+
+def _trace_in_worker(job: TraceJob, prompt: str) -> tuple[Path, Path]:
+    """Worker-process task: graphs stay on disk, only their paths travel back."""
+    return trace_one(job, prompt, _WORKER["rm"])[2:]
+
+
+def trace_many(job: TraceJob, prompts: list[str], *, workers: int = 1, store=None, rm=None):
+    """Trace ``prompts`` (skipping those already traced with the same settings, and stored
+    when a store is given), in ``workers`` processes; store each graph as it completes.
+
+    Returns a list of (prompt, pruned_path, full_path, status) with status 'traced' or
+    'cached'. A graph whose store write fails stays on disk and the error names the file.
+    """
+    from tqdm.auto import tqdm
+
+    from tracer.graph import Graph
+
+    stored = set(store.graph_ids()) if store is not None else set()
+    todo, results = [], []
+    for prompt in prompts:
+        pruned_path, full_path = job.paths(prompt)
+        if pruned_path.exists() and full_path.exists():
+            if store is not None:
+                from graphstore import graph_id
+
+                pruned = Graph.load(pruned_path)
+                if graph_id(pruned) not in stored:
+                    store.add(pruned, Graph.load(full_path))
+            results.append((prompt, pruned_path, full_path, "cached"))
+        else:
+            todo.append(prompt)
+
+    def finish(prompt, paths):
+        if store is not None:
+            store.add(Graph.load(paths[0]), Graph.load(paths[1]))
+        results.append((prompt, paths[0], paths[1], "traced"))
+
+    bar = tqdm(total=len(todo), desc="tracing prompts", unit="prompt")
+    if workers <= 1 or len(todo) <= 1:
+        rm = (
+            rm
+            if rm is not None
+            else (load_replacement(job.model, job.transcoders) if todo else None)
+        )
+        for prompt in todo:
+            finish(prompt, trace_one(job, prompt, rm)[2:])
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with ProcessPoolExecutor(workers, ctx, _worker_init, (job, threads)) as pool:
+            futures = {pool.submit(_trace_in_worker, job, p): p for p in todo}
+            for fut in as_completed(futures):
+                finish(futures[fut], fut.result())
+                bar.update(1)
+    bar.close()
+    order = {p: i for i, p in enumerate(prompts)}
+    return sorted(results, key=lambda r: order[r[0]])
+
+
+def open_store(uri: str | None = None):
+    """The graph store: the embedded local server by default, or a Bolt URI."""
+    from graphstore import GraphStore
+
+    return GraphStore(uri) if uri else GraphStore()
+
+
+def _trace(args) -> int:
+    if args.prompts:
+        return _trace_file(args)
+    if not args.prompt:
+        raise ValueError("give a prompt, or --prompts FILE")
+    t0 = time.perf_counter()
+    rm = load_replacement(args.model, args.transcoders)
+    pruned, graph, pruned_path, full_path = trace_one(_job(args), args.prompt, rm, progress=True)
+    print(summary(graph, pruned, time.perf_counter() - t0))
+    print(f"wrote {full_path} (full) and {pruned_path} (pruned)")
+    return 0
+
+
+def _job(args) -> TraceJob:
+    return TraceJob(
+        model=args.model,
+        transcoders=args.transcoders,
+        out=args.out,
         max_feature_nodes=args.max_feature_nodes,
         max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,
-        target_tokens=args.target,
-        logit_diff=tuple(args.logit_diff) if args.logit_diff else None,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
         batch_size=args.batch_size,
         edge_tolerance=args.edge_tolerance,
+        target_tokens=tuple(args.target) if args.target else None,
+        logit_diff=tuple(args.logit_diff) if args.logit_diff else None,
     )
-    pruned = prune(graph, args.node_threshold, args.edge_threshold)
-    out = Path(args.out)
-    name = slug(args.prompt)
-    full_path = graph.save(out / f"{name}.full.parquet")
-    pruned_path = pruned.save(out / f"{name}.parquet")
-    print(summary(graph, pruned, time.perf_counter() - t0))
-    print(f"wrote {full_path} (full) and {pruned_path} (pruned)")
+
+
+def _trace_file(args) -> int:
+    prompts = read_prompts(args.prompts)
+    job = _job(args)
+    store = open_store(args.store_uri) if args.store or args.store_uri else None
+    t0 = time.perf_counter()
+    try:
+        results = trace_many(job, prompts, workers=args.workers, store=store)
+    finally:
+        if store is not None:
+            store.close()
+    n_new = sum(r[3] == "traced" for r in results)
+    print(
+        f"{len(results)} prompts: {n_new} traced, {len(results) - n_new} already done; "
+        f"graphs in {args.out}"
+        + (" and the graph store" if store is not None else "")
+        + f" ({time.perf_counter() - t0:.0f} s)",
+        file=sys.stderr,
+    )
     return 0
