@@ -146,7 +146,7 @@ def run_hooked(
     """
     edits = dict(edits or {})
     freeze = freeze or Freeze()
-    for site, _ in edits:
+    for site in [s for s, _ in edits] + list(record_sites):
         if site not in SITES:
             raise ValueError(f"unknown hook site {site!r}; sites are {', '.join(SITES)}")
     layers = get_module(hf_model, arch.layers)

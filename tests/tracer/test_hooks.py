@@ -304,6 +304,8 @@ def test_unknown_site_and_layer_errors(tiny_model):
         ValueError, match=rf"layer {n} out of range for site 'mlp_out' \(0..{n - 1}\)"
     ):
         tiny_model.run(ids, edits={("mlp_out", n): lambda x: x})
+    with pytest.raises(ValueError, match="unknown hook site 'resid_post'"):
+        tiny_model.run(ids, record_sites=("mlp_out", "resid_post"))
     with pytest.raises(ValueError, match=r"layer -1 out of range"):
         tiny_model.run(ids, edits={("resid_pre", -1): lambda x: x})
     # resid_final lives at layer n_layers only.
