@@ -47,7 +47,7 @@ def _atlas_attention(module, query, key, value, attention_mask, *args, **kwargs)
     if state is not None and state.frozen is not None:
         groups = query.shape[1] // value.shape[1]
         v = value.repeat_interleave(groups, dim=1) if groups > 1 else value  # [B, H, k, dh]
-        pattern = state.frozen.to(value.dtype)
+        pattern = state.frozen.to(device=value.device, dtype=value.dtype)
         if pattern.shape[-2:] != (query.shape[2], value.shape[2]):
             raise ValueError(
                 f"frozen attention pattern covers {tuple(pattern.shape[-2:])} positions but the "
