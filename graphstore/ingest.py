@@ -1,10 +1,11 @@
 """Writing pruned graphs to the database: batched ``UNWIND $rows`` in managed transactions.
 
-A graph is written as (1) one transaction with its (:Graph) node (``complete = false``), new
-features, nodes and per-graph feature summary, (2) its edges in batches, (3) one last
-transaction that sets ``complete = true`` and adds the graph to the per-feature counters.
-Every query reads complete graphs only, so a writer that dies part-way leaves nothing
-visible; the next write of the same graph id deletes the remains first.
+A graph with more than EDGE_BATCH edges is written as (1) one transaction with its (:Graph)
+node (``complete = false``), new features, nodes and per-graph feature summary, (2) its edges
+in batches, (3) one last transaction that sets ``complete = true`` and adds the graph to the
+per-feature counters. Every query reads complete graphs only, so a writer that dies part-way
+leaves nothing visible; the next write of the same graph id deletes the remains first.
+A smaller graph (the usual pruned circuit) goes in a single transaction doing all three.
 """
 
 from __future__ import annotations
@@ -351,8 +352,8 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
 
     ``on_state(state)`` sees the stored state first (the caller checks model consistency there
     and may raise). ``progress(edges_written, n_edges)`` is called after each committed batch.
-    Transactions: (1) header, features, nodes and feature summary; (2..) edge batches;
-    (last) the flip to ``complete = true``.
+    Up to EDGE_BATCH edges: one transaction. More: (1) header, features, nodes and feature
+    summary; (2..) edge batches; (last) the flip to ``complete = true`` (see the module doc).
     """
     t0 = time.perf_counter()
     h = rows.header
@@ -369,6 +370,14 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
     if repaired:
         delete_graph(session, gid)
 
+    if n_edges <= EDGE_BATCH:
+        # Small enough for one transaction: atomic, and two commits fewer per graph.
+        if not session.execute_write(_write_whole, rows):  # pragma: no cover
+            raise RuntimeError(f"graph {gid} vanished while it was being written")
+        if progress is not None:
+            progress(n_edges, n_edges)
+        return WriteResult(gid, True, repaired, n_nodes, n_edges, time.perf_counter() - t0)
+
     eids, feature_eids = session.execute_write(_write_nodes, rows)
     done = 0
     for batch in _edge_batches(rows, eids):
@@ -382,6 +391,15 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
     if not flipped:  # pragma: no cover - would mean a concurrent delete
         raise RuntimeError(f"graph {gid} vanished while it was being written")
     return WriteResult(gid, True, repaired, n_nodes, n_edges, time.perf_counter() - t0)
+
+
+def _write_whole(tx, rows: GraphRows) -> bool:
+    """A whole graph in one transaction, made visible (and counted) at its end."""
+    eids, feature_eids = _write_nodes(tx, rows)
+    for batch in _edge_batches(rows, eids):
+        tx.run(EDGES, rows=batch).consume()
+    counted = [[feature_eids[key], n, act] for key, n, act, *_ in rows.features]
+    return _complete(tx, rows.header["id"], rows.header["prompt_id"], counted)
 
 
 def _write_nodes(tx, rows: GraphRows) -> tuple[list[str], dict[str, str]]:
