@@ -118,6 +118,10 @@ class Graph:
         if keep_edges is not None:
             emask &= keep_edges
         nodes = {k: getattr(self, k)[keep_nodes] for k in _NODE_FIELDS}
+        extra = dict(self.extra)
+        infl = extra.get("influence")  # node-aligned (pruning's per-node influence): follow
+        if infl is not None and len(infl) == self.n_nodes:
+            extra["influence"] = np.asarray(infl)[keep_nodes].tolist()
         return Graph(
             prompt=self.prompt,
             tokens=list(self.tokens),
@@ -131,7 +135,7 @@ class Graph:
             weight=self.weight[emask],
             params=dict(self.params),
             scores=dict(self.scores),
-            extra=dict(self.extra),
+            extra=extra,
         )
 
     # --- Arrow / Parquet -------------------------------------------------------------------------

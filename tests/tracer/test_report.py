@@ -352,3 +352,17 @@ def test_report_on_a_pruned_smollm2_graph(smollm2, tmp_path):
     svg = (out / "dallas.svg").read_text()
     for tok in smollm2.token_strings(smollm2.tokenize(prompt))[1:]:
         assert html.escape(tok.strip()) in svg
+
+
+def test_report_of_a_graph_without_features_or_edges(tmp_path):
+    """A circuit pruned down to tokens and logits still gives a complete, linked report."""
+    g = make_graph()
+    keep = (g.kind == 2) | (g.kind == 3)
+    bare = g.subgraph(keep, np.zeros(g.n_edges, dtype=bool))
+    assert bare.n_edges == 0 and bare.count("feature") == 0
+    assert bare.extra["influence"] == list(np.asarray(g.extra["influence"])[keep])
+    files = write_report(bare, tmp_path, name="bare")
+    page = _parse(files.html)
+    assert len(page.rows) == bare.n_nodes
+    assert all(link[1:] in set(page.ids) for link in page.local_links)
+    assert json.loads(files.json.read_text())["links"] == []
