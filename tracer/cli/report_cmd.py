@@ -20,7 +20,8 @@ def register(sub) -> None:
         "--features",
         type=Path,
         default=None,
-        help="feature information (top contexts, histograms, promoted tokens) as JSON",
+        help="feature information (top contexts, histograms, promoted tokens): the transcoder "
+        "folder or its feature_contexts.parquet, or a JSON file (see tracer.features)",
     )
     p.add_argument(
         "--model",
