@@ -267,9 +267,10 @@ class _Page:
         )  # fmt: skip
         return (
             f"<header><h1 id='top'>{_e(visible(g.prompt))}</h1>"
-            f"<p>model <b>{_e(g.model_name)}</b> · transcoders <b>{_e(g.transcoder_name)}</b> · "
-            f"{g.n_nodes} nodes ({g.count('feature')} features, {g.count('error')} errors, "
-            f"{g.count('token')} tokens, {g.count('logit')} logits) · {g.n_edges} edges"
+            f"<p>model <b>{_e(g.model_name)}</b> · transcoders "
+            f"<b>{_e(g.transcoder_name or '(unnamed)')}</b> · "
+            f"{g.n_nodes:,} nodes ({g.count('feature'):,} features, {g.count('error'):,} errors, "
+            f"{g.count('token')} tokens, {g.count('logit')} logits) · {g.n_edges:,} edges"
             f"{self._pruned_note()}</p>"
             f"<nav>{nav}</nav></header>"
         )
@@ -279,8 +280,7 @@ class _Page:
         if not self.g.params.get("pruned") or not isinstance(full, Mapping):
             return ""
         return (
-            f" · pruned from {_num(full.get('n_nodes'))} nodes and "
-            f"{_num(full.get('n_edges'))} edges"
+            f" · pruned from {full.get('n_nodes', 0):,} nodes and {full.get('n_edges', 0):,} edges"
         )
 
     def _summary_section(self) -> str:

@@ -345,7 +345,7 @@ def test_report_on_a_pruned_smollm2_graph(smollm2, tmp_path):
     logits = np.flatnonzero(circuit.kind == 3)
     for i in logits:
         assert smollm2.decode([int(circuit.feature[i])]) in text
-    assert f"pruned from {graph.n_nodes} nodes" in text
+    assert f"pruned from {graph.n_nodes:,} nodes" in text
     doc = json.loads((out / "dallas.json").read_text())
     check_document(doc)
     assert len(doc["nodes"]) == circuit.n_nodes and len(doc["links"]) == circuit.n_edges
