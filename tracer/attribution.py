@@ -434,7 +434,8 @@ def attribute(
         },
     )
     graph.scores = graph_scores(graph)
-    graph.extra["logit_token_strings"] = model.token_strings(targets.tokens)
+    # Text of the logit tokens, for summaries, reports and exports (graphs carry no tokenizer).
+    graph.extra["token_text"] = {str(t): model.decode([t]) for t in targets.tokens}
     elapsed = time.perf_counter() - t0
     graph.extra["timing_s"] = {"record": round(t_record, 4), "total": round(elapsed, 4)}
     return graph

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tracer.cli.train_cmd",
     "tracer.cli.store_cmd",
     "tracer.cli.validate_cmd",
+    "tracer.cli.demo_cmd",
 ]
 
 

@@ -63,9 +63,10 @@ def summary(graph, pruned, seconds: float) -> str:
     from tracer.graph import LOGIT
 
     lines = [f"prompt: {graph.prompt!r} ({len(graph.tokens)} tokens)", "top logits:"]
-    names = graph.extra.get("logit_token_strings") or []
-    for j, i in enumerate((graph.kind == LOGIT).nonzero()[0]):
-        name = repr(names[j]) if j < len(names) else f"#{graph.feature[i]}"
+    names = graph.extra.get("token_text") or {}
+    for i in (graph.kind == LOGIT).nonzero()[0]:
+        tok = str(int(graph.feature[i]))
+        name = repr(names[tok]) if tok in names else f"#{tok}"
         lines.append(f"  p={graph.probability[i]:.3f}  {name}")
     counts = ", ".join(f"{graph.count(k)} {k}s" for k in ("feature", "error", "token", "logit"))
     lines.append(f"full graph: {graph.n_nodes} nodes ({counts}), {graph.n_edges} edges")
