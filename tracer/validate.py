@@ -383,7 +383,7 @@ def validate(
     max_abs = 0.0
     for chunk in _batches(columns.tolist(), cfg.batch_size):
         after = targets(run([[removal(graph, state, s)] for s in chunk], "constrained"))
-        predicted = -A[rows][:, chunk].toarray().T  # [B, n_rows]
+        predicted = -A[:, chunk][rows].toarray().T  # [B, n_rows]
         max_abs = max(max_abs, float(np.abs(after - base_c - predicted).max()))
         bar.update(1)
     scale = float(np.abs(graph.weight).max()) if graph.n_edges else 1.0
@@ -407,7 +407,7 @@ def validate(
     rho_lin, _ = _spearman(np.abs(linear), np.abs(effect))
 
     # Sign agreement on the sampled nodes' direct edges into feature nodes.
-    A_fs = A[feats][:, sample].toarray().T  # [n_sample, n_feat] edges s -> t
+    A_fs = A[:, sample][feats].toarray().T  # [n_sample, n_feat] edges s -> t
     has = A_fs != 0
     pred_sign, obs_sign = np.sign(-A_fs[has]), np.sign(d_pre[has])
     agree = pred_sign == obs_sign
