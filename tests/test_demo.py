@@ -1,0 +1,80 @@
+"""The main job end to end on a small budget: SmolLM2 cut to 2 layers, a CLT trained for a
+few seconds on a local text file, two prompts, the embedded graph store, reports."""
+
+from __future__ import annotations
+
+import json
+import random
+from html.parser import HTMLParser
+
+import pytest
+
+from tracer.cli import main
+
+CORPUS = """The river ran past the old mill, and the miller's daughter watched the water turn
+the wheel. In the spring the fields were green and the lambs ran along the hedges.
+The capital of France is Paris. The capital of Spain is Madrid. The opposite of hot is cold.
+Once upon a time there was a small fox who lived at the edge of a wood. Every morning it went
+down to the stream to drink, and every evening it came back to its den under the oak tree.
+def add(a, b):
+    return a + b
+Twinkle, twinkle, little star, how I wonder what you are. Up above the world so high, like a
+diamond in the sky. The sun rose over the hills and the village woke to the sound of bells.
+"""
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags += 1
+        self.refs += [v for k, v in attrs if k in ("href", "src") and v]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, monkeypatch, smollm2_full):
+    from graphstore import LocalServer
+    from tracer.model import truncate_layers
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("CIRCUIT_ATLAS_HOME", str(home))
+    small = truncate_layers(smollm2_full, 2)
+    small.hf.save_pretrained(tmp_path / "model")
+    small.tokenizer.save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "corpus.txt"
+    sentences = [x.strip() for x in CORPUS.replace("\n", " ").split(".") if x.strip()]
+    rng = random.Random(0)
+    paragraphs = [". ".join(rng.sample(sentences, len(sentences))) + "." for _ in range(400)]
+    corpus.write_text("\n\n".join(paragraphs))  # distinct paragraphs survive deduplication
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nThe opposite of hot is\n")
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(tmp_path / "model"), "--corpus", str(corpus),
+            "--features-per-layer", "64", "--train-minutes", "0.75", "--prompts", str(prompts),
+            "--out", str(out), "--max-feature-nodes", "300", "--validate-samples", "8"]  # fmt: skip
+    try:
+        assert main(args) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert len(summary["graphs"]) == 2
+        for g in summary["graphs"]:
+            html = open(g["report"], encoding="utf-8").read()
+            parser = _Refs()
+            parser.feed(html)
+            svg_name = g["svg"].rsplit("/", 1)[-1]
+            assert parser.tags > 50 and any(svg_name in r for r in parser.refs)
+            svg = open(g["svg"], encoding="utf-8").read()
+            assert " Paris" in svg or " cold" in svg or "logit" in svg.lower()
+            doc = json.load(open(g["neuronpedia_json"]))
+            assert doc["nodes"] and doc["links"] and doc["metadata"]["prompt"] == g["prompt"]
+            assert set(g["validation"]) >= {"spearman", "sufficiency", "necessity"}
+        assert summary["queries"], "the canned queries ran against the store"
+        assert (out / "reports" / "index.html").exists()
+        # A re-run reuses everything: the trained transcoder and both graphs.
+        assert main(args) == 0
+        again = json.loads((out / "summary.json").read_text())
+        assert again["transcoder"] == summary["transcoder"]
+        assert [g["pruned"] for g in again["graphs"]] == [g["pruned"] for g in summary["graphs"]]
+    finally:
+        LocalServer(home / "store").stop()
