@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from graphstore import graph_id, prompt_id
+from graphstore.queries import CANNED, FEATURE_FEEDS, FEATURE_FEEDS_BACKWARD
 from tests.graphstore.conftest import small_graph, wipe
 from tracer.graph import FEATURE, LOGIT, TOKEN
 
@@ -118,6 +119,14 @@ def test_feature_feeds(stored):
         "feature-feeds", source_layer=tgt[0], source_index=tgt[1], target_layer=0, target_index=0
     )
     assert none.rows == []
+    # Both Cypher texts (either walking direction) give the same rows as the function.
+    params = {
+        "source_key": f"clt-test/{src[0]}/{src[1]}",
+        "target_key": f"clt-test/{tgt[0]}/{tgt[1]}",
+        "limit": 100,
+    }
+    for text in (FEATURE_FEEDS, FEATURE_FEEDS_BACKWARD):
+        assert store.cypher(text, params).rows == res.rows
 
 
 def _paths(graphs, logit, token=None, position=None, only=None, max_hops=4):
@@ -166,6 +175,13 @@ def test_token_to_logit_paths_one_graph(stored):
     np.testing.assert_allclose([c for *_, c in got], [c for *_, c in expected[:8]], rtol=1e-9)
     kinds = res.rows[0][3]
     assert kinds[0] == "token" and kinds[-1] == "logit"
+    # The documented Cypher text gives the same rows as the function (which uses a DP).
+    text, params = CANNED["token-to-logit-paths"].prepare(
+        logit=logit, graph=graph_id(g), position=len(g.tokens) - 1, max_hops=3, limit=8
+    )
+    by_cypher = store.cypher(text, params).rows
+    assert [r[:6] for r in by_cypher] == [r[:6] for r in res.rows]
+    np.testing.assert_allclose([r[6] for r in by_cypher], [r[6] for r in res.rows], rtol=1e-12)
 
 
 def test_token_to_logit_paths_across_graphs(stored):
