@@ -29,6 +29,7 @@ seconds, peak RSS MB, nodes, edges; per case the edge comparison) and prints a m
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -46,11 +47,6 @@ CT_VERSION = "0.5.0"
 CT_TORCH = "2.13.0"
 PROMPTS = {
     "dallas": "The capital of the state containing Dallas is",
-    # 33 tokens with the start token
-    "long33": (
-        "In the quiet village by the river, the old baker woke before dawn every day to "
-        "prepare fresh bread for his neighbors, and the smell"
-    ),
 }
 LONG_TEXT = (
     "The history of the river valley is a long one. Farmers came first, clearing the forest "
@@ -73,7 +69,8 @@ LONG_TEXT = (
 
 @dataclass
 class Case:
-    """One benchmark case. ``n_tokens`` fixes the prompt length (start token included)."""
+    """One benchmark case. ``n_tokens`` keeps the prompt's first tokens (start token included);
+    the long cases take the first 33 / 256 tokens of ``LONG_TEXT``."""
 
     name: str
     prompt_key: str
@@ -86,8 +83,8 @@ class Case:
 
 CASES = {
     "dallas": Case("dallas", "dallas", None, None, 1024, True),
-    "long33": Case("long33", "long33", 33, 512, 256, True),
-    "long256": Case("long256", "long256", 256, 4096, 1024, False),
+    "long33": Case("long33", "long", 33, 512, 256, True),
+    "long256": Case("long256", "long", 256, 4096, 1024, False),
 }
 
 
@@ -148,6 +145,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux >= 4.0: writing 5 to
+    /proc/self/clear_refs), so that the next reading is the peak of what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mb() -> float:
+    """Resident-memory high-water mark (VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -171,15 +193,17 @@ def run_ours(args: argparse.Namespace) -> None:
         m = truncate_layers(m, args.n_layers)
     rm = ReplacementModel(m, load_transcoder(args.clt_dir), exclude_bos=True)
     load_s = time.perf_counter() - t_start
-    rss_loaded = peak_rss_mb()
     tokens = torch.tensor([int(t) for t in args.tokens.split(",")], dtype=torch.long)
+    gc.collect()
+    load_peak = peak_rss_mb()  # read first: the reset below clears it too
+    rss_before, hwm_reset = rss_mb(), reset_peak_rss()
     c0, t0 = cpu_s(), time.perf_counter()
     g = attribute(
         rm, tokens, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
         edge_tolerance=args.edge_tolerance, progress=False,
     )  # fmt: skip
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-    rss_graph = peak_rss_mb()
+    rss_graph = hwm_mb() if hwm_reset else peak_rss_mb()
     t1 = time.perf_counter()
     pruned = prune(g)
     prune_s = time.perf_counter() - t1
@@ -192,8 +216,9 @@ def run_ours(args: argparse.Namespace) -> None:
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
         "peak_rss_mb": round(rss_graph, 1),
-        "peak_rss_with_prune_mb": round(peak_rss_mb(), 1),
-        "rss_after_load_mb": round(rss_loaded, 1),
+        "peak_rss_is_attribution_only": hwm_reset,
+        "rss_before_attribution_mb": round(rss_before, 1),
+        "process_peak_rss_mb": round(max(load_peak, peak_rss_mb()), 1),
         "prune_s": round(prune_s, 3),
         "pruned_nodes": int(len(pruned.kind)),
         "pruned_edges": int(len(pruned.weight)),
@@ -300,13 +325,19 @@ def prompt_tokens(case: Case) -> list[int]:
     from tracer.model import LanguageModel
 
     m = LanguageModel.load("smollm2")
-    text = LONG_TEXT if case.prompt_key == "long256" else PROMPTS[case.prompt_key]
+    text = LONG_TEXT if case.prompt_key == "long" else PROMPTS[case.prompt_key]
     ids = m.tokenize(text).tolist()
     if case.n_tokens is not None:
         if len(ids) < case.n_tokens:
             raise SystemExit(f"prompt for {case.name} has {len(ids)} tokens < {case.n_tokens}")
         ids = ids[: case.n_tokens]
     return ids
+
+
+def prompt_text(ids: list[int]) -> str:
+    from tracer.model import LanguageModel
+
+    return LanguageModel.load("smollm2").decode(ids[1:])
 
 
 def run_worker(cmd: list[str], log: Path) -> dict:
@@ -323,8 +354,9 @@ def run_worker(cmd: list[str], log: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     head = (
-        "| case | engine | tokens | wall s / graph | CPU s | peak RSS MB | nodes | edges "
-        "| max abs edge diff (rel.) |\n|---|---|---|---|---|---|---|---|---|"
+        "| case | engine | tokens | wall s / graph | CPU s | peak RSS MB (attribution) "
+        "| peak RSS MB (process) | nodes | edges | max abs edge diff (rel.) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for r in results:
@@ -333,7 +365,8 @@ def table(results: list[dict]) -> str:
         for e in r["engines"]:
             rows.append(
                 f"| {r['case']} | {e['engine']} | {r['n_tokens']} | {e['wall_s']:.1f} "
-                f"| {e['cpu_s']:.1f} | {e['peak_rss_mb']:.0f} | {e['n_nodes']} "
+                f"| {e['cpu_s']:.1f} | {e['peak_rss_mb']:.0f} | {e['process_peak_rss_mb']:.0f} "
+                f"| {e['n_nodes']} "
                 f"| {e['n_edges']} | {rel} |"
             )
         if len(r["engines"]) == 2:
@@ -341,7 +374,7 @@ def table(results: list[dict]) -> str:
             rows.append(
                 f"| {r['case']} | ratio ct/ours | | {c['wall_s'] / o['wall_s']:.1f}x "
                 f"| {c['cpu_s'] / o['cpu_s']:.1f}x | {c['peak_rss_mb'] / o['peak_rss_mb']:.1f}x "
-                "| | | |"
+                f"| {c['process_peak_rss_mb'] / o['process_peak_rss_mb']:.1f}x | | | |"
             )
     return "\n".join(rows)
 
@@ -404,6 +437,7 @@ def main() -> None:
             common += ["--n-layers", str(args.n_layers)]
         if case.max_feature_nodes:
             common += ["--max-feature-nodes", str(case.max_feature_nodes)]
+        case_load0 = os.getloadavg()
         print(f"[{name}] {len(ids)} tokens: circuit-atlas ...", flush=True)
         ours_cmd = [
             sys.executable, __file__, "--worker", *common, "--batch-size",
@@ -413,6 +447,7 @@ def main() -> None:
         engines = [run_worker(ours_cmd, base.with_suffix(".ours.log"))]
         print(f"  wall {engines[0]['wall_s']} s, peak {engines[0]['peak_rss_mb']} MB", flush=True)
         entry = {"case": name, "n_tokens": len(ids), "prompt_tokens": ids, "engines": engines}
+        entry["prompt"] = prompt_text(ids)
         entry["settings"] = asdict(case)
         if case.ct and not args.skip_ct:
             print(f"[{name}] circuit-tracer ...", flush=True)
@@ -428,6 +463,7 @@ def main() -> None:
                 dict(np.load(base.with_suffix(".ct.npz"))),
             )
             print("  " + json.dumps(entry["comparison"]), flush=True)
+        entry["loadavg_start"], entry["loadavg_end"] = list(case_load0), list(os.getloadavg())
         results.append(entry)
     doc = {
         "what": "exact attribution, SmolLM2-135M-Instruct + random CLT (circuit-tracer layout)",
@@ -445,6 +481,15 @@ def main() -> None:
         "command": "python scripts/bench_attribution.py " + " ".join(sys.argv[1:]),
         "cases": results,
     }
+    # Cases run separately are merged into one file (same settings only).
+    if args.out.exists():
+        old = json.loads(args.out.read_text())
+        same = all(old.get(k) == doc[k] for k in ("n_layers", "clt", "torch_threads"))
+        if same:
+            kept = [c for c in old.get("cases", []) if c["case"] not in names]
+            doc["cases"] = kept + results
+            doc["runs"] = [*old.get("runs", [old.get("command")]), doc["command"]]
+            results = doc["cases"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(table(results))

@@ -17,6 +17,7 @@ counts.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -35,6 +36,31 @@ FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3  # node kinds, as in the main script
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux >= 4.0: writing 5 to
+    /proc/self/clear_refs), so that the next reading is the peak of what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mb() -> float:
+    """Resident-memory high-water mark (VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def cpu_s() -> float:
@@ -137,15 +163,18 @@ def main() -> None:
     )  # fmt: skip
     del hf
     load_s = time.perf_counter() - t_start
-    rss_loaded = peak_rss_mb()
 
     tokens = torch.tensor([int(t) for t in args.tokens.split(",")], dtype=torch.long)
+    gc.collect()
+    load_peak = peak_rss_mb()  # read first: the reset below clears it too
+    rss_before, hwm_reset = rss_mb(), reset_peak_rss()
     c0, t0 = cpu_s(), time.perf_counter()
     graph = attribute(
         tokens, rm, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes
     )
     wall = time.perf_counter() - t0
     cpu = cpu_s() - c0
+    rss_graph = hwm_mb() if hwm_reset else peak_rss_mb()
 
     A = graph.adjacency_matrix
     L, P = rm.cfg.n_layers, len(graph.input_tokens)
@@ -170,8 +199,10 @@ def main() -> None:
         "load_s": round(load_s, 3),
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "rss_after_load_mb": round(rss_loaded, 1),
+        "peak_rss_mb": round(rss_graph, 1),
+        "peak_rss_is_attribution_only": hwm_reset,
+        "rss_before_attribution_mb": round(rss_before, 1),
+        "process_peak_rss_mb": round(max(load_peak, peak_rss_mb()), 1),
         "n_active_features": int(len(graph.active_features)),
         "n_nodes": int(len(kind)),
         "n_edges": int(len(tgt)),
