@@ -103,17 +103,30 @@ class SplicedMetrics:
 
 
 @torch.no_grad()
-def spliced_metrics(
-    model, clt: CrossLayerTranscoder, tokens: torch.Tensor, keep_bos: bool = True
-) -> SplicedMetrics:
-    """Compare the model with the model whose MLPs are all replaced by ``clt`` on tokens [B, P]
-    (positions 1.. of each row are scored; next-token targets are the row's own tokens)."""
-    clt.check_model(model.facts.n_layers, model.facts.d_model, model.facts.name)
-    tokens = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
+def reference_logits(model, tokens: torch.Tensor, keep_bos: bool = True):
+    """(clean, MLP-ablated) logits [B, P, vocab] for tokens [B, P]: what spliced runs are
+    compared with (computed once per evaluation set)."""
     L = model.facts.n_layers
     clean = model.run(tokens, record=False).logits.float()
-    spliced = model.run(tokens, edits=splice_edits(clt, keep_bos), record=False).logits.float()
     ablated = model.run(tokens, edits=_zero_mlp_edits(L, keep_bos), record=False).logits.float()
+    return clean, ablated
+
+
+@torch.no_grad()
+def spliced_metrics(
+    model,
+    clt: CrossLayerTranscoder,
+    tokens: torch.Tensor,
+    keep_bos: bool = True,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SplicedMetrics:
+    """Compare the model with the model whose MLPs are all replaced by ``clt`` on tokens [B, P]
+    (positions 1.. of each row are scored; next-token targets are the row's own tokens).
+    ``reference`` is :func:`reference_logits` of the same tokens, if already computed."""
+    clt.check_model(model.facts.n_layers, model.facts.d_model, model.facts.name)
+    tokens = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
+    clean, ablated = reference or reference_logits(model, tokens, keep_bos)
+    spliced = model.run(tokens, edits=splice_edits(clt, keep_bos), record=False).logits.float()
     # Score positions 1..P-1 (position 0 is BOS, identical in all runs when kept).
     sl = slice(1, None)
     lp_clean = clean[:, sl].log_softmax(-1)
@@ -133,5 +146,13 @@ def spliced_metrics(
 
 
 def spliced_eval_fn(model, tokens: torch.Tensor, keep_bos: bool = True):
-    """The trainer's ``spliced_eval(clt) -> dict`` callback on fixed held-out tokens."""
-    return lambda clt: spliced_metrics(model, clt, tokens, keep_bos).as_dict()
+    """The trainer's ``spliced_eval(clt) -> dict`` callback on fixed held-out tokens (the clean
+    and ablated runs are computed on first use and reused)."""
+    ref: list = []
+
+    def evaluate(clt: CrossLayerTranscoder) -> dict:
+        if not ref:
+            ref.append(reference_logits(model, tokens, keep_bos))
+        return spliced_metrics(model, clt, tokens, keep_bos, ref[0]).as_dict()
+
+    return evaluate

@@ -378,7 +378,7 @@ def _download_apt(package: str, raw: Path) -> Path:
     """``apt-get download`` + ``dpkg-deb -x`` into ``raw/package`` (nothing is installed)."""
     dest = raw / package
     if (dest / ".done").exists():
-        return dest
+        return dest / "root"
     dest.mkdir(parents=True, exist_ok=True)
     _run(["apt-get", "download", package], cwd=dest)
     debs = sorted(dest.glob("*.deb"))

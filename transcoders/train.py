@@ -354,6 +354,7 @@ def train(
     spliced_eval: Callable[[CrossLayerTranscoder], dict] | None = None,
     resume: bool = True,
     progress: bool = True,
+    plot: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train on ``train_tokens`` [S, P] (rows start with BOS), evaluating on ``heldout_tokens``.
@@ -499,6 +500,7 @@ def train(
     }
     if main and start == 0:
         _log(log_path, {"step": 0, "event": "start", **meta, "config": asdict(cfg)})
+        _log(log_path, _eval_record(clt, hx, hy, norm, fire, cfg, None, 0))  # baseline
     bar = _progress(n_steps, start, progress and main)
     last_ckpt = time.perf_counter()
     last_eval: dict = {}
@@ -535,6 +537,9 @@ def train(
 
         # Metrics, evaluation, checkpoint.
         done = step + 1
+        if done % cfg.log_every == 0 or done == n_steps:
+            # Collective first (every rank), then rank 0 writes.
+            mse_all = float(dist.mean(res.mse_per_layer.clone()).mean())
         if main and (done % cfg.log_every == 0 or done == n_steps):
             rec = {
                 "step": done,
@@ -542,7 +547,7 @@ def train(
                 "sparsity_coef": lam,
                 "loss": float(res.loss.detach()),
                 **{k: round(v, 6) for k, v in res.parts.items()},
-                "train_nmse": float(dist.mean(res.mse_per_layer.clone()).mean()),
+                "train_nmse": mse_all,
                 "l0": float(res.l0.mean()),
                 "dead": float(fire.dead_fraction().mean()),
                 "elapsed_s": round(time.perf_counter() - t_start, 2),
@@ -597,7 +602,8 @@ def train(
             wall_s=round(time.perf_counter() - t_start, 1),
         )
         (out / "metrics.json").write_text(json.dumps(result_metrics, indent=2))
-        plot_curves(log_path, out / "curves.png")
+        if plot:
+            plot_curves(log_path, out / "curves.png")
     dist.barrier()
     return TrainResult(
         exported,
@@ -619,10 +625,10 @@ def _check_config(cfg: TrainConfig, dist: Dist, tokens: torch.Tensor) -> None:
         raise ValueError(f"data_shards {shards} must be a multiple of the world size {dist.world}")
     if cfg.batch_tokens % shards:
         raise ValueError(f"batch_tokens {cfg.batch_tokens} must divide evenly over {shards} shards")
+    if cfg.steps is None and cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
+        raise BudgetError(f"budget of {cfg.budget_minutes} minutes: give a positive budget")
     if cfg.steps is None and not cfg.budget_minutes:
         raise ValueError("give either a number of steps or a time budget (budget_minutes)")
-    if cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
-        raise BudgetError(f"budget of {cfg.budget_minutes} minutes: give a positive budget")
     if tokens.dim() != 2 or tokens.shape[1] < 2 or len(tokens) == 0:
         raise ValueError(
             f"train tokens must be [n_seq >= 1, seq_len >= 2], got {tuple(tokens.shape)}"

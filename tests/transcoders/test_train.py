@@ -1,0 +1,258 @@
+"""The trainer: learning happens, exact resume after kill -9, data-parallel equality, and bad
+input (budget too small, failing checkpoint writes, broken configs)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.transcoders import train_worker as tw
+from transcoders import train as train_mod
+from transcoders.train import (
+    CHECKPOINT,
+    BudgetError,
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+WORKER = Path(tw.__file__)
+ROOT = WORKER.parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is many times faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run_worker(out: Path, *extra: str, torchrun: int = 0, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if torchrun:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(torchrun),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(WORKER),
+            str(out),
+            *extra,
+        ]
+    else:
+        cmd = [sys.executable, str(WORKER), str(out), *extra]
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
+    )
+
+
+def _finish(p: subprocess.Popen, timeout: float = 240) -> None:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out.decode()[-3000:]
+
+
+def _tiny(tmp_path, cfg: TrainConfig, **kw):
+    from tests.conftest import make_tiny_model
+    from tracer.splice import activation_fn
+
+    model = make_tiny_model("llama", n_layers=3)
+    tr, held = tw.tokens()
+    return train(
+        cfg,
+        activations=activation_fn(model),
+        train_tokens=tr,
+        heldout_tokens=held,
+        n_layers=3,
+        d_model=32,
+        out_dir=tmp_path,
+        progress=False,
+        plot=False,
+        **kw,
+    )
+
+
+def test_training_reduces_reconstruction_error(tmp_path):
+    cfg = tw.config()
+    cfg.steps, cfg.eval_every, cfg.lr = 48, 24, 1e-2
+    res = _tiny(tmp_path, cfg)
+    evals = [r for r in res.log if r.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [0, 24, 48]
+    assert evals[-1]["nmse"] < 0.8 * evals[0]["nmse"]
+    assert res.metrics["l0"] <= cfg.topk
+    # The exported weights carry the folded normalisation and the training record.
+    assert res.clt.cfg.normalization["folded"] is True
+    assert res.clt.cfg.training["steps"] == 48
+    assert (tmp_path / "transcoder" / "circuit_atlas.json").exists()
+
+
+def test_jumprelu_objective_trains_thresholds(tmp_path):
+    cfg = tw.config()
+    cfg.activation, cfg.steps, cfg.sparsity_coef, cfg.threshold_init = "jumprelu", 12, 0.05, 0.3
+    res = _tiny(tmp_path, cfg)
+    theta = res.clt.threshold
+    assert not torch.allclose(theta, torch.full_like(theta, 0.3))  # STE moved them
+    assert all("sparsity" in r and "preact" in r for r in res.log if "loss" in r)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    """Uninterrupted run vs. a run SIGKILLed after a checkpoint and resumed: same weights."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = _run_worker(full)
+    victim = _run_worker(killed, "--sleep", "0.4")
+    _finish(ref)
+    deadline = time.time() + 200
+    step = 0
+    while time.time() < deadline and victim.poll() is None:
+        if (killed / CHECKPOINT).exists():
+            step = load_checkpoint(killed / CHECKPOINT)["step"]
+            if step >= 6:
+                break
+        time.sleep(0.1)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "final.pt").exists()
+    assert 6 <= load_checkpoint(killed / CHECKPOINT)["step"] < tw.STEPS
+    _finish(_run_worker(killed))  # same command: resumes from the checkpoint
+    a = torch.load(full / "final.pt")
+    b = torch.load(killed / "final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The resumed log continues the interrupted one: one start event, steps in order.
+    steps = [r["step"] for r in train_mod.read_log(killed / "log.jsonl") if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == tw.STEPS and len(set(steps)) == len(steps)
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    """torchrun with 2 gloo ranks == one process holding both data shards (same global batch)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = _run_worker(one, "--shards", "2")
+    p2 = _run_worker(two, torchrun=2)
+    _finish(p1)
+    _finish(p2)
+    a, b = torch.load(one / "final.pt"), torch.load(two / "final.pt")
+    for k in a:
+        # All-reduce sums in another order than one process's batch mean: float rounding only.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(a["W_enc"], torch.zeros_like(a["W_enc"]))
+
+
+def test_budget_too_small_for_one_step(tmp_path):
+    cfg = tw.config()
+    cfg.steps, cfg.budget_minutes = None, 0.0005
+    with pytest.raises(BudgetError, match="too small to train one step"):
+        _tiny(tmp_path, cfg)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_zero_budget_and_missing_length_are_refused(tmp_path):
+    cfg = tw.config()
+    cfg.steps, cfg.budget_minutes = None, None
+    with pytest.raises(ValueError, match="steps or a time budget"):
+        _tiny(tmp_path, cfg)
+    cfg.budget_minutes = 0
+    with pytest.raises(BudgetError, match="positive budget"):
+        _tiny(tmp_path, cfg)
+
+
+def _failing_save(monkeypatch, after: int = 0):
+    """Make the checkpoint write fail (partial bytes, then ENOSPC) after ``after`` good ones."""
+    real = torch.save
+    calls = [0]
+
+    def save(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] > after:
+            f.write(b"partial checkpoint bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(train_mod.torch, "save", save)
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, {"step": 3, "w": torch.arange(5)})
+    _failing_save(monkeypatch)
+    with pytest.raises(CheckpointError, match="previous checkpoint .* is intact"):
+        save_checkpoint(path, {"step": 6, "w": torch.zeros(5)})
+    monkeypatch.undo()
+    back = load_checkpoint(path)
+    assert back["step"] == 3 and torch.equal(back["w"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]  # no temp file left
+
+
+def test_disk_full_during_training_then_resume(tmp_path, monkeypatch):
+    """A failing write mid-run stops training with a clear error; the last good checkpoint
+    resumes to the same weights as an uninterrupted run."""
+    cfg = tw.config()
+    cfg.steps = 9
+    _failing_save(monkeypatch, after=1)  # the checkpoint at step 3 succeeds, step 6 fails
+    with pytest.raises(CheckpointError, match="intact"):
+        _tiny(tmp_path / "a", cfg)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "a" / CHECKPOINT)["step"] == 3
+    resumed = _tiny(tmp_path / "a", cfg)
+    fresh = _tiny(tmp_path / "b", cfg)
+    for k, v in fresh.clt.state_dict().items():
+        assert torch.equal(v, resumed.clt.state_dict()[k]), k
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    cfg = tw.config()
+    cfg.steps = 3
+    _tiny(tmp_path, cfg)
+    cfg.lr = cfg.lr * 2
+    with pytest.raises(ValueError, match="different recipe"):
+        _tiny(tmp_path, cfg)
+
+
+def test_bad_shapes_from_activations_are_named(tmp_path):
+    tr, held = tw.tokens()
+
+    def bad(tokens):
+        return torch.zeros(3, 5, 32), torch.zeros(3, 5, 32)
+
+    with pytest.raises(ValueError, match="expected two"):
+        train(
+            tw.config(),
+            activations=bad,
+            train_tokens=tr,
+            heldout_tokens=held,
+            n_layers=3,
+            d_model=32,
+            out_dir=tmp_path,
+            progress=False,
+            plot=False,
+        )
+
+
+def test_lr_and_sparsity_schedules():
+    cfg = TrainConfig(
+        lr=1.0, lr_warmup_frac=0.1, lr_final_frac=0.1, sparsity_coef=2.0, sparsity_warmup_frac=0.5
+    )
+    assert train_mod.lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert train_mod.lr_at(15, 100, cfg) == 1.0
+    assert train_mod.lr_at(100, 100, cfg) == pytest.approx(0.1)
+    assert train_mod.sparsity_at(0, 100, cfg) == 0.0
+    assert train_mod.sparsity_at(25, 100, cfg) == pytest.approx(1.0)
+    assert train_mod.sparsity_at(80, 100, cfg) == 2.0
