@@ -93,12 +93,13 @@ SIMILAR_GRAPHS = """
 // Graphs similar to a given graph by shared features, weighted: each graph gives each of its
 // features a mass (sum of |activation| over the feature's nodes); similarity is the weighted
 // Jaccard index sum(min(mass_a, mass_b)) / (total_a + total_b - sum(min(mass_a, mass_b))).
+// (Filtering b after the aggregation reads each other graph once, not once per shared feature.)
 // $graph: the graph id.
 MATCH (a:Graph {id: $graph})-[ua:HAS_FEATURE]->(f:Feature)<-[ub:HAS_FEATURE]-(b:Graph)
-WHERE b.complete = true AND b.id <> a.id
 WITH a, b, count(f) AS shared,
      sum(CASE WHEN ua.activation < ub.activation THEN ua.activation ELSE ub.activation END)
        AS overlap
+WHERE b.complete = true AND b.id <> a.id
 RETURN b.id AS graph, b.prompt AS prompt, shared,
        overlap / (a.feature_mass + b.feature_mass - overlap) AS similarity
 ORDER BY similarity DESC, graph ASC
@@ -141,6 +142,20 @@ def _feeds(source_layer, source_index, target_layer, target_index, transcoder, l
         "target_key": feature_key(transcoder, target_layer, target_index),
         "limit": int(limit),
     }
+
+
+def _recurring_exec(tx, params: dict, _kwargs: dict) -> QueryResult:
+    """RECURRING_FEATURES, reading as few Feature nodes as possible: with an index on
+    Feature.prompts, ``prompts >= t`` reads only features above a threshold t. Every feature
+    below t ranks after every feature at or above it, so once ``limit`` rows pass t they are
+    the answer; t starts high and drops (by 4x) to $min_prompts."""
+    t = max(params["min_prompts"], 256)
+    while True:
+        result = tx.run(RECURRING_FEATURES, {**params, "min_prompts": t})
+        columns, rows = list(result.keys()), [list(r.values()) for r in result]
+        if len(rows) >= params["limit"] or t <= params["min_prompts"]:
+            return QueryResult(columns, rows)
+        t = max(params["min_prompts"], t // 4)
 
 
 def _feeds_exec(tx, params: dict, _kwargs: dict) -> QueryResult:
@@ -259,6 +274,7 @@ CANNED: dict[str, CannedQuery] = {
                 Param("transcoder", str, "only graphs of this transcoder"),
             ),
             _recurring,
+            _recurring_exec,
         ),
         CannedQuery(
             "feature-feeds",
