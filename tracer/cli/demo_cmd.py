@@ -48,17 +48,12 @@ def register(sub) -> None:
     p.set_defaults(func=_demo)
 
 
-def default_transcoder_path(model: str, features: int) -> Path:
-    """Where ``circuit-atlas transcoders train`` puts a model's default CLT."""
-    from tracer.fetch import cache_root
-
-    return cache_root() / "transcoders" / f"{Path(model).name.lower()}-clt-{features}"
-
-
 def ensure_transcoder(args) -> Path:
     """A trained CLT for SmolLM2: given, cached, or trained now (resumes if interrupted)."""
     if args.transcoders:
         return Path(args.transcoders)
+    from tracer.fetch import default_transcoder_path
+
     path = default_transcoder_path(args.model, args.features_per_layer)
     if (path / "circuit_atlas.json").exists():
         print(f"[demo] using the cached transcoder {path}", file=sys.stderr)
