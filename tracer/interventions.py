@@ -342,16 +342,17 @@ def intervene_batch(
     recorded = _recorded_acts(state, tc.cfg.n_features) if state is not None else None
 
     def add_decoded(layer: int, diff: torch.Tensor) -> None:
-        """Decode the nonzero entries of diff [B, P, F] into every layer they write to."""
-        b, p, f = diff.nonzero(as_tuple=True)
-        if len(f) == 0:
+        """Decode diff [B, P, F] into every layer it writes to: one matrix product over the
+        features that changed anywhere in the batch (rows share most of them)."""
+        cols = (diff != 0).any(0).any(0).nonzero().squeeze(1)
+        if len(cols) == 0:
             return
-        uniq, inv = torch.unique(f, return_inverse=True)
-        rows = tc.decoder_rows(layer, uniq)[inv] * diff[b, p, f][:, None, None]  # [n, T, d]
-        for t in range(rows.shape[1]):
-            if pending[layer + t] is None:
-                pending[layer + t] = torch.zeros(B, P, d)
-            pending[layer + t].index_put_((b, p), rows[:, t], accumulate=True)
+        w = tc.decoder_rows(layer, cols)  # [u, T, d]
+        T = w.shape[1]
+        out = (diff[:, :, cols].reshape(B * P, -1) @ w.reshape(len(cols), T * d)).view(B, P, T, d)
+        for t in range(T):
+            prev = pending[layer + t]
+            pending[layer + t] = out[:, :, t] if prev is None else prev + out[:, :, t]
 
     def read_input(l):
         def fn(x):
