@@ -139,7 +139,9 @@ def spliced_metrics(
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1))
 
     c_clean, c_spl, c_abl = ce(clean), ce(spliced), ce(ablated)
-    rec = (c_abl - c_spl) / (c_abl - c_clean).clamp_min(1e-9)
+    gap = c_abl - c_clean
+    # Undefined when removing the MLPs does not change the loss (e.g. tiny random models).
+    rec = (c_abl - c_spl) / gap if gap.abs() > 1e-6 else torch.tensor(float("nan"))
     return SplicedMetrics(
         float(kl), float(top1), float(c_clean), float(c_spl), float(c_abl), float(rec)
     )
