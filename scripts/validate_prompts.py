@@ -50,7 +50,7 @@ def load(args):
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_attribution import make_clt  # one random-CLT recipe for all benchmarks
 
-        name = f"clt-L30-F{args.features}-a20-s{args.seed}"
+        name = f"clt-Lall-F{args.features}-a20-s{args.seed}"  # shared with bench_attribution
         path = make_clt(ROOT / "artifacts" / "bench" / "attribution" / name, None, args.seed,
                         args.features, 20.0)  # fmt: skip
         label = f"random CLT ({args.features} features/layer, ~20 active per layer and token)"

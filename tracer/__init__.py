@@ -8,16 +8,26 @@ interventions. Typical use::
     rm = ReplacementModel(model, load_transcoder("path/to/clt"))
     graph = attribute(rm, "The capital of the state containing Dallas is")
     circuit = prune(graph)
+    report = validate(rm, graph)  # perturbation checks, also in graph.extra["validation"]
 """
 
 from tracer.architectures import ARCHITECTURES, Architecture, architecture_for
 from tracer.attribution import AttributionConfig, attribute
 from tracer.graph import Graph, GraphFormatError
 from tracer.hooks import Freeze, run_hooked
-from tracer.interventions import FeatureEdit, FeatureSwap, VectorEdit, intervene
+from tracer.interventions import (
+    FeatureEdit,
+    FeatureSwap,
+    KeepOnly,
+    VectorEdit,
+    intervene,
+    intervene_batch,
+)
 from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers
 from tracer.prune import graph_scores, node_influence, prune
 from tracer.replacement import PromptState, ReplacementModel
+from tracer.steer import generate
+from tracer.validate import ValidationReport, validate  # tracer.validate(rm, graph) -> report
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,18 +38,23 @@ __all__ = [
     "Freeze",
     "Graph",
     "GraphFormatError",
+    "KeepOnly",
     "LanguageModel",
     "ModelLoadError",
     "PromptError",
     "PromptState",
     "ReplacementModel",
+    "ValidationReport",
     "VectorEdit",
     "architecture_for",
     "attribute",
+    "generate",
     "graph_scores",
     "intervene",
+    "intervene_batch",
     "node_influence",
     "prune",
     "run_hooked",
     "truncate_layers",
+    "validate",
 ]
