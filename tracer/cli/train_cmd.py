@@ -14,14 +14,15 @@ from pathlib import Path
 # The default recipe for SmolLM2-135M on a 2-core CPU (see README, "Training transcoders").
 DEFAULTS = {
     "kind": "clt",
-    "features_per_layer": 512,
+    "features_per_layer": 256,
     "activation": "topk",
     "topk": 32,
-    "batch_tokens": 1024,
-    "lr": 2e-3,
-    "buffer_tokens": 8192,
+    "batch_tokens": 256,
+    "lr": 4e-3,
+    "buffer_tokens": 2048,
     "passes": 4,
     "budget_minutes": 20.0,
+    "dead_window_tokens": 4096,
 }
 
 
@@ -79,21 +80,40 @@ def register_subcommand(tsub) -> None:
     t.add_argument("--sparsity", type=float, default=0.02, help="JumpReLU sparsity coefficient")
     t.add_argument("--buffer-tokens", type=int, default=d["buffer_tokens"])
     t.add_argument("--passes", type=int, default=d["passes"], help="uses of each harvested token")
-    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument(
+        "--dead-window",
+        type=int,
+        default=d["dead_window_tokens"],
+        help="tokens without firing after which a feature counts as dead (AuxK)",
+    )
+    t.add_argument("--eval-every", type=int, default=25)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--heldout-seqs", type=int, default=16, help="held-out sequences for metrics")
+    t.add_argument("--heldout-seqs", type=int, default=8, help="held-out sequences for metrics")
     t.add_argument(
         "--context-seqs",
         type=int,
-        default=48,
+        default=16,
         help="held-out sequences scanned for feature contexts (0: skip)",
     )
     t.add_argument(
         "--out", help="weights folder (default: $CIRCUIT_ATLAS_HOME/transcoders/<model>-<kind>-<F>)"
     )
     t.add_argument("--no-resume", action="store_true", help="start over even if checkpointed")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: all cores, or 1 when the machine is busy)",
+    )
     t.set_defaults(func=_train)
+
+
+def default_threads() -> int:
+    """All cores, unless the machine is already busy: then one thread, since OpenMP threads
+    that wait on each other are far slower than a single thread on a contended CPU."""
+    import os
+
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] > 1.5 * cores else cores
 
 
 def tokenizer_spec(model):
@@ -163,6 +183,16 @@ def unembed_for_contexts(model):
 
 
 def _train(args) -> int:
+    result, out = run_training(args)
+    m = result.metrics
+    summary = {k: m[k] for k in ("nmse", "l0", "dead", "dead_heldout") if k in m}
+    summary.update(m.get("spliced", {}))
+    print(json.dumps({"weights": str(out), **summary}, indent=2))
+    return 0
+
+
+def run_training(args):
+    """Train as the command line says; returns (TrainResult, weights folder)."""
     import torch
 
     from tracer.fetch import cache_root
@@ -171,8 +201,7 @@ def _train(args) -> int:
     from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
     from transcoders.train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     model = LanguageModel.load(args.model)
     corpus = load_corpus(args.corpus, model)
     n_held = args.heldout_seqs + args.context_seqs
@@ -192,7 +221,7 @@ def _train(args) -> int:
     # forward passes cost about as much as harvesting the same tokens).
     ctx_share = 0.0
     if budget and args.context_seqs:
-        ctx_share = min(0.15, 0.002 * args.context_seqs)
+        ctx_share = min(0.2, 0.005 * args.context_seqs)
     cfg = TrainConfig(
         kind=args.kind,
         n_features=args.features_per_layer,
@@ -210,6 +239,7 @@ def _train(args) -> int:
         passes=args.passes,
         eval_every=args.eval_every,
         n_heldout_seqs=args.heldout_seqs,
+        dead_window_tokens=args.dead_window,
     )
     print(
         f"training {cfg.kind} ({cfg.activation}, {cfg.n_features} features/layer) on "
@@ -226,16 +256,17 @@ def _train(args) -> int:
         d_model=model.facts.d_model,
         out_dir=work,
         model_name=model.facts.name,
-        spliced_eval=spliced_eval_fn(model, eval_tokens[:8], keep_bos=cfg.skip_bos),
+        spliced_eval=spliced_eval_fn(model, eval_tokens[:4], keep_bos=cfg.skip_bos),
         resume=not args.no_resume,
     )
-    # Weights (normalisation folded in) go to `out`, with the training record beside them.
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(work / "transcoder", out)
+    # Weights (normalisation folded in), training record and feature contexts are assembled in
+    # a temporary sibling folder and renamed into `out`, so `out` is never half-written.
+    tmp = out.with_name(out.name + ".writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(work / "transcoder", tmp)
     for f in ("log.jsonl", "curves.png", "metrics.json"):
         if (work / f).exists():
-            shutil.copy2(work / f, out / f"training_{f}")
+            shutil.copy2(work / f, tmp / f"training_{f}")
     if args.context_seqs:
         table = feature_contexts(
             result.clt,
@@ -245,9 +276,13 @@ def _train(args) -> int:
             unembed=unembed_for_contexts(model),
             cfg=ContextConfig(skip_bos=cfg.skip_bos),
         )
-        save_contexts(table, out)
-    m = result.metrics
-    summary = {k: m[k] for k in ("nmse", "l0", "dead", "dead_heldout") if k in m}
-    summary.update(m.get("spliced", {}))
-    print(json.dumps({"weights": str(out), **summary}, indent=2))
-    return 0
+        save_contexts(table, tmp)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return result, out

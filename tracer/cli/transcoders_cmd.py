@@ -12,7 +12,7 @@ import importlib
 from transcoders.formats import FORMATS
 
 # Modules that each add one more ``transcoders`` subcommand (e.g. training).
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["tracer.cli.train_cmd"]
 
 
 def _add_model_args(p) -> None:
