@@ -4,6 +4,7 @@ ArcadeDB server), full graphs in a Parquet archive, canned and read-only user Cy
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
@@ -152,7 +153,7 @@ class GraphStore:
                 "is back"
             ) from err
 
-    def _write_with_retry(self, rows, on_state, progress, attempts: int = 4):
+    def _write_with_retry(self, rows, on_state, progress, attempts: int = 8):
         """write_rows, retried when a concurrent writer created the same new feature first
         (a uniqueness conflict) or the server reports a transient conflict: each attempt
         starts from the stored state, so a retry repairs what a failed one left."""
@@ -167,31 +168,17 @@ class GraphStore:
                 conflict = "duplicat" in str(err).lower() or "concurrent" in str(err).lower()
                 if not conflict or attempt == attempts - 1:
                     raise
-            time.sleep(0.05 * (attempt + 1))
+            # The other writer's transaction may still be open: back off, with jitter.
+            time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def add_many(self, graphs, workers: int = 1, show_progress: bool = True):
-        """Store many pruned graphs (an iterable of Graph); ``workers`` > 1 writes that many
-        graphs at once (each in its own session). Returns the WriteResults in input order."""
-        from concurrent.futures import ThreadPoolExecutor
-
+    def add_many(self, graphs, show_progress: bool = True) -> list[ingest.WriteResult]:
+        """Store many pruned graphs (an iterable of Graph), one after another, with a progress
+        bar. (One writer: concurrent writers of graphs that share new features conflict on
+        ArcadeDB's unique index while the other transaction is open.)"""
         from tqdm import tqdm
 
-        graphs = list(graphs)
-        bar = tqdm(total=len(graphs), unit="graph", disable=not show_progress, desc="store")
-
-        def one(g):
-            r = self.add(g)
-            bar.update(1)
-            return r
-
-        try:
-            if workers <= 1:
-                return [one(g) for g in graphs]
-            with ThreadPoolExecutor(workers) as pool:
-                return list(pool.map(one, graphs))
-        finally:
-            bar.close()
+        return [self.add(g) for g in tqdm(list(graphs), unit="graph", disable=not show_progress)]
 
     def _check_binding(self, graph: Graph, path: Path) -> None:
         for what, want, got in (

@@ -68,7 +68,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--graphs", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=30, help="timed runs per canned query")
-    ap.add_argument("--workers", type=int, default=1, help="concurrent graph writers")
     ap.add_argument("--out", default="benchmarks/store.json")
     ap.add_argument("--uri", default=None, help="benchmark this server (default: a fresh one)")
     ap.add_argument("--user", default=None)
@@ -99,7 +98,7 @@ def main() -> int:
 
         t0 = time.perf_counter()
         c0 = time.process_time()
-        results = store.add_many(graphs, workers=args.workers)
+        results = store.add_many(graphs)
         ingest_s = time.perf_counter() - t0
         client_cpu = time.process_time() - c0
         assert all(r.written for r in results)
@@ -145,7 +144,6 @@ def main() -> int:
         "ingest_graph_seconds_median": round(statistics.median(per_graph), 4),
         "ingest_graph_seconds_p95": round(percentile(per_graph, 95), 4),
         "client_cpu_seconds": round(client_cpu, 2),
-        "workers": args.workers,
         "queries": timings,
         "goals": {"ingest_edges_per_s": 20000, "query_p95_ms": 500},
         "server": "managed ArcadeDB (arcadedb-embedded)" if server else uri,
