@@ -7,103 +7,16 @@ import os
 
 import pytest
 import torch
+from model_fixtures import TINY_TYPES, make_tiny_model
 
 # Two cores in CI: keep torch from oversubscribing them when pytest runs beside a server.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-TINY_VOCAB = 101
-
-
-class TinyTokenizer:
-    """A stand-in tokenizer for random tiny models: one character = one token."""
-
-    bos_token_id = 1
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [3 + (ord(c) % (TINY_VOCAB - 3)) for c in text]
-        return {"input_ids": ids}
-
-    def decode(self, ids, **_):
-        return "".join(chr(97 + (int(i) % 26)) for i in ids)
-
-
-def tiny_config(model_type: str, n_layers: int = 3):
-    from transformers import (
-        Gemma2Config,
-        Gemma3TextConfig,
-        GPT2Config,
-        LlamaConfig,
-        Qwen2Config,
-        Qwen3Config,
-    )
-
-    if model_type == "gpt2":
-        return GPT2Config(
-            n_embd=32, n_layer=n_layers, n_head=4, vocab_size=TINY_VOCAB, n_positions=64,
-            bos_token_id=1, eos_token_id=2,
-        )  # fmt: skip
-    cls = {
-        "llama": LlamaConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
-        "gemma2": Gemma2Config,
-        "gemma3_text": Gemma3TextConfig,
-    }[model_type]
-    return cls(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, vocab_size=TINY_VOCAB, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-
-
-TINY_TYPES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
-
-
-def make_tiny_model(model_type: str, n_layers: int = 3, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    from tracer.model import LanguageModel
-
-    torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(tiny_config(model_type, n_layers), dtype=torch.float32)
-    # Random norm gains so frozen-norm bugs cannot hide behind gains of exactly one (or zero).
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return LanguageModel(hf, TinyTokenizer(), name=f"tiny-{model_type}")
 
 
 @pytest.fixture(params=TINY_TYPES)
 def tiny_model(request):
     """A tiny random model of each supported architecture (3 layers, d_model 32)."""
     return make_tiny_model(request.param)
-
-
-def make_random_clt(n_layers, d_model, n_features=16, kind="clt", seed=0, skip=False,
-                    input_site="mlp_in", activation="jumprelu"):  # fmt: skip
-    """A random CLT whose thresholds leave a fair share of features active."""
-    from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
-
-    torch.manual_seed(seed)
-    cfg = TranscoderConfig(
-        n_layers=n_layers, d_model=d_model, n_features=n_features, kind=kind, skip=skip,
-        input_site=input_site, activation=activation, topk=4 if activation == "topk" else None,
-    )  # fmt: skip
-    clt = CrossLayerTranscoder(cfg)
-    with torch.no_grad():
-        clt.W_enc.normal_(0, 1.0 / d_model**0.5)
-        clt.b_enc.normal_(0, 0.1)
-        clt.threshold.uniform_(0.0, 0.3)
-        clt.b_dec.normal_(0, 0.05)
-        for w in clt.W_dec:
-            w.normal_(0, 0.2 / d_model**0.5)
-        if skip:
-            clt.W_skip.normal_(0, 0.02)
-    for p in clt.parameters():
-        p.requires_grad_(False)
-    return clt
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_random_clt
+from model_fixtures import make_random_clt
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

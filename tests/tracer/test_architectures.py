@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_TYPES, TinyTokenizer, tiny_config
 from hook_reference import decoder_layers, eager_copy, independent_record
+from model_fixtures import TINY_TYPES, TinyTokenizer, tiny_config
 
 from tracer.architectures import (
     ARCHITECTURES,

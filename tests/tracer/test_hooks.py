@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_TYPES, make_tiny_model
 from hook_reference import (
     decoder_layers,
     eager_copy,
@@ -19,6 +18,7 @@ from hook_reference import (
     independent_record,
     layout,
 )
+from model_fixtures import TINY_TYPES, make_tiny_model
 
 from tracer.hooks import NORMS, SITES, Freeze
 

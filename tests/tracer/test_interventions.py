@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_random_clt, make_tiny_model
+from model_fixtures import make_random_clt, make_tiny_model
 
 from tracer.interventions import (
     FeatureEdit,

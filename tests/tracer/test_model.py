@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_clt, make_tiny_model
+from model_fixtures import make_random_clt, make_tiny_model
 
 from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers
 

@@ -322,7 +322,7 @@ def test_report_on_a_pruned_smollm2_graph(smollm2, tmp_path):
     """Attribute on SmolLM2 (4 layers) with a random CLT, prune, save, and report through the
     CLI: the tokenizer spells the logits, links resolve, the JSON passes the format check."""
     import torch
-    from conftest import make_random_clt
+    from model_fixtures import make_random_clt
 
     from tracer.attribution import attribute
     from tracer.neuronpedia import check_document

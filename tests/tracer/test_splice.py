@@ -25,7 +25,7 @@ def _tokens(B=2, P=9, seed=0):
 
 @pytest.mark.parametrize("site", ["mlp_in", "resid_mid"])
 def test_mlp_activations_match_recorded_sites(site):
-    from conftest import make_tiny_model
+    from model_fixtures import make_tiny_model
 
     model = make_tiny_model("llama")
     tokens = _tokens()
@@ -44,7 +44,7 @@ def test_mlp_activations_match_recorded_sites(site):
 def _linear_gpt2():
     """A tiny GPT-2 whose MLP is affine (linear activation), so a skip transcoder with no
     features can reproduce it exactly."""
-    from conftest import TINY_VOCAB, TinyTokenizer
+    from model_fixtures import TINY_VOCAB, TinyTokenizer
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from tracer.model import LanguageModel
@@ -104,7 +104,7 @@ def test_splicing_an_exact_replacement_changes_nothing():
 
 
 def test_splicing_a_zero_transcoder_equals_ablating_the_mlps():
-    from conftest import make_random_clt, make_tiny_model
+    from model_fixtures import make_random_clt, make_tiny_model
 
     model = make_tiny_model("llama")
     clt = make_random_clt(3, 32, n_features=8)
@@ -118,7 +118,7 @@ def test_splicing_a_zero_transcoder_equals_ablating_the_mlps():
 
 
 def test_spliced_eval_reuses_reference_and_checks_shapes():
-    from conftest import make_random_clt, make_tiny_model
+    from model_fixtures import make_random_clt, make_tiny_model
 
     model = make_tiny_model("llama")
     fn = spliced_eval_fn(model, _tokens())

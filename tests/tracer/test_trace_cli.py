@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_clt
+from model_fixtures import make_random_clt
 
 from tracer.cli import main
 from tracer.cli.trace_cmd import TraceJob, read_prompts, trace_many

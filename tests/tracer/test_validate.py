@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_clt, make_tiny_model
+from model_fixtures import make_random_clt, make_tiny_model
 
 from tracer.attribution import attribute
 from tracer.graph import FEATURE, LOGIT, Graph

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_random_clt
+from model_fixtures import make_random_clt
 
 L, D, F = 4, 12, 24
 

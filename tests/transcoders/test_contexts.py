@@ -10,7 +10,7 @@ L, D, F = 2, 6, 5
 
 
 def _setup():
-    from conftest import make_random_clt
+    from model_fixtures import make_random_clt
 
     clt = make_random_clt(L, D, n_features=F, seed=4)
     emb = torch.randn(50, L, D, generator=torch.Generator().manual_seed(2))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_random_clt
+from model_fixtures import make_random_clt
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -138,7 +138,7 @@ def test_metrics_nmse_l0_and_dead_tracking():
 
 @pytest.mark.parametrize("kind,skip", [("clt", False), ("plt", False), ("clt", True)])
 def test_normalisation_folding_is_exact(kind, skip):
-    from conftest import make_random_clt
+    from model_fixtures import make_random_clt
 
     L, d = 3, 8
     # float64 so that "identical" can be checked to 1e-12 whatever the scales.
@@ -169,7 +169,7 @@ def test_normalizer_estimate_gives_unit_mean_square():
 
 @pytest.mark.parametrize("kind", ["clt", "plt"])
 def test_trainable_layout_round_trip_and_decodes(kind):
-    from conftest import make_random_clt
+    from model_fixtures import make_random_clt
 
     L, d, F = 4, 8, 6
     clt = make_random_clt(L, d, n_features=F, kind=kind, seed=5, activation="topk")

@@ -61,7 +61,7 @@ def main() -> None:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-    from conftest import make_tiny_model
+    from model_fixtures import make_tiny_model
 
     from tracer.splice import activation_fn
     from transcoders.train import train
