@@ -227,14 +227,25 @@ def _paths_dp(tx, params: dict, _kwargs: dict) -> QueryResult:
         gid, end = cand["graph"], cand["logit_node"]
         node_info[gid] = {r[0]: r[1:] for (r,) in tx.run(GRAPH_NODES, graph=gid).values()}
         out_edges: dict[int, list[tuple[int, float]]] = {}
+        in_nodes: dict[int, list[int]] = {}
         for ((a, b, w),) in tx.run(GRAPH_EDGES, graph=gid).values():
             out_edges.setdefault(a, []).append((b, w))
+            in_nodes.setdefault(b, []).append(a)
+        # hops_to_end[v]: fewest edges from v to the logit; nodes that cannot reach it within
+        # the hops left are never extended (most of a circuit, for one logit).
+        hops_to_end, ring = {end: 0}, [end]
+        for h in range(1, max_hops + 1):
+            ring = [u for v in ring for u in in_nodes.get(v, ()) if u not in hops_to_end]
+            for u in ring:
+                hops_to_end.setdefault(u, h)
         # frontier: node -> best (strength, path) reaching it with exactly h hops
         frontier = {s: [(1.0, (s,))] for s in cand["starts"]}
-        for _ in range(max_hops):
+        for h in range(1, max_hops + 1):
             nxt: dict[int, list] = {}
             for u, partials in frontier.items():
                 for v, w in out_edges.get(u, ()):
+                    if hops_to_end.get(v, max_hops + 1) > max_hops - h:
+                        continue
                     nxt.setdefault(v, []).extend((st * w, path + (v,)) for st, path in partials)
             frontier = {
                 v: heapq.nlargest(limit, ps, key=lambda p: abs(p[0])) for v, ps in nxt.items()
