@@ -72,12 +72,12 @@ def test_clamp_at_one_position_is_causal(rm):
 
 
 def test_sampling_is_seeded_and_shared(rm):
-    a = generate(rm, PROMPT, max_new_tokens=6, temperature=1.5, seed=3, stop_at_eos=False)
-    b = generate(rm, PROMPT, max_new_tokens=6, temperature=1.5, seed=3, stop_at_eos=False)
-    c = generate(rm, PROMPT, max_new_tokens=6, temperature=1.5, seed=4, stop_at_eos=False)
+    a = generate(rm, PROMPT, max_new_tokens=4, temperature=1.5, seed=3, stop_at_eos=False)
+    b = generate(rm, PROMPT, max_new_tokens=4, temperature=1.5, seed=3, stop_at_eos=False)
+    c = generate(rm, PROMPT, max_new_tokens=4, temperature=1.5, seed=4, stop_at_eos=False)
     assert a == b and a.new_tokens != c.new_tokens
     # Rows of one batch share their random draws: identical interventions, identical text.
-    x, y = generate_batch(rm, PROMPT, [[], []], max_new_tokens=6, temperature=1.5, seed=3,
+    x, y = generate_batch(rm, PROMPT, [[], []], max_new_tokens=4, temperature=1.5, seed=3,
                           stop_at_eos=False)  # fmt: skip
     assert x.new_tokens == y.new_tokens == a.new_tokens
     top1 = generate(rm, PROMPT, max_new_tokens=6, temperature=2.0, top_k=1, stop_at_eos=False)

@@ -36,11 +36,11 @@ def build(arch="llama", n_features=32, seed=0, **attr):
 
 
 def test_constrained_check_covers_every_node(tiny_model):
-    rm = ReplacementModel(tiny_model, make_random_clt(3, 32, 24))
+    rm = ReplacementModel(tiny_model, make_random_clt(3, 32, 16))
     graph = attribute(rm, TOKENS, progress=False)
     n_feat = graph.count("feature")
     rep = validate(rm, graph, max_circuit=n_feat, n_random=n_feat, n_error=100, n_token=100,
-                   batch_size=64, progress=False)  # fmt: skip
+                   batch_size=128, progress=False)  # fmt: skip
     assert rep.n_sampled == n_feat > 20
     assert rep.n_constrained_columns == n_feat + graph.count("error") + graph.count("token")
     assert rep.constrained_max_rel_error <= 1e-5
@@ -54,8 +54,8 @@ def test_smollm2_truncated(smollm2):
         clt.threshold.fill_(0.05)
     rm = ReplacementModel(smollm2, clt)
     graph = attribute(rm, "The capital of the state containing Dallas is", progress=False)
-    rep = validate(rm, graph, max_circuit=24, n_random=24, progress=False)
-    assert rep.n_random_sampled == 24 and rep.n_sampled == 24 + min(24, rep.n_circuit_features)
+    rep = validate(rm, graph, max_circuit=12, n_random=12, batch_size=32, progress=False)
+    assert rep.n_random_sampled == 12 and rep.n_sampled == 12 + min(12, rep.n_circuit_features)
     assert rep.constrained_max_rel_error <= 1e-5
     assert rep.spearman is not None and rep.sufficiency is not None
 
