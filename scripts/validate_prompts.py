@@ -132,6 +132,11 @@ def main() -> None:
         }
         rows.append(row)
         print(f"{p.prompt!r}: " + "; ".join(rep.lines()), flush=True)
+        write(args, label, rows)  # after every prompt: a long run leaves its results so far
+    print(markdown(rows, label))
+
+
+def write(args, label: str, rows: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "what": "validation by perturbation, SmolLM2-135M-Instruct",
@@ -141,9 +146,7 @@ def main() -> None:
         "prompts": rows,
     }
     args.out.write_text(json.dumps(result, indent=2, default=str))
-    md = markdown(rows, label)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    args.out.with_suffix(".md").write_text(markdown(rows, label))
 
 
 if __name__ == "__main__":
