@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CLT = Path("~/.cache/circuit-atlas/transcoders/smollm2-clt-default").expanduser()
 
 
 def pick_prompts(n: int) -> list:
@@ -55,7 +54,9 @@ def load(args):
                         args.features, 20.0)  # fmt: skip
         label = f"random CLT ({args.features} features/layer, ~20 active per layer and token)"
     else:
-        path = Path(args.transcoders or DEFAULT_CLT)
+        from tracer.fetch import default_transcoder_path
+
+        path = Path(args.transcoders or default_transcoder_path("smollm2"))
         if not path.exists():
             raise SystemExit(
                 f"no transcoder at {path}: train the default CLT first, give --transcoders, or "
@@ -94,7 +95,7 @@ def markdown(rows: list[dict], label: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--transcoders", help=f"transcoder folder (default {DEFAULT_CLT})")
+    ap.add_argument("--transcoders", help="transcoder folder (default: the demo's trained CLT)")
     ap.add_argument("--random-clt", action="store_true", help="random CLT baseline")
     ap.add_argument("--features", type=int, default=256, help="random CLT features per layer")
     ap.add_argument("--n-prompts", type=int, default=6)

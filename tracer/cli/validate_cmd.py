@@ -57,7 +57,7 @@ def register(sub) -> None:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", required=True, help="model folder, hub id or 'smollm2'")
+    p.add_argument("--model", default="smollm2", help="model folder, hub id or 'smollm2' (default)")
     p.add_argument("--transcoders", required=True, help="transcoder folder (any known format)")
     p.add_argument("--keep-bos", action="store_true",
                    help="start-token features are nodes (default: excluded)")  # fmt: skip
