@@ -54,9 +54,11 @@ def load(args):
                         args.features, 20.0)  # fmt: skip
         label = f"random CLT ({args.features} features/layer, ~20 active per layer and token)"
     else:
-        from tracer.fetch import default_transcoder_path
+        from tracer.fetch import cache_root, default_transcoder_path
 
-        path = Path(args.transcoders or default_transcoder_path("smollm2"))
+        trained = [cache_root() / "transcoders" / "smollm2-clt-default",
+                   default_transcoder_path("smollm2")]  # fmt: skip
+        path = Path(args.transcoders or next((p for p in trained if p.exists()), trained[0]))
         if not path.exists():
             raise SystemExit(
                 f"no transcoder at {path}: train the default CLT first, give --transcoders, or "
