@@ -253,11 +253,17 @@ class GraphStore:
             return self.transcoder
         with self._session() as s:
             names = s.execute_read(
-                lambda tx: [r["n"] for r in tx.run("MATCH (t:Transcoder) RETURN t.name AS n")]
+                lambda tx: [
+                    r["n"]
+                    for r in tx.run(
+                        "MATCH (g:Graph)-[:USES]->(t:Transcoder) WHERE g.complete = true "
+                        "RETURN DISTINCT t.name AS n"
+                    )
+                ]
             )
         if len(names) != 1:
             raise ValueError(
-                f"the store holds {len(names)} transcoders ({', '.join(sorted(names))}): "
+                f"the store's graphs use {len(names)} transcoders ({', '.join(sorted(names))}): "
                 "name one with transcoder=..."
             )
         return names[0]
