@@ -577,22 +577,45 @@ def train(
             last_ckpt = time.perf_counter()
         if on_step is not None:
             on_step(done)
+        # A budget is a promise: when steps ran slower than planned (a busier machine), stop
+        # here and export; running the same command again resumes the planned schedule.
+        over = (
+            budget_s is not None and time.perf_counter() - t_start > budget_s - cfg.reserve_seconds
+        )
+        if done < n_steps and dist.broadcast(float(over)) > 0:
+            if main:
+                _log(log_path, {"step": done, "event": "budget_stop", "planned_steps": n_steps})
+                save_checkpoint(
+                    ckpt_path,
+                    _state(clt, opt, fire, norm, cfg, done, n_steps, harvest_rate, step_s),
+                )
+            break
+    else:
+        done = n_steps
     if bar is not None:
         bar.close()
 
     # Final: checkpoint, export with normalisation folded in, plot.
     result_metrics = {}
     exported = export(
-        clt, norm, {"steps": n_steps, "batch_tokens": cfg.batch_tokens, "recipe": asdict(cfg)}
+        clt,
+        norm,
+        {
+            "steps": done,
+            "planned_steps": n_steps,
+            "batch_tokens": cfg.batch_tokens,
+            "recipe": asdict(cfg),
+        },
     )
-    if main:
+    if main and done == n_steps:
         save_checkpoint(
             ckpt_path, _state(clt, opt, fire, norm, cfg, n_steps, n_steps, harvest_rate, step_s)
         )
+    if main:
         final = (
             last_eval
-            if last_eval.get("step") == n_steps
-            else _eval_record(clt, hx, hy, norm, fire, cfg, spliced_eval, n_steps)
+            if last_eval.get("step") == done
+            else _eval_record(clt, hx, hy, norm, fire, cfg, spliced_eval, done)
         )
         result_metrics = {k: v for k, v in final.items() if k != "event"}
         exported.cfg.training["metrics"] = {
@@ -602,7 +625,8 @@ def train(
         result_metrics.update(
             harvest_tokens_per_s=harvest_rate,
             train_tokens_per_s=tokens_done / opt_s if tokens_done else None,
-            steps=n_steps,
+            steps=done,
+            planned_steps=n_steps,
             wall_s=round(time.perf_counter() - t_start, 1),
         )
         (out / "metrics.json").write_text(json.dumps(result_metrics, indent=2))
@@ -613,7 +637,7 @@ def train(
         exported,
         result_metrics,
         out,
-        n_steps,
+        done,
         harvest_rate,
         tokens_done / opt_s if tokens_done else float("nan"),
         read_log(log_path) if main else [],

@@ -256,3 +256,19 @@ def test_lr_and_sparsity_schedules():
     assert train_mod.sparsity_at(0, 100, cfg) == 0.0
     assert train_mod.sparsity_at(25, 100, cfg) == pytest.approx(1.0)
     assert train_mod.sparsity_at(80, 100, cfg) == 2.0
+
+
+@pytest.mark.slow
+def test_budget_stops_a_run_that_slows_down(tmp_path):
+    """Steps planned from fast probe steps, then each step slowed: the run stops within its
+    budget, exports what it has, and a rerun resumes the planned schedule."""
+    cfg = tw.config()
+    cfg.steps, cfg.budget_minutes, cfg.reserve_seconds = None, 0.4, 5.0
+    t0 = time.perf_counter()
+    res = _tiny(tmp_path, cfg, on_step=lambda s: time.sleep(0.5))
+    assert time.perf_counter() - t0 < 0.4 * 60 + 10
+    stop = [r for r in res.log if r.get("event") == "budget_stop"]
+    assert len(stop) == 1 and res.steps == stop[0]["step"] < stop[0]["planned_steps"]
+    assert res.clt.cfg.training["steps"] == res.steps
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == res.steps
+    assert (tmp_path / "transcoder" / "circuit_atlas.json").exists()
