@@ -130,6 +130,14 @@ class CannedQuery:
     prepare: Callable[..., tuple[str, dict]] = field(repr=False)
     execute: Callable[..., QueryResult] | None = field(default=None, repr=False)
 
+    def text(self, max_hops: int = 4, **_params) -> str:
+        """The Cypher text as it runs (the path query's hop bound filled in)."""
+        return (
+            self.cypher.format(max_hops=int(max_hops))
+            if "{max_hops}" in self.cypher
+            else (self.cypher)
+        )
+
 
 def _recurring(transcoder=None, min_prompts=2, limit=20):
     p = {"transcoder": transcoder, "min_prompts": max(1, int(min_prompts)), "limit": int(limit)}

@@ -178,7 +178,7 @@ def _query(args) -> int:
     params = {p.name: getattr(args, p.name) for p in cq.params}
     params = {k: v for k, v in params.items() if v is not None}
     if args.show_cypher:
-        print(cq.cypher.strip(), file=sys.stderr)
+        print(cq.text(**params).strip(), file=sys.stderr)
     with _open(args) as store:
         res = store.query(cq.name, **params)
     print(format_result(res.columns, res.rows, args.format))
