@@ -86,6 +86,7 @@ def _tiny(tmp_path, cfg: TrainConfig, **kw):
     )
 
 
+@pytest.mark.slow
 def test_training_reduces_reconstruction_error(tmp_path):
     cfg = tw.config()
     cfg.steps, cfg.eval_every, cfg.lr = 48, 24, 1e-2
