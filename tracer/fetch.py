@@ -31,7 +31,7 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "circuit-atlas"
 
 
-def default_transcoder_path(model: str = "smollm2", features: int = 512) -> Path:
+def default_transcoder_path(model: str = "smollm2", features: int = 256) -> Path:
     """Where ``circuit-atlas transcoders train`` (and the demo) keep a model's default CLT."""
     return cache_root() / "transcoders" / f"{Path(model).name.lower()}-clt-{features}"
 

@@ -39,7 +39,7 @@ def register(sub) -> None:
         default=15.0,
         help="training budget when no trained transcoder is cached (default 15)",
     )
-    p.add_argument("--features-per-layer", type=int, default=512)
+    p.add_argument("--features-per-layer", type=int, default=256)
     p.add_argument("--prompts", help="prompt file instead of the five demo prompts")
     p.add_argument("--max-feature-nodes", type=int, default=2048)
     p.add_argument("--validate-samples", type=int, default=48, help="features ablated per graph")
