@@ -340,10 +340,10 @@ def prompt_text(ids: list[int]) -> str:
     return LanguageModel.load("smollm2").decode(ids[1:])
 
 
-def run_worker(cmd: list[str], log: Path) -> dict:
+def run_worker(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
@@ -387,6 +387,9 @@ def main() -> None:
     ap.add_argument("--ct-venv", type=Path, default=ROOT / "artifacts" / "ct-venv")
     ap.add_argument("--setup-ct", action="store_true", help="create the circuit-tracer venv")
     ap.add_argument("--skip-ct", action="store_true", help="run our engine only")
+    ap.add_argument(
+        "--ct-timeout", type=float, default=None, help="stop a circuit-tracer run after S seconds"
+    )
     ap.add_argument("--n-layers", type=int, default=None, help="truncate SmolLM2 (quick checks)")
     ap.add_argument("--features", type=int, default=256, help="CLT features per layer")
     ap.add_argument("--active", type=float, default=20.0, help="target active per layer/token")
@@ -456,7 +459,17 @@ def main() -> None:
                 "--model-dir", str(model_dir), "--batch-size", "64",
                 "--out", str(base.with_suffix(".ct.npz")),
             ]  # fmt: skip
-            engines.append(run_worker(ct_cmd, base.with_suffix(".ct.log")))
+            try:
+                engines.append(run_worker(ct_cmd, base.with_suffix(".ct.log"), args.ct_timeout))
+            except subprocess.TimeoutExpired:
+                entry["circuit_tracer_timeout_s"] = args.ct_timeout
+                print(f"  circuit-tracer stopped after {args.ct_timeout} s", flush=True)
+                entry["loadavg_start"], entry["loadavg_end"] = (
+                    list(case_load0),
+                    list(os.getloadavg()),
+                )
+                results.append(entry)
+                continue
             print(f"  wall {engines[1]['wall_s']} s, peak {engines[1]['peak_rss_mb']} MB")
             entry["comparison"] = compare(
                 dict(np.load(base.with_suffix(".ours.npz"))),
