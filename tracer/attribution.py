@@ -179,23 +179,25 @@ class FrozenLinearModel:
             return self._writer_cache[l]
         st, tc = self.state, self.rm.transcoder
         src = [i for i in range(l + 1) if l - i < tc.cfg.n_targets(i)]  # a contiguous range
-        out = []
-        for p in range(self.P):
-            if not src:
-                out.append((0, 0, None))
-                continue
-            c0, c1 = int(self._start[p, src[0]]), int(self._stop[p, src[-1]])
-            if c1 == c0:
-                out.append((c0, c1, None))
-                continue
-            feats = self.pm_order[c0:c1]
-            lay = st.feat_layer[feats]
-            vecs = torch.empty(c1 - c0, self.d)
-            for i in torch.unique(lay).tolist():
-                sel = lay == i
+        if not src:
+            return [(0, 0, None)] * self.P
+        c0 = self._start[:, src[0]]  # [P] first pm column of each position's writers
+        c1 = self._stop[:, src[-1]]
+        cols = torch.cat(
+            [torch.arange(a, b) for a, b in zip(c0.tolist(), c1.tolist(), strict=True)]
+        )
+        feats = self.pm_order[cols]
+        lay = st.feat_layer[feats]
+        vecs = torch.empty(len(cols), self.d)
+        for i in src:  # one gather per source layer
+            sel = (lay == i).nonzero().squeeze(1)
+            if len(sel):
                 rows = tc.decoder(i)[st.feat_index[feats[sel]], l - i]
                 vecs[sel] = rows * st.feat_value[feats[sel], None]
-            out.append((c0, c1, vecs))
+        out, off = [], 0
+        for a, b in zip(c0.tolist(), c1.tolist(), strict=True):
+            out.append((a, b, vecs[off : off + b - a] if b > a else None))
+            off += b - a
         if self._cache_writers:
             self._writer_cache[l] = out
         return out
