@@ -13,11 +13,13 @@ import re
 from transcoders.clt import InputSite
 from transcoders.io_files import TranscoderFormatError
 
-# Hook suffix -> input site. The first entry for each site is the one we write.
+# Hook suffix -> input site. The first entry for each site is the one we write: ``mlp.hook_in``
+# is the MLP's input in TransformerLens whether or not it folds the norm's gain (circuit-tracer
+# loads models unfolded, where ``ln2.hook_normalized`` is the input before the gain).
 INPUT_HOOKS: dict[str, InputSite] = {
     "hook_resid_mid": "resid_mid",
-    "ln2.hook_normalized": "mlp_in",
     "mlp.hook_in": "mlp_in",
+    "ln2.hook_normalized": "mlp_in",
 }
 OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
 OUTPUT_HOOK = "hook_mlp_out"

@@ -169,7 +169,7 @@ def test_our_clt_files_match_the_format_description(tmp_path):
     conf = yaml.safe_load((tmp_path / "ours" / "config.yaml").read_text())
     assert conf == {
         "model_kind": "cross_layer_transcoder",
-        "feature_input_hook": "ln2.hook_normalized",
+        "feature_input_hook": "mlp.hook_in",
         "feature_output_hook": "hook_mlp_out",
         "model_name": "m",
     }
