@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -41,6 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: shared proc_stats
+from proc_stats import cpu_s, hwm_mb, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CT_VERSION = "0.5.0"
@@ -139,40 +141,6 @@ def make_clt(out: Path, n_layers: int | None, seed: int, n_features: int, active
 
 
 # --- our engine (worker subprocess) -----------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident-memory high-water mark (Linux >= 4.0: writing 5 to
-    /proc/self/clear_refs), so that the next reading is the peak of what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def hwm_mb() -> float:
-    """Resident-memory high-water mark (VmHWM) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def run_ours(args: argparse.Namespace) -> None:

@@ -20,11 +20,13 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: shared proc_stats
+from proc_stats import cpu_s, hwm_mb, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 # Nothing may be downloaded: the model folder and the CLT are local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,40 +34,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3  # node kinds, as in the main script
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident-memory high-water mark (Linux >= 4.0: writing 5 to
-    /proc/self/clear_refs), so that the next reading is the peak of what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def hwm_mb() -> float:
-    """Resident-memory high-water mark (VmHWM) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def model_folder_for_old_transformers(src: Path, dst: Path) -> Path:
