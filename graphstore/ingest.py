@@ -106,12 +106,16 @@ def flat_properties(graph: Graph) -> dict:
 
 @dataclass
 class GraphRows:
-    """A graph flattened into parameter rows for the write queries."""
+    """A graph flattened into parameter rows for the write queries (rows are lists, see above).
+
+    ``nodes`` rows: [i, kind, layer, position, feature, activation, probability, logit_weight,
+    token, slot], where ``slot`` indexes ``features`` for feature nodes (None otherwise).
+    ``features`` rows: [key, n_nodes, activation sum, layer, index], one per distinct feature.
+    """
 
     header: dict
-    feature_nodes: list[list]  # [key, i, layer, position, feature, activation, prob, logit_w]
-    other_nodes: list[list]  # [i, kind, layer, position, feature, activation, prob, logit_w, tok]
-    features: list[list]  # [key, n_nodes, activation sum, layer, index] per distinct feature
+    nodes: list[list]
+    features: list[list]
     edge_source: np.ndarray  # [n_edges] node index
     edge_target: np.ndarray
     edge_weight: np.ndarray
@@ -126,34 +130,25 @@ def graph_rows(graph: Graph, gid: str, parquet_path: str | None) -> GraphRows:
     activation = graph.activation.astype(np.float64).tolist()
     probability = graph.probability.astype(np.float64).tolist()
     logit_w = np.asarray(graph.logit_weights, dtype=np.float64).tolist()
-    feature_nodes, other_nodes = [], []
-    per_feature: dict[str, list] = {}
+    nodes: list[list] = []
+    slots: dict[str, int] = {}
+    features: list[list] = []
     tc = graph.transcoder_name
     for i in range(n):
+        slot, tok = None, None
         if kind[i] == FEATURE:
             key = feature_key(tc, layer[i], feature[i])
-            feature_nodes.append(
-                [
-                    key,
-                    i,
-                    layer[i],
-                    position[i],
-                    feature[i],
-                    activation[i],
-                    probability[i],
-                    logit_w[i],
-                ]
-            )
-            agg = per_feature.setdefault(key, [key, 0, 0.0, layer[i], feature[i]])
-            agg[1] += 1
-            agg[2] += abs(activation[i])
-        else:
-            tok = graph.token_strings[position[i]] if kind[i] == TOKEN else None
-            other_nodes.append(
-                [i, NODE_KINDS[kind[i]], layer[i], position[i], feature[i], activation[i],
-                 probability[i], logit_w[i], tok]
-            )  # fmt: skip
-    features = list(per_feature.values())
+            slot = slots.setdefault(key, len(features))
+            if slot == len(features):
+                features.append([key, 0, 0.0, layer[i], feature[i]])
+            features[slot][1] += 1
+            features[slot][2] += abs(activation[i])
+        elif kind[i] == TOKEN:
+            tok = graph.token_strings[position[i]]
+        nodes.append(
+            [i, NODE_KINDS[kind[i]], layer[i], position[i], feature[i], activation[i],
+             probability[i], logit_w[i], tok, slot]
+        )  # fmt: skip
     header = {
         "id": gid,
         "model": graph.model_name,
@@ -176,8 +171,7 @@ def graph_rows(graph: Graph, gid: str, parquet_path: str | None) -> GraphRows:
     }
     return GraphRows(
         header=header,
-        feature_nodes=feature_nodes,
-        other_nodes=other_nodes,
+        nodes=nodes,
         features=features,
         edge_source=np.asarray(graph.source),
         edge_target=np.asarray(graph.target),
@@ -201,27 +195,36 @@ RETURN was_complete, g.prompt_id AS prompt_id
 """
 
 # Per-feature counters over complete graphs (Feature.graphs, .prompts, .nodes, .activation),
-# updated in the transaction that flips a graph's visibility, so "which features recur" reads
-# a few thousand Feature nodes instead of aggregating every graph's features at query time.
-GRAPH_FEATURES = """
-MATCH (g:Graph {id: $id})-[u:HAS_FEATURE]->(f:Feature)
-RETURN elementId(f) AS eid, u.nodes AS nodes, u.activation AS activation
-"""
-
-SAME_PROMPT_FEATURES = """
-MATCH (h:Graph {prompt_id: $prompt_id})-[:HAS_FEATURE]->(f:Feature)
-WHERE h.complete = true AND h.id <> $id
-RETURN DISTINCT elementId(f) AS eid
-"""
-
-COUNT_FEATURES = """
-UNWIND $rows AS r
-MATCH (f) WHERE elementId(f) = r[0]
+# updated in the transaction that makes a graph visible (or hides it), so "which features
+# recur" reads a few thousand Feature nodes instead of aggregating every graph's features at
+# query time. Feature rows r: [key, nodes, activation, counts-as-new-prompt (0/1)].
+_COUNTERS = """
 SET f.graphs = coalesce(f.graphs, 0) + $sign,
     f.prompts = coalesce(f.prompts, 0) + $sign * r[3],
     f.nodes = coalesce(f.nodes, 0) + $sign * r[1],
     f.activation = coalesce(f.activation, 0.0) + $sign * r[2]
 """
+
+GRAPH_FEATURES = """
+MATCH (g:Graph {id: $id})-[u:HAS_FEATURE]->(f:Feature)
+RETURN collect([f.key, u.nodes, u.activation]) AS rows
+"""
+
+# Keys of the features that another complete graph of the same prompt already counted (a
+# prompt counts once per feature). Usually no such graph exists: one index lookup.
+SAME_PROMPT_FEATURES = """
+MATCH (h:Graph {prompt_id: $prompt_id})-[:HAS_FEATURE]->(f:Feature)
+WHERE h.complete = true AND h.id <> $id
+RETURN collect(DISTINCT f.key) AS keys
+"""
+
+COUNT_FEATURES = (
+    """
+UNWIND $rows AS r
+MATCH (f:Feature {key: r[0]})
+"""
+    + _COUNTERS
+)
 
 DELETE_NODES = """
 MATCH (n:Node {graph: $id})
@@ -232,6 +235,36 @@ RETURN count(*) AS deleted
 
 DELETE_GRAPH = "MATCH (g:Graph {id: $id}) DETACH DELETE g"
 
+# What a write needs to know, in one statement: the stored state (as STATE), the keys of the
+# graph's features that another complete graph of the same prompt already counted, and the keys
+# of the features the store lacks (created by NEW_FEATURES: per-row MERGE is several times
+# slower on ArcadeDB, measured ~1.3 ms a row).
+PREPARE = """
+OPTIONAL MATCH (t:Transcoder {name: $transcoder})
+OPTIONAL MATCH (g:Graph {id: $id})
+WITH t.model AS transcoder_model, g.complete AS complete, g.content_hash AS content_hash
+OPTIONAL MATCH (h:Graph {prompt_id: $prompt_id})-[:HAS_FEATURE]->(f:Feature)
+WHERE h.complete = true AND h.id <> $id
+WITH transcoder_model, complete, content_hash, collect(DISTINCT f.key) AS seen
+UNWIND (CASE WHEN size($keys) = 0 THEN [null] ELSE $keys END) AS key
+OPTIONAL MATCH (x:Feature {key: key})
+RETURN transcoder_model, complete, content_hash, seen,
+       collect(CASE WHEN x IS NULL THEN key END) AS missing
+"""
+
+NEW_FEATURES = """
+UNWIND $rows AS r
+CREATE (:Feature {key: r[0], transcoder: $transcoder, layer: r[1], index: r[2],
+                  graphs: 0, prompts: 0, nodes: 0, activation: 0.0})
+"""
+
+# One graph is written by one statement built from the parts below (HEADER, FEATURES or
+# NO_FEATURES, NODES, then EDGES_BY_INDEX + DONE, or NODE_IDS): no element id makes a round
+# trip, nodes are reached by their index in the collected list ``ns``, features by their slot
+# in ``fs`` (ArcadeDB streams result rows slowly, ~45 us each, and every statement costs a
+# round trip). All features exist beforehand (PREPARE / NEW_FEATURES), so the MATCH
+# keeps every row and ``fs[slot]`` is the slot's feature; the statement returns their number
+# so the writer can check that.
 HEADER = """
 MERGE (m:Model {name: $h.model})
 MERGE (t:Transcoder {name: $h.transcoder})
@@ -241,50 +274,47 @@ MERGE (p:Prompt {id: $h.prompt_id})
   ON CREATE SET p.text = $h.prompt, p.model = $h.model, p.tokens = $h.tokens,
                 p.token_strings = $h.token_strings
 CREATE (g:Graph {id: $h.id})
-SET g += $h, g.complete = false
+SET g += $h, g.complete = $complete
 CREATE (g)-[:OF_PROMPT]->(p)
 CREATE (g)-[:USES]->(t)
+WITH g
 """
 
-# Features are looked up first and only the missing ones created: per-row MERGE is several
-# times slower on ArcadeDB (measured ~1.3 ms a row).
-FIND_FEATURES = """
-UNWIND $keys AS key
-MATCH (f:Feature {key: key})
-RETURN f.key AS key, elementId(f) AS eid
-"""
-
-NEW_FEATURES = """
-UNWIND $rows AS r
-CREATE (f:Feature {key: r[0], transcoder: $transcoder, layer: r[1], index: r[2]})
-RETURN f.key AS key, elementId(f) AS eid
-"""
-
-FEATURE_NODES = """
-UNWIND $rows AS r
-MATCH (f) WHERE elementId(f) = r[0]
-CREATE (n:Node {graph: $id, i: r[1], kind: 'feature', layer: r[2], position: r[3],
-                feature: r[4], activation: r[5], probability: r[6], logit_weight: r[7]})
-CREATE (n)-[:INSTANCE_OF]->(f)
-RETURN r[1] AS i, elementId(n) AS eid
-"""
-
-OTHER_NODES = """
-UNWIND $rows AS r
-CREATE (n:Node {graph: $id, i: r[0], kind: r[1], layer: r[2], position: r[3], feature: r[4],
-                activation: r[5], probability: r[6], logit_weight: r[7], token: r[8]})
-RETURN r[0] AS i, elementId(n) AS eid
-"""
-
-HAS_FEATURE = """
-MATCH (g:Graph {id: $id})
-UNWIND $rows AS r
-MATCH (f) WHERE elementId(f) = r[0]
+FEATURES = """
+UNWIND $features AS r
+MATCH (f:Feature {key: r[0]})
 CREATE (g)-[:HAS_FEATURE {nodes: r[1], activation: r[2]}]->(f)
 """
 
-# Edges grouped by source node: one lookup of the source per group (measured ~1.7x faster on
-# ArcadeDB than one row per edge). Row: [source eid, [target eids], [weights], [edge indices]].
+COUNTED_FEATURES = FEATURES + _COUNTERS
+
+_COLLECT_FEATURES = "WITH g, collect(f) AS fs\n"
+NO_FEATURES = "WITH g, [] AS fs\n"
+
+NODES = """
+UNWIND $nodes AS r
+CREATE (n:Node {graph: $h.id, i: r[0], kind: r[1], layer: r[2], position: r[3], feature: r[4],
+                activation: r[5], probability: r[6], logit_weight: r[7], token: r[8]})
+FOREACH (f IN CASE WHEN r[9] IS NULL THEN [] ELSE [fs[r[9]]] END |
+  CREATE (n)-[:INSTANCE_OF]->(f))
+WITH size(fs) AS nf, collect(n) AS ns
+"""
+
+# Edge rows: [source index, target index, weight, edge index k].
+EDGES_BY_INDEX = """
+UNWIND $edges AS e
+WITH nf, ns[e[0]] AS a, ns[e[1]] AS b, e
+CREATE (a)-[:EDGE {weight: e[2], k: e[3]}]->(b)
+WITH nf, count(*) AS edges
+"""
+
+DONE = "RETURN nf AS features, edges\n"
+NO_EDGES_DONE = "RETURN nf AS features, 0 AS edges\n"
+NODE_IDS = "RETURN nf AS features, [n IN ns | elementId(n)] AS eids\n"
+
+# Edges of a graph written in several transactions, between nodes written earlier: grouped by
+# source node, one lookup of the source per group. Row: [source eid, [target eids], [weights],
+# [edge indices]].
 EDGES = """
 UNWIND $rows AS r
 MATCH (a) WHERE elementId(a) = r[0]
@@ -306,12 +336,20 @@ class WriteResult:
     seconds: float
 
 
+def _prompt_seen(tx, gid: str, prompt: str) -> set[str]:
+    return set(tx.run(SAME_PROMPT_FEATURES, prompt_id=prompt, id=gid).single()["keys"])
+
+
+def _counter_rows(features: list[list], seen: set[str]) -> list[list]:
+    """COUNT_FEATURES rows from (key, nodes, activation, ...) rows."""
+    return [[f[0], f[1], f[2], 0 if f[0] in seen else 1] for f in features]
+
+
 def _count_features(tx, gid: str, prompt: str, features: list[list], sign: int) -> None:
     """Add (sign +1) or remove (-1) one complete graph's contribution to the feature counters.
-    ``features`` rows: [feature eid, nodes, activation]. A prompt counts once per feature, so
+    ``features`` rows: [key, nodes, activation, ...]. A prompt counts once per feature, so
     features another complete graph of the same prompt already has do not change ``prompts``."""
-    seen = {r["eid"] for r in tx.run(SAME_PROMPT_FEATURES, prompt_id=prompt, id=gid)}
-    rows = [[eid, n, act, 0 if eid in seen else 1] for eid, n, act in features]
+    rows = _counter_rows(features, _prompt_seen(tx, gid, prompt))
     for start in range(0, len(rows), NODE_BATCH):
         tx.run(COUNT_FEATURES, rows=rows[start : start + NODE_BATCH], sign=sign).consume()
 
@@ -321,7 +359,7 @@ def _hide(tx, gid: str) -> bool:
     if rec is None:
         return False
     if rec["was_complete"]:
-        feats = [[r["eid"], r["nodes"], r["activation"]] for r in tx.run(GRAPH_FEATURES, id=gid)]
+        feats = tx.run(GRAPH_FEATURES, id=gid).single()["rows"]
         _count_features(tx, gid, rec["prompt_id"], feats, -1)
     return True
 
@@ -352,33 +390,40 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
 
     ``on_state(state)`` sees the stored state first (the caller checks model consistency there
     and may raise). ``progress(edges_written, n_edges)`` is called after each committed batch.
-    Up to EDGE_BATCH edges: one transaction. More: (1) header, features, nodes and feature
-    summary; (2..) edge batches; (last) the flip to ``complete = true`` (see the module doc).
+    Up to EDGE_BATCH edges: one transaction, which also reads the state. More: (1) header,
+    features, nodes and feature summary; (2..) edge batches; (last) the flip to
+    ``complete = true`` (see the module doc).
     """
     t0 = time.perf_counter()
     h = rows.header
     gid = h["id"]
-    state = session.execute_read(
-        lambda tx: tx.run(STATE, transcoder=h["transcoder"], id=gid).single().data()
-    )
-    if on_state is not None:
-        on_state(state)
     n_nodes, n_edges = h["n_nodes"], h["n_edges"]
-    if state["complete"] is True and state["content_hash"] == h["content_hash"]:
-        return WriteResult(gid, False, False, n_nodes, n_edges, time.perf_counter() - t0)
-    repaired = state["complete"] is not None
-    if repaired:
-        delete_graph(session, gid)
-
-    if n_edges <= EDGE_BATCH:
-        # Small enough for one transaction: atomic, and two commits fewer per graph.
-        if not session.execute_write(_write_whole, rows):  # pragma: no cover
-            raise RuntimeError(f"graph {gid} vanished while it was being written")
+    small = n_edges <= EDGE_BATCH
+    if small:
+        # Written at once unless something is stored under this id (then state is returned).
+        state = session.execute_write(_write_whole, rows, on_state)
+    else:
+        state = session.execute_read(
+            lambda tx: tx.run(STATE, transcoder=h["transcoder"], id=gid).single().data()
+        )
+        if on_state is not None:
+            on_state(state)
+    if state is None:
         if progress is not None:
             progress(n_edges, n_edges)
-        return WriteResult(gid, True, repaired, n_nodes, n_edges, time.perf_counter() - t0)
+        return WriteResult(gid, True, False, n_nodes, n_edges, time.perf_counter() - t0)
+    if state["complete"] is True and state["content_hash"] == h["content_hash"]:
+        return WriteResult(gid, False, False, n_nodes, n_edges, time.perf_counter() - t0)
+    delete_graph(session, gid)  # the remains of a crashed write, or an older version
 
-    eids, feature_eids = session.execute_write(_write_nodes, rows)
+    if small:
+        if session.execute_write(_write_whole, rows, None) is not None:  # pragma: no cover
+            raise RuntimeError(f"graph {gid} was written concurrently by another writer")
+        if progress is not None:
+            progress(n_edges, n_edges)
+        return WriteResult(gid, True, True, n_nodes, n_edges, time.perf_counter() - t0)
+
+    eids = session.execute_write(_write_nodes, rows)
     done = 0
     for batch in _edge_batches(rows, eids):
         session.execute_write(lambda tx, b=batch: tx.run(EDGES, rows=b).consume())
@@ -386,57 +431,92 @@ def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteR
         if progress is not None:
             progress(done, n_edges)
 
-    counted = [[feature_eids[key], n, act] for key, n, act, *_ in rows.features]
-    flipped = session.execute_write(_complete, gid, h["prompt_id"], counted)
+    flipped = session.execute_write(_complete, gid, h["prompt_id"], rows.features)
     if not flipped:  # pragma: no cover - would mean a concurrent delete
         raise RuntimeError(f"graph {gid} vanished while it was being written")
-    return WriteResult(gid, True, repaired, n_nodes, n_edges, time.perf_counter() - t0)
+    return WriteResult(gid, True, True, n_nodes, n_edges, time.perf_counter() - t0)
 
 
-def _write_whole(tx, rows: GraphRows) -> bool:
-    """A whole graph in one transaction, made visible (and counted) at its end."""
-    eids, feature_eids = _write_nodes(tx, rows)
-    for batch in _edge_batches(rows, eids):
-        tx.run(EDGES, rows=batch).consume()
-    counted = [[feature_eids[key], n, act] for key, n, act, *_ in rows.features]
-    return _complete(tx, rows.header["id"], rows.header["prompt_id"], counted)
+def _graph_statement(rows: GraphRows, counted: bool, with_edges: bool) -> str:
+    """The one statement that writes a graph's header, feature summary (and, when ``counted``,
+    its feature counters), nodes, and either its edges (``with_edges``) or nothing more,
+    returning the nodes' element ids."""
+    parts = [HEADER]
+    if rows.features:
+        parts += [COUNTED_FEATURES if counted else FEATURES, _COLLECT_FEATURES]
+    else:
+        parts.append(NO_FEATURES)
+    parts.append(NODES)
+    if not with_edges:
+        parts.append(NODE_IDS)
+    elif rows.header["n_edges"]:
+        parts += [EDGES_BY_INDEX, DONE]
+    else:
+        parts.append(NO_EDGES_DONE)
+    return "".join(parts)
 
 
-def _write_nodes(tx, rows: GraphRows) -> tuple[list[str], dict[str, str]]:
-    """The graph's (:Graph) node, its new features, nodes and feature summary, in one
-    transaction; returns the element id of every node (by node index) and of every feature
-    (by key)."""
+def _prepare(tx, rows: GraphRows) -> dict:
+    """PREPARE for the graph's rows, creating the missing features; returns the state."""
     h = rows.header
-    gid = h["id"]
-    tx.run(HEADER, h=h).consume()
-    feature_eids = _ensure_features(tx, rows.features, h["transcoder"])
-    eids: list[str | None] = [None] * h["n_nodes"]
-    fnodes = [[feature_eids[r[0]], *r[1:]] for r in rows.feature_nodes]
-    for query, all_rows in ((FEATURE_NODES, fnodes), (OTHER_NODES, rows.other_nodes)):
-        for start in range(0, len(all_rows), NODE_BATCH):
-            for rec in tx.run(query, rows=all_rows[start : start + NODE_BATCH], id=gid):
-                eids[rec["i"]] = rec["eid"]
-    summary = [[feature_eids[key], n, act] for key, n, act, *_ in rows.features]
-    for start in range(0, len(summary), NODE_BATCH):
-        tx.run(HAS_FEATURE, id=gid, rows=summary[start : start + NODE_BATCH]).consume()
-    return eids, feature_eids
+    rec = tx.run(
+        PREPARE, transcoder=h["transcoder"], id=h["id"], prompt_id=h["prompt_id"],
+        keys=[f[0] for f in rows.features],
+    ).single()  # fmt: skip
+    missing = set(rec["missing"])
+    new = [[f[0], f[3], f[4]] for f in rows.features if f[0] in missing]
+    for start in range(0, len(new), NODE_BATCH):
+        batch = new[start : start + NODE_BATCH]
+        tx.run(NEW_FEATURES, rows=batch, transcoder=h["transcoder"]).consume()
+    return rec.data()
 
 
-def _ensure_features(tx, features: list[list], transcoder: str) -> dict[str, str]:
-    """Element ids of the graph's features, creating the ones the store lacks.
-    ``features`` rows: [key, n_nodes, activation sum, layer, index]."""
-    keys = [f[0] for f in features]
-    found = {r["key"]: r["eid"] for r in tx.run(FIND_FEATURES, keys=keys)}
-    missing = [[f[0], f[3], f[4]] for f in features if f[0] not in found]
-    for start in range(0, len(missing), NODE_BATCH):
-        batch = missing[start : start + NODE_BATCH]
-        found.update(
-            {r["key"]: r["eid"] for r in tx.run(NEW_FEATURES, rows=batch, transcoder=transcoder)}
-        )
-    return found
+def _run_graph_statement(tx, rows: GraphRows, complete: bool, seen: set[str]):
+    """Run the graph's statement (features exist); checks that every feature was linked.
+    ``complete``: the whole graph, visible and counted; else nodes only."""
+    h = rows.header
+    params = {"h": h, "complete": complete, "nodes": rows.nodes}
+    if complete:
+        params["features"] = _counter_rows(rows.features, seen)
+        params["sign"] = 1
+        params["edges"] = _edge_rows(rows)
+    else:
+        params["features"] = [f[:3] for f in rows.features]
+    rec = tx.run(_graph_statement(rows, complete, complete), params).single()
+    if rec is None or rec["features"] != len(rows.features):  # pragma: no cover - a bug
+        raise RuntimeError(f"graph {h['id']}: a feature vanished while it was being written")
+    return rec
 
 
-def _edge_batches(rows: GraphRows, eids: list[str | None]):
+def _write_whole(tx, rows: GraphRows, on_state=None) -> dict | None:
+    """A whole graph in one transaction, visible and counted when it commits; unless a graph
+    with this id is stored (complete or not): then nothing is written and its state returned
+    (``on_state`` sees the state either way)."""
+    state = _prepare(tx, rows)
+    if on_state is not None:
+        on_state({k: state[k] for k in ("transcoder_model", "complete", "content_hash")})
+    if state["complete"] is not None:
+        return state
+    rec = _run_graph_statement(tx, rows, True, set(state["seen"]))
+    if rec["edges"] != rows.header["n_edges"]:  # pragma: no cover - a bug
+        raise RuntimeError(f"graph {rows.header['id']}: {rec['edges']} edges written")
+    return None
+
+
+def _write_nodes(tx, rows: GraphRows) -> list[str]:
+    """The graph's (:Graph) node (not yet complete), its new features, nodes and feature
+    summary, in one transaction; returns the element id of every node (by node index)."""
+    _prepare(tx, rows)
+    return _run_graph_statement(tx, rows, False, set())["eids"]
+
+
+def _edge_rows(rows: GraphRows) -> list[list]:
+    """EDGES_BY_INDEX rows: [source index, target index, weight, k], in edge order."""
+    src, tgt, wts = rows.edge_source.tolist(), rows.edge_target.tolist(), rows.edge_weight.tolist()
+    return [[s, t, w, k] for k, (s, t, w) in enumerate(zip(src, tgt, wts, strict=True))]
+
+
+def _edge_batches(rows: GraphRows, eids: list[str]):
     """Rows for EDGES, grouped by source node, at most EDGE_BATCH edges per batch."""
     groups: dict[int, list[list]] = defaultdict(lambda: [[], [], []])
     src = rows.edge_source.tolist()
