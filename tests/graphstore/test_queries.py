@@ -122,11 +122,9 @@ def test_feature_feeds(stored):
     )
     assert none.rows == []
     # Both Cypher texts (either walking direction) give the same rows as the function.
-    params = {
-        "source_key": f"clt-test/{src[0]}/{src[1]}",
-        "target_key": f"clt-test/{tgt[0]}/{tgt[1]}",
-        "limit": 100,
-    }
+    _, params = CANNED["feature-feeds"].prepare(*src, *tgt, transcoder="clt-test")
+    assert params["source_key"] == f"clt-test/{src[0]}/{src[1]}"
+    assert params["target_key"] == f"clt-test/{tgt[0]}/{tgt[1]}"
     for text in (FEATURE_FEEDS, FEATURE_FEEDS_BACKWARD):
         assert store.cypher(text, params).rows == res.rows
 
