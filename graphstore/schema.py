@@ -41,7 +41,11 @@ _COMMON = (
     "CREATE INDEX node_kind_feature IF NOT EXISTS FOR (n:Node) ON (n.kind, n.feature)",
     "CREATE INDEX graph_complete IF NOT EXISTS FOR (g:Graph) ON (g.complete)",
     "CREATE INDEX graph_prompt IF NOT EXISTS FOR (g:Graph) ON (g.prompt_id)",
-    "CREATE INDEX feature_prompts IF NOT EXISTS FOR (f:Feature) ON (f.prompts)",
+    # Feature.prompts is not indexed (earlier stores had this index; dropped here): every
+    # ingest rewrites the counters of ~200 features, and removing an old key from an index
+    # where thousands of features share it (prompts = 1) scans them all (measured: 16% of the
+    # server's ingest time), while ArcadeDB answers "prompts >= t" by a label scan anyway.
+    "DROP INDEX feature_prompts IF EXISTS",
 )
 
 
