@@ -120,4 +120,3 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     pruned.scores = {**graph_scores(graph), **graph.scores}
     pruned.extra["full_graph"] = {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges}
     return pruned
-

@@ -101,9 +101,13 @@ class ReplacementModel:
         pre = torch.stack([tc.pre_activations(l, inputs[l]) for l in range(L)])  # [L, P, F]
         acts = torch.stack([tc.activate(l, pre[l]) for l in range(L)])
         acts[:, ~self.feature_mask(len(tokens))] = 0.0
-        recon = tc.decode(acts, inputs)  # [L, P, d], bias (and skip) included
-        errors = sites["mlp_out"] - recon
         nz = acts.nonzero(as_tuple=False)  # sorted by (layer, pos, feature)
+        value = acts[nz[:, 0], nz[:, 1], nz[:, 2]]
+        # Only the active features' decoder rows are read (a lazy transcoder loads no others).
+        recon = tc.affine((len(tokens),), inputs) + tc.decode_sparse(
+            nz[:, 0], nz[:, 1], nz[:, 2], value, n_pos=len(tokens)
+        )  # [L, P, d]
+        errors = sites["mlp_out"] - recon
         return PromptState(
             tokens=tokens.clone(),
             logits=run.logits[0],
@@ -115,7 +119,7 @@ class ReplacementModel:
             feat_layer=nz[:, 0],
             feat_pos=nz[:, 1],
             feat_index=nz[:, 2],
-            feat_value=acts[nz[:, 0], nz[:, 1], nz[:, 2]],
+            feat_value=value,
             recon=recon,
             errors=errors,
         )

@@ -190,16 +190,24 @@ class CrossLayerTranscoder(nn.Module):
 
         ``x`` [L, ..., d] (the inputs) is needed only for the skip term.
         """
-        L = self.cfg.n_layers
-        out = (
-            self.b_dec.view(L, *([1] * (acts.dim() - 2)), -1)
-            .expand(L, *acts.shape[1:-1], self.cfg.d_model)
-            .clone()
-        )
-        for i in range(L):
+        out = self.affine(acts.shape[1:-1], x)
+        for i in range(self.cfg.n_layers):
             w = self.decoder(i)  # [F, T, d]
             contrib = torch.einsum("...f,ftd->t...d", acts[i], w)
             out[i : i + w.shape[1]] += contrib
+        return out
+
+    def affine(
+        self, batch_shape: tuple | torch.Size, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The part of the reconstruction that is not features: the output bias plus, for a skip
+        transcoder, W_skip x. Returns a new tensor [L, *batch_shape, d]; ``x`` [L, ..., d]."""
+        L = self.cfg.n_layers
+        out = (
+            self.b_dec.view(L, *([1] * len(batch_shape)), -1)
+            .expand(L, *batch_shape, self.cfg.d_model)
+            .clone()
+        )
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("a skip transcoder's decode needs the inputs x")

@@ -65,6 +65,10 @@ class TrainConfig:
     activation: Literal["jumprelu", "topk"] = "topk"
     topk: int = 32
     skip: bool = False
+    # A skip transcoder's W_skip starts at the ridge-regression fit of outputs on inputs
+    # (round 0's buffer), so features only have to learn what a linear map cannot.
+    skip_init: Literal["lstsq", "zero"] = "lstsq"
+    skip_ridge: float = 1e-3  # ridge, relative to the mean input variance
     input_site: Literal["resid_mid", "mlp_in"] = "mlp_in"
     seed: int = 0
     # Length: a fixed number of steps, or as many as fit in the budget (measured at start).
@@ -219,6 +223,30 @@ def objective(
         fired,
         recon.detach(),
     )
+
+
+@torch.no_grad()
+def fit_skip(
+    x: torch.Tensor, y: torch.Tensor, ridge: float, dist: Dist | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer ridge regression y ~ W x + b on x, y [L, N, d] (moments averaged over ranks).
+
+    Returns W [L, d_out, d_in] (the W_skip layout) and b [L, d]. The ridge is ``ridge`` times
+    the mean input variance, which keeps near-constant input directions from blowing up W."""
+    dist = dist or Dist()
+    x64, y64 = x.double(), y.double()
+    n = x.shape[1]
+    mx, my = dist.mean(x64.mean(1)), dist.mean(y64.mean(1))  # [L, d]
+    sxx = dist.mean(x64.transpose(1, 2) @ x64 / n)  # [L, d, d]
+    sxy = dist.mean(x64.transpose(1, 2) @ y64 / n)
+    cxx = sxx - mx[:, :, None] * mx[:, None, :]
+    cxy = sxy - mx[:, :, None] * my[:, None, :]
+    d = x.shape[-1]
+    lam = ridge * torch.diagonal(cxx, dim1=1, dim2=2).mean(-1)  # [L]
+    eye = torch.eye(d, dtype=torch.float64)
+    w = torch.linalg.solve(cxx + lam[:, None, None] * eye, cxy)  # [L, d_in, d_out]
+    b = my - (mx[:, None, :] @ w)[:, 0]
+    return w.transpose(1, 2).float().contiguous(), b.float()
 
 
 def _fired_topk(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
@@ -469,6 +497,15 @@ def train(
         with torch.no_grad():
             y_mean = dist.mean((ys.float() * norm.out_scale[:, None, None]).mean(1))
             clt.b_dec.copy_(y_mean)
+            if clt.W_skip is not None and cfg.skip_init == "lstsq":
+                w, b = fit_skip(
+                    xs.float() * norm.in_scale[:, None, None],
+                    ys.float() * norm.out_scale[:, None, None],
+                    cfg.skip_ridge,
+                    dist,
+                )
+                clt.W_skip.copy_(w)
+                clt.b_dec.copy_(b)
             for w in clt.D:
                 w.mul_(cfg.decoder_init_scale)
             if cfg.activation == "jumprelu":

@@ -113,20 +113,12 @@ class TrainableTranscoder(nn.Module):
         bias: bool = True,
     ) -> torch.Tensor:
         """idx, vals [L, N, k] (active features per layer) -> [L, N, d]; reads only the active
-        decoder rows (embedding_bag sums them weighted by vals)."""
-        L, N, k = idx.shape
-        F = self.cfg.n_features
-        outs = []
-        for l in range(L):
-            src = self.sources(l)
-            off = (torch.arange(len(src)) * F)[:, None, None]
-            ii = (idx[src.start : src.stop] + off).transpose(0, 1).reshape(N, -1)
-            vv = vals[src.start : src.stop].transpose(0, 1).reshape(N, -1)
-            outs.append(Fn.embedding_bag(ii, self.D[l], per_sample_weights=vv, mode="sum"))
-        rec = torch.stack(outs)
-        if bias:
-            rec = rec + self.b_dec[:, None, :]
-        return rec + self._skip(x)
+        decoder rows, one (source, target) block at a time (see :class:`BlockSparseDecode`).
+        ``bias=False`` gives the features' part alone (no output bias, no skip term)."""
+        rec = BlockSparseDecode.apply(idx, vals, self.cfg.kind, *self.D)
+        if not bias:
+            return rec
+        return rec + self.b_dec[:, None, :] + self._skip(x)
 
     def decoder_norms(self) -> torch.Tensor:
         """Norm of each feature's decoder concatenated over all its targets: [L, F]."""
@@ -137,3 +129,87 @@ class TrainableTranscoder(nn.Module):
             for j, i in enumerate(self.sources(l)):
                 parts[i].append(sq[j])
         return torch.stack([torch.stack(p).sum(0) for p in parts]).sqrt()
+
+
+class BlockSparseDecode(torch.autograd.Function):
+    """rec[l, n] = sum over sources i of sum_j vals[i, n, j] * W_il[idx[i, n, j]], where the
+    block W_il [F, d] is rows ``(i - first_source(l)) * F ...`` of ``D[l]``.
+
+    Why by hand: autograd's ``embedding_bag`` backward builds the decoder gradient by scattering
+    N*k rows, the slowest part of a CLT step on a CPU. Here every block's gradient is itself an
+    ``embedding_bag`` over the output gradient with tokens grouped by feature (one sort per
+    source layer), and the gradient of ``vals`` is a gathered row-dot per block; each block
+    [F, d] is small enough to stay in cache, which is why blocks beat one bag per target.
+    Forward, decoder gradient and value gradient each cost N*k*d per block.
+
+    Inputs: idx (long) and vals [L, N, k]; kind "clt" (sources 0..l) or "plt" (source l);
+    D[l] [(n_sources(l) * F), d]. Output [L, N, d] (no bias, no skip).
+    """
+
+    @staticmethod
+    def forward(ctx, idx, vals, kind, *D):
+        L, N, _ = idx.shape
+        F = D[0].shape[0]  # target 0 has exactly one source
+        rec = vals.new_zeros(L, N, D[0].shape[1])
+        for l in range(L):
+            for j, i in enumerate(_sources(kind, l)):
+                w = D[l][j * F : (j + 1) * F]
+                rec[l] += Fn.embedding_bag(idx[i], w, per_sample_weights=vals[i], mode="sum")
+        ctx.save_for_backward(idx, vals, *D)
+        ctx.kind = kind
+        return rec
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, vals, *D = ctx.saved_tensors
+        kind = ctx.kind
+        L, N, k = idx.shape
+        F = D[0].shape[0]
+        grad = grad.contiguous()
+        want_vals, want_d = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:])
+        g_vals = torch.zeros_like(vals) if want_vals else None
+        g_d = [torch.zeros_like(w) for w in D] if want_d else None
+        bag_starts = torch.arange(0, N * k, k)
+        bag_of_row = torch.arange(N).repeat_interleave(k)
+        for i in range(L):
+            flat = idx[i].reshape(-1)
+            if want_d:
+                # Group the N*k (token, value) pairs by feature: feature f's gradient row is
+                # the vals-weighted sum of grad rows of the tokens it fired on.
+                order = torch.argsort(flat, stable=True)
+                counts = torch.bincount(flat, minlength=F)
+                starts = counts.cumsum(0) - counts
+                tokens, weights = order // k, vals[i].reshape(-1)[order]
+            for l in _targets(kind, i, L):
+                j = i - _sources(kind, l).start
+                rows = slice(j * F, (j + 1) * F)
+                if want_d:
+                    g_d[l][rows] = Fn.embedding_bag(
+                        tokens, grad[l], starts, per_sample_weights=weights, mode="sum"
+                    )
+                if want_vals:
+                    g_vals[i] += _row_dots(grad[l], D[l][rows], flat, bag_starts, bag_of_row)
+        return None, g_vals, None, *(g_d if want_d else [None] * len(D))
+
+
+def _sources(kind: str, target: int) -> range:
+    return range(0, target + 1) if kind == "clt" else range(target, target + 1)
+
+
+def _targets(kind: str, source: int, n_layers: int) -> range:
+    return range(source, n_layers) if kind == "clt" else range(source, source + 1)
+
+
+def _row_dots(grad, weight, flat_idx, bag_starts, bag_of_row) -> torch.Tensor:
+    """[N, k]: grad[n] . weight[idx[n, j]] (the gradient of embedding_bag's per-sample weights).
+
+    Uses the kernel autograd itself runs for ``embedding_bag`` (no [N, k, d] gather); the
+    dense product is the fallback should a torch build lack it."""
+    N = grad.shape[0]
+    try:
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad, weight, flat_idx, bag_starts, bag_of_row, 0, -1
+        )
+    except (AttributeError, RuntimeError):
+        return (grad @ weight.T).gather(1, flat_idx.view(N, -1))
+    return out.view(N, -1)

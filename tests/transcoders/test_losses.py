@@ -185,3 +185,71 @@ def test_trainable_layout_round_trip_and_decodes(kind):
     torch.testing.assert_close(m.decode_dense(acts_ref), rec_ref, rtol=1e-5, atol=1e-6)
     norms = torch.stack([w.flatten(1).norm(dim=1) for w in clt.W_dec])
     torch.testing.assert_close(m.decoder_norms(), norms)
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_block_sparse_decode_gradients_match_dense_autograd(kind):
+    """The hand-written backward of the sparse decode equals autograd through a dense decode
+    (activations scattered into [L, N, F], one matmul per (source, target) pair)."""
+    from model_fixtures import make_random_clt
+
+    L, d, F, N, k = 4, 8, 6, 9, 3
+    clt = make_random_clt(L, d, n_features=F, kind=kind, seed=21, activation="topk")
+    m = TrainableTranscoder.from_clt(clt)
+    g = torch.Generator().manual_seed(22)
+    idx = torch.stack([torch.stack([torch.randperm(F, generator=g)[:k] for _ in range(N)])
+                       for _ in range(L)])  # fmt: skip
+    vals = torch.rand(L, N, k, generator=g, dtype=torch.float64).float().requires_grad_()
+    upstream = torch.randn(L, N, d, generator=g)
+
+    rec = m.decode_sparse(idx, vals, bias=False)
+    (rec * upstream).sum().backward()
+    got_vals, got_d = vals.grad.clone(), [w.grad.clone() for w in m.D]
+
+    # Independent: dense activations and plain matmuls on copies of the weights.
+    vals2 = vals.detach().clone().requires_grad_()
+    w_dec = [w.detach().clone().requires_grad_() for w in clt.W_dec]  # [F, T_i, d]
+    acts = torch.zeros(L, N, F).scatter(2, idx, vals2)
+    ref = torch.stack([
+        sum(acts[i] @ w_dec[i][:, l - i] for i in range(L) if 0 <= l - i < w_dec[i].shape[1])
+        for l in range(L)
+    ])  # fmt: skip
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(rec, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_vals, vals2.grad, rtol=1e-5, atol=1e-6)
+    for l in range(L):
+        for j, i in enumerate(m.sources(l)):
+            torch.testing.assert_close(
+                got_d[l][j * F : (j + 1) * F], w_dec[i].grad[:, l - i], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_topk_objective_auxk_on_a_skip_transcoder_matches_independent_terms():
+    """AuxK decodes only the dead features (no bias, no skip term), also for skip transcoders."""
+    from model_fixtures import make_random_clt
+
+    from transcoders.train import TrainConfig, objective
+
+    L, d, F, N, k = 3, 8, 10, 6, 3
+    clt = make_random_clt(L, d, n_features=F, kind="clt", seed=31, activation="topk", skip=True)
+    m = TrainableTranscoder.from_clt(clt)
+    x, y = _rand(L, N, d, seed=32), _rand(L, N, d, seed=33)
+    dead = torch.zeros(L, F, dtype=torch.bool)
+    dead[:, :4] = True
+    cfg = TrainConfig(n_features=F, topk=k, auxk=2, auxk_coef=0.5)
+    out = objective(m, x, y, cfg, 0.0, dead)
+
+    # Independent: dense activations, the CLT's own decode (bias + skip), explicit top-k masks.
+    pre = torch.einsum("lnd,lfd->lnf", x, clt.W_enc) + clt.b_enc[:, None, :]
+    top = pre.topk(k, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    rec = clt.decode(acts, x)
+    mse = (rec - y).pow(2).sum(-1).mean(-1).div(d).sum()
+    dead_pre = pre.masked_fill(~dead[:, None, :], -1e30)
+    aux_top = dead_pre.topk(2, dim=-1)
+    aux_acts = torch.zeros_like(pre).scatter(-1, aux_top.indices, aux_top.values.relu())
+    aux_rec = clt.decode(aux_acts, x) - clt.affine((N,), x)  # features only
+    resid = y - rec
+    aux = 0.5 * (resid - aux_rec).pow(2).sum() / resid.pow(2).sum()
+    assert out.parts["mse"] == pytest.approx(float(mse), rel=1e-5)
+    assert out.parts["auxk"] == pytest.approx(float(aux), rel=1e-5)

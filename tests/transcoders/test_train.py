@@ -273,3 +273,24 @@ def test_budget_stops_a_run_that_slows_down(tmp_path):
     assert res.clt.cfg.training["steps"] == res.steps
     assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == res.steps
     assert (tmp_path / "transcoder" / "circuit_atlas.json").exists()
+
+
+def test_fit_skip_matches_numpy_least_squares():
+    """Without ridge, fit_skip is ordinary least squares with an intercept, per layer."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(41)
+    L, N, d = 2, 200, 5
+    x = torch.randn(L, N, d, generator=g)
+    y = torch.einsum("lnd,led->lne", x, torch.randn(L, d, d, generator=g)) + torch.randn(
+        L, N, d, generator=g
+    )
+    w, b = train_mod.fit_skip(x, y, ridge=0.0)
+    for l in range(L):
+        design = np.concatenate([x[l].double().numpy(), np.ones((N, 1))], axis=1)
+        sol = np.linalg.lstsq(design, y[l].double().numpy(), rcond=None)[0]  # [d + 1, d]
+        np.testing.assert_allclose(w[l].numpy(), sol[:d].T, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b[l].numpy(), sol[d], rtol=1e-4, atol=1e-5)
+    # A ridge shrinks the map towards zero.
+    w_r, _ = train_mod.fit_skip(x, y, ridge=10.0)
+    assert w_r.norm() < w.norm()
