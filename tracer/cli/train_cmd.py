@@ -72,6 +72,12 @@ def register_subcommand(tsub) -> None:
     t.add_argument("--activation", choices=["topk", "jumprelu"], default=d["activation"])
     t.add_argument("--topk", type=int, default=d["topk"])
     t.add_argument("--skip", action="store_true", help="add an affine skip connection")
+    t.add_argument(
+        "--skip-init",
+        choices=["lstsq", "zero"],
+        default="lstsq",
+        help="start W_skip at the ridge-regression fit of outputs on inputs, or at zero",
+    )
     t.add_argument("--input-site", choices=["mlp_in", "resid_mid"], default="mlp_in")
     t.add_argument("--budget-minutes", type=float, default=d["budget_minutes"])
     t.add_argument("--steps", type=int, help="train exactly this many steps (ignores budget)")
@@ -228,6 +234,7 @@ def run_training(args):
         activation=args.activation,
         topk=args.topk,
         skip=args.skip,
+        skip_init=args.skip_init,
         input_site=args.input_site,
         seed=args.seed,
         steps=args.steps,
