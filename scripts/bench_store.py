@@ -77,6 +77,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    load_at_start = os.getloadavg()
     tmp = tempfile.TemporaryDirectory(prefix="bench-store-")
     server = None
     if args.uri is None:
@@ -150,6 +151,7 @@ def main() -> int:
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            "load_avg_at_start": load_at_start,
             "load_avg_at_end": os.getloadavg(),
         },  # fmt: skip
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
