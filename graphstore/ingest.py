@@ -5,7 +5,9 @@ node (``complete = false``), new features, nodes and per-graph feature summary, 
 in batches, (3) one last transaction that sets ``complete = true`` and adds the graph to the
 per-feature counters. Every query reads complete graphs only, so a writer that dies part-way
 leaves nothing visible; the next write of the same graph id deletes the remains first.
-A smaller graph (the usual pruned circuit) goes in a single transaction doing all three.
+A smaller graph (the usual pruned circuit) goes in a single transaction of two statements (three
+when it brings new features): PREPARE (stored state, features to create) and one statement
+that writes header, feature summary and counters, nodes and edges; it is visible at commit.
 """
 
 from __future__ import annotations
