@@ -9,7 +9,7 @@ import pytest
 from graphstore import GraphNotFoundError, graph_id
 from graphstore.synthetic import synthetic_graph
 from tests.graphstore.conftest import assert_graphs_equal, small_graph
-from tracer.graph import Graph
+from tracer.graph import FEATURE, Graph
 
 
 def _counts(store, gid):
@@ -112,3 +112,36 @@ def test_delete(store):
     assert store.delete(gid)
     assert _counts(store, gid) == (0, 0, 0)
     assert gid not in store.graph_ids()
+
+
+@pytest.mark.parametrize("shape", ["no_edges", "no_features", "large"])
+def test_round_trip_edge_cases(store, shape, monkeypatch):
+    """The write statement is assembled from parts: a graph without edges, one without feature
+    nodes, and one written in several transactions (more edges than EDGE_BATCH) all load back
+    equal, and are counted once."""
+    from graphstore import ingest
+
+    g = small_graph(61, params={"shape": shape})  # its own graph id
+    if shape == "no_edges":
+        g = g.subgraph(np.ones(g.n_nodes, dtype=bool), np.zeros(g.n_edges, dtype=bool))
+        assert g.n_edges == 0
+    elif shape == "no_features":
+        g = g.subgraph(g.kind != FEATURE)
+        assert g.n_edges > 0 and not (g.kind == FEATURE).any()
+    else:
+        monkeypatch.setattr(ingest, "EDGE_BATCH", 7)
+    before = store.cypher("MATCH (f:Feature) RETURN sum(f.graphs)").rows[0][0] or 0
+    res = store.add(g)
+    assert res.written
+    assert_graphs_equal(store.load(res.graph_id), g)
+    assert _counts(store, res.graph_id) == (1, g.n_nodes, g.n_edges)
+    after = store.cypher("MATCH (f:Feature) RETURN sum(f.graphs)").rows[0][0] or 0
+    n_features = len(
+        {
+            (int(a), int(b))
+            for a, b, k in zip(g.layer, g.feature, g.kind, strict=True)
+            if k == FEATURE
+        }
+    )
+    assert after - before == n_features
+    assert not store.add(g).written
