@@ -215,6 +215,11 @@ class LocalServer:
             f"-Darcadedb.server.rootPath={self.home}",
             f"-Darcadedb.server.databaseDirectory={self.home / 'databases'}",
             f"-Darcadedb.server.plugins={BOLT_PLUGIN}",
+            # New records go to pages known to have room instead of a search for freed space
+            # in every page ('high', the default): the store mostly appends, and ingest spent
+            # ~8% of its server time in that search (measured: 25.7 -> 23.7 us an edge). Space
+            # freed by deleted graphs is reused less.
+            "-Darcadedb.bucketReuseSpaceMode=low",
             "-Darcadedb.server.httpIncomingHost=127.0.0.1",
             f"-Darcadedb.server.httpIncomingPort={http_port}",
             "-Darcadedb.bolt.host=127.0.0.1",
