@@ -122,8 +122,8 @@ class Param:
 class CannedQuery:
     """One canned query: its name (CLI: ``circuit-atlas query NAME``), what it answers, its
     parameters, its Cypher text and the function that prepares parameters. ``execute``, when
-    set, computes the same answer as the Cypher text a faster way (inside a read transaction);
-    otherwise the Cypher text runs."""
+    set, computes the same answer as the Cypher text a faster way (inside a read transaction),
+    ``parallel`` over several read transactions at once; otherwise the Cypher text runs."""
 
     name: str
     description: str
@@ -131,6 +131,9 @@ class CannedQuery:
     params: tuple[Param, ...]
     prepare: Callable[..., tuple[str, dict]] = field(repr=False)
     execute: Callable[..., QueryResult] | None = field(default=None, repr=False)
+    # Computes the same answer over several sessions at once (the server runs each on its own
+    # thread), given a function that opens a session; used when the caller passes one.
+    parallel: Callable[..., QueryResult] | None = field(default=None, repr=False)
 
     def text(self, max_hops: int = 4, **_params) -> str:
         """The Cypher text as it runs (the path query's hop bound filled in)."""
@@ -289,6 +292,69 @@ def _similar(graph, limit=10):
     return SIMILAR_GRAPHS, {"graph": graph, "limit": int(limit)}
 
 
+# similar-graphs in parts that the server runs at once: part p aggregates the (shared feature,
+# other graph) pairs of the target's features with (layer + index) % parts = p; the function
+# adds the parts up. (The pairs are the whole cost: one HAS_FEATURE edge record each.)
+SIMILAR_PART = """
+MATCH (a:Graph {id: $graph})-[ua:HAS_FEATURE]->(f:Feature)
+WHERE (f.layer + f.index) % $parts = $part
+WITH ua.activation AS x, f
+MATCH (f)<-[ub:HAS_FEATURE]-(b:Graph)
+WITH b, count(*) AS shared,
+     sum(CASE WHEN x < ub.activation THEN x ELSE ub.activation END) AS overlap
+WHERE b.complete = true AND b.id <> $graph
+RETURN collect([b.id, shared, overlap, b.feature_mass]) AS rows
+"""
+
+SIMILAR_NAMES = """
+UNWIND $ids AS id
+MATCH (b:Graph {id: id})
+RETURN collect([b.id, b.prompt]) AS prompts
+"""
+
+
+def _similar_parallel(open_session, params: dict, parts: int = 2) -> QueryResult:
+    """SIMILAR_GRAPHS in ``parts`` concurrent read transactions (see SIMILAR_PART); the
+    overlap of each graph is the sum of its parts' overlaps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def part(p: int) -> list:
+        with open_session() as s:
+            return s.execute_read(
+                lambda tx: tx.run(
+                    SIMILAR_PART, graph=params["graph"], parts=parts, part=p
+                ).single()["rows"]
+            )
+
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        results = list(pool.map(part, range(parts)))
+    agg: dict[str, list] = {}
+    for rows in results:
+        for gid, shared, overlap, mass in rows:
+            a = agg.setdefault(gid, [0, 0.0, mass])
+            a[0] += shared
+            a[1] += overlap
+    columns = ["graph", "prompt", "shared", "similarity"]
+    if not agg:
+        return QueryResult(columns, [])
+    with open_session() as s:
+        m_a = s.execute_read(
+            lambda tx: tx.run(
+                "MATCH (a:Graph {id: $graph}) RETURN a.feature_mass AS m", graph=params["graph"]
+            ).single()["m"]
+        )
+        ranked = sorted(
+            ((gid, sh, o / (m_a + m_b - o)) for gid, (sh, o, m_b) in agg.items()),
+            key=lambda r: (-r[2], r[0]),
+        )[: params["limit"]]
+        names = dict(
+            s.execute_read(
+                lambda tx: tx.run(SIMILAR_NAMES, ids=[r[0] for r in ranked]).single()["prompts"]
+            )
+        )
+    return QueryResult(columns, [[gid, names[gid], sh, sim] for gid, sh, sim in ranked])
+
+
 CANNED: dict[str, CannedQuery] = {
     q.name: q
     for q in (
@@ -353,17 +419,21 @@ CANNED: dict[str, CannedQuery] = {
                 Param("limit", int, "rows to return", 10),
             ),
             _similar,
+            parallel=_similar_parallel,
         ),
     )
 }
 
 
-def run_canned(session, name: str, **kwargs) -> QueryResult:
-    """Run canned query ``name`` with its parameters (trusted Cypher, a read transaction)."""
+def run_canned(session, name: str, open_session=None, **kwargs) -> QueryResult:
+    """Run canned query ``name`` with its parameters (trusted Cypher, a read transaction;
+    with ``open_session``, a function that opens more sessions, possibly several at once)."""
     if name not in CANNED:
         raise ValueError(f"unknown query {name!r}: choose one of {', '.join(CANNED)}")
     query = CANNED[name]
     cypher, params = query.prepare(**kwargs)
+    if query.parallel is not None and open_session is not None:
+        return query.parallel(open_session, params)
     if query.execute is not None:
         return session.execute_read(query.execute, params, kwargs)
 

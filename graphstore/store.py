@@ -272,7 +272,7 @@ class GraphStore:
             params["transcoder"] = self._default_transcoder()
         try:
             with self._session() as s:
-                return queries.run_canned(s, name, **params)
+                return queries.run_canned(s, name, open_session=self._session, **params)
         except neo4j.exceptions.Neo4jError as err:
             raise StoreError(f"query {name} failed on the server: {err.message}") from err
 
