@@ -137,7 +137,8 @@ class LocalServer:
         self.home.mkdir(parents=True, exist_ok=True)
         if self.password_file.exists():
             return self.password_file.read_text().strip()
-        pw = secrets.token_urlsafe(24)
+        # Hex: a url-safe token may start with '-', which a command line reads as an option.
+        pw = secrets.token_hex(24)
         fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(pw + "\n")

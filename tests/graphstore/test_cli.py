@@ -22,7 +22,7 @@ ROOT = Path(__file__).parents[2]
 
 
 def _conn(auth, tmp_path):
-    return ["--uri", auth["uri"], "--user", auth["user"], "--password", auth["password"],
+    return ["--uri", auth["uri"], "--user", auth["user"], f"--password={auth['password']}",
             "--database", auth["database"], "--home", str(tmp_path / "unused")]  # fmt: skip
 
 
