@@ -495,17 +495,16 @@ def train(
         ms_in, ms_out = dist.mean(mean_square_norms(xs)), dist.mean(mean_square_norms(ys))
         norm = from_mean_squares(ms_in, ms_out, d_model)
         with torch.no_grad():
-            y_mean = dist.mean((ys.float() * norm.out_scale[:, None, None]).mean(1))
-            clt.b_dec.copy_(y_mean)
+            y_norm = ys.float() * norm.out_scale[:, None, None]
             if clt.W_skip is not None and cfg.skip_init == "lstsq":
-                w, b = fit_skip(
-                    xs.float() * norm.in_scale[:, None, None],
-                    ys.float() * norm.out_scale[:, None, None],
-                    cfg.skip_ridge,
-                    dist,
-                )
+                x_norm = xs.float() * norm.in_scale[:, None, None]
+                w, b = fit_skip(x_norm, y_norm, cfg.skip_ridge, dist)
                 clt.W_skip.copy_(w)
                 clt.b_dec.copy_(b)
+                del x_norm
+            else:
+                clt.b_dec.copy_(dist.mean(y_norm.mean(1)))
+            del y_norm
             for w in clt.D:
                 w.mul_(cfg.decoder_init_scale)
             if cfg.activation == "jumprelu":

@@ -36,7 +36,7 @@ class TrainableTranscoder(nn.Module):
 
     def sources(self, target: int) -> range:
         """Source layers whose features write to ``target``."""
-        return range(0, target + 1) if self.cfg.kind == "clt" else range(target, target + 1)
+        return _sources(self.cfg.kind, target)
 
     # --- conversion ------------------------------------------------------------------------
 
@@ -193,6 +193,7 @@ class BlockSparseDecode(torch.autograd.Function):
 
 
 def _sources(kind: str, target: int) -> range:
+    """Source layers whose features write to ``target`` (a CLT: all earlier layers)."""
     return range(0, target + 1) if kind == "clt" else range(target, target + 1)
 
 
