@@ -9,6 +9,12 @@ Trains with ``circuit-atlas transcoders train`` (default recipe), saves the CLT 
 ``benchmarks/training.json`` and ``benchmarks/training.md`` (per-layer NMSE, L0, dead fraction;
 spliced KL, top-1 agreement, CE loss recovered; tokens/s). Goal for the default recipe: mean
 NMSE <= 0.25, mean L0 <= 64, dead fraction <= 5%.
+
+After training (outside the timed budget) it also measures a reference point: the best
+*linear* map per layer (ridge regression of MLP outputs on MLP inputs, fitted on
+``--baseline-seqs`` training sequences) scored on the same held-out tokens. A transcoder's NMSE
+only means something next to it: the features must beat every linear map to be worth having.
+Pass ``--baseline-seqs 0`` to skip it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ def main() -> int:
         "--out", help="weights folder (default: <cache>/transcoders/smollm2-clt-default)"
     )
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "training"))
+    ap.add_argument(
+        "--baseline-seqs",
+        type=int,
+        default=128,
+        help="training sequences for the linear (ridge) baseline; 0 skips it",
+    )
     ap.add_argument("extra", nargs="*", help="more `transcoders train` options (after --)")
     args = ap.parse_args()
 
@@ -85,6 +97,8 @@ def main() -> int:
             "dead": m["dead_heldout"] <= GOAL["dead"],
         },
     }
+    if args.baseline_seqs > 0:
+        report["linear_baseline"] = linear_baseline(targs, args.baseline_seqs)
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(report, indent=2))
@@ -93,10 +107,43 @@ def main() -> int:
     return 0
 
 
+def linear_baseline(targs, n_seqs: int, ridge: float = 1e-3) -> dict:
+    """Held-out NMSE per layer of the ridge fit y ~ W x + b per layer (MLP out on MLP in),
+    on ``n_seqs`` training sequences and the held-out sequences the trainer evaluates on."""
+    import torch
+
+    from tracer.cli.train_cmd import load_corpus
+    from tracer.model import LanguageModel
+    from tracer.splice import activation_fn
+    from transcoders.metrics import nmse_per_layer
+    from transcoders.stream import ShuffleBuffer
+    from transcoders.train import fit_skip
+
+    model = LanguageModel.load(targs.model)
+    corpus = load_corpus(targs.corpus, model)
+    train_np, held_np = corpus.split(targs.heldout_seqs + targs.context_seqs)
+    fit_tokens = torch.as_tensor(train_np[:n_seqs], dtype=torch.long)
+    eval_tokens = torch.as_tensor(held_np[: targs.heldout_seqs], dtype=torch.long)
+    acts = activation_fn(model, targs.input_site)
+    x, y = ShuffleBuffer.harvest(acts, fit_tokens).get(slice(None))  # [L, N, d]
+    hx, hy = ShuffleBuffer.harvest(acts, eval_tokens).get(slice(None))
+    w, b = fit_skip(x, y, ridge)  # w [L, d_out, d_in], b [L, d]
+    pred = hx @ w.transpose(1, 2) + b[:, None, :]
+    nmse = nmse_per_layer(pred, hy)
+    return {
+        "fit_tokens": x.shape[1],
+        "heldout_tokens": hx.shape[1],
+        "ridge": ridge,
+        "nmse": round(float(nmse.mean()), 6),
+        "nmse_per_layer": [round(float(v), 6) for v in nmse],
+    }
+
+
 def markdown(r: dict) -> str:
     m = r["metrics"]
     sp = m.get("spliced", {})
     rec = r["recipe"] or {}
+    base = r.get("linear_baseline")
     lines = [
         "## Transcoder training benchmark (default SmolLM2 recipe)",
         "",
@@ -120,14 +167,23 @@ def markdown(r: dict) -> str:
         f"{sp.get('ce_recovered', float('nan')):.1%}",
         f"- goal (NMSE <= {GOAL['nmse']}, L0 <= {GOAL['l0']}, dead <= {GOAL['dead']:.0%}): "
         + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["goal_met"].items()),
-        "",
-        "| layer | NMSE | L0 | dead (held-out) |",
-        "|---:|---:|---:|---:|",
     ]
-    for i, (n, l0, d) in enumerate(
-        zip(m["nmse_per_layer"], m["l0_per_layer"], m["dead_heldout_per_layer"], strict=True)
+    if base:
+        lines.append(
+            f"- linear baseline (ridge per layer, {base['fit_tokens']} training tokens, same "
+            f"held-out tokens): mean NMSE **{base['nmse']:.3f}**"
+        )
+    lines += [
+        "",
+        "| layer | NMSE | L0 | dead (held-out) |" + (" linear NMSE |" if base else ""),
+        "|---:|---:|---:|---:|" + ("---:|" if base else ""),
+    ]
+    lin = base["nmse_per_layer"] if base else [None] * len(m["nmse_per_layer"])
+    for i, (n, l0, d, ln) in enumerate(
+        zip(m["nmse_per_layer"], m["l0_per_layer"], m["dead_heldout_per_layer"], lin, strict=True)
     ):
-        lines.append(f"| {i} | {n:.3f} | {l0:.1f} | {d:.1%} |")
+        row = f"| {i} | {n:.3f} | {l0:.1f} | {d:.1%} |"
+        lines.append(row + (f" {ln:.3f} |" if ln is not None else ""))
     return "\n".join(lines) + "\n"
 
 

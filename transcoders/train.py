@@ -68,7 +68,9 @@ class TrainConfig:
     # A skip transcoder's W_skip starts at the ridge-regression fit of outputs on inputs
     # (round 0's buffer), so features only have to learn what a linear map cannot.
     skip_init: Literal["lstsq", "zero"] = "lstsq"
-    skip_ridge: float = 1e-3  # ridge, relative to the mean input variance
+    # Ridge, relative to the mean input variance. On SmolLM2 (d=576) held-out NMSE of the fit
+    # from 8,192 tokens: 0.533 at 1e-3, 0.518 at 0.1; from 16,000: 0.507 at 1e-3, 0.501 at 0.03.
+    skip_ridge: float = 0.1
     input_site: Literal["resid_mid", "mlp_in"] = "mlp_in"
     seed: int = 0
     # Length: a fixed number of steps, or as many as fit in the budget (measured at start).
