@@ -246,7 +246,17 @@ def fit_skip(
     d = x.shape[-1]
     lam = ridge * torch.diagonal(cxx, dim1=1, dim2=2).mean(-1)  # [L]
     eye = torch.eye(d, dtype=torch.float64)
-    w = torch.linalg.solve(cxx + lam[:, None, None] * eye, cxy)  # [L, d_in, d_out]
+    # Cholesky, not linalg.solve: the system is symmetric positive definite, and MKL's batched
+    # LU in torch 2.13 fails on [30, 576, 576] float64 with 2 threads ("Pivots given to lu_solve
+    # must all be greater or equal to 1").
+    chol, info = torch.linalg.cholesky_ex(cxx + lam[:, None, None] * eye)
+    if bool((info != 0).any()):
+        bad = [i for i, v in enumerate(info.tolist()) if v]
+        raise ValueError(
+            f"skip fit: the input covariance of layer(s) {bad} is singular; harvest more tokens "
+            "(--buffer-tokens) or raise TrainConfig.skip_ridge"
+        )
+    w = torch.cholesky_solve(cxy, chol)  # [L, d_in, d_out]
     b = my - (mx[:, None, :] @ w)[:, 0]
     return w.transpose(1, 2).float().contiguous(), b.float()
 

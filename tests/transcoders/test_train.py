@@ -294,3 +294,32 @@ def test_fit_skip_matches_numpy_least_squares():
     # A ridge shrinks the map towards zero.
     w_r, _ = train_mod.fit_skip(x, y, ridge=10.0)
     assert w_r.norm() < w.norm()
+
+
+def test_fit_skip_at_model_size_and_singular_inputs():
+    """The solve works at SmolLM2's size with two threads (MKL's batched LU does not), and a
+    layer whose inputs span fewer than d directions, with no ridge, is a clear error."""
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(43)
+        x = torch.randn(30, 1200, 576, generator=g)
+        y = torch.randn(30, 1200, 576, generator=g)
+        w, b = train_mod.fit_skip(x, y, ridge=0.1)
+    finally:
+        torch.set_num_threads(threads)
+    # Layer 7 against numpy's solve of the same ridge system.
+    x7, y7 = x[7].double().numpy(), y[7].double().numpy()
+    xc, yc = x7 - x7.mean(0), y7 - y7.mean(0)
+    cxx, cxy = xc.T @ xc / len(xc), xc.T @ yc / len(xc)
+    lam = 0.1 * np.diag(cxx).mean()
+    ref = np.linalg.solve(cxx + lam * np.eye(576), cxy)  # [d_in, d_out]
+    np.testing.assert_allclose(w[7].numpy(), ref.T, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(b[7].numpy(), y7.mean(0) - x7.mean(0) @ ref, atol=1e-4)
+
+    flat = torch.randn(2, 50, 8, generator=g)
+    flat[1, :, 3] = 0.5  # layer 1: a constant input coordinate (zero variance)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\].*--buffer-tokens"):
+        train_mod.fit_skip(flat, torch.randn(2, 50, 8, generator=g), ridge=0.0)
