@@ -149,7 +149,8 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`",
         "",
-        f"- recipe: {rec.get('kind')} {rec.get('activation')} k={rec.get('topk')}, "
+        f"- recipe: {rec.get('kind')}{' + skip' if rec.get('skip') else ''} "
+        f"{rec.get('activation')} k={rec.get('topk')}, "
         f"{rec.get('n_features')} features/layer, batch {rec.get('batch_tokens')} tokens, "
         f"lr {rec.get('lr')}, buffer {rec.get('buffer_tokens')} tokens x "
         f"{rec.get('passes')} passes",
