@@ -195,6 +195,20 @@ def load_corpus(spec: str, model):
     return corpus
 
 
+def split_tokens(corpus, args):
+    """The training command's token split of ``corpus``: (training [S, P], held-out evaluation
+    [heldout_seqs, P], feature-context sequences [context_seqs, P]), all long tensors."""
+    import torch
+
+    train_np, held_np = corpus.split(args.heldout_seqs + args.context_seqs)
+    held = torch.as_tensor(held_np, dtype=torch.long)
+    return (
+        torch.as_tensor(train_np, dtype=torch.long),
+        held[: args.heldout_seqs],
+        held[args.heldout_seqs :],
+    )
+
+
 def unembed_for_contexts(model):
     """W_U scaled by the final norm's gain (what a residual direction meets before the logits)."""
     w = model.unembed_matrix()
@@ -227,11 +241,7 @@ def run_training(args):
     torch.set_num_threads(args.threads or default_threads())
     model = LanguageModel.load(args.model)
     corpus = load_corpus(args.corpus, model)
-    n_held = args.heldout_seqs + args.context_seqs
-    train_np, held_np = corpus.split(n_held)
-    train_tokens = torch.as_tensor(train_np, dtype=torch.long)
-    held = torch.as_tensor(held_np, dtype=torch.long)
-    eval_tokens, ctx_tokens = held[: args.heldout_seqs], held[args.heldout_seqs :]
+    train_tokens, eval_tokens, ctx_tokens = split_tokens(corpus, args)
     name = Path(args.model).name.lower()
     out = (
         Path(args.out)
