@@ -28,11 +28,14 @@ from tracer.prune import graph_scores, node_influence, prune
 from tracer.replacement import PromptState, ReplacementModel
 from tracer.steer import generate
 from tracer.validate import ValidationReport, validate  # tracer.validate(rm, graph) -> report
+from transcoders.device import DeviceError, DeviceSetting  # the one device/dtype setting
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "AttributionConfig",
+    "DeviceError",
+    "DeviceSetting",
     "FeatureEdit",
     "FeatureSwap",
     "Freeze",

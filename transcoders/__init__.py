@@ -11,6 +11,7 @@ from transcoders.activations import (
     topk,
 )
 from transcoders.clt import CrossLayerTranscoder, InputSite, TranscoderConfig
+from transcoders.device import CPU, DeviceError, DeviceSetting, parse_device, parse_dtype
 from transcoders.formats import (
     FORMATS,
     WRITABLE_FORMATS,
@@ -24,6 +25,11 @@ from transcoders.formats import (
 )
 
 __all__ = [
+    "CPU",
+    "DeviceError",
+    "DeviceSetting",
+    "parse_device",
+    "parse_dtype",
     "FORMATS",
     "WRITABLE_FORMATS",
     "ActivationKind",
