@@ -4,6 +4,8 @@ server), full graphs in a Parquet archive, canned cross-prompt queries, read-onl
 from graphstore.archive import Archive
 from graphstore.errors import (
     GraphNotFoundError,
+    IdentityError,
+    LegacyStoreError,
     ModelMismatchError,
     ReadOnlyViolation,
     ServerStartError,
@@ -24,6 +26,8 @@ __all__ = [
     "CannedQuery",
     "GraphNotFoundError",
     "GraphStore",
+    "IdentityError",
+    "LegacyStoreError",
     "LocalServer",
     "ModelMismatchError",
     "QueryResult",

@@ -36,3 +36,12 @@ class GraphNotFoundError(StoreError, KeyError):
 
 class ReadOnlyViolation(StoreError):
     """User Cypher that would write (CREATE, MERGE, DELETE, SET, ...) was refused."""
+
+
+class LegacyStoreError(StoreError):
+    """The store holds graphs keyed by bare transcoder names (written before transcoder
+    identities); it must be migrated (``circuit-atlas store migrate``) before use."""
+
+
+class IdentityError(StoreError, ValueError):
+    """A graph whose transcoder is named without a content fingerprint (``name@fingerprint``)."""

@@ -154,7 +154,9 @@ def graph_rows(graph: Graph, gid: str, parquet_path: str | None) -> GraphRows:
     header = {
         "id": gid,
         "model": graph.model_name,
-        "transcoder": graph.transcoder_name,
+        "transcoder": graph.transcoder_name,  # identity: name@fingerprint
+        "transcoder_readable": graph.transcoder_name.rpartition("@")[0],
+        "transcoder_fingerprint": graph.transcoder_name.rpartition("@")[2],
         "prompt_id": prompt_id(graph),
         "prompt": graph.prompt,
         "tokens": [int(t) for t in graph.tokens],
@@ -270,7 +272,8 @@ CREATE (:Feature {key: r[0], transcoder: $transcoder, layer: r[1], index: r[2],
 HEADER = """
 MERGE (m:Model {name: $h.model})
 MERGE (t:Transcoder {name: $h.transcoder})
-  ON CREATE SET t.model = $h.model
+  ON CREATE SET t.model = $h.model, t.readable = $h.transcoder_readable,
+                t.fingerprint = $h.transcoder_fingerprint
 MERGE (t)-[:FOR_MODEL]->(m)
 MERGE (p:Prompt {id: $h.prompt_id})
   ON CREATE SET p.text = $h.prompt, p.model = $h.model, p.tokens = $h.tokens,

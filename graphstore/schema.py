@@ -3,11 +3,13 @@
 Schema (every property name below is what queries use)::
 
     (:Model {name})
-    (:Transcoder {name, model})-[:FOR_MODEL]->(:Model)
+    (:Transcoder {name, readable, fingerprint, model})-[:FOR_MODEL]->(:Model)
+                                     name = identity "readable@fingerprint" (transcoders.identity)
     (:Feature {key, transcoder, layer, index,           shared by all prompts; key "tc/layer/index"
                graphs, prompts, nodes, activation})     counters over complete graphs
     (:Prompt {id, text, model, tokens, token_strings})
-    (:Graph {id, complete, model, transcoder, prompt_id, prompt, n_nodes, n_edges, n_layers,
+    (:Graph {id, complete, model, transcoder, transcoder_readable, transcoder_fingerprint,
+             prompt_id, prompt, n_nodes, n_edges, n_layers,
              parquet_path, content_hash, params_json, scores_json, extra_json, feature_mass,
              param_<k>, score_<k>, validation_<k>})
     (:Graph)-[:OF_PROMPT]->(:Prompt), (:Graph)-[:USES]->(:Transcoder)

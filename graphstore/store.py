@@ -10,9 +10,11 @@ from pathlib import Path
 
 import neo4j
 
-from graphstore import export, ingest, queries, readonly
+from graphstore import export, ingest, migrate, queries, readonly
 from graphstore.archive import Archive
 from graphstore.errors import (
+    IdentityError,
+    LegacyStoreError,
     ModelMismatchError,
     StoreAuthError,
     StoreError,
@@ -100,6 +102,7 @@ class GraphStore:
                     f"cannot create the schema in database {self.database!r} at {uri}: "
                     f"{err.message}"
                 ) from None
+            self._legacy = migrate.legacy_transcoders(s)
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -130,6 +133,13 @@ class GraphStore:
 
     def _prepare(self, graph: Graph, full: Graph | None) -> tuple[Graph, Path, ingest.GraphRows]:
         """The client-side half of ``add``: archive, binding check, parameter rows."""
+        self._check_usable()
+        if not migrate.is_identity(graph.transcoder_name):
+            raise IdentityError(
+                f"the graph of {graph.prompt!r} names its transcoder "
+                f"{graph.transcoder_name!r} without a content fingerprint (traced before "
+                "transcoder identities): re-trace it with this version of circuit-atlas"
+            )
         gid = ingest.graph_id(graph)
         path = self.archive.save(full if full is not None else graph, gid)
         self._check_binding(graph, path)
@@ -220,6 +230,36 @@ class GraphStore:
                     f"The graph is saved at {path}"
                 )
 
+    # --- transcoder identities -----------------------------------------------------------------
+
+    def legacy_transcoders(self) -> dict[str, str | None]:
+        """Transcoders stored under bare names (before identities) -> their model; empty for
+        a store that needs no migration."""
+        return dict(self._legacy)
+
+    def _check_usable(self) -> None:
+        if self._legacy:
+            raise LegacyStoreError(
+                f"this store was written before transcoder identities: transcoder(s) "
+                f"{', '.join(repr(n) for n in sorted(self._legacy))} have no content "
+                f"fingerprint, so features of different transcoders may be merged. Migrate it "
+                f"first: {migrate.migrate_command(self._legacy)}"
+            )
+
+    def migrate_identities(self, mapping: dict[str, str]) -> list[migrate.MigrationResult]:
+        """Rename legacy transcoders (bare name -> ``name@fingerprint``); see
+        :mod:`graphstore.migrate`. Nothing is deleted."""
+        unknown = sorted(set(mapping) - set(self._legacy))
+        if unknown:
+            raise StoreError(
+                f"{', '.join(map(repr, unknown))} are not legacy transcoders of this store "
+                f"(legacy: {', '.join(map(repr, sorted(self._legacy))) or 'none'})"
+            )
+        with self._session() as s:
+            results = migrate.migrate_identities(s, mapping)
+            self._legacy = migrate.legacy_transcoders(s)
+        return results
+
     def delete(self, graph_id: str) -> bool:
         """Remove a stored graph (its archive file stays); True if it existed."""
         with self._session() as s:
@@ -268,6 +308,7 @@ class GraphStore:
 
     def query(self, name: str, **params) -> readonly.QueryResult:
         """Run a canned query (see graphstore.queries.CANNED)."""
+        self._check_usable()
         if name == "feature-feeds" and params.get("transcoder") is None:
             params["transcoder"] = self._default_transcoder()
         try:

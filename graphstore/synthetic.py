@@ -29,7 +29,7 @@ class SyntheticConfig:
     in_degree: tuple[int, int] = (4, 22)  # incoming edges per feature/logit node
     vocab_size: int = 49152
     model_name: str = "smollm2-135m-instruct"
-    transcoder_name: str = "clt-smollm2-synthetic"
+    transcoder_name: str = "clt-smollm2-synthetic@5e17e71c00000000"
 
 
 def _zipf_index(rng: np.random.Generator, n: int, vocab: int, a: float) -> np.ndarray:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import random
 from html.parser import HTMLParser
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tracer.cli import main
+from tracer.graph import LOGIT, Graph
 
 CORPUS = """The river ran past the old mill, and the miller's daughter watched the water turn
 the wheel. In the spring the fields were green and the lambs ran along the hedges.
@@ -65,16 +68,27 @@ def test_demo_end_to_end(tmp_path, monkeypatch, smollm2_full):
             svg_name = g["svg"].rsplit("/", 1)[-1]
             assert parser.tags > 50 and any(svg_name in r for r in parser.refs)
             svg = open(g["svg"], encoding="utf-8").read()
-            assert " Paris" in svg or " cold" in svg or "logit" in svg.lower()
+            pruned = Graph.load(g["pruned"])
+            logits = np.flatnonzero(pruned.kind == LOGIT)
+            assert len(logits) >= 1
+            for i in logits:  # every logit node is drawn with its probability label
+                assert f"p={float(pruned.probability[i]):.3f}" in svg
+            assert pruned.transcoder_name == summary["transcoder_identity"]
             doc = json.load(open(g["neuronpedia_json"]))
             assert doc["nodes"] and doc["links"] and doc["metadata"]["prompt"] == g["prompt"]
             assert set(g["validation"]) >= {"spearman", "sufficiency", "necessity"}
         assert summary["queries"], "the canned queries ran against the store"
         assert (out / "reports" / "index.html").exists()
-        # A re-run reuses everything: the trained transcoder and both graphs.
-        assert main(args) == 0
+        # A re-run reuses everything: the trained transcoder (same files, untouched, same
+        # fingerprint) and both graphs (same files, not rewritten).
+        tc_files = sorted(Path(summary["transcoder"]).glob("*.safetensors"))
+        graph_files = [Path(g[k]) for g in summary["graphs"] for k in ("pruned", "full")]
+        mtimes = {f: f.stat().st_mtime_ns for f in tc_files + graph_files}
+        assert tc_files and main(args) == 0
         again = json.loads((out / "summary.json").read_text())
         assert again["transcoder"] == summary["transcoder"]
+        assert again["transcoder_identity"] == summary["transcoder_identity"]
         assert [g["pruned"] for g in again["graphs"]] == [g["pruned"] for g in summary["graphs"]]
+        assert {f: f.stat().st_mtime_ns for f in mtimes} == mtimes
     finally:
         LocalServer(home / "store").stop()

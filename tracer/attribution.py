@@ -402,7 +402,7 @@ def attribute(
         tokens=tokens.tolist(),
         token_strings=model.token_strings(tokens),
         model_name=model.facts.name,
-        transcoder_name=rm.transcoder.cfg.model_name or "",
+        transcoder_name=rm.transcoder.identity.id,  # name@fingerprint (transcoders.identity)
         n_layers=L,
         kind=kind,
         layer=np.r_[

@@ -8,6 +8,7 @@ verify it with a known-answer check.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,9 +32,35 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "circuit-atlas"
 
 
-def default_transcoder_path(model: str = "smollm2", features: int = 256) -> Path:
-    """Where ``circuit-atlas transcoders train`` (and the demo) keep a model's default CLT."""
-    return cache_root() / "transcoders" / f"{Path(model).name.lower()}-clt-{features}"
+def default_transcoder_path(
+    model: str = "smollm2",
+    features: int = 256,
+    *,
+    corpus: str = "public",
+    minutes: float = 15.0,
+    recipe: dict | None = None,
+) -> Path:
+    """Where the demo (and ``transcoders train`` via the demo) keeps the CLT it trains for these
+    settings. The folder name carries a hash of the whole recipe (model, corpus, width, budget
+    and every training default in ``transcoders.recipes``), so a retrain with another corpus,
+    budget or default never reuses an old transcoder. A corpus given as a path is keyed by its
+    resolved path, size and modification time."""
+    from transcoders.recipes import DEFAULT_RECIPE
+
+    corpus_key: object = corpus
+    p = Path(corpus).expanduser()
+    if corpus != "public" and p.exists():
+        st = p.stat()
+        corpus_key = [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    spec = {
+        "model": str(model),
+        "corpus": corpus_key,
+        "features": int(features),
+        "minutes": float(minutes),
+        "recipe": recipe if recipe is not None else DEFAULT_RECIPE,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_root() / "transcoders" / f"{Path(model).name.lower()}-clt-{features}-{digest}"
 
 
 def _find_gguf(pkg_dir: Path) -> Path | None:

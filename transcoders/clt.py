@@ -45,6 +45,11 @@ class TranscoderConfig:
     skip: bool = False
     input_site: InputSite = "mlp_in"
     model_name: str | None = None
+    # The readable half of the transcoder's identity (``transcoders.identity``); None: derived
+    # from model, kind and width. ``fingerprint`` is written at save time for reference (the
+    # loaders recompute it from the weights; the weights are the truth).
+    name: str | None = None
+    fingerprint: str | None = None
     # How inputs/outputs were normalised during training (folded into the weights at export).
     normalization: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
@@ -86,6 +91,7 @@ class CrossLayerTranscoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
         self._lazy_dec: list[Callable[[], torch.Tensor] | None] = [None] * L
         self._lazy_rows: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * L
+        self._identity = None  # set by the loaders (see the ``identity`` property)
         if init:
             self.reset_parameters()
 
@@ -97,6 +103,24 @@ class CrossLayerTranscoder(nn.Module):
             # Each feature's summed output norm starts comparable across CLT and PLT.
             b = 1.0 / (F * self.cfg.n_targets(i)) ** 0.5
             nn.init.uniform_(w, -b, b)
+
+    # --- identity -------------------------------------------------------------------------------
+
+    @property
+    def identity(self):
+        """The :class:`~transcoders.identity.TranscoderIdentity` (readable name + content
+        fingerprint). Loaders fix it when they read the files (before any device/dtype cast);
+        a transcoder built in memory computes it from its current weights on each access."""
+        from transcoders.identity import identity_of
+
+        return self._identity if self._identity is not None else identity_of(self)
+
+    def fix_identity(self):
+        """Compute the identity now and keep it (the weights are frozen from here on)."""
+        from transcoders.identity import identity_of
+
+        self._identity = identity_of(self)
+        return self._identity
 
     # --- lazy decoders ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -169,6 +169,8 @@ def load_transcoder(
             "gemmascope": read_gemmascope,
         }[fmt]
         clt = reader(p, n_layers=n_layers, layer=layer, **common)
+    # Identity first: it is of the weights as stored, before any device/dtype cast.
+    clt.fix_identity()
     if n_layers is not None or d_model is not None:
         clt.check_model(
             n_layers if n_layers is not None else clt.cfg.n_layers,
@@ -228,7 +230,8 @@ def save_transcoder(
 
     def write(tmp: Path) -> None:
         writer(clt, tmp, dt)
-        (tmp / CONFIG_FILE).write_text(clt.cfg.to_json())
+        cfg = replace(clt.cfg, fingerprint=clt.identity.fingerprint)
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
 
     atomic_folder(path, write, overwrite=overwrite)
     return Path(path)
@@ -278,6 +281,7 @@ class TranscoderInfo:
     empty_layers: list[int]
     training: dict
     files: list[tuple[str, int]] = field(default_factory=list)
+    identity: str = ""  # name@fingerprint (transcoders.identity), computed from the weights
 
     @property
     def total_bytes(self) -> int:
@@ -294,6 +298,7 @@ class TranscoderInfo:
         kind = "cross-layer" if self.kind == "clt" else "per-layer"
         out = [
             f"path        {self.path}",
+            f"identity    {self.identity}",
             f"format      {self.format}" + (f" + {CONFIG_FILE}" if self.has_config else ""),
             f"kind        {kind} transcoder" + (" with affine skip" if self.skip else ""),
             f"layers      {self.n_layers}",
@@ -353,4 +358,5 @@ def transcoder_info(path: str | os.PathLike, **load_kwargs) -> TranscoderInfo:
         empty_layers=list(cfg.empty_layers),
         training=dict(cfg.training),
         files=files,
+        identity=clt.identity.id,
     )

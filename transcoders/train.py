@@ -632,7 +632,10 @@ def train(
         )
         if done < n_steps and dist.broadcast(float(over)) > 0:
             if main:
-                _log(log_path, {"step": done, "event": "budget_stop", "planned_steps": n_steps})
+                _log(log_path, {
+                    "step": done, "event": "budget_stop", "planned_steps": n_steps,
+                    "elapsed_s": round(time.perf_counter() - t_start, 3), "budget_s": budget_s,
+                })  # fmt: skip
                 save_checkpoint(
                     ckpt_path,
                     _state(clt, opt, fire, norm, cfg, done, n_steps, harvest_rate, step_s),

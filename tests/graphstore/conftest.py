@@ -20,7 +20,7 @@ SMALL = SyntheticConfig(
     errors=(3, 6),
     logits=(2, 4),
     in_degree=(2, 6),
-    transcoder_name="clt-test",
+    transcoder_name="clt-test@00000000c1700001",
     model_name="model-test",
 )
 

@@ -89,9 +89,9 @@ def test_wrong_password(server_auth, tmp_path):
 
 
 def test_model_mismatch_is_refused_and_graph_kept(store):
-    g = small_graph(81, model_name="model-A", transcoder_name="clt-of-A")
+    g = small_graph(81, model_name="model-A", transcoder_name="clt-of-A@00000000000000aa")
     store.add(g)
-    other = small_graph(82, model_name="model-B", transcoder_name="clt-of-A")
+    other = small_graph(82, model_name="model-B", transcoder_name="clt-of-A@00000000000000aa")
     with pytest.raises(ModelMismatchError, match="model-B") as err:
         store.add(other)
     path = store.archive.path_for(graph_id(other))

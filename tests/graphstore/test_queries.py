@@ -11,7 +11,7 @@ import pytest
 
 from graphstore import graph_id, prompt_id
 from graphstore.queries import CANNED, FEATURE_FEEDS, FEATURE_FEEDS_BACKWARD
-from tests.graphstore.conftest import small_graph, wipe
+from tests.graphstore.conftest import SMALL, small_graph, wipe
 from tracer.graph import FEATURE, LOGIT, TOKEN
 
 N_GRAPHS = 12
@@ -70,7 +70,7 @@ def test_recurring_features(stored):
     assert res.columns == [
         "transcoder", "layer", "index", "prompts", "graphs", "nodes", "activation"
     ]  # fmt: skip
-    assert all(r[0] == "clt-test" for r in res.rows)
+    assert all(r[0] == SMALL.transcoder_name for r in res.rows)
     assert [r[1:6] for r in res.rows] == [r[:5] for r in expected]
     np.testing.assert_allclose([r[6] for r in res.rows], [r[5] for r in expected], rtol=1e-9)
     text, params = CANNED["recurring-features"].prepare(min_prompts=3, limit=15)
@@ -122,9 +122,9 @@ def test_feature_feeds(stored):
     )
     assert none.rows == []
     # Both Cypher texts (either walking direction) give the same rows as the function.
-    _, params = CANNED["feature-feeds"].prepare(*src, *tgt, transcoder="clt-test")
-    assert params["source_key"] == f"clt-test/{src[0]}/{src[1]}"
-    assert params["target_key"] == f"clt-test/{tgt[0]}/{tgt[1]}"
+    _, params = CANNED["feature-feeds"].prepare(*src, *tgt, transcoder=SMALL.transcoder_name)
+    assert params["source_key"] == f"{SMALL.transcoder_name}/{src[0]}/{src[1]}"
+    assert params["target_key"] == f"{SMALL.transcoder_name}/{tgt[0]}/{tgt[1]}"
     for text in (FEATURE_FEEDS, FEATURE_FEEDS_BACKWARD):
         assert store.cypher(text, params).rows == res.rows
 

@@ -81,7 +81,7 @@ def test_graph_identity_follows_model_tokens_params():
     assert graph_id(g) == graph_id(small_graph(3))
     assert graph_id(g) != graph_id(small_graph(3, params={**g.params, "node_threshold": 0.7}))
     assert graph_id(g) != graph_id(small_graph(3, tokens=[*g.tokens[:-1], 9999]))
-    assert graph_id(g) != graph_id(small_graph(3, transcoder_name="other"))
+    assert graph_id(g) != graph_id(small_graph(3, transcoder_name="other@0000000000000001"))
 
 
 def test_validation_and_scores_are_filterable(store):

@@ -97,7 +97,7 @@ def make_graph(
         tokens=tokens,
         token_strings=list(PROMPT_TOKENS),
         model_name="smollm2-135m-instruct",
-        transcoder_name="clt-test",
+        transcoder_name="clt-test@00000000c1700001",
         n_layers=n_layers,
         kind=kind_a,
         layer=layer_a,

@@ -182,9 +182,17 @@ def test_swap_and_keep_only():
     assert float(res.acts[l, p, f]) == 0.0
     keep = torch.tensor([list(active(state, k)) for k in (0, 4)])
     for mode in ("constrained", "free"):
-        acts = intervene(rm, state, [KeepOnly(keep)], mode).acts
-        assert int((acts != 0).sum()) <= 2
-        assert float(acts[tuple(keep[0])]) != 0.0 or mode == "free"
+        res = intervene(rm, state, [KeepOnly(keep)], mode)
+        nonzero = {tuple(x) for x in res.acts.nonzero().tolist()}
+        assert nonzero <= {tuple(x) for x in keep.tolist()}
+        for k, (kl, kp, kf) in zip((0, 4), keep.tolist(), strict=True):
+            if mode == "constrained":  # kept features keep their recorded values
+                want = float(state.feat_value[k])
+            else:  # recomputed from the live residual stream they now read
+                want = float(rm.transcoder.activate(kl, res.pre[kl, kp])[kf])
+            assert float(res.acts[kl, kp, kf]) == pytest.approx(want, rel=1e-6, abs=1e-7)
+    constrained_kept = intervene(rm, state, [KeepOnly(keep)], "constrained").acts
+    assert float(constrained_kept[tuple(keep[0])]) != 0.0
     # Keeping every active feature changes nothing; keeping none equals ablating them all.
     everything = torch.stack([state.feat_layer, state.feat_pos, state.feat_index], 1)
     full = intervene(rm, state, [KeepOnly(everything)], "constrained").logits

@@ -109,7 +109,7 @@ def test_metadata_and_qparams_fields():
     assert meta["slug"] == "dallas" and meta["scan"] == "smollm2-135m"
     assert meta["prompt"] == g.prompt and meta["prompt_tokens"] == PROMPT_TOKENS
     assert meta["node_threshold"] == 0.8 and meta["schema_version"] == 1
-    assert meta["transcoder_list"] == ["clt-test"]
+    assert meta["transcoder_list"] == ["clt-test@00000000c1700001"]
     assert meta["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
     assert meta["generation_settings"] == {"max_n_logits": 3}
     assert meta["info"]["generator"]["name"] == "circuit-atlas"

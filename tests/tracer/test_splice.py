@@ -118,12 +118,41 @@ def test_splicing_a_zero_transcoder_equals_ablating_the_mlps():
 
 
 def test_spliced_eval_reuses_reference_and_checks_shapes():
+    import numpy as np
     from model_fixtures import make_random_clt, make_tiny_model
 
+    from tracer.splice import splice_edits
+
     model = make_tiny_model("llama")
-    fn = spliced_eval_fn(model, _tokens())
+    tokens = _tokens()
+    fn = spliced_eval_fn(model, tokens)
     clt = make_random_clt(3, 32)
-    assert fn(clt) == fn(clt)
-    assert set(fn(clt)) == {"kl", "top1", "ce_clean", "ce_spliced", "ce_ablated", "ce_recovered"}
+    got = fn(clt)
+    assert set(got) == {"kl", "top1", "ce_clean", "ce_spliced", "ce_ablated", "ce_recovered"}
+    # The metrics written out again in numpy from the three runs' logits (positions 1..).
+    clean_all = model.run(tokens).logits.double().numpy()
+    spliced_all = model.run(tokens, edits=splice_edits(clt)).logits.double().numpy()
+    clean, spliced = clean_all[:, 1:], spliced_all[:, 1:]  # KL and top-1 skip BOS
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lc, ls = log_softmax(clean), log_softmax(spliced)
+    kl = (np.exp(lc) * (lc - ls)).sum(-1).mean()
+    top1 = (clean.argmax(-1) == spliced.argmax(-1)).mean()
+    nxt = tokens[:, 1:].numpy()[..., None]  # cross-entropy: every position predicts the next
+    ce_spl = -np.take_along_axis(log_softmax(spliced_all)[:, :-1], nxt, -1).mean()
+    ce_clean = -np.take_along_axis(log_softmax(clean_all)[:, :-1], nxt, -1).mean()
+    assert got["kl"] == pytest.approx(kl, abs=2e-5) and got["kl"] > 1e-3
+    assert got["top1"] == pytest.approx(top1, abs=1e-5)
+    assert got["ce_spliced"] == pytest.approx(ce_spl, abs=2e-5)
+    assert got["ce_clean"] == pytest.approx(ce_clean, abs=2e-5)
+    rec = (got["ce_ablated"] - got["ce_spliced"]) / (got["ce_ablated"] - got["ce_clean"])
+    assert got["ce_recovered"] == pytest.approx(rec, rel=1e-2)  # inputs rounded to 1e-5
+    # Another transcoder through the same callback (reference reused) matches a fresh call.
+    other = make_random_clt(3, 32, seed=7)
+    assert fn(other) == spliced_metrics(model, other, tokens).as_dict()
+    assert fn(other) != got
     with pytest.raises(ValueError, match="trained for another model"):
         fn(make_random_clt(3, 16))

@@ -8,7 +8,7 @@ import torch
 from model_fixtures import make_random_clt
 
 from tracer.cli import main
-from tracer.cli.trace_cmd import TraceJob, read_prompts, trace_many
+from tracer.cli.trace_cmd import TraceJob, read_prompts, trace_many, transcoder_identity_at
 from tracer.graph import Graph
 from transcoders.formats import save_transcoder
 
@@ -49,8 +49,10 @@ def test_trace_many_workers_and_cache(small_model_dir, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("# demo\n" + "\n".join(prompts) + "\n")
     assert read_prompts(f) == prompts
-    job = TraceJob(model=str(small_model_dir / "model"),
-                   transcoders=str(small_model_dir / "clt"), out=str(tmp_path / "g"))  # fmt: skip
+    clt_dir = str(small_model_dir / "clt")
+    job = TraceJob(model=str(small_model_dir / "model"), transcoders=clt_dir,
+                   out=str(tmp_path / "g"),
+                   transcoder_id=transcoder_identity_at(clt_dir))  # fmt: skip
     first = trace_many(job, prompts, workers=2)
     assert [r[0] for r in first] == prompts and all(r[3] == "traced" for r in first)
     again = trace_many(job, prompts, workers=2)
@@ -60,11 +62,44 @@ def test_trace_many_workers_and_cache(small_model_dir, tmp_path):
 
     rm = load_replacement(job.model, job.transcoders)
     pruned, full, _, _ = trace_one(
-        TraceJob(model=job.model, transcoders=job.transcoders, out=str(tmp_path / "h")),
+        TraceJob(model=job.model, transcoders=job.transcoders, out=str(tmp_path / "h"),
+                 transcoder_id=job.transcoder_id),
         prompts[1], rm,
     )  # fmt: skip
     worker_full = Graph.load(first[1][2])
     np.testing.assert_allclose(worker_full.weight, full.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_follows_transcoder_identity_not_path(small_model_dir, tmp_path):
+    """A copy of the CLT elsewhere reuses the cached graph; a retrained CLT written to the same
+    path does not (its fingerprint differs), and its graph names the new identity."""
+    import shutil
+
+    model = str(small_model_dir / "model")
+    prompt = "The opposite of hot is"
+    clt_dir = tmp_path / "clt"
+    shutil.copytree(small_model_dir / "clt", clt_dir)
+    out = str(tmp_path / "graphs")
+
+    def run(path):
+        job = TraceJob(model=model, transcoders=str(path), out=out,
+                       transcoder_id=transcoder_identity_at(str(path)))  # fmt: skip
+        return job, trace_many(job, [prompt])[0]
+
+    job1, r1 = run(clt_dir)
+    assert r1[3] == "traced"
+    assert Graph.load(r1[2]).transcoder_name == job1.transcoder_id
+    copy = tmp_path / "elsewhere" / "same-clt"
+    shutil.copytree(clt_dir, copy)
+    job2, r2 = run(copy)
+    assert job2.transcoder_id == job1.transcoder_id and r2[3] == "cached" and r2[1] == r1[1]
+    retrained = make_random_clt(2, 576, 32, seed=4)  # another training run, same shape
+    with torch.no_grad():
+        retrained.threshold.fill_(0.1)
+    save_transcoder(retrained, clt_dir, format="circuit-tracer", overwrite=True)
+    job3, r3 = run(clt_dir)
+    assert job3.transcoder_id != job1.transcoder_id and r3[3] == "traced" and r3[1] != r1[1]
+    assert Graph.load(r3[2]).transcoder_name == job3.transcoder_id
 
 
 def test_prompt_file_errors(tmp_path):

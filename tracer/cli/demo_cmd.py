@@ -54,7 +54,9 @@ def ensure_transcoder(args) -> Path:
         return Path(args.transcoders)
     from tracer.fetch import default_transcoder_path
 
-    path = default_transcoder_path(args.model, args.features_per_layer)
+    path = default_transcoder_path(
+        args.model, args.features_per_layer, corpus=args.corpus, minutes=args.train_minutes
+    )
     if (path / "circuit_atlas.json").exists():
         print(f"[demo] using the cached transcoder {path}", file=sys.stderr)
         return path
@@ -161,6 +163,7 @@ def _demo(args) -> int:
         model=args.model,
         transcoders=str(clt_path),
         out=str(out / "graphs"),
+        transcoder_id=rm.transcoder.identity.id,
         max_feature_nodes=args.max_feature_nodes,
     )
     results = []
@@ -193,6 +196,7 @@ def _demo(args) -> int:
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "transcoder": str(clt_path),
+        "transcoder_identity": rm.transcoder.identity.id,
         "index": str(index),
         "graphs": [
             {
@@ -217,7 +221,7 @@ def _demo(args) -> int:
 def _summary_text(s: dict) -> str:
     lines = [
         f"circuit-atlas demo finished in {s['seconds']:.0f} s",
-        f"transcoder: {s['transcoder']}",
+        f"transcoder: {s['transcoder']} ({s['transcoder_identity']})",
     ]
     for g in s["graphs"]:
         v, sc = g["validation"], g["scores"]

@@ -39,6 +39,24 @@ def register(sub) -> None:
     _connection_args(s)
     _format_arg(s)
     s.set_defaults(func=_list)
+    s = ssub.add_parser(
+        "migrate",
+        help="give a store written before transcoder identities name@fingerprint keys",
+        description="Stores written before transcoder identities keyed features by a bare "
+        "name (the model's), so features of different transcoders could merge. Name the "
+        "transcoder files each bare name stood for (their identity is computed from the "
+        "weights), or --unverified to mark them NAME@unverified. Nothing is deleted.",
+    )
+    s.add_argument(
+        "--transcoder", action="append", default=[], metavar="NAME=PATH",
+        help="a bare transcoder name in the store and the transcoder it stood for; repeatable",
+    )  # fmt: skip
+    s.add_argument(
+        "--unverified", action="store_true",
+        help="rename the remaining bare names to NAME@unverified (when the files are gone)",
+    )  # fmt: skip
+    _connection_args(s)
+    s.set_defaults(func=_migrate)
 
     from graphstore.queries import CANNED
 
@@ -154,6 +172,47 @@ def _add(args) -> int:
             r = store.add(Graph.load(path), full)
             what = "stored" if r.written else "already stored"
             print(f"{r.graph_id} {what}: {r.n_nodes} nodes, {r.n_edges} edges ({path})")
+    return 0
+
+
+def _migrate(args) -> int:
+    from transcoders.formats import load_transcoder
+    from transcoders.identity import UNVERIFIED
+
+    with _open(args) as store:
+        legacy = store.legacy_transcoders()
+        if not legacy:
+            print("nothing to migrate: every stored transcoder has an identity")
+            return 0
+        mapping = {}
+        for item in args.transcoder:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--transcoder {item!r}: expected NAME=PATH")
+            if name not in legacy:
+                raise ValueError(
+                    f"--transcoder {name!r}: not a bare transcoder name of this store "
+                    f"(those are: {', '.join(sorted(legacy))})"
+                )
+            clt = load_transcoder(path, lazy=True)
+            model = legacy[name]
+            if clt.cfg.model_name and model and clt.cfg.model_name != model:
+                raise ValueError(
+                    f"{path} was trained for {clt.cfg.model_name!r}, but the store's {name!r} "
+                    f"belongs to {model!r}: name the transcoder those graphs were traced with"
+                )
+            mapping[name] = clt.identity.id
+        if args.unverified:
+            mapping.update({n: f"{n}@{UNVERIFIED}" for n in legacy if n not in mapping})
+        missing = sorted(set(legacy) - set(mapping))
+        if missing:
+            raise ValueError(
+                f"no transcoder given for {', '.join(map(repr, missing))}: add "
+                + " ".join(f"--transcoder {n}=PATH" for n in missing)
+                + " (or --unverified)"
+            )
+        for r in store.migrate_identities(mapping):
+            print(f"{r.old} -> {r.new}: {r.features} features, {r.graphs} graphs")
     return 0
 
 

@@ -62,7 +62,11 @@ def summary(graph, pruned, seconds: float) -> str:
     """One screen: top logits, node counts, scores, time."""
     from tracer.graph import LOGIT
 
-    lines = [f"prompt: {graph.prompt!r} ({len(graph.tokens)} tokens)", "top logits:"]
+    lines = [
+        f"prompt: {graph.prompt!r} ({len(graph.tokens)} tokens)",
+        f"transcoder: {graph.transcoder_name}",
+        "top logits:",
+    ]
     names = graph.extra.get("token_text") or {}
     for i in (graph.kind == LOGIT).nonzero()[0]:
         tok = str(int(graph.feature[i]))
@@ -108,11 +112,16 @@ def read_prompts(path: str | Path) -> list[str]:
 @dataclass(frozen=True)
 class TraceJob:
     """Everything a worker needs to trace prompts; hashed into each output's file name so a
-    re-run with the same settings finds its earlier results."""
+    re-run with the same settings finds its earlier results.
+
+    ``transcoder_id`` is the transcoder's identity (``name@fingerprint``, see
+    ``transcoders.identity``): the cache key uses it, not the path, so a retrained transcoder
+    at the same path never reuses old graphs and a copy at another path does."""
 
     model: str
     transcoders: str
     out: str
+    transcoder_id: str
     max_feature_nodes: int | None = None
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
@@ -124,7 +133,7 @@ class TraceJob:
     logit_diff: tuple[str, str] | None = None
 
     def key(self, prompt: str) -> str:
-        settings = {k: v for k, v in asdict(self).items() if k != "out"}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("out", "transcoders")}
         blob = json.dumps([prompt, settings], sort_keys=True)
         return f"{slug(prompt, 40)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -245,17 +254,26 @@ def _trace(args) -> int:
         raise ValueError("give a prompt, or --prompts FILE")
     t0 = time.perf_counter()
     rm = load_replacement(args.model, args.transcoders)
-    pruned, graph, pruned_path, full_path = trace_one(_job(args), args.prompt, rm, progress=True)
+    job = _job(args, rm.transcoder.identity.id)
+    pruned, graph, pruned_path, full_path = trace_one(job, args.prompt, rm, progress=True)
     print(summary(graph, pruned, time.perf_counter() - t0))
     print(f"wrote {full_path} (full) and {pruned_path} (pruned)")
     return 0
 
 
-def _job(args) -> TraceJob:
+def transcoder_identity_at(path: str) -> str:
+    """The identity string of the transcoder at ``path`` (reads encoders, not decoders)."""
+    from transcoders.formats import load_transcoder
+
+    return load_transcoder(path, lazy=True).identity.id
+
+
+def _job(args, transcoder_id: str | None = None) -> TraceJob:
     return TraceJob(
         model=args.model,
         transcoders=args.transcoders,
         out=args.out,
+        transcoder_id=transcoder_id or transcoder_identity_at(args.transcoders),
         max_feature_nodes=args.max_feature_nodes,
         max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,

@@ -12,25 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-# The default recipe for SmolLM2-135M on a 2-core CPU (see README, "Training transcoders").
-# Chosen by measurement (issue 3 notes): a skip connection fitted by ridge regression starts
-# the reconstruction at the best linear map, so the features only learn what it misses; lr 1e-3
-# (4e-3 drifted and spiked after ~100 steps); a buffer of 8,192 tokens so the ridge fit is not
-# underdetermined (2,048 tokens for d=576 left held-out NMSE at 0.67-0.85), used twice.
-DEFAULTS = {
-    "kind": "clt",
-    "features_per_layer": 256,
-    "activation": "topk",
-    "topk": 32,
-    "skip": True,
-    "batch_tokens": 256,
-    "lr": 1e-3,
-    "buffer_tokens": 8192,
-    "passes": 2,
-    "budget_minutes": 20.0,
-    "dead_window_tokens": 4096,
-    "eval_every": 100,
-}
+from transcoders.recipes import DEFAULT_RECIPE as DEFAULTS  # the named default recipe
 
 
 def register(sub) -> None:
