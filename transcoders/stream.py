@@ -71,8 +71,11 @@ class ShuffleBuffer:
         skip_bos: bool = True,
         dtype: torch.dtype = torch.float32,
         on_batch: Callable[[int, float], None] | None = None,
+        device: torch.device | str | None = None,
     ) -> ShuffleBuffer:
-        """Run ``activations`` over tokens [S, P] in batches of ``batch`` sequences.
+        """Run ``activations`` over tokens [S, P] in batches of ``batch`` sequences, into a
+        buffer in ``dtype`` on ``device`` (None: host memory; a GPU when training there, so
+        batches need no copy).
 
         ``on_batch(n_tokens, seconds)`` is called after each batch (progress, budget checks)."""
         S, P = tokens.shape
@@ -91,8 +94,8 @@ class ShuffleBuffer:
                     f"{tuple(chunk.shape)}: expected two [n_layers, {chunk.numel()}, d] tensors"
                 )
             if ins is None:
-                ins = torch.empty(n, L, d, dtype=dtype)
-                outs = torch.empty(n, L, d, dtype=dtype)
+                ins = torch.empty(n, L, d, dtype=dtype, device=device)
+                outs = torch.empty(n, L, d, dtype=dtype, device=device)
             x = x.view(L, len(chunk), P, d)[:, :, int(skip_bos) :].reshape(L, -1, d)
             y = y.view(L, len(chunk), P, d)[:, :, int(skip_bos) :].reshape(L, -1, d)
             rows = slice(b * keep, b * keep + x.shape[1])
