@@ -92,3 +92,17 @@ def make_random_clt(n_layers, d_model, n_features=16, kind="clt", seed=0, skip=F
     for p in clt.parameters():
         p.requires_grad_(False)
     return clt
+
+
+def keyed_edges(graph) -> tuple[set, dict]:
+    """A graph's node keys (kind, layer, position, feature) and its edges keyed by
+    (target key, source key): how graphs from two runs are compared edge by edge."""
+    keys = list(
+        zip(graph.kind.tolist(), graph.layer.tolist(), graph.position.tolist(),
+            graph.feature.tolist(), strict=True)
+    )  # fmt: skip
+    edges = {
+        (keys[t], keys[s]): w
+        for t, s, w in zip(graph.target, graph.source, graph.weight, strict=True)
+    }
+    return set(keys), edges

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from transcoders.clt import CrossLayerTranscoder, InputSite
+from transcoders.device import CPU, DeviceSetting
 from transcoders.hook_names import (
     OUTPUT_HOOK,
     check_output_hook,
@@ -30,7 +31,6 @@ from transcoders.hook_names import (
     site_of_hook,
     split_hook,
 )
-from transcoders.device import CPU, DeviceSetting
 from transcoders.io_assemble import LayerWeights, assemble_per_layer
 from transcoders.io_files import SafetensorsFile, TranscoderFormatError, write_safetensors
 
