@@ -392,9 +392,12 @@ def main() -> None:
         run_ours(args)
         return
 
-    from transcoders.device import DeviceSetting
+    from transcoders.device import DeviceError, DeviceSetting
 
-    setting = DeviceSetting.parse(args.device, args.dtype)  # a bad one fails here, clearly
+    try:
+        setting = DeviceSetting.parse(args.device, args.dtype)  # a bad one fails here, clearly
+    except DeviceError as err:
+        raise SystemExit(f"bench_attribution: {err}") from None
     if args.setup_ct:
         setup_ct(args.ct_venv)
     ct_python = args.ct_venv / "bin" / "python"
