@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from model_fixtures import keyed_edges, make_random_clt, make_tiny_model
+from model_fixtures import keyed_edges, make_random_clt, tiny_training_run
 
 from tracer.attribution import attribute
 from tracer.interventions import FeatureEdit, intervene
@@ -24,7 +24,7 @@ from tracer.validate import validate
 from transcoders.contexts import ContextConfig, collect_activations
 from transcoders.device import DeviceSetting
 from transcoders.formats import load_transcoder, save_transcoder
-from transcoders.train import TrainConfig, train
+from transcoders.train import train
 
 pytestmark = [
     pytest.mark.cuda,
@@ -120,22 +120,8 @@ def test_splice_and_contexts_on_cuda(rm_cuda, smollm2):
 
 
 def test_training_steps_on_cuda(tmp_path):
-    model = make_tiny_model("llama", n_layers=2).to(CUDA)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, 101, (12, 9), generator=g)
-    tokens[:, 0] = 1
-    cfg = TrainConfig(
-        n_features=16,
-        topk=4,
-        steps=4,
-        batch_tokens=32,
-        buffer_tokens=64,
-        eval_every=4,
-        log_every=2,
-        n_heldout_seqs=2,
-        harvest_batch=4,
-        auxk=4,
-    )
+    model, tokens, cfg = tiny_training_run(steps=4)
+    model.to(CUDA)
     common = dict(
         activations=activation_fn(model),
         train_tokens=tokens[:10],

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from transcoders.device import parse_device
+
 ActivationFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -78,6 +80,7 @@ class ShuffleBuffer:
         batches need no copy).
 
         ``on_batch(n_tokens, seconds)`` is called after each batch (progress, budget checks)."""
+        device = None if device is None else parse_device(device)  # clear error: no such GPU
         S, P = tokens.shape
         keep = P - int(skip_bos)
         n = S * keep

@@ -107,8 +107,16 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path):
             out_dir=tmp_path / "run",
             device="cuda",
         )
+    with pytest.raises(DeviceError, match=message):
+        ShuffleBuffer.harvest(None, torch.zeros(1, 2, dtype=torch.long), device="cuda:1")
     with pytest.raises(DeviceError, match="unknown dtype 'float8'"):
         LanguageModel.load("smollm2", dtype="float8")
+
+
+def test_model_and_transcoder_on_different_devices_are_refused(smollm2):
+    clt = _clt(8).to("meta")  # a device other than the model's, without a GPU
+    with pytest.raises(DeviceError, match="the transcoder is on meta but the model on cpu"):
+        ReplacementModel(smollm2, clt)
 
 
 # --- transcoder loading ----------------------------------------------------------------------
@@ -247,26 +255,11 @@ def test_splice_harvest_and_contexts_with_bf16(smollm2_bf16, clt_bf16):
 
 
 def test_train_on_the_named_device(tmp_path):
-    from model_fixtures import make_tiny_model
+    from model_fixtures import tiny_training_run
 
     from tracer.splice import activation_fn
 
-    model = make_tiny_model("llama", n_layers=2)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, 101, (12, 9), generator=g)
-    tokens[:, 0] = 1
-    cfg = TrainConfig(
-        n_features=16,
-        topk=4,
-        steps=3,
-        batch_tokens=32,
-        buffer_tokens=64,
-        eval_every=3,
-        log_every=3,
-        n_heldout_seqs=2,
-        harvest_batch=4,
-        auxk=4,
-    )
+    model, tokens, cfg = tiny_training_run(steps=3)
     res = train(
         cfg,
         activations=activation_fn(model),
