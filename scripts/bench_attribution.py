@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_attribution.py                      # all cases
     .venv/bin/python scripts/bench_attribution.py --cases dallas --n-layers 4   # quick check
     .venv/bin/python scripts/bench_attribution.py --setup-ct           # create the ct venv first
+    .venv/bin/python scripts/bench_attribution.py --skip-ct --device cuda --dtype bfloat16
 
 Each case runs each engine in its own subprocess (so peak resident memory is per engine and
 per graph): ours through ``tracer.attribution.attribute`` under this interpreter, and
@@ -151,15 +152,21 @@ def run_ours(args: argparse.Namespace) -> None:
     from tracer.model import LanguageModel, truncate_layers
     from tracer.prune import prune
     from tracer.replacement import ReplacementModel
+    from transcoders.device import DeviceSetting
     from transcoders.formats import load_transcoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    setting = DeviceSetting.parse(args.device, args.dtype)
+    cuda = setting.is_cuda
     t_start = time.perf_counter()
-    m = LanguageModel.load("smollm2")
+    m = LanguageModel.load("smollm2", device=setting)
     if args.n_layers:
         m = truncate_layers(m, args.n_layers)
-    rm = ReplacementModel(m, load_transcoder(args.clt_dir), exclude_bos=True)
+    rm = ReplacementModel(m, load_transcoder(args.clt_dir, device=setting), exclude_bos=True)
+    if cuda:
+        torch.cuda.synchronize(setting.device)
+        torch.cuda.reset_peak_memory_stats(setting.device)
     load_s = time.perf_counter() - t_start
     tokens = torch.tensor([int(t) for t in args.tokens.split(",")], dtype=torch.long)
     gc.collect()
@@ -170,6 +177,8 @@ def run_ours(args: argparse.Namespace) -> None:
         rm, tokens, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
         edge_tolerance=args.edge_tolerance, progress=False,
     )  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize(setting.device)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     rss_graph = hwm_mb() if hwm_reset else peak_rss_mb()
     t1 = time.perf_counter()
@@ -177,6 +186,11 @@ def run_ours(args: argparse.Namespace) -> None:
     prune_s = time.perf_counter() - t1
     info = {
         "engine": "circuit-atlas",
+        "device": setting.describe(),
+        **setting.to_dict(),
+        "peak_device_mb": (
+            round(torch.cuda.max_memory_allocated(setting.device) / 2**20, 1) if cuda else None
+        ),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -363,6 +377,8 @@ def main() -> None:
     ap.add_argument("--active", type=float, default=20.0, help="target active per layer/token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, both engines")
+    ap.add_argument("--device", default="cpu", help="our engine's device: cpu, cuda[:N], auto")
+    ap.add_argument("--dtype", default="float32", help="weights: float32, bfloat16, float16")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
     ap.add_argument("--clt-dir", type=Path, help=argparse.SUPPRESS)
@@ -376,6 +392,12 @@ def main() -> None:
         run_ours(args)
         return
 
+    from transcoders.device import DeviceError, DeviceSetting
+
+    try:
+        setting = DeviceSetting.parse(args.device, args.dtype)  # a bad one fails here, clearly
+    except DeviceError as err:
+        raise SystemExit(f"bench_attribution: {err}") from None
     if args.setup_ct:
         setup_ct(args.ct_venv)
     ct_python = args.ct_venv / "bin" / "python"
@@ -413,6 +435,7 @@ def main() -> None:
         ours_cmd = [
             sys.executable, __file__, "--worker", *common, "--batch-size",
             str(case.ours_batch_size), "--edge-tolerance", str(case.edge_tolerance),
+            "--device", str(setting.device), "--dtype", setting.to_dict()["dtype"],
             "--worker-out", str(base.with_suffix(".ours.npz")),
         ]  # fmt: skip
         engines = [run_worker(ours_cmd, base.with_suffix(".ours.log"))]
@@ -456,6 +479,8 @@ def main() -> None:
             "seed": args.seed,
         },  # fmt: skip
         "torch_threads": args.threads,
+        "device": setting.describe(),
+        **setting.to_dict(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "loadavg_start": list(load0),
         "loadavg_end": list(os.getloadavg()),
@@ -465,7 +490,10 @@ def main() -> None:
     # Cases run separately are merged into one file (same settings only).
     if args.out.exists():
         old = json.loads(args.out.read_text())
-        same = all(old.get(k) == doc[k] for k in ("n_layers", "clt", "torch_threads"))
+        keys = ("n_layers", "clt", "torch_threads", "device", "dtype")
+        # Files written before --device existed are CPU float32 runs.
+        old = {"device": "cpu", "dtype": "float32", **old}
+        same = all(old.get(k) == doc[k] for k in keys)
         if same:
             kept = [c for c in old.get("cases", []) if c["case"] not in names]
             doc["cases"] = kept + results

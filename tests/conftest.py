@@ -33,3 +33,20 @@ def smollm2(smollm2_full):
     from tracer.model import truncate_layers
 
     return truncate_layers(smollm2_full, 4)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(smollm2):
+    """The 4-layer SmolLM2 with its weights rounded to bfloat16 (and computing in bfloat16)."""
+    from tracer.model import truncate_layers
+
+    return truncate_layers(smollm2, 4).to(dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16_as_f32(smollm2_bf16):
+    """The same bfloat16-rounded weights in float32 (every value exact), computing in float32:
+    the reference a bfloat16 run is compared against."""
+    from tracer.model import truncate_layers
+
+    return truncate_layers(smollm2_bf16, 4).to(dtype="float32")

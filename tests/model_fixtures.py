@@ -92,3 +92,33 @@ def make_random_clt(n_layers, d_model, n_features=16, kind="clt", seed=0, skip=F
     for p in clt.parameters():
         p.requires_grad_(False)
     return clt
+
+
+def keyed_edges(graph) -> tuple[set, dict]:
+    """A graph's node keys (kind, layer, position, feature) and its edges keyed by
+    (target key, source key): how graphs from two runs are compared edge by edge."""
+    keys = list(
+        zip(graph.kind.tolist(), graph.layer.tolist(), graph.position.tolist(),
+            graph.feature.tolist(), strict=True)
+    )  # fmt: skip
+    edges = {
+        (keys[t], keys[s]): w
+        for t, s, w in zip(graph.target, graph.source, graph.weight, strict=True)
+    }
+    return set(keys), edges
+
+
+def tiny_training_run(steps: int = 3):
+    """A tiny random Llama (2 layers, d 32), random token rows [12, 9] starting with BOS, and
+    a TopK recipe of ``steps`` steps: ``(model, tokens, cfg)`` for quick training runs."""
+    from transcoders.train import TrainConfig
+
+    model = make_tiny_model("llama", n_layers=2)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, TINY_VOCAB, (12, 9), generator=g)
+    tokens[:, 0] = 1
+    cfg = TrainConfig(
+        n_features=16, topk=4, steps=steps, batch_tokens=32, buffer_tokens=64,
+        eval_every=steps, log_every=steps, n_heldout_seqs=2, harvest_batch=4, auxk=4,
+    )  # fmt: skip
+    return model, tokens, cfg

@@ -130,7 +130,8 @@ class FrozenLinearModel:
             self.g_post.append(norm_gain(self.kind, get_module(layers[l], post)) if post else None)
         self.g_final = norm_gain(self.kind, m.final_norm())
         self.patterns_T = state.patterns.transpose(-1, -2).contiguous()  # [L, H, k, q]
-        self.skip = rm.transcoder.W_skip
+        skip = rm.transcoder.W_skip  # weights may be bfloat16: sums are float32
+        self.skip = None if skip is None else skip.to(state.errors.dtype)
         # Feature columns in position-major order inside a sweep: the features writing to one
         # layer at one position are then one contiguous slice (no scatter per layer).
         st = state
@@ -161,7 +162,7 @@ class FrozenLinearModel:
         """Gradient at resid_mid of each feature's pre-activation. idx [n] -> [n, d]."""
         st, tc = self.state, self.rm.transcoder
         lay, pos = st.feat_layer[idx], st.feat_pos[idx]
-        enc = tc.W_enc[lay, st.feat_index[idx]]  # [n, d]
+        enc = tc.W_enc[lay, st.feat_index[idx]].to(st.errors.dtype)  # [n, d] in float32
         if self.rm.input_site == "resid_mid":
             return enc.clone()
         out = torch.empty_like(enc)

@@ -141,8 +141,10 @@ def run_hooked(
     """One forward pass of ``hf_model`` on ``input_ids`` [B, n_pos] with hooks in place.
 
     ``edits[(site, layer)]`` maps the tensor at that site to its replacement (called in forward
-    order, so an edit may read what earlier sites recorded). ``freeze`` holds attention patterns
-    and norm denominators fixed. Gradients flow unless the caller disables them.
+    order, so an edit may read what earlier sites recorded; what it returns is cast to the site's
+    dtype, so a float32 edit fits a bfloat16 model). ``freeze`` holds attention patterns and norm
+    denominators fixed. Gradients flow unless the caller disables them. ``input_ids`` must be on
+    the model's device (:meth:`LanguageModel.run` moves them).
     """
     edits = dict(edits or {})
     freeze = freeze or Freeze()
@@ -175,7 +177,9 @@ def run_hooked(
                     f"edit at ({site!r}, {layer}) returned {what}; it must return a tensor shaped "
                     f"like its input {tuple(x.shape)} [batch, n_pos, d_model] (use expand_as)"
                 )
-            x = y
+            # Edits may compute in float32 (transcoder reconstructions, frozen quantities): the
+            # model continues in its own dtype.
+            x = y if y.dtype == x.dtype else y.to(x.dtype)
         if record and site in record_sites:
             got[site][0 if site == "resid_final" else layer] = x.detach()
         return x

@@ -46,6 +46,7 @@ import torch
 
 from tracer.hooks import SITES, Freeze
 from tracer.replacement import PromptState, ReplacementModel
+from transcoders.clt import compute_dtype
 
 Mode = Literal["constrained", "free", "free_mlp", "live"]
 MODES = ("constrained", "free", "free_mlp", "live")
@@ -298,6 +299,10 @@ def intervene_batch(
     (layer, position, feature) whose pre-activations and used activations are returned per run
     (cheap; the full [B, L, P, F] tensors are kept only with ``keep_features``). record_sites:
     sites to return.
+
+    Device and dtype: the run is on the model's device; logits and sites come back there in the
+    model's dtype, pre-activations, activations and watched values in float32 (the
+    transcoder's compute dtype). Token ids and watch/KeepOnly indices may be on the CPU.
     """
     if mode not in MODES:
         raise InterventionError(f"unknown mode {mode!r}: use one of {MODES}")
@@ -337,8 +342,9 @@ def intervene_batch(
     kept_pre: list[torch.Tensor | None] = [None] * L
     kept_acts: list[torch.Tensor | None] = [None] * L
     n_watch = 0 if watch is None else len(watch)
-    watched_pre = torch.zeros(B, n_watch)
-    watched_acts = torch.zeros(B, n_watch)
+    cd = compute_dtype(model.dtype)
+    watched_pre = torch.zeros(B, n_watch, device=model.device, dtype=cd)
+    watched_acts = torch.zeros(B, n_watch, device=model.device, dtype=cd)
     recorded = _recorded_acts(state, tc.cfg.n_features) if state is not None else None
 
     def add_decoded(layer: int, diff: torch.Tensor) -> None:
@@ -347,7 +353,7 @@ def intervene_batch(
         cols = (diff != 0).any(0).any(0).nonzero().squeeze(1)
         if len(cols) == 0:
             return
-        w = tc.decoder_rows(layer, cols)  # [u, T, d]
+        w = tc.decoder_rows(layer, cols).to(diff.dtype)  # [u, T, d]
         T = w.shape[1]
         out = (diff[:, :, cols].reshape(B * P, -1) @ w.reshape(len(cols), T * d)).view(B, P, T, d)
         for t in range(T):
@@ -381,7 +387,8 @@ def intervene_batch(
             if frozen_out:
                 out = state.sites["mlp_out"][l].expand(B, -1, -1)
                 if tc.W_skip is not None:  # the skip path is live (linear) in the replacement
-                    out = out + (inputs[l] - state.inputs[l]) @ tc.W_skip[l].T
+                    dx = inputs[l].to(out.dtype) - state.inputs[l]
+                    out = out + dx @ tc.W_skip[l].to(out.dtype).T
             else:
                 out = x
             if pending[l] is not None:
@@ -390,7 +397,7 @@ def intervene_batch(
             if vecs:
                 out = out.clone()
                 for b, it in vecs:
-                    out[b, it.position] += it.vector
+                    out[b, it.position] += it.vector.to(out)
             return out
 
         return fn
@@ -401,7 +408,7 @@ def intervene_batch(
             return x
         x = x.clone()
         for b, it in vecs:
-            x[b, it.position] += it.vector
+            x[b, it.position] += it.vector.to(x)
         return x
 
     edits = {("resid_pre", 0): embed_edit}
@@ -433,9 +440,10 @@ def intervene_batch(
 
 
 def _recorded_acts(state: PromptState, n_features: int) -> torch.Tensor:
-    """The recorded activations as a dense [L, P, F] tensor."""
+    """The recorded activations as a dense [L, P, F] tensor (the record's device and dtype)."""
     L = state.inputs.shape[0]
-    a = torch.zeros(L, state.n_pos, n_features)
+    v = state.feat_value
+    a = torch.zeros(L, state.n_pos, n_features, device=v.device, dtype=v.dtype)
     a[state.feat_layer, state.feat_pos, state.feat_index] = state.feat_value
     return a
 

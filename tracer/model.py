@@ -25,6 +25,7 @@ from tracer.architectures import (
     value_output_weights,
 )
 from tracer.hooks import ATTN_IMPLEMENTATION, SITES, Edit, Freeze, HookedRun, run_hooked
+from transcoders.device import DeviceSetting
 
 _LOAD_HINT = (
     "Give a local folder written by save_pretrained, or 'smollm2' (circuit-atlas model fetch "
@@ -77,7 +78,9 @@ class ModelFacts:
 class LanguageModel:
     """A causal LM plus tokenizer, with hook-based reads and overrides.
 
-    Parameters are frozen (``requires_grad=False``); the model is in eval mode and float32.
+    Parameters are frozen (``requires_grad=False``); the model is in eval mode. Its weights are
+    on :attr:`device` in :attr:`dtype` (see :meth:`load` and :meth:`to`); :meth:`run` moves
+    token ids there, and what it records is on that device in that dtype.
     """
 
     def __init__(self, hf_model, tokenizer, name: str = ""):
@@ -110,12 +113,22 @@ class LanguageModel:
     # --- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, source: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    def load(
+        cls,
+        source: str | os.PathLike,
+        *,
+        device: str | torch.device | DeviceSetting | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ):
         """Load from a local folder, a hub id, or the built-in name ``smollm2``.
 
         ``smollm2`` builds (once) and then loads the cached SmolLM2-135M-Instruct folder; see
-        :func:`tracer.fetch.fetch_smollm2`.
+        :func:`tracer.fetch.fetch_smollm2`. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+        ``"auto"`` = CUDA when present, or a :class:`DeviceSetting`) and ``dtype``
+        (``"float32"`` default, ``"bfloat16"``, ``"float16"``) say where the weights go and in
+        which dtype; on a GPU they are loaded straight onto it.
         """
+        setting = DeviceSetting.parse(device, dtype)
         source = str(source)
         # The model's name (recorded in graphs, transcoder configs and the graph store) is what
         # the caller asked for; the built-in model gets one stable name, not its cache path.
@@ -151,7 +164,10 @@ class LanguageModel:
         _architecture(config)
         try:
             tok = AutoTokenizer.from_pretrained(where)
-            hf = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)
+            place = {"device_map": {"": setting.device}} if setting.is_cuda else {}
+            hf = AutoModelForCausalLM.from_pretrained(
+                where, config=config, dtype=setting.dtype, **place
+            )
         except SafetensorError as err:
             raise ModelLoadError(
                 f"could not load model {source!r}: its weights file is damaged or truncated "
@@ -162,6 +178,24 @@ class LanguageModel:
             raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "
                                  f"{_LOAD_HINT}") from err  # fmt: skip
         return cls(hf, tok, name=name)
+
+    def to(
+        self,
+        device: str | torch.device | DeviceSetting | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> LanguageModel:
+        """Move the weights (in place) to ``device`` and/or convert them to ``dtype``; returns
+        self. None keeps the current one."""
+        setting = DeviceSetting.parse(
+            self.device if device is None else device, self.dtype if dtype is None else dtype
+        )
+        self.hf.to(device=setting.device, dtype=setting.dtype)
+        return self
+
+    @property
+    def setting(self) -> DeviceSetting:
+        """Where the model computes and its weights' dtype."""
+        return DeviceSetting(self.device, self.dtype)
 
     # --- tokens --------------------------------------------------------------------------------
 
@@ -226,7 +260,7 @@ class LanguageModel:
         return get_module(self.hf, self.arch.final_norm)
 
     def unembed_matrix(self) -> torch.Tensor:
-        """[vocab, d_model] unembedding."""
+        """[vocab, d_model] unembedding, float32 on the model's device."""
         return get_module(self.hf, self.arch.unembed).weight.detach().float()
 
     def value_output(self, layer: int):
@@ -283,7 +317,13 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's weights (where :meth:`run` computes)."""
         return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (float32, bfloat16 or float16)."""
+        return next(self.hf.parameters()).dtype
 
 
 def truncate_layers(model: LanguageModel, n_layers: int) -> LanguageModel:

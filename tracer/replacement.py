@@ -19,7 +19,8 @@ import torch
 
 from tracer.hooks import Freeze, HookedRun
 from tracer.model import LanguageModel
-from transcoders.clt import CrossLayerTranscoder
+from transcoders.clt import CrossLayerTranscoder, compute_dtype
+from transcoders.device import DeviceError, DeviceSetting
 
 
 @dataclass
@@ -31,6 +32,11 @@ class PromptState:
     inputs [L, P, d] (transcoder input site); pre [L, P, F] pre-activations;
     active features as parallel [n_active] arrays (sorted by layer, position, feature);
     recon / errors [L, P, d].
+
+    Device and dtype: every tensor but ``tokens`` (CPU ids) is on the model's device. Floating
+    tensors are in the compute dtype (float32; float64 for a float64 model) whatever the
+    model's weights are, so a bfloat16 model's record meets float32 transcoder products and
+    attribution sums without casts (its values are the bfloat16 activations, exactly).
     """
 
     tokens: torch.Tensor
@@ -72,11 +78,33 @@ class ReplacementModel:
         self, model: LanguageModel, transcoder: CrossLayerTranscoder, *, exclude_bos: bool = True
     ):
         transcoder.check_model(model.facts.n_layers, model.facts.d_model, model.facts.name)
+        if transcoder.device != model.device:
+            raise DeviceError(
+                f"the transcoder is on {transcoder.device} but the model on {model.device}: "
+                "load both with the same device (e.g. load_transcoder(..., device=model.setting))"
+            )
         self.model = model
         self.transcoder = transcoder
         self.exclude_bos = exclude_bos
         for p in transcoder.parameters():
             p.requires_grad_(False)
+
+    @property
+    def setting(self) -> DeviceSetting:
+        """Where the model computes and its weights' dtype (the transcoder is on the same
+        device; see :meth:`to`)."""
+        return self.model.setting
+
+    def to(
+        self,
+        device: str | torch.device | DeviceSetting | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> ReplacementModel:
+        """Move model and transcoder (in place) to ``device`` and convert their weights to
+        ``dtype``; returns self. Lazy decoders follow when they are read."""
+        self.model.to(device, dtype)
+        self.transcoder.to(device=self.model.device, dtype=self.model.dtype)
+        return self
 
     @property
     def input_site(self) -> str:
@@ -91,10 +119,17 @@ class ReplacementModel:
 
     @torch.no_grad()
     def record(self, tokens: torch.Tensor) -> PromptState:
-        """Run the real model on tokens [P] and keep everything attribution freezes."""
+        """Run the real model on tokens [P] and keep everything attribution freezes (on the
+        model's device, in the compute dtype: see :class:`PromptState`)."""
+        tokens = torch.as_tensor(tokens).long().cpu()
         run: HookedRun = self.model.run(tokens)
-        sites = {k: v[0] for k, v in run.sites.items()}
-        scales = {k: v[0] for k, v in run.scales.items()}
+        cd = compute_dtype(self.model.dtype)
+
+        def c(t: torch.Tensor) -> torch.Tensor:
+            return t.to(cd)  # a no-op for a float32 model
+
+        sites = {k: c(v[0]) for k, v in run.sites.items()}
+        scales = {k: c(v[0]) for k, v in run.scales.items()}
         inputs = sites[self.input_site]  # [L, P, d]
         tc = self.transcoder
         L = self.model.facts.n_layers
@@ -110,9 +145,9 @@ class ReplacementModel:
         errors = sites["mlp_out"] - recon
         return PromptState(
             tokens=tokens.clone(),
-            logits=run.logits[0],
+            logits=c(run.logits[0]),
             sites=sites,
-            patterns=run.patterns[0],
+            patterns=c(run.patterns[0]),
             scales=scales,
             inputs=inputs,
             pre=pre,

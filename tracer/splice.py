@@ -18,8 +18,8 @@ from transcoders.clt import CrossLayerTranscoder
 @torch.no_grad()
 def mlp_activations(model, tokens: torch.Tensor, input_site: str = "mlp_in"):
     """Every layer's transcoder input (``input_site``: ``mlp_in`` or ``resid_mid``) and MLP
-    output for tokens [B, P]: two float32 tensors [L, B*P, d] (row b*P + p is sequence b,
-    position p)."""
+    output for tokens [B, P]: two float32 tensors [L, B*P, d] on the model's device (row
+    b*P + p is sequence b, position p)."""
     if input_site not in ("mlp_in", "resid_mid"):
         raise ValueError(f"input site {input_site!r}: use 'mlp_in' or 'resid_mid'")
     run = model.run(tokens, record_sites=(input_site, "mlp_out"))
@@ -41,7 +41,9 @@ def splice_edits(clt: CrossLayerTranscoder, keep_bos: bool = True, store: dict |
     from the inputs of *this* run (so errors compound through the layers, as in use).
 
     With ``keep_bos`` position 0 keeps the model's own MLP output (the trainer skips BOS: its
-    outputs are outliers the attention sink depends on). ``store`` receives the activations."""
+    outputs are outliers the attention sink depends on). ``store`` receives the activations.
+    The transcoder computes on its own device in float32; reconstructions go back to the
+    model's device and dtype."""
     L = clt.cfg.n_layers
     site = clt.cfg.input_site
     acts: list[torch.Tensor | None] = [None] * L
@@ -49,23 +51,25 @@ def splice_edits(clt: CrossLayerTranscoder, keep_bos: bool = True, store: dict |
 
     def read_input(layer):
         def edit(x):
-            inputs[layer] = x
-            acts[layer] = clt.activate(layer, clt.pre_activations(layer, x.float()))
+            xt = x.to(clt.device)  # a no-op when model and transcoder share a device
+            inputs[layer] = xt
+            acts[layer] = clt.activate(layer, clt.pre_activations(layer, xt))
             return x
 
         return edit
 
     def replace_output(layer):
         def edit(y):
-            rec = clt.b_dec[layer].expand_as(y).clone()
+            cd = acts[layer].dtype  # float32 (the transcoder's compute dtype)
+            rec = clt.b_dec[layer].to(cd).expand_as(y).clone()
             for i in range(layer + 1):
                 t = layer - i
                 w = clt.decoder(i)
                 if t < w.shape[1]:
-                    rec = rec + acts[i] @ w[:, t]
+                    rec = rec + acts[i] @ w[:, t].to(cd)
             if clt.W_skip is not None:
-                rec = rec + inputs[layer] @ clt.W_skip[layer].T
-            rec = rec.to(y.dtype)
+                rec = rec + inputs[layer].to(cd) @ clt.W_skip[layer].to(cd).T
+            rec = rec.to(device=y.device, dtype=y.dtype)
             if keep_bos:
                 rec = torch.cat([y[:, :1], rec[:, 1:]], dim=1)
             return rec

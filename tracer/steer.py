@@ -58,7 +58,8 @@ def generate_batch(
     the ``top_k`` most likely tokens when given, with a generator seeded by ``seed`` (the same
     seed gives the same draws to every sequence, so a steered and a baseline continuation
     differ only by the intervention). A sequence stops at the end-of-sequence token when
-    ``stop_at_eos``; generation also stops at the model's context length.
+    ``stop_at_eos``; generation also stops at the model's context length. The forward passes
+    run on the model's device in its dtype (see :attr:`ReplacementModel.setting`).
     """
     model = rm.model
     tokens = model.tokenize(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).long()
@@ -84,7 +85,9 @@ def generate_batch(
     n_new = torch.zeros(B, dtype=torch.long)
     steps = min(max_new_tokens, model.facts.max_positions - P0)
     for _ in tqdm(range(steps), desc="generating", unit="tok", disable=not progress):
+        # Sampling happens on the CPU in float32, so a seed gives the same draws on any device.
         last = intervene_batch(rm, seqs, batch, "live", record_sites=()).logits[:, -1]
+        last = last.float().cpu()
         if temperature == 0:
             nxt = last.argmax(-1)
         else:

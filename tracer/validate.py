@@ -174,7 +174,8 @@ def target_values(rm, state: PromptState, graph: Graph, result: InterventionResu
     l, p, f = (torch.as_tensor(a[feats].astype(np.int64)) for a in _lpf(graph))
     pre = result.pre[l, p, f]
     normed = _frozen_final(rm, state, result.sites["resid_final"][-1])
-    return np.r_[pre.numpy(), (logit_directions(rm, graph) @ normed).numpy()].astype(np.float64)
+    logits = logit_directions(rm, graph) @ normed.to(torch.float32)
+    return np.r_[pre.cpu().numpy(), logits.cpu().numpy()].astype(np.float64)
 
 
 def _lpf(graph: Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,7 +215,11 @@ def _check_graph(rm: ReplacementModel, graph: Graph, state: PromptState) -> None
     have = {
         (int(l), int(p), int(f)): float(v)
         for l, p, f, v in zip(
-            state.feat_layer, state.feat_pos, state.feat_index, state.feat_value, strict=True
+            state.feat_layer.tolist(),
+            state.feat_pos.tolist(),
+            state.feat_index.tolist(),
+            state.feat_value.tolist(),
+            strict=True,
         )
     }
     for i in feats:
@@ -357,6 +362,7 @@ def validate(
     w = torch.as_tensor(graph.logit_weights[logit_nodes], dtype=torch.float32)
     if len(directions) == 1:
         w = torch.ones(1)
+    w = w.to(directions.device)
     final = rm.model.final_norm()
 
     def run(batch, mode):
@@ -364,14 +370,14 @@ def validate(
 
     def targets(res: BatchInterventionResult) -> np.ndarray:
         """[B, n_rows]: feature pre-activations, then de-meaned logits (frozen final norm)."""
-        logit = _frozen_final(rm, state, res.sites["resid_final"][:, -1]) @ directions.T
-        return torch.cat([res.watched_pre, logit], 1).double().numpy()
+        normed = _frozen_final(rm, state, res.sites["resid_final"][:, -1]).to(directions.dtype)
+        return torch.cat([res.watched_pre, normed @ directions.T], 1).double().cpu().numpy()
 
     def metric(res: BatchInterventionResult) -> np.ndarray:
         """[B] the logit metric with the live final norm."""
         with torch.no_grad():
             normed = final(res.sites["resid_final"][:, -1:])[:, 0].float()
-        return ((normed @ directions.T) @ w).double().numpy()
+        return ((normed @ directions.T) @ w).double().cpu().numpy()
 
     columns = np.r_[sample, extra_cols]
     n_batches = 2 * math.ceil(len(columns) / cfg.batch_size) + 2
@@ -390,7 +396,7 @@ def validate(
 
     # (b) free: logit metric and downstream features.
     base = run([[]], "free")
-    base_m, base_pre = metric(base)[0], base.watched_pre[0].double().numpy()
+    base_m, base_pre = metric(base)[0], base.watched_pre[0].double().cpu().numpy()
     bar.update(1)
     effect = np.zeros(len(sample))
     d_pre = np.zeros((len(sample), len(feats)))
@@ -398,7 +404,7 @@ def validate(
         res = run([[removal(graph, state, s)] for s in chunk], "free")
         sl = slice(j * cfg.batch_size, j * cfg.batch_size + len(chunk))
         effect[sl] = metric(res) - base_m
-        d_pre[sl] = res.watched_pre.double().numpy() - base_pre
+        d_pre[sl] = res.watched_pre.double().cpu().numpy() - base_pre
         bar.update(1)
 
     influence = node_influence(graph)

@@ -11,6 +11,13 @@ for a per-layer transcoder (PLT). Shapes, with L layers, F features per layer, d
 
 Decoders can be supplied lazily (a callable per layer) so a large CLT reads only the decoder
 rows it needs from disk.
+
+Device and dtype: the weights live on one device in one dtype (float32 by default; bfloat16 or
+float16 to halve their memory), given at construction or by ``.to(device, dtype)``. A lazy
+decoder is moved to that device and dtype when it is read (whole, or row by row). Products are
+computed in float32 whatever the weights' dtype (``compute_dtype``: float32, or float64 for
+float64 inputs): ``pre_activations`` of bfloat16 activations from a bfloat16 model against
+bfloat16 encoders returns float32, and so do ``affine``/``decode_sparse``.
 """
 
 from __future__ import annotations
@@ -74,21 +81,36 @@ class TranscoderConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class CrossLayerTranscoder(nn.Module):
-    """A CLT or PLT. All weights float32; parameters are trainable unless frozen by caller."""
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype products are computed in: float32, or float64 when an operand is float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
-    def __init__(self, cfg: TranscoderConfig, *, init: bool = True):
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT or PLT. Weights on ``device`` in ``dtype`` (default: CPU, float32); parameters are
+    trainable unless frozen by the caller. Outputs of the encode/decode methods are float32
+    (see the module doc)."""
+
+    def __init__(
+        self,
+        cfg: TranscoderConfig,
+        *,
+        init: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         L, F, d = cfg.n_layers, cfg.n_features, cfg.d_model
-        self.W_enc = nn.Parameter(torch.empty(L, F, d))
-        self.b_enc = nn.Parameter(torch.zeros(L, F))
-        self.b_dec = nn.Parameter(torch.zeros(L, d))
-        self.threshold = nn.Parameter(torch.zeros(L, F))
+        kw = {"device": device, "dtype": dtype or torch.float32}
+        self.W_enc = nn.Parameter(torch.empty(L, F, d, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(L, F, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(L, d, **kw))
+        self.threshold = nn.Parameter(torch.zeros(L, F, **kw))
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.empty(F, cfg.n_targets(i), d)) for i in range(L)]
+            [nn.Parameter(torch.empty(F, cfg.n_targets(i), d, **kw)) for i in range(L)]
         )
-        self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if cfg.skip else None
+        self.W_skip = nn.Parameter(torch.zeros(L, d, d, **kw)) if cfg.skip else None
         self._lazy_dec: list[Callable[[], torch.Tensor] | None] = [None] * L
         self._lazy_rows: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * L
         self._identity = None  # set by the loaders (see the ``identity`` property)
@@ -122,6 +144,16 @@ class CrossLayerTranscoder(nn.Module):
         self._identity = identity_of(self)
         return self._identity
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and where lazy decoders are moved when read)."""
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (lazy decoders are converted to it when read)."""
+        return self.W_enc.dtype
+
     # --- lazy decoders ---------------------------------------------------------------------------
 
     def set_lazy_decoder(
@@ -138,7 +170,9 @@ class CrossLayerTranscoder(nn.Module):
         """
         self._lazy_dec[layer] = loader
         self._lazy_rows[layer] = rows
-        self.W_dec[layer] = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.W_dec[layer] = nn.Parameter(
+            torch.empty(0, device=self.device, dtype=self.dtype), requires_grad=False
+        )
 
     def decoder_loaded(self, layer: int) -> bool:
         """Whether layer ``layer``'s decoder is in memory (False while it is still lazy)."""
@@ -161,15 +195,16 @@ class CrossLayerTranscoder(nn.Module):
     def decoder(self, layer: int, *, cache: bool = True) -> torch.Tensor:
         """Decoder of source layer ``layer``: [F, T_layer, d].
 
-        A lazy decoder is read on first use and kept (``cache=False`` reads it without keeping
-        it, for one pass over a large transcoder, e.g. when converting it).
+        A lazy decoder is read on first use, moved to the transcoder's device and dtype, and kept
+        (``cache=False`` reads it without keeping it, for one pass over a large transcoder, e.g.
+        when converting it).
         """
         loader = self._lazy_dec[layer]
         if loader is None:
             return self.W_dec[layer]
         w = loader()
         self.check_decoder_shape(layer, tuple(w.shape))
-        w = w.float()
+        w = w.to(device=self.device, dtype=self.dtype)
         if cache:
             self.W_dec[layer] = nn.Parameter(w, requires_grad=False)
             self._lazy_dec[layer] = None
@@ -177,7 +212,8 @@ class CrossLayerTranscoder(nn.Module):
         return w
 
     def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        """Decoder rows of the given features of layer ``layer``: [n, T_layer, d].
+        """Decoder rows of the given features of layer ``layer``: [n, T_layer, d], on the
+        transcoder's device in its dtype.
 
         When the decoder is still lazy and its source can read single rows, only those rows are
         read (nothing is cached); otherwise this indexes ``decoder(layer)``.
@@ -186,8 +222,8 @@ class CrossLayerTranscoder(nn.Module):
         if self._lazy_dec[layer] is not None and rows is not None:
             w = rows(features.cpu())
             self.check_decoder_shape(layer, tuple(w.shape), n=len(features))
-            return w.float().to(features.device)
-        return self.decoder(layer)[features]
+            return w.to(device=self.device, dtype=self.dtype)
+        return self.decoder(layer)[features.to(self.device)]
 
     def load_all(self) -> CrossLayerTranscoder:
         for i in range(self.cfg.n_layers):
@@ -197,12 +233,15 @@ class CrossLayerTranscoder(nn.Module):
     # --- encode / decode ---------------------------------------------------------------------
 
     def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] at layer's input site -> pre-activations [..., F]."""
-        return x @ self.W_enc[layer].T + self.b_enc[layer]
+        """x [..., d] at layer's input site (any float dtype, on the transcoder's device) ->
+        pre-activations [..., F] in float32 (float64 for float64 x). With float32 weights and
+        inputs the casts are no-ops (gradients flow as before)."""
+        cd = compute_dtype(x.dtype, self.dtype)
+        return x.to(cd) @ self.W_enc[layer].to(cd).T + self.b_enc[layer].to(cd)
 
     def activate(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
         return apply_activation(
-            self.cfg.activation, pre, threshold=self.threshold[layer], k=self.cfg.topk
+            self.cfg.activation, pre, threshold=self.threshold[layer].to(pre.dtype), k=self.cfg.topk
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +255,7 @@ class CrossLayerTranscoder(nn.Module):
         """
         out = self.affine(acts.shape[1:-1], x)
         for i in range(self.cfg.n_layers):
-            w = self.decoder(i)  # [F, T, d]
+            w = self.decoder(i).to(acts.dtype)  # [F, T, d]
             contrib = torch.einsum("...f,ftd->t...d", acts[i], w)
             out[i : i + w.shape[1]] += contrib
         return out
@@ -225,17 +264,20 @@ class CrossLayerTranscoder(nn.Module):
         self, batch_shape: tuple | torch.Size, x: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The part of the reconstruction that is not features: the output bias plus, for a skip
-        transcoder, W_skip x. Returns a new tensor [L, *batch_shape, d]; ``x`` [L, ..., d]."""
+        transcoder, W_skip x. Returns a new float32 tensor [L, *batch_shape, d] (float64 for
+        float64 x); ``x`` [L, ..., d]."""
         L = self.cfg.n_layers
+        cd = compute_dtype(self.dtype, *(() if x is None else (x.dtype,)))
         out = (
-            self.b_dec.view(L, *([1] * len(batch_shape)), -1)
+            self.b_dec.to(cd)
+            .view(L, *([1] * len(batch_shape)), -1)
             .expand(L, *batch_shape, self.cfg.d_model)
             .clone()
         )
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("a skip transcoder's decode needs the inputs x")
-            out = out + torch.einsum("l...d,led->l...e", x, self.W_skip)
+            out = out + torch.einsum("l...d,led->l...e", x.to(cd), self.W_skip.to(cd))
         return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

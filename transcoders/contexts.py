@@ -38,33 +38,38 @@ def collect_activations(
     clt: CrossLayerTranscoder, activations: ActivationFn, tokens: torch.Tensor, cfg: ContextConfig
 ) -> dict:
     """Stream tokens [S, P] through the model and the transcoder; keep per feature the top-k
-    activations with their token positions, and every non-zero activation (for histograms)."""
+    activations with their token positions, and every non-zero activation (for histograms).
+
+    Computed on the transcoder's device (activations are moved there), in float32; the results
+    are CPU tensors."""
     S, P = tokens.shape
     L, F = clt.cfg.n_layers, clt.cfg.n_features
     k = cfg.top_k
-    top_v = torch.zeros(L, F, k)
-    top_i = torch.full((L, F, k), -1, dtype=torch.long)
+    dev = clt.device
+    top_v = torch.zeros(L, F, k, device=dev)
+    top_i = torch.full((L, F, k), -1, dtype=torch.long, device=dev)
     nz_feat, nz_val = [], []
-    count = torch.zeros(L, F)
+    count = torch.zeros(L, F, device=dev)
     for b in range(0, S, cfg.batch):
         chunk = tokens[b : b + cfg.batch]
         x, _ = activations(chunk)  # [L, n, d]
+        x = x.to(dev)
         acts = torch.stack([clt.activate(i, clt.pre_activations(i, x[i])) for i in range(L)])
         if cfg.skip_bos:
             acts.view(L, len(chunk), P, F)[:, :, 0] = 0
-        pos = torch.arange(b * P, b * P + acts.shape[1])  # global token index s * P + p
+        pos = torch.arange(b * P, b * P + acts.shape[1], device=dev)  # global index s * P + p
         count += (acts > 0).sum(1)
         cand_v = torch.cat([top_v, acts.transpose(1, 2)], dim=2)
         cand_i = torch.cat([top_i, pos.expand(L, F, -1)], dim=2)
         top_v, j = cand_v.topk(k, dim=2)
         top_i = cand_i.gather(2, j)
         lf, n, f = (acts > 0).nonzero(as_tuple=True)
-        nz_feat.append(lf * F + f)
-        nz_val.append(acts[lf, n, f])
+        nz_feat.append((lf * F + f).cpu())
+        nz_val.append(acts[lf, n, f].float().cpu())
     return {
-        "top_v": top_v,
-        "top_i": top_i,
-        "count": count,
+        "top_v": top_v.float().cpu(),
+        "top_i": top_i.cpu(),
+        "count": count.cpu(),
         "n_tokens": S * (P - int(cfg.skip_bos)),
         "nz_feat": torch.cat(nz_feat),
         "nz_val": torch.cat(nz_val),
@@ -86,14 +91,15 @@ def histograms(nz_feat: torch.Tensor, nz_val: torch.Tensor, max_act: torch.Tenso
 def promoted_tokens(clt: CrossLayerTranscoder, unembed: torch.Tensor, n: int):
     """Top and bottom ``n`` tokens of each feature's total decoder write (summed over its target
     layers) through the unembedding [V, d]: (top_ids, top_vals, bot_ids, bot_vals), each
-    [L, F, n]."""
+    [L, F, n], CPU (computed in float32 on the transcoder's device)."""
     outs = []
+    W_U = unembed.to(device=clt.device, dtype=torch.float32)
     for i in range(clt.cfg.n_layers):
-        direction = clt.decoder(i).sum(1)  # [F, d]
-        logits = direction @ unembed.T.float()  # [F, V]
+        direction = clt.decoder(i).float().sum(1)  # [F, d]
+        logits = direction @ W_U.T  # [F, V]
         tv, ti = logits.topk(n, dim=1)
         bv, bi = (-logits).topk(n, dim=1)
-        outs.append((ti, tv, bi, -bv))
+        outs.append((ti.cpu(), tv.cpu(), bi.cpu(), -bv.cpu()))
     return tuple(torch.stack(z) for z in zip(*outs, strict=True))
 
 

@@ -77,7 +77,8 @@ def parse_device(device: str | torch.device | None) -> torch.device:
                 f"cuda:0 .. cuda:{n - 1}"
             )
         if dev.index is None:
-            dev = torch.device("cuda", 0)
+            # Under torchrun each rank takes its own GPU.
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     elif dev.type != "cpu":
         raise DeviceError(f"device type {dev.type!r} is not supported: use {DEVICE_HELP}")
     return dev

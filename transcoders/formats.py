@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from transcoders.clt import CrossLayerTranscoder, InputSite
+from transcoders.device import DTYPE_CHOICES, DeviceSetting, parse_dtype
+from transcoders.device import DTYPES as DEVICE_DTYPES
 from transcoders.io_assemble import CONFIG_FILE
 from transcoders.io_circuit_tracer import (
     is_clt_folder,
@@ -52,7 +54,8 @@ from transcoders.io_saelens import (
 
 FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens", "gemmascope")
 WRITABLE_FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Storage precisions: the one dtype table of transcoders.device.
+DTYPES = {name: DEVICE_DTYPES[name] for name in DTYPE_CHOICES}
 
 __all__ = [
     "DTYPES",
@@ -128,6 +131,8 @@ def load_transcoder(
     layer: int | None = None,
     input_site: InputSite | None = None,
     model=None,
+    device: str | torch.device | DeviceSetting | None = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> CrossLayerTranscoder:
     """Load a transcoder in any format of ``FORMATS`` (detected unless ``format`` is given).
 
@@ -143,8 +148,14 @@ def load_transcoder(
     model_name: recorded in the config (and named in errors) when the files do not say it.
     layer: the model layer of a single-layer source whose files do not name one.
     input_site: override the input site (``resid_mid`` or ``mlp_in``) the files declare.
-    Weights are float32 and frozen (no grads).
+    device, dtype: where the weights live and their dtype (a :class:`DeviceSetting`, or the
+        strings ``--device``/``--dtype`` take: ``"auto"``, ``"cuda:1"``, ``"bfloat16"``; default
+        CPU, float32). Encoders and biases are copied onto the device layer by layer as they
+        are read; a lazy decoder is moved there (converted to ``dtype``) when first read, and
+        row reads move only their rows. Products are computed in float32 whatever the dtype.
+    Weights are frozen (no grads).
     """
+    setting = DeviceSetting.parse(device, dtype)
     if model is not None:
         facts = getattr(model, "facts", model)
         n_layers = facts.n_layers if n_layers is None else n_layers
@@ -157,7 +168,9 @@ def load_transcoder(
     if not p.exists():
         raise missing(p, "path")
     saved = _saved_config(p)
-    common = dict(saved=saved, lazy=lazy, input_site=input_site, model_name=model_name)
+    common = dict(
+        saved=saved, lazy=lazy, input_site=input_site, model_name=model_name, setting=setting
+    )
     if fmt == "circuit-tracer":
         if layer is not None:
             raise TranscoderFormatError("layer= applies to single-layer sources, not a CLT")
@@ -178,14 +191,6 @@ def load_transcoder(
             model_name or clt.cfg.model_name or "the model",
         )
     return clt
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def default_format(clt: CrossLayerTranscoder) -> str:
@@ -226,7 +231,7 @@ def save_transcoder(
         )
     writer = {"circuit-tracer": write_clt, "circuit-tracer-plt": write_plt,
               "saelens": write_saelens}[fmt]  # fmt: skip
-    dt = _dtype(dtype)
+    dt = None if dtype is None else parse_dtype(dtype)
 
     def write(tmp: Path) -> None:
         writer(clt, tmp, dt)

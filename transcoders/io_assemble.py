@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from transcoders.clt import CrossLayerTranscoder, InputSite, TranscoderConfig
+from transcoders.device import CPU, DeviceSetting
 from transcoders.io_files import TranscoderFormatError
 
 CONFIG_FILE = "circuit_atlas.json"
@@ -23,10 +24,11 @@ CONFIG_FILE = "circuit_atlas.json"
 GEOMETRY = ("n_layers", "d_model", "n_features", "kind", "skip")
 
 
-def new_transcoder(cfg: TranscoderConfig) -> CrossLayerTranscoder:
-    """An uninitialised transcoder to be filled from files; frozen (no grads) like any loaded
-    weights: call ``requires_grad_(True)`` to fine-tune."""
-    clt = CrossLayerTranscoder(cfg, init=False)
+def new_transcoder(cfg: TranscoderConfig, setting: DeviceSetting = CPU) -> CrossLayerTranscoder:
+    """An uninitialised transcoder to be filled from files, its weights on ``setting.device`` in
+    ``setting.dtype`` (readers copy each layer's tensors in as they read them); frozen (no
+    grads) like any loaded weights: call ``requires_grad_(True)`` to fine-tune."""
+    clt = CrossLayerTranscoder(cfg, init=False, device=setting.device, dtype=setting.dtype)
     with torch.no_grad():
         for p in (clt.W_enc, clt.b_enc, clt.b_dec, clt.threshold):
             p.zero_()
@@ -105,8 +107,10 @@ def assemble_per_layer(
     layer: int | None,
     input_site: InputSite | None,
     model_name: str | None,
+    setting: DeviceSetting = CPU,
 ) -> CrossLayerTranscoder:
-    """A per-layer transcoder (kind "plt") from per-layer sources.
+    """A per-layer transcoder (kind "plt") from per-layer sources, on ``setting``'s device in its
+    dtype.
 
     Placement: with ``n_layers`` (the model's layer count) each source sits at its model layer
     and layers without a source are inert zeros (listed in ``cfg.empty_layers``). Without it,
@@ -195,25 +199,27 @@ def assemble_per_layer(
     if cfg.activation == "topk" and not cfg.topk:
         raise TranscoderFormatError(f"{where}: a TopK transcoder needs k, and its files lack it")
 
-    clt = new_transcoder(cfg)
+    clt = new_transcoder(cfg, setting)
+    place = {"device": clt.device, "dtype": clt.dtype}
     with torch.no_grad():
         for i, lw in enumerate(order):
             if lw is None:
                 clt.W_dec[i] = torch.nn.Parameter(
-                    torch.zeros(n_features, 1, d_model), requires_grad=False
+                    torch.zeros(n_features, 1, d_model, **place), requires_grad=False
                 )
                 continue
-            clt.W_enc[i] = lw.W_enc.float()
-            clt.b_enc[i] = lw.b_enc.float()
-            clt.b_dec[i] = lw.b_dec.float()
+            # Each layer's tensors are copied onto the device (in its dtype) as they are read.
+            clt.W_enc[i] = lw.W_enc
+            clt.b_enc[i] = lw.b_enc
+            clt.b_dec[i] = lw.b_dec
             if lw.threshold is not None:
-                clt.threshold[i] = lw.threshold.float()
+                clt.threshold[i] = lw.threshold
             if lw.W_skip is not None:
-                clt.W_skip[i] = lw.W_skip.float()
+                clt.W_skip[i] = lw.W_skip
             if lazy:
                 clt.set_lazy_decoder(i, lw.decoder, lw.decoder_rows)
             else:
                 w = lw.decoder()
                 clt.check_decoder_shape(i, tuple(w.shape))
-                clt.W_dec[i] = torch.nn.Parameter(w.float(), requires_grad=False)
+                clt.W_dec[i] = torch.nn.Parameter(w.to(**place), requires_grad=False)
     return clt

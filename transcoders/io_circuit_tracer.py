@@ -29,6 +29,7 @@ import yaml
 from tqdm import tqdm
 
 from transcoders.clt import CrossLayerTranscoder, InputSite
+from transcoders.device import CPU, DeviceSetting
 from transcoders.hook_names import OUTPUT_HOOK, check_output_hook, input_hook, site_of_hook
 from transcoders.io_assemble import LayerWeights, assemble_per_layer, merge_config, new_transcoder
 from transcoders.io_files import (
@@ -95,6 +96,7 @@ def read_clt(
     lazy: bool,
     input_site: InputSite | None,
     model_name: str | None,
+    setting: DeviceSetting = CPU,
 ) -> CrossLayerTranscoder:
     conf = read_yaml(folder)
     layers = _layer_files(folder, _ENC)
@@ -152,16 +154,17 @@ def read_clt(
     if cfg.activation == "topk" and not cfg.topk:
         raise TranscoderFormatError(f"{folder}: a TopK transcoder needs k, and its config lacks it")
 
-    clt = new_transcoder(cfg)
+    clt = new_transcoder(cfg, setting)
     with torch.no_grad():
+        # Each layer's tensors are copied onto the device (in its dtype) as they are read.
         for i, f in enumerate(encs):
-            clt.W_enc[i] = f.get(f"W_enc_{i}").float()
-            clt.b_enc[i] = f.get(f"b_enc_{i}").float()
-            clt.b_dec[i] = f.get(f"b_dec_{i}").float()
+            clt.W_enc[i] = f.get(f"W_enc_{i}")
+            clt.b_enc[i] = f.get(f"b_enc_{i}")
+            clt.b_dec[i] = f.get(f"b_dec_{i}")
             if has_thr:
-                clt.threshold[i] = f.get(f"threshold_{i}").float()
+                clt.threshold[i] = f.get(f"threshold_{i}")
             if has_skip:
-                clt.W_skip[i] = f.get(f"W_skip_{i}").float().T
+                clt.W_skip[i] = f.get(f"W_skip_{i}").T
     for i in range(L):
         path, key = folder / f"W_dec_{i}.safetensors", f"W_dec_{i}"
         if lazy:
@@ -175,7 +178,9 @@ def read_clt(
         else:
             w = SafetensorsFile(path).get(key)
             clt.check_decoder_shape(i, tuple(w.shape))
-            clt.W_dec[i] = torch.nn.Parameter(w.float(), requires_grad=False)
+            clt.W_dec[i] = torch.nn.Parameter(
+                w.to(device=clt.device, dtype=clt.dtype), requires_grad=False
+            )
     return clt
 
 
@@ -266,6 +271,7 @@ def read_plt(
     layer: int | None,
     input_site: InputSite | None,
     model_name: str | None,
+    setting: DeviceSetting = CPU,
 ) -> CrossLayerTranscoder:
     conf = read_yaml(folder)
     site = input_site or (saved or {}).get("input_site") or _yaml_site(conf, folder)
@@ -303,6 +309,7 @@ def read_plt(
         layer=layer,
         input_site=site,
         model_name=name,
+        setting=setting,
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from transcoders.clt import CrossLayerTranscoder, InputSite
+from transcoders.device import CPU, DeviceSetting
 from transcoders.io_assemble import LayerWeights, assemble_per_layer
 from transcoders.io_files import NpzFile, TranscoderFormatError
 
@@ -76,6 +77,7 @@ def read_gemmascope(
     layer: int | None,
     input_site: InputSite | None,
     model_name: str | None,
+    setting: DeviceSetting = CPU,
 ) -> CrossLayerTranscoder:
     files = gemmascope_files(path)
     if not files:
@@ -90,4 +92,5 @@ def read_gemmascope(
         layer=layer,
         input_site=input_site,
         model_name=model_name,
+        setting=setting,
     )

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from transcoders.clt import CrossLayerTranscoder, InputSite
+from transcoders.device import CPU, DeviceSetting
 from transcoders.hook_names import (
     OUTPUT_HOOK,
     check_output_hook,
@@ -171,6 +172,7 @@ def read_saelens(
     layer: int | None,
     input_site: InputSite | None,
     model_name: str | None,
+    setting: DeviceSetting = CPU,
 ) -> CrossLayerTranscoder:
     """One SAELens transcoder folder, or a parent folder of several (one per model layer)."""
     folders = [path] if is_saelens_folder(path) else saelens_layer_folders(path)
@@ -191,6 +193,7 @@ def read_saelens(
         layer=layer,
         input_site=input_site,
         model_name=model_name,
+        setting=setting,
     )
 
 

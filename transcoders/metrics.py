@@ -25,9 +25,9 @@ class FireTracker:
     """Counts, per feature, the tokens seen since it last fired; a feature is dead when that
     exceeds ``window`` tokens. State is two tensors (saved in checkpoints)."""
 
-    def __init__(self, n_layers: int, n_features: int, window: int):
+    def __init__(self, n_layers: int, n_features: int, window: int, device=None):
         self.window = window
-        self.since = torch.zeros(n_layers, n_features, dtype=torch.long)
+        self.since = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
         self.seen = 0
 
     def update(self, fired: torch.Tensor, n_tokens: int) -> None:
@@ -49,7 +49,7 @@ class FireTracker:
         return {"since": self.since.clone(), "seen": self.seen, "window": self.window}
 
     def load_state_dict(self, s: dict) -> None:
-        self.since = s["since"].clone()
+        self.since = s["since"].to(self.since.device, copy=True)
         self.seen = int(s["seen"])
         self.window = int(s["window"])
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from transcoders.device import parse_device
+
 ActivationFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -71,10 +73,14 @@ class ShuffleBuffer:
         skip_bos: bool = True,
         dtype: torch.dtype = torch.float32,
         on_batch: Callable[[int, float], None] | None = None,
+        device: torch.device | str | None = None,
     ) -> ShuffleBuffer:
-        """Run ``activations`` over tokens [S, P] in batches of ``batch`` sequences.
+        """Run ``activations`` over tokens [S, P] in batches of ``batch`` sequences, into a
+        buffer in ``dtype`` on ``device`` (None: host memory; a GPU when training there, so
+        batches need no copy).
 
         ``on_batch(n_tokens, seconds)`` is called after each batch (progress, budget checks)."""
+        device = None if device is None else parse_device(device)  # clear error: no such GPU
         S, P = tokens.shape
         keep = P - int(skip_bos)
         n = S * keep
@@ -91,8 +97,8 @@ class ShuffleBuffer:
                     f"{tuple(chunk.shape)}: expected two [n_layers, {chunk.numel()}, d] tensors"
                 )
             if ins is None:
-                ins = torch.empty(n, L, d, dtype=dtype)
-                outs = torch.empty(n, L, d, dtype=dtype)
+                ins = torch.empty(n, L, d, dtype=dtype, device=device)
+                outs = torch.empty(n, L, d, dtype=dtype, device=device)
             x = x.view(L, len(chunk), P, d)[:, :, int(skip_bos) :].reshape(L, -1, d)
             y = y.view(L, len(chunk), P, d)[:, :, int(skip_bos) :].reshape(L, -1, d)
             rows = slice(b * keep, b * keep + x.shape[1])

@@ -39,6 +39,7 @@ import torch
 
 from transcoders import losses
 from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
+from transcoders.device import DeviceSetting
 from transcoders.metrics import FireTracker, l0_per_layer, nmse_per_layer, summarize
 from transcoders.normalize import Normalizer, fold, from_mean_squares, mean_square_norms
 from transcoders.stream import ActivationFn, ShuffleBuffer, StreamPlan
@@ -125,14 +126,16 @@ class Dist:
 
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where collective buffers live (NCCL: a GPU)
 
     @classmethod
-    def from_env(cls) -> Dist:
+    def from_env(cls, device: torch.device | None = None) -> Dist:
         import torch.distributed as dist
 
+        dev = torch.device("cpu") if device is None else torch.device(device)
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
+            return cls(dist.get_rank(), dist.get_world_size(), dev)
+        return cls(device=dev)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -155,7 +158,7 @@ class Dist:
         if self.world > 1:
             import torch.distributed as dist
 
-            t = torch.tensor([float(value)], dtype=torch.float64)
+            t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
             dist.broadcast(t, 0)
             return float(t.item())
         return value
@@ -165,6 +168,21 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def init_distributed(setting: DeviceSetting) -> str | None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group once: NCCL when training on a
+    GPU (each rank on its own, ``cuda:LOCAL_RANK``), gloo on the CPU. Returns the backend, or
+    None for a single process."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        if setting.is_cuda:
+            torch.cuda.set_device(setting.device)
+        dist.init_process_group("nccl" if setting.is_cuda else "gloo")
+    return dist.get_backend()
 
 
 # --- the objective ---------------------------------------------------------------------------
@@ -245,7 +263,7 @@ def fit_skip(
     cxy = sxy - mx[:, :, None] * my[:, None, :]
     d = x.shape[-1]
     lam = ridge * torch.diagonal(cxx, dim1=1, dim2=2).mean(-1)  # [L]
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=x.device)
     # Cholesky, not linalg.solve: the system is symmetric positive definite, and MKL's batched
     # LU in torch 2.13 fails on [30, 576, 576] float64 with 2 threads ("Pivots given to lu_solve
     # must all be greater or equal to 1").
@@ -264,7 +282,7 @@ def fit_skip(
 def _fired_topk(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
     """[L, F] bool: features with a positive value among the top-k idx, vals [L, N, k]."""
     L = idx.shape[0]
-    hits = torch.zeros(L, n_features).scatter_add_(
+    hits = torch.zeros(L, n_features, device=idx.device).scatter_add_(
         1, idx.reshape(L, -1), (vals > 0).float().reshape(L, -1)
     )
     return hits > 0
@@ -329,7 +347,7 @@ def evaluate(
     recons, l0s, fired = (
         [],
         [],
-        torch.zeros(model.cfg.n_layers, model.cfg.n_features, dtype=torch.bool),
+        torch.zeros(model.cfg.n_layers, model.cfg.n_features, dtype=torch.bool, device=x.device),
     )
     for s in range(0, x.shape[1], chunk):
         xc = x[:, s : s + chunk]
@@ -352,8 +370,9 @@ def evaluate(
 
 
 def export(model: TrainableTranscoder, norm: Normalizer, extra: dict | None = None):
-    """The trained transcoder as a CrossLayerTranscoder with normalisation folded in, frozen."""
-    out = fold(model.to_clt(), norm)
+    """The trained transcoder as a CrossLayerTranscoder with normalisation folded in, frozen,
+    on the CPU in float32 (whatever device it was trained on)."""
+    out = fold(model.to_clt(), Normalizer(norm.in_scale.cpu(), norm.out_scale.cpu()))
     out.cfg.training = {**out.cfg.training, **(extra or {})}
     for p in out.parameters():
         p.requires_grad_(False)
@@ -397,6 +416,7 @@ def train(
     progress: bool = True,
     plot: bool = True,
     on_step: Callable[[int], None] | None = None,
+    device: str | torch.device | DeviceSetting | None = "cpu",
 ) -> TrainResult:
     """Train on ``train_tokens`` [S, P] (rows start with BOS), evaluating on ``heldout_tokens``.
 
@@ -404,9 +424,16 @@ def train(
     ``spliced_eval(exported_clt) -> dict`` (optional) measures the model with every MLP replaced.
     Writes ``checkpoint.pt``, ``log.jsonl``, ``curves.png``, ``metrics.json`` and the exported
     weights (``transcoder/``) into ``out_dir``. Returns the exported transcoder and metrics.
+
+    ``device`` (``"cpu"``, ``"cuda[:N]"``, ``"auto"`` or a :class:`DeviceSetting`): where the
+    transcoder trains. It trains in float32 there whatever the model's dtype (activations are
+    converted as batches are drawn); harvested buffers stay in host memory and each batch is
+    copied to the device. The exported transcoder is on the CPU. Under torchrun call
+    :func:`init_distributed` first (NCCL on CUDA, gloo on CPU).
     """
     t_start = time.perf_counter()
-    dist = Dist.from_env()
+    dev = DeviceSetting.parse(device).device
+    dist = Dist.from_env(dev)
     main = dist.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,6 +469,7 @@ def train(
                     skip_bos=cfg.skip_bos,
                     dtype=dtype,
                     on_batch=check,
+                    device=dev,
                 )
             )
         return bufs
@@ -455,7 +483,7 @@ def train(
             ),
             strict=True,
         )
-        x, y = torch.cat(xs, 1), torch.cat(ys, 1)
+        x, y = torch.cat(xs, 1).to(dev), torch.cat(ys, 1).to(dev)
         return x * norm.in_scale[:, None, None], y * norm.out_scale[:, None, None]
 
     # Held-out activations for evaluation (rank 0 evaluates).
@@ -463,6 +491,7 @@ def train(
         hx, hy = ShuffleBuffer.harvest(
             activations, heldout_tokens, batch=cfg.harvest_batch, skip_bos=cfg.skip_bos
         ).get(slice(None))
+        hx, hy = hx.to(dev), hy.to(dev)
 
     clt_cfg = TranscoderConfig(
         n_layers=n_layers,
@@ -475,9 +504,10 @@ def train(
         input_site=cfg.input_site,
         model_name=model_name,
     )
-    clt = TrainableTranscoder.from_clt(CrossLayerTranscoder(clt_cfg))
+    # Initialised on the CPU (the same random start on every device), then moved.
+    clt = TrainableTranscoder.from_clt(CrossLayerTranscoder(clt_cfg)).to(dev)
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    fire = FireTracker(n_layers, cfg.n_features, cfg.dead_window_tokens)
+    fire = FireTracker(n_layers, cfg.n_features, cfg.dead_window_tokens, device=dev)
     ckpt_path = out / CHECKPOINT
     log_path = out / LOG
     bufs: list[ShuffleBuffer] | None = None
@@ -494,6 +524,7 @@ def train(
         opt.load_state_dict(state["optim"])
         fire.load_state_dict(state["fire"])
         norm = Normalizer.from_dict(state["normalizer"])
+        norm = Normalizer(norm.in_scale.to(dev), norm.out_scale.to(dev))
         start, n_steps = state["step"], state["n_steps"]
         harvest_rate, step_s = state["harvest_rate"], state["step_seconds"]
         torch.set_rng_state(state["torch_rng"])
@@ -502,8 +533,8 @@ def train(
         # Round 0: harvest, normalise (scales averaged over all ranks), initialise b_dec.
         bufs, buf_round = harvest(0, first=True), 0
         harvest_rate = sum(len(b) for b in bufs) / sum(b.seconds for b in bufs)
-        xs = torch.cat([b.inputs for b in bufs]).transpose(0, 1)
-        ys = torch.cat([b.outputs for b in bufs]).transpose(0, 1)
+        xs = torch.cat([b.inputs for b in bufs]).transpose(0, 1).to(dev)
+        ys = torch.cat([b.outputs for b in bufs]).transpose(0, 1).to(dev)
         ms_in, ms_out = dist.mean(mean_square_norms(xs)), dist.mean(mean_square_norms(ys))
         norm = from_mean_squares(ms_in, ms_out, d_model)
         with torch.no_grad():
@@ -751,6 +782,8 @@ def _probe_step_seconds(clt, cfg, batch, fire, dist) -> float:
             if p.grad is not None:
                 dist.mean(p.grad)
         opt.step()
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize(dist.device)  # GPU work is asynchronous: time all of it
         times.append(time.perf_counter() - t)
     return min(times[1:])
 
@@ -801,7 +834,8 @@ def _eval_record(clt, hx, hy, norm, fire, cfg, spliced_eval, step) -> dict:
     }
     if spliced_eval is not None:
         with torch.no_grad():
-            rec["spliced"] = spliced_eval(export(clt, norm))
+            # On the device the transcoder trains on (the export itself is a CPU copy).
+            rec["spliced"] = spliced_eval(export(clt, norm).to(clt.W_enc.device))
     return rec
 
 

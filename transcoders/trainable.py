@@ -169,8 +169,8 @@ class BlockSparseDecode(torch.autograd.Function):
         want_vals, want_d = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:])
         g_vals = torch.zeros_like(vals) if want_vals else None
         g_d = [torch.zeros_like(w) for w in D] if want_d else None
-        bag_starts = torch.arange(0, N * k, k)
-        bag_of_row = torch.arange(N).repeat_interleave(k)
+        bag_starts = torch.arange(0, N * k, k, device=idx.device)
+        bag_of_row = torch.arange(N, device=idx.device).repeat_interleave(k)
         for i in range(L):
             flat = idx[i].reshape(-1)
             if want_d:

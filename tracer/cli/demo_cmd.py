@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from transcoders.device import add_device_arguments, setting_from_args
+
 DEMO_PROMPTS = (
     "The capital of the state containing Dallas is",  # two-hop fact
     "The capital of France is",  # fact recall
@@ -45,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--validate-samples", type=int, default=48, help="features ablated per graph")
     p.add_argument("--store-uri", help="bolt:// URI (default: the embedded local store)")
     p.add_argument("--no-store", action="store_true", help="skip the graph store")
+    add_device_arguments(p)
     p.set_defaults(func=_demo)
 
 
@@ -70,7 +73,8 @@ def ensure_transcoder(args) -> Path:
     train_args = build_parser().parse_args(
         ["transcoders", "train", "--model", args.model, "--corpus", args.corpus,
          "--features-per-layer", str(args.features_per_layer),
-         "--budget-minutes", str(args.train_minutes), "--out", str(path)]
+         "--budget-minutes", str(args.train_minutes), "--out", str(path),
+         "--device", args.device, "--dtype", args.dtype]
     )  # fmt: skip
     train_args.func(train_args)
     return path
@@ -149,15 +153,16 @@ def _demo(args) -> int:
     from tracer.cli.trace_cmd import TraceJob, load_replacement, open_store, read_prompts
     from tracer.report import write_index, write_report
 
+    setting = setting_from_args(args)  # a bad --device/--dtype fails before any work
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] model: {args.model}", file=sys.stderr)
+    print(f"[demo] model: {args.model} on {setting.describe()}", file=sys.stderr)
     from tracer.model import LanguageModel
 
     LanguageModel.load(args.model)  # builds the cached SmolLM2 folder on first use
     clt_path = ensure_transcoder(args)
-    rm = load_replacement(args.model, str(clt_path))
+    rm = load_replacement(args.model, str(clt_path), setting)
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     job = TraceJob(
         model=args.model,
@@ -165,6 +170,8 @@ def _demo(args) -> int:
         out=str(out / "graphs"),
         transcoder_id=rm.transcoder.identity.id,
         max_feature_nodes=args.max_feature_nodes,
+        device=str(setting.device),
+        dtype=setting.to_dict()["dtype"],
     )
     results = []
     for i, prompt in enumerate(prompts, 1):

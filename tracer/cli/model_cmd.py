@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from transcoders.device import add_device_arguments, setting_from_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("model", help="fetch or inspect a model")
@@ -16,6 +18,7 @@ def register(sub) -> None:
     i.add_argument("model", help="local folder, hub id, or 'smollm2'")
     i.add_argument("--prompt", default="The capital of France is")
     i.add_argument("--top", type=_positive_int, default=5, help="next tokens to list")
+    add_device_arguments(i)
     i.set_defaults(func=_info)
 
 
@@ -43,14 +46,14 @@ def forward_summary(model, prompt: str, top: int = 5) -> str:
     with torch.no_grad():
         run = model.run(tokens, record=False)
     ms = (time.perf_counter() - t0) * 1e3
-    probs = run.logits[0, -1].softmax(-1)
+    probs = run.logits[0, -1].float().softmax(-1)
     vals, idx = probs.topk(top)
     f = model.facts
     lines = [
         f"model {f.name}: {f.model_type}, {f.n_layers} layers, d_model {f.d_model}, "
         f"vocab {f.vocab_size}",
         f"prompt {prompt!r}: {len(tokens)} tokens {model.token_strings(tokens)}",
-        f"forward pass: {ms:.0f} ms; top next tokens:",
+        f"forward pass: {ms:.0f} ms on {model.setting.describe()}; top next tokens:",
     ]
     lines += [
         f"  {p:6.3f}  {model.decode([i])!r}"
@@ -62,5 +65,6 @@ def forward_summary(model, prompt: str, top: int = 5) -> str:
 def _info(args) -> int:
     from tracer.model import LanguageModel
 
-    print(forward_summary(LanguageModel.load(args.model), args.prompt, args.top))
+    setting = setting_from_args(args)  # a bad --device/--dtype fails before any loading
+    print(forward_summary(LanguageModel.load(args.model, device=setting), args.prompt, args.top))
     return 0

@@ -17,6 +17,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transcoders.device import DeviceSetting, add_device_arguments, setting_from_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("trace", help="attribution graph for a prompt")
@@ -37,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--edge-threshold", type=float, default=0.98)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--edge-tolerance", type=float, default=0.0)
+    add_device_arguments(p)
     p.set_defaults(func=_trace)
 
 
@@ -46,16 +49,23 @@ def slug(text: str, n: int = 48) -> str:
     return s[:n] or "prompt"
 
 
-def load_replacement(model_src: str, transcoder_src: str):
-    """The model and transcoder, checked against each other, as a ReplacementModel."""
+def load_replacement(
+    model_src: str,
+    transcoder_src: str,
+    setting: DeviceSetting | None = None,
+    exclude_bos: bool = True,
+):
+    """The model and transcoder, checked against each other, as a ReplacementModel, both on
+    ``setting``'s device in its dtype (default: CPU, float32)."""
     from tracer.model import LanguageModel
     from tracer.replacement import ReplacementModel
     from transcoders.formats import load_transcoder
 
-    model = LanguageModel.load(model_src)
+    setting = setting or DeviceSetting()
+    model = LanguageModel.load(model_src, device=setting)
     f = model.facts
-    clt = load_transcoder(transcoder_src, n_layers=f.n_layers, d_model=f.d_model)
-    return ReplacementModel(model, clt)
+    clt = load_transcoder(transcoder_src, n_layers=f.n_layers, d_model=f.d_model, device=setting)
+    return ReplacementModel(model, clt, exclude_bos=exclude_bos)
 
 
 def summary(graph, pruned, seconds: float) -> str:
@@ -131,9 +141,18 @@ class TraceJob:
     edge_tolerance: float = 0.0
     target_tokens: tuple[str, ...] | None = None
     logit_diff: tuple[str, str] | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def setting(self) -> DeviceSetting:
+        return DeviceSetting.parse(self.device, self.dtype)
 
     def key(self, prompt: str) -> str:
-        settings = {k: v for k, v in asdict(self).items() if k not in ("out", "transcoders")}
+        # The device does not change a graph (beyond float rounding); the dtype does. A float32
+        # job keeps the key it had before dtypes existed, so earlier results are still found.
+        skip = {"out", "transcoders", "device"} | ({"dtype"} if self.dtype == "float32" else set())
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
         blob = json.dumps([prompt, settings], sort_keys=True)
         return f"{slug(prompt, 40)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -150,7 +169,7 @@ def _worker_init(job: TraceJob, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _WORKER["rm"] = load_replacement(job.model, job.transcoders)
+    _WORKER["rm"] = load_replacement(job.model, job.transcoders, job.setting)
 
 
 def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
@@ -220,7 +239,7 @@ def trace_many(job: TraceJob, prompts: list[str], *, workers: int = 1, store=Non
         rm = (
             rm
             if rm is not None
-            else (load_replacement(job.model, job.transcoders) if todo else None)
+            else (load_replacement(job.model, job.transcoders, job.setting) if todo else None)
         )
         for prompt in todo:
             finish(prompt, trace_one(job, prompt, rm)[2:])
@@ -252,9 +271,9 @@ def _trace(args) -> int:
         return _trace_file(args)
     if not args.prompt:
         raise ValueError("give a prompt, or --prompts FILE")
+    job = _job(args)  # parses --device/--dtype: a bad one fails before any loading
     t0 = time.perf_counter()
-    rm = load_replacement(args.model, args.transcoders)
-    job = _job(args, rm.transcoder.identity.id)
+    rm = load_replacement(args.model, args.transcoders, job.setting)
     pruned, graph, pruned_path, full_path = trace_one(job, args.prompt, rm, progress=True)
     print(summary(graph, pruned, time.perf_counter() - t0))
     print(f"wrote {full_path} (full) and {pruned_path} (pruned)")
@@ -269,6 +288,7 @@ def transcoder_identity_at(path: str) -> str:
 
 
 def _job(args, transcoder_id: str | None = None) -> TraceJob:
+    setting = setting_from_args(args)  # resolved once ("auto" -> cuda:0 or cpu) for workers
     return TraceJob(
         model=args.model,
         transcoders=args.transcoders,
@@ -283,6 +303,8 @@ def _job(args, transcoder_id: str | None = None) -> TraceJob:
         edge_tolerance=args.edge_tolerance,
         target_tokens=tuple(args.target) if args.target else None,
         logit_diff=tuple(args.logit_diff) if args.logit_diff else None,
+        device=str(setting.device),
+        dtype=setting.to_dict()["dtype"],
     )
 
 

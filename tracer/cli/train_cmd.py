@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from transcoders.device import add_device_arguments, setting_from_args
 from transcoders.recipes import DEFAULT_RECIPE as DEFAULTS  # the named default recipe
 
 
@@ -109,6 +110,8 @@ def register_subcommand(tsub) -> None:
         type=int,
         help="torch CPU threads (default: all cores, or 1 when the machine is busy)",
     )
+    # --dtype is the model's (the activations harvested); the transcoder trains in float32.
+    add_device_arguments(t)
     t.set_defaults(func=_train)
 
 
@@ -218,10 +221,12 @@ def run_training(args):
     from tracer.model import LanguageModel
     from tracer.splice import activation_fn, spliced_eval_fn
     from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
-    from transcoders.train import TrainConfig, train
+    from transcoders.train import TrainConfig, init_distributed, train
 
+    setting = setting_from_args(args)  # a bad --device/--dtype fails before any loading
     torch.set_num_threads(args.threads or default_threads())
-    model = LanguageModel.load(args.model)
+    backend = init_distributed(setting)  # under torchrun: NCCL on CUDA, gloo on the CPU
+    model = LanguageModel.load(args.model, device=setting)
     corpus = load_corpus(args.corpus, model)
     train_tokens, eval_tokens, ctx_tokens = split_tokens(corpus, args)
     name = Path(args.model).name.lower()
@@ -259,8 +264,9 @@ def run_training(args):
     )
     print(
         f"training {cfg.kind} ({cfg.activation}, {cfg.n_features} features/layer) on "
-        f"{model.facts.name}, corpus {corpus.path} ({len(train_tokens)} sequences); "
-        f"checkpoints in {work}",
+        f"{model.facts.name} on {setting.describe()}"
+        + (f" ({backend} data parallel)" if backend else "")
+        + f", corpus {corpus.path} ({len(train_tokens)} sequences); checkpoints in {work}",
         file=sys.stderr,
     )
     result = train(
@@ -274,6 +280,7 @@ def run_training(args):
         model_name=model.facts.name,
         spliced_eval=spliced_eval_fn(model, eval_tokens[:4], keep_bos=cfg.skip_bos),
         resume=not args.no_resume,
+        device=setting,
     )
     # Weights (normalisation folded in), training record and feature contexts are assembled in
     # a temporary sibling folder and renamed into `out`, so `out` is never half-written.
@@ -285,7 +292,7 @@ def run_training(args):
             shutil.copy2(work / f, tmp / f"training_{f}")
     if args.context_seqs:
         table = feature_contexts(
-            result.clt,
+            result.clt.to(model.device),
             activation_fn(model, cfg.input_site),
             ctx_tokens,
             model.token_strings,

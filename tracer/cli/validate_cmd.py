@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tracer.cli import CLIError
+from transcoders.device import add_device_arguments, setting_from_args
 
 
 def register(sub) -> None:
@@ -61,6 +62,7 @@ def _model_args(p) -> None:
     p.add_argument("--transcoders", required=True, help="transcoder folder (any known format)")
     p.add_argument("--keep-bos", action="store_true",
                    help="start-token features are nodes (default: excluded)")  # fmt: skip
+    add_device_arguments(p)
 
 
 def _count(text: str) -> int:
@@ -78,20 +80,18 @@ def _positive(text: str) -> int:
 
 
 def _replacement(args, exclude_bos: bool):
-    from tracer.model import LanguageModel
-    from tracer.replacement import ReplacementModel
-    from transcoders.formats import load_transcoder
+    from tracer.cli.trace_cmd import load_replacement
 
-    model = LanguageModel.load(args.model)
-    clt = load_transcoder(args.transcoders, model=model)
-    return ReplacementModel(model, clt, exclude_bos=exclude_bos)
+    setting = setting_from_args(args)
+    return load_replacement(args.model, args.transcoders, setting, exclude_bos=exclude_bos)
 
 
 def _validate(args) -> int:
     from tracer.graph import Graph
     from tracer.validate import save_report, validate, validation_path
 
-    graph = Graph.load(args.graph)  # first: a bad file fails before the model loads
+    setting_from_args(args)  # a bad --device/--dtype fails first, with one line
+    graph = Graph.load(args.graph)  # then a bad file fails before the model loads
     exclude_bos = bool(graph.params.get("exclude_bos", not args.keep_bos))
     rm = _replacement(args, exclude_bos)
     report = validate(
@@ -130,6 +130,7 @@ def parse_edit(text: str, op: str, position: int | None):
 def _steer(args) -> int:
     from tracer.steer import generate_batch
 
+    setting_from_args(args)  # a bad --device/--dtype fails first, with one line
     edits = [parse_edit(t, "clamp", args.at) for t in args.sets]
     edits += [parse_edit(t, "scale", args.at) for t in args.scales]
     edits += [parse_edit(t, "ablate", args.at) for t in args.ablates]
