@@ -2,10 +2,13 @@
 server), full graphs in a Parquet archive, canned cross-prompt queries, read-only Cypher."""
 
 from graphstore.archive import Archive
+from graphstore.bounded import QueryLimits
 from graphstore.errors import (
     GraphNotFoundError,
     ModelMismatchError,
+    QueryTimeoutError,
     ReadOnlyViolation,
+    ResultTooLargeError,
     ServerStartError,
     StoreAuthError,
     StoreError,
@@ -26,8 +29,11 @@ __all__ = [
     "GraphStore",
     "LocalServer",
     "ModelMismatchError",
+    "QueryLimits",
     "QueryResult",
+    "QueryTimeoutError",
     "ReadOnlyViolation",
+    "ResultTooLargeError",
     "ServerInfo",
     "ServerStartError",
     "StoreAuthError",

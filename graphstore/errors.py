@@ -36,3 +36,11 @@ class GraphNotFoundError(StoreError, KeyError):
 
 class ReadOnlyViolation(StoreError):
     """User Cypher that would write (CREATE, MERGE, DELETE, SET, ...) was refused."""
+
+
+class QueryTimeoutError(StoreError):
+    """A user query ran past its timeout; it was stopped on the server as well."""
+
+
+class ResultTooLargeError(StoreError):
+    """A user query returned more rows than the row cap allows."""
