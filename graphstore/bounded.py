@@ -131,39 +131,50 @@ def terminate_tagged(open_session: Callable, tag: str) -> list[str]:
     return ids
 
 
-def _in_thread(fn: Callable[[], T], name: str) -> tuple[threading.Thread, dict]:
-    """Start ``fn`` in a daemon thread (an abandoned one never blocks interpreter exit); the
-    dict receives ``value`` or ``error``."""
-    box: dict = {}
+class _Job:
+    """``fn`` run in a daemon thread (an abandoned one never blocks interpreter exit).
 
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
-            box["error"] = err
+    Completion is an Event, not ``Thread.is_alive``: a ``join`` interrupted by Ctrl-C can leave
+    ``is_alive()`` False while the thread still runs (CPython)."""
 
-    t = threading.Thread(target=target, name=name, daemon=True)
-    t.start()
-    return t, box
+    def __init__(self, fn: Callable[[], object], name: str):
+        self.value: object = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+        def target() -> None:
+            try:
+                self.value = fn()
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+                self.error = err
+            finally:
+                self.done.set()
+
+        threading.Thread(target=target, name=name, daemon=True).start()
+
+    def wait(self, timeout: float | None) -> bool:
+        """True when the job is done; waits at most ``timeout`` seconds (None: until done)."""
+        return self.done.wait(timeout)
 
 
-def _stop_on_server(open_session: Callable, tag: str, worker: threading.Thread) -> str:
+def _stop_on_server(open_session: Callable, tag: str, worker: _Job) -> str:
     """Terminate the tagged query, retrying while it has not reached the server yet; wait up
     to GRACE_S for the worker to see it end. Returns how it went, for the error message."""
     deadline = time.monotonic() + GRACE_S
     ids: list[str] = []
     problem = ""
-    while worker.is_alive() and not ids and time.monotonic() < deadline:
-        t, box = _in_thread(lambda: terminate_tagged(open_session, tag), "circuit-atlas-stop")
-        t.join(max(0.0, deadline - time.monotonic()))
-        if "error" in box:
-            problem = f"{type(box['error']).__name__}: {box['error']}"
+    while not worker.done.is_set() and not ids and time.monotonic() < deadline:
+        stop = _Job(lambda: terminate_tagged(open_session, tag), "circuit-atlas-stop")
+        if not stop.wait(max(0.0, deadline - time.monotonic())):
+            problem = "no answer to TERMINATE TRANSACTIONS"
             break
-        ids = box.get("value", [])
+        if stop.error is not None:
+            problem = f"{type(stop.error).__name__}: {stop.error}"
+            break
+        ids = stop.value or []
         if not ids:
             time.sleep(0.1)
-    worker.join(max(0.0, deadline - time.monotonic()))
-    if not worker.is_alive():
+    if worker.wait(max(0.0, deadline - time.monotonic())):
         return "was stopped on the server"
     why = f" ({problem})" if problem else ""
     return f"the client gave up; the server did not confirm that it stopped{why}"
@@ -182,19 +193,19 @@ def run_bounded(open_session: Callable, work: Callable[[object, str], T], timeou
         with open_session() as s:
             return work(s, tag)
 
-    worker, box = _in_thread(job, "circuit-atlas-query")
+    worker = _Job(job, "circuit-atlas-query")
     try:
-        worker.join(timeout if timeout > 0 else None)
+        done = worker.wait(timeout if timeout > 0 else None)
     except KeyboardInterrupt:
         _stop_on_server(open_session, tag, worker)
         raise
-    if worker.is_alive():
+    if not done:
         raise QueryTimeoutError(
             timeout_message(timeout, _stop_on_server(open_session, tag, worker))
         )
-    err = box.get("error")
+    err = worker.error
     if err is None:
-        return box["value"]
+        return worker.value
     if isinstance(err, neo4j.exceptions.Neo4jError) and err.code in STOPPED_CODES:
         message = err.message or str(err)
         if "command.timeout" in message:

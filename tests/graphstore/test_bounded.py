@@ -13,6 +13,7 @@ and deletes them afterwards.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -155,6 +156,22 @@ def test_pathological_query_is_stopped_on_the_server(backend):
         assert idle is not None, "the server's CPU did not fall to idle within 10 s"
     # And the store keeps serving.
     assert store.query("recurring-features", min_prompts=1, limit=5) == expected
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_query_on_the_server(store):
+    """Ctrl-C while an unbounded query runs: the query is terminated on the server too."""
+    store.add(small_graph(SEEDS[0]))
+    main_thread = threading.main_thread().ident
+
+    def interrupt():
+        wait_until(lambda: running(store, FRAGMENT), 30.0)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        store.cypher(PATHOLOGICAL, timeout=0)
+    assert wait_until(lambda: not running(store, FRAGMENT), 10.0), "still running on the server"
 
 
 def test_row_cap(store):

@@ -155,6 +155,9 @@ def _status(args) -> int:
             f"running: {st['uri']} database {st['database']} pid {st['pid']} "
             f"(answering: {st['answering']}, up {st['uptime_s']} s, home {st['home']})"
         )
+        ceiling = st.get("command_timeout_s")
+        if ceiling is not None:
+            print(f"command ceiling {f'{ceiling:g} s' if ceiling else 'none'}")
     else:
         print(f"not running (home {st['home']}); start it with: circuit-atlas store start")
     return 0
