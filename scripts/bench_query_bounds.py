@@ -10,7 +10,8 @@ time (/proc/PID/stat) once a second:
 2. the driver's transaction timeout alone (``neo4j.Query(q, timeout=T)``, what Neo4j
    enforces): is the query still running on the server 3 T seconds later?
 3. a client killed (SIGKILL) while its unbounded query runs: the server's CPU after the kill,
-   until its command ceiling (``--ceiling`` seconds) stops the query.
+   until its command ceiling (``--ceiling`` seconds) stops the query;
+4. ``GraphStore.cypher(q, timeout=0)`` (no client bound): the error the ceiling gives.
 
     .venv/bin/python scripts/bench_query_bounds.py --out benchmarks/query_bounds.json
 """
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import neo4j  # noqa: E402
 
-from graphstore import GraphStore, LocalServer, QueryTimeoutError  # noqa: E402
+from graphstore import GraphStore, LocalServer, QueryTimeoutError, StoreError  # noqa: E402
 from graphstore.server import ROOT_USER, free_port, process_cpu_seconds  # noqa: E402
 from graphstore.synthetic import synthetic_graph  # noqa: E402
 
@@ -210,6 +211,17 @@ def bench_killed_client(store, pid, args, env) -> dict:
     }
 
 
+def bench_ceiling_error(store, pid) -> dict:
+    settle(pid)
+    t0 = time.monotonic()
+    try:
+        store.cypher(QUERY, timeout=0)
+        error = None
+    except StoreError as err:
+        error = f"{type(err).__name__}: {err}"
+    return {"error": error, "time_to_error_s": round(time.monotonic() - t0, 2)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--graphs", type=int, default=5, help="synthetic SmolLM2-sized graphs")
@@ -245,6 +257,8 @@ def main() -> int:
                 )
                 k = out["killed_client"]
                 print(json.dumps({k2: v for k2, v in k.items() if k2 != "cpu_samples"}))
+                out["ceiling_error"] = bench_ceiling_error(store, info.pid)
+                print(json.dumps(out["ceiling_error"]), flush=True)
         finally:
             server.stop()
     load["end"] = os.getloadavg()
