@@ -268,3 +268,23 @@ def test_managed_server_runs_with_its_command_ceiling(arcadedb_server):
     cmdline = Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")
     assert f"-Darcadedb.command.timeout={round(expected * 1000)}".encode() in cmdline
     assert server.status()["command_timeout_s"] == expected
+
+
+def test_server_ceiling_settings(tmp_path, monkeypatch):
+    """`store start --command-timeout`, $CIRCUIT_ATLAS_SERVER_TIMEOUT and the default reach
+    the managed server's settings (no server started)."""
+    from graphstore import LocalServer
+    from tracer.cli import build_parser, store_cmd
+
+    monkeypatch.delenv("CIRCUIT_ATLAS_SERVER_TIMEOUT", raising=False)
+    assert LocalServer(tmp_path).command_timeout == 300.0
+    args = build_parser().parse_args(
+        ["store", "start", "--home", str(tmp_path), "--command-timeout", "42"]
+    )
+    assert store_cmd._server(args).command_timeout == 42.0
+    monkeypatch.setenv("CIRCUIT_ATLAS_SERVER_TIMEOUT", "12.5")
+    assert LocalServer(tmp_path).command_timeout == 12.5
+    assert LocalServer(tmp_path, command_timeout=0).command_timeout == 0.0
+    monkeypatch.setenv("CIRCUIT_ATLAS_SERVER_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="CIRCUIT_ATLAS_SERVER_TIMEOUT='soon' is not a number"):
+        LocalServer(tmp_path)
