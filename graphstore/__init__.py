@@ -2,12 +2,15 @@
 server), full graphs in a Parquet archive, canned cross-prompt queries, read-only Cypher."""
 
 from graphstore.archive import Archive
+from graphstore.bounded import QueryLimits
 from graphstore.errors import (
     GraphNotFoundError,
     IdentityError,
     LegacyStoreError,
     ModelMismatchError,
+    QueryTimeoutError,
     ReadOnlyViolation,
+    ResultTooLargeError,
     ServerStartError,
     StoreAuthError,
     StoreError,
@@ -30,8 +33,11 @@ __all__ = [
     "LegacyStoreError",
     "LocalServer",
     "ModelMismatchError",
+    "QueryLimits",
     "QueryResult",
+    "QueryTimeoutError",
     "ReadOnlyViolation",
+    "ResultTooLargeError",
     "ServerInfo",
     "ServerStartError",
     "StoreAuthError",

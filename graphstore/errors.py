@@ -45,3 +45,11 @@ class LegacyStoreError(StoreError):
 
 class IdentityError(StoreError, ValueError):
     """A graph whose transcoder is named without a content fingerprint (``name@fingerprint``)."""
+
+
+class QueryTimeoutError(StoreError):
+    """A user query ran past its timeout; it was stopped on the server as well."""
+
+
+class ResultTooLargeError(StoreError):
+    """A user query returned more rows than the row cap allows."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from graphstore.errors import ReadOnlyViolation, StoreError
+from graphstore.errors import ReadOnlyViolation, ResultTooLargeError, StoreError
 
 WRITE_KEYWORDS = (
     "CREATE", "MERGE", "DELETE", "DETACH", "SET", "REMOVE", "DROP", "FOREACH", "LOAD",
@@ -108,30 +108,42 @@ def run_read_only(
     params: dict | None = None,
     *,
     use_explain: bool,
-    max_rows: int | None = None,
+    max_rows: int = 0,
+    tx_timeout: float | None = None,
+    tag: str | None = None,
 ) -> QueryResult:
     """Run user Cypher that must not write; raises ReadOnlyViolation otherwise (nothing is
-    written either way: the transaction is rolled back)."""
+    written either way: the transaction is rolled back). Checked before anything runs.
+
+    ``max_rows`` > 0: more rows than that raise ResultTooLargeError. ``tx_timeout`` (seconds)
+    is sent as the driver's transaction timeout (Neo4j enforces it). ``tag`` is appended to
+    the query text as a comment (see graphstore.bounded). A query stopped by a server timeout
+    or termination raises the driver's error unchanged, for the caller to explain."""
     import neo4j
+
+    from graphstore.bounded import STOPPED_CODES, tagged
 
     params = params or {}
     word = lexical_violation(query)
     if word is not None:
         raise _refuse(f"contains {word}", query)
+    text = tagged(query, tag) if tag else query
     try:
         if use_explain:
-            summary = session.run("EXPLAIN " + query, params).consume()
+            summary = session.run(
+                neo4j.Query("EXPLAIN " + text, timeout=tx_timeout), params
+            ).consume()
             if summary.query_type != "r":
                 raise _refuse(f"is of type {summary.query_type!r} (only 'r' is allowed)", query)
-        tx = session.begin_transaction()
+        tx = session.begin_transaction(timeout=tx_timeout)
         try:
-            result = tx.run(query, params)
+            result = tx.run(text, params)
             columns = list(result.keys())
             rows = []
             for rec in result:
+                if max_rows and len(rows) >= max_rows:
+                    raise _too_many(max_rows)
                 rows.append([_plain(v) for v in rec.values()])
-                if max_rows is not None and len(rows) >= max_rows:
-                    break
             summary = result.consume()
             if summary.query_type not in (None, "r") or summary.counters.contains_updates:
                 raise _refuse(f"wrote (type {summary.query_type!r}); it was rolled back", query)
@@ -139,8 +151,18 @@ def run_read_only(
             tx.rollback()
             tx.close()
     except neo4j.exceptions.Neo4jError as err:
+        if err.code in STOPPED_CODES:
+            raise
         raise StoreError(f"the server rejected the query: {err.message}") from err
     return QueryResult(columns, rows)
+
+
+def _too_many(max_rows: int) -> ResultTooLargeError:
+    return ResultTooLargeError(
+        f"the query returns more than {max_rows:,} rows, the row cap: add LIMIT {max_rows} or "
+        "aggregate (count, collect), or raise the cap: GraphStore.cypher(..., max_rows=N), "
+        "circuit-atlas cypher --max-rows N, or $CIRCUIT_ATLAS_MAX_ROWS=N (0: no cap)"
+    )
 
 
 def _plain(value):

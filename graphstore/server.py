@@ -30,6 +30,11 @@ DEFAULT_DATABASE = "atlas"
 DEFAULT_BOLT_PORT = 7687
 ROOT_USER = "root"
 BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
+# The managed server's ceiling on every command (arcadedb.command.timeout): it stops the query
+# of a client that died before its own timeout (graphstore.bounded). Longer than any user-query
+# timeout one would set per call, and than any write batch or canned query takes.
+DEFAULT_COMMAND_TIMEOUT_S = 300.0
+COMMAND_TIMEOUT_ENV = "CIRCUIT_ATLAS_SERVER_TIMEOUT"
 
 
 def default_home() -> Path:
@@ -93,6 +98,7 @@ class ServerInfo:
     database: str
     home: str
     started_at: float
+    command_timeout: float | None = None  # seconds; 0: none; None: unknown (an older server)
 
     @property
     def uri(self) -> str:
@@ -103,7 +109,9 @@ class LocalServer:
     """Start, stop and inspect the managed ArcadeDB server under ``home``.
 
     ``heap`` is the Java maximum heap (``-Xmx``); ``bolt_port`` the preferred Bolt port
-    (default 7687, or any free port when that one is taken).
+    (default 7687, or any free port when that one is taken); ``command_timeout`` the ceiling in
+    seconds on every command the server runs (default ``$CIRCUIT_ATLAS_SERVER_TIMEOUT``, else
+    300; 0: none), applied when the server starts.
     """
 
     def __init__(
@@ -112,11 +120,13 @@ class LocalServer:
         bolt_port: int | None = None,
         database: str = DEFAULT_DATABASE,
         heap: str = "2g",
+        command_timeout: float | None = None,
     ):
         self.home = Path(home) if home is not None else default_home()
         self.preferred_port = bolt_port
         self.database = database
         self.heap = heap
+        self.command_timeout = _command_timeout(command_timeout)
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -170,6 +180,7 @@ class LocalServer:
                 bolt_port=info.bolt_port,
                 http_port=info.http_port,
                 database=info.database,
+                command_timeout_s=info.command_timeout,
                 answering=_bolt_answers(info.bolt_port),
                 uptime_s=round(time.time() - info.started_at, 1),
             )
@@ -221,6 +232,7 @@ class LocalServer:
             # ~8% of its server time in that search (measured: 25.7 -> 23.7 us an edge). Space
             # freed by deleted graphs is reused less.
             "-Darcadedb.bucketReuseSpaceMode=low",
+            f"-Darcadedb.command.timeout={round(self.command_timeout * 1000)}",
             "-Darcadedb.server.httpIncomingHost=127.0.0.1",
             f"-Darcadedb.server.httpIncomingPort={http_port}",
             "-Darcadedb.bolt.host=127.0.0.1",
@@ -252,6 +264,7 @@ class LocalServer:
             database=self.database,
             home=str(self.home),
             started_at=time.time(),
+            command_timeout=self.command_timeout,
         )
         try:
             _wait_for_bolt(bolt_port, timeout, proc, self.log_file)
@@ -274,6 +287,38 @@ class LocalServer:
         _terminate(info.pid, timeout)
         self.state_file.unlink(missing_ok=True)
         return True
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, seconds) the running server process has used; None when
+        it is not running or /proc is missing."""
+        info = self.info()
+        return None if info is None else process_cpu_seconds(info.pid)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, seconds) of process ``pid``, all its threads, from
+    /proc/PID/stat (Linux); None when unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _command_timeout(value: float | None) -> float:
+    if value is None:
+        raw = os.environ.get(COMMAND_TIMEOUT_ENV, "").strip()
+        try:
+            value = float(raw) if raw else DEFAULT_COMMAND_TIMEOUT_S
+        except ValueError:
+            raise ValueError(
+                f"${COMMAND_TIMEOUT_ENV}={raw!r} is not a number of seconds: set it to e.g. "
+                f"{DEFAULT_COMMAND_TIMEOUT_S:g} (0: no ceiling) or unset it"
+            ) from None
+    if not value >= 0:
+        raise ValueError(f"command timeout {value!r} s: give seconds >= 0 (0: no ceiling)")
+    return float(value)
 
 
 def _is_our_server(pid: int, home: Path) -> bool:

@@ -12,6 +12,7 @@ import neo4j
 
 from graphstore import export, ingest, migrate, queries, readonly
 from graphstore.archive import Archive
+from graphstore.bounded import QueryLimits, run_bounded
 from graphstore.errors import (
     IdentityError,
     LegacyStoreError,
@@ -38,6 +39,11 @@ class GraphStore:
     ``model`` / ``transcoder``, when given, bind the store: graphs of another model or
     transcoder are refused (they are still archived). Independently, a transcoder already in
     the store belongs to one model; a graph that pairs it with another model is refused.
+
+    User Cypher (``cypher``) is bounded: ``query_timeout`` seconds (default
+    ``$CIRCUIT_ATLAS_QUERY_TIMEOUT``, else 30; 0: none), after which the query is stopped on the
+    server too, and ``max_rows`` rows (default ``$CIRCUIT_ATLAS_MAX_ROWS``, else 10,000; 0:
+    none); both can be changed per call.
     """
 
     def __init__(
@@ -52,8 +58,11 @@ class GraphStore:
         model: str | None = None,
         transcoder: str | None = None,
         connect_timeout: float = 10.0,
+        query_timeout: float | None = None,
+        max_rows: int | None = None,
     ):
         self.server: LocalServer | None = None
+        self.limits = QueryLimits.resolve(query_timeout, max_rows)
         if uri is None:
             self.server = LocalServer(home)
             info = self.server.start()
@@ -338,18 +347,39 @@ class GraphStore:
         return names[0]
 
     def cypher(
-        self, query: str, params: dict | None = None, max_rows: int | None = None
+        self,
+        query: str,
+        params: dict | None = None,
+        *,
+        timeout: float | None = None,
+        max_rows: int | None = None,
     ) -> readonly.QueryResult:
-        """Run user Cypher read-only: writes are refused (ReadOnlyViolation) and nothing is
-        ever committed."""
-        with self._session() as s:
-            if self._explain_ok is None:
+        """Run user Cypher read-only: writes are refused (ReadOnlyViolation) before anything
+        runs, and nothing is ever committed.
+
+        Bounded by ``timeout`` seconds (QueryTimeoutError; the query is stopped on the server
+        as well) and ``max_rows`` rows (ResultTooLargeError); None takes the store's limits
+        (``self.limits``), 0 means no bound.
+        """
+        limits = self.limits.override(timeout, max_rows)
+        if readonly.lexical_violation(query) is None and self._explain_ok is None:
+            with self._session() as s:
                 self._explain_ok = self.dialect.explain_classifies and readonly.explain_classifies(
                     s
                 )
+
+        def work(session, tag: str) -> readonly.QueryResult:
             return readonly.run_read_only(
-                s, query, params, use_explain=self._explain_ok, max_rows=max_rows
+                session,
+                query,
+                params,
+                use_explain=bool(self._explain_ok),
+                max_rows=limits.max_rows,
+                tx_timeout=limits.tx_timeout,
+                tag=tag,
             )
+
+        return run_bounded(self._session, work, limits.timeout)
 
     def stats(self) -> dict:
         """Counts of complete graphs, prompts, features, nodes and edges."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from graphstore import ReadOnlyViolation, graph_id
+from graphstore import ReadOnlyViolation, ResultTooLargeError, graph_id
 from graphstore import readonly as ro
 from tests.graphstore.conftest import assert_graphs_equal, small_graph
 
@@ -101,8 +101,11 @@ def test_parameters_and_max_rows(store):
     gid = store.add(g).graph_id
     res = store.cypher("MATCH (n:Node {graph: $g}) RETURN n.i AS i ORDER BY i", {"g": gid})
     assert [r[0] for r in res.rows] == list(range(g.n_nodes))
-    res = store.cypher("MATCH (n:Node {graph: $g}) RETURN n.i", {"g": gid}, max_rows=3)
-    assert len(res.rows) == 3
+    # The row cap refuses a larger result (a truncated one would pass for the whole answer).
+    with pytest.raises(ResultTooLargeError, match=f"more than {g.n_nodes - 1} rows"):
+        store.cypher("MATCH (n:Node {graph: $g}) RETURN n.i", {"g": gid}, max_rows=g.n_nodes - 1)
+    res = store.cypher("MATCH (n:Node {graph: $g}) RETURN n.i", {"g": gid}, max_rows=g.n_nodes)
+    assert len(res.rows) == g.n_nodes
 
 
 INJECTIONS = [

@@ -17,6 +17,11 @@ def register(sub) -> None:
     _home_arg(s)
     s.add_argument("--port", type=int, default=None, help="Bolt port (default 7687 or free)")
     s.add_argument("--heap", default="2g", help="Java maximum heap (default 2g)")
+    s.add_argument(
+        "--command-timeout", type=float, default=None, metavar="S",
+        help="ceiling in seconds on every command the server runs, which stops the queries of "
+        "clients that died (default $CIRCUIT_ATLAS_SERVER_TIMEOUT, else 300; 0: none)",
+    )  # fmt: skip
     s.set_defaults(func=_start)
     s = ssub.add_parser("stop", help="stop the local server")
     _home_arg(s)
@@ -84,7 +89,16 @@ def register(sub) -> None:
         "--param", action="append", default=[], metavar="NAME=JSON",
         help="query parameter, value as JSON (bare text is a string); repeatable",
     )  # fmt: skip
-    c.add_argument("--max-rows", type=int, default=None, help="stop after this many rows")
+    c.add_argument(
+        "--timeout", type=float, default=None, metavar="S",
+        help="stop the query (on the server too) after S seconds "
+        "(default $CIRCUIT_ATLAS_QUERY_TIMEOUT, else 30; 0: none)",
+    )  # fmt: skip
+    c.add_argument(
+        "--max-rows", type=int, default=None, metavar="N",
+        help="refuse results of more than N rows (default $CIRCUIT_ATLAS_MAX_ROWS, else 10000; "
+        "0: no cap)",
+    )  # fmt: skip
     _connection_args(c)
     _format_arg(c)
     c.set_defaults(func=_cypher)
@@ -124,7 +138,10 @@ def _server(args):
     from graphstore import LocalServer
 
     return LocalServer(
-        args.home, bolt_port=getattr(args, "port", None), heap=getattr(args, "heap", "2g")
+        args.home,
+        bolt_port=getattr(args, "port", None),
+        heap=getattr(args, "heap", "2g"),
+        command_timeout=getattr(args, "command_timeout", None),
     )
 
 
@@ -134,6 +151,9 @@ def _start(args) -> int:
     info = srv.start()
     state = "already running" if was is not None else "started"
     print(f"graph store {state}: {info.uri} database {info.database} (pid {info.pid})")
+    if info.command_timeout is not None:
+        ceiling = f"{info.command_timeout:g} s" if info.command_timeout else "none"
+        print(f"command ceiling {ceiling} (--command-timeout; applied at start)")
     print(f"home {srv.home}; password in {srv.password_file}")
     return 0
 
@@ -153,6 +173,9 @@ def _status(args) -> int:
             f"running: {st['uri']} database {st['database']} pid {st['pid']} "
             f"(answering: {st['answering']}, up {st['uptime_s']} s, home {st['home']})"
         )
+        ceiling = st.get("command_timeout_s")
+        if ceiling is not None:
+            print(f"command ceiling {f'{ceiling:g} s' if ceiling else 'none'}")
     else:
         print(f"not running (home {st['home']}); start it with: circuit-atlas store start")
     return 0
@@ -226,7 +249,8 @@ def _list(args) -> int:
     with _open(args) as store:
         res = store.cypher(
             "MATCH (g:Graph) WHERE g.complete = true RETURN g.id AS graph, g.prompt AS prompt, "
-            "g.model AS model, g.n_nodes AS nodes, g.n_edges AS edges ORDER BY graph"
+            "g.model AS model, g.n_nodes AS nodes, g.n_edges AS edges ORDER BY graph",
+            max_rows=0,  # every stored graph
         )
     print(format_result(res.columns, res.rows, args.format))
     return 0
@@ -255,7 +279,7 @@ def _cypher(args) -> int:
         except json.JSONDecodeError:
             params[name] = value
     with _open(args) as store:
-        res = store.cypher(args.query, params, max_rows=args.max_rows)
+        res = store.cypher(args.query, params, timeout=args.timeout, max_rows=args.max_rows)
     print(format_result(res.columns, res.rows, args.format))
     return 0
 
