@@ -78,6 +78,14 @@ def resolve_convention(graph: Graph | None, convention: str | None = None) -> Co
     return convention  # type: ignore[return-value]
 
 
+def convention_label(params: dict) -> str:
+    """How reports name the convention of a graph's scores (``params["convention"]``)."""
+    conv = params.get("convention")
+    if conv:
+        return f"{conv} convention"
+    return "convention not recorded (atlas rules: scored before conventions were recorded)"
+
+
 def constant_error_nodes(graph: Graph, convention: str | None = None) -> np.ndarray:
     """[n_nodes] bool: error nodes the convention treats as constants (circuit-tracer: those at
     the start position when its features are excluded; atlas: none)."""
