@@ -88,7 +88,7 @@ def _scalar(v):
 def flat_properties(graph: Graph) -> dict:
     """Scalar params, scores and validation results as (:Graph) properties, so Cypher can
     filter on them: ``param_<k>``, ``score_<k>``, ``validation_<k>`` (nested dicts joined
-    with ``_``)."""
+    with ``_``); ``score_convention`` names the scoring convention beside the scores."""
     out: dict = {}
 
     def put(prefix: str, d: dict) -> None:
@@ -100,6 +100,8 @@ def flat_properties(graph: Graph) -> dict:
 
     put("param_", graph.params)
     put("score_", graph.scores)
+    if graph.scores and isinstance(graph.params.get("convention"), str):
+        out["score_convention"] = graph.params["convention"]  # the rules the scores follow
     validation = graph.extra.get("validation")
     if isinstance(validation, dict):
         put("validation_", validation)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from tracer.architectures import get_module, norm_center, norm_gain
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 from tracer.model import PromptError
-from tracer.prune import graph_scores
+from tracer.prune import DEFAULT_CONVENTION, graph_scores, resolve_convention
 from tracer.replacement import PromptState, ReplacementModel
 
 
@@ -44,6 +44,8 @@ class AttributionConfig:
     ``max_feature_nodes`` caps the features (highest estimated influence first); ``None`` keeps
     all. ``batch_size`` rows per backward sweep. ``edge_tolerance`` drops edges with
     |A[t, s]| < tolerance x max_s |A[t, s]| (0 keeps every nonzero edge: exact graphs).
+    ``convention`` names the scoring rules of the graph's scores and of its pruning
+    (:mod:`tracer.prune`: "circuit-tracer" or "atlas"); the edges are the same in both.
     """
 
     max_n_logits: int = 10
@@ -53,6 +55,7 @@ class AttributionConfig:
     max_feature_nodes: int | None = None
     batch_size: int = 1024
     edge_tolerance: float = 0.0
+    convention: str = DEFAULT_CONVENTION
     progress: bool = True
 
 
@@ -315,6 +318,7 @@ def attribute(
     Keyword overrides are fields of :class:`AttributionConfig`.
     """
     cfg = AttributionConfig(**{**asdict(config or AttributionConfig()), **overrides})
+    resolve_convention(None, cfg.convention)  # an unknown convention fails before the work
     t0 = time.perf_counter()
     model = rm.model
     tokens = model.tokenize(prompt) if isinstance(prompt, str) else prompt.long()

@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 FORMAT_VERSION = 1
 NODE_KINDS = ("feature", "error", "token", "logit")
 FEATURE, ERROR, TOKEN, LOGIT = range(4)
+# Lists in ``Graph.extra`` aligned with the nodes (written by pruning): subgraphs keep them so.
+NODE_ALIGNED_EXTRA = ("influence", "cumulative_influence")
 
 
 class GraphFormatError(ValueError):
@@ -119,9 +121,10 @@ class Graph:
             emask &= keep_edges
         nodes = {k: getattr(self, k)[keep_nodes] for k in _NODE_FIELDS}
         extra = dict(self.extra)
-        infl = extra.get("influence")  # node-aligned (pruning's per-node influence): follow
-        if infl is not None and len(infl) == self.n_nodes:
-            extra["influence"] = np.asarray(infl)[keep_nodes].tolist()
+        for key in NODE_ALIGNED_EXTRA:  # pruning's per-node values follow the nodes
+            values = extra.get(key)
+            if values is not None and len(values) == self.n_nodes:
+                extra[key] = np.asarray(values)[keep_nodes].tolist()
         return Graph(
             prompt=self.prompt,
             tokens=list(self.tokens),

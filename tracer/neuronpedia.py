@@ -109,11 +109,19 @@ def np_node_id(graph: Graph, i: int) -> str:
 
 def cumulative_influence(graph: Graph) -> np.ndarray:
     """[n_nodes] running share of total influence with nodes sorted by influence, largest
-    first (NaN for logits): the ``influence`` value the viewer prunes by. Influence as in
-    :func:`tracer.annotate.display_influence` (recorded by pruning, else computed)."""
+    first (NaN for logits): the ``influence`` value the viewer prunes by. A circuit pruned in
+    circuit-tracer's convention carries circuit-tracer's own values (the share within the full
+    graph, ``extra['cumulative_influence']``); otherwise the share within this graph, influence
+    as in :func:`tracer.annotate.display_influence` (recorded by pruning, else computed)."""
+    out = np.full(graph.n_nodes, np.nan)
+    recorded = graph.extra.get("cumulative_influence")
+    if graph.params.get("convention") == "circuit-tracer" and recorded is not None:
+        if len(recorded) == graph.n_nodes:
+            keep = graph.kind != LOGIT
+            out[keep] = np.asarray(recorded, dtype=np.float64)[keep]
+            return out
     infl = display_influence(graph)
     inner = np.flatnonzero(graph.kind != LOGIT)
-    out = np.full(graph.n_nodes, np.nan)
     total = float(infl[inner].sum())
     if total <= 0:
         out[inner] = 0.0
@@ -208,9 +216,14 @@ def to_neuronpedia(
             if k in params and params[k] is not None
         },
         "pruning_settings": {
-            k: params[k] for k in ("node_threshold", "edge_threshold") if k in params
+            k: params[k] for k in ("node_threshold", "edge_threshold", "convention") if k in params
         },
     }
+    if graph.scores:  # scores under the convention they were computed in
+        metadata["info"]["scores"] = {
+            **{k: float(v) for k, v in graph.scores.items() if isinstance(v, int | float)},
+            "convention": params.get("convention"),
+        }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
                "sg_pos": ""}  # fmt: skip
     doc = {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}

@@ -1,36 +1,131 @@
-"""Influence, pruning and graph scores (after Ameisen et al., 2025).
+"""Influence, pruning and graph scores (after Ameisen et al., 2025), in two conventions.
 
 All of it works on |A| with each row normalised to sum to one, ``N``: a target's inputs as
-fractions. Influence of a node on the logits sums over paths of every length,
+fractions (rows without inputs stay zero). Influence of a node on the logits sums over paths of
+every length,
 
     influence = w (N + N^2 + N^3 + ...)
 
 with ``w`` the logit weights (a row vector over nodes, nonzero on logit nodes). The graph is a
-DAG, so the series ends after at most 2 x n_layers + 2 terms.
+DAG, so the series ends after at most 2 x n_layers + 2 terms. Every rule below is invariant to
+the scale of ``w`` (circuit-tracer passes the logit probabilities, we pass them normalised).
+
+Conventions (``convention=``; a graph records the one its scores use in
+``graph.params["convention"]``; ``None`` means the graph's own, else the default):
+
+``"circuit-tracer"`` (default) -- circuit-tracer 0.5.0's ``prune_graph`` and
+``compute_graph_scores``, rule for rule, so scores and circuits compare with circuit-tracer and
+Neuronpedia:
+
+- *start position*: the error nodes at the positions whose features are not nodes (position 0
+  when ``params["exclude_bos"]``, the default) are constants: circuit-tracer zeroes those error
+  vectors, so their edges count as zero (the graph keeps them: they are exact, and the atlas
+  convention and perturbation checks use them) and their influence is zero.
+- *nodes*: every node (features, errors, tokens) is ranked by influence; with nodes sorted by
+  influence, largest first, the cut is the first node where the running share of the total
+  reaches ``node_threshold``, and every node with influence >= that node's is kept (ties kept).
+  Tokens and logits are then kept regardless.
+- *edges*: on the node-pruned graph (rows and columns of dropped nodes zero, rows re-normalised),
+  score = N'[t, s] x (influence'(t) + w(t)); the same cumulative rule over all N x N entries
+  (zeros included: if the cut falls among them, every entry is kept).
+- *clean-up*, repeated until nothing changes: feature and error nodes need an outgoing kept edge,
+  features also an incoming one; edges keep only kept ends. Tokens and logits stay.
+- *replacement* = token influence / (token + error influence), on the full graph.
+- *completeness* = sum_n (1 - error share of N[n]) (influence(n) + w(n)) / sum_n (influence(n) +
+  w(n)) over every node: a node without inputs (a token, an error node, an input-less feature)
+  counts as fully explained.
+
+``"atlas"`` -- this project's earlier rules, kept for comparison with graphs scored before
+circuit-tracer's convention became the default. Each difference and why it was chosen:
+
+- the start position's error nodes are ordinary error nodes: that position's MLP output (minus
+  the decoder bias) is a real part of the model's computation, and treating it as a constant
+  hides whatever it contributes;
+- only features are pruned by influence (the running share of *feature* influence, stopping at
+  the first feature that reaches ``node_threshold``); every error node is kept before the
+  clean-up, because dropping an error node makes the circuit look better explained than it is;
+- the clean-up drops feature and error nodes without an outgoing kept edge only (a feature whose
+  inputs were all cut still carries its influence to the logits; requiring inputs would drop it);
+- completeness weights only nodes that have inputs: an input-less node has no inputs to be
+  explained, and counting it as fully explained inflates the score (every error node would count
+  as a perfectly explained node).
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import scipy.sparse as sp
 
-from tracer.graph import ERROR, FEATURE, TOKEN, Graph
+from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
+
+Convention = Literal["circuit-tracer", "atlas"]
+CONVENTIONS: tuple[str, ...] = get_args(Convention)
+DEFAULT_CONVENTION: Convention = "circuit-tracer"
 
 
-def normalized_abs_adjacency(graph: Graph) -> sp.csr_matrix:
-    """|A| with rows scaled to sum to one (rows without inputs stay zero). [N, N] CSR."""
-    a = abs(graph.adjacency())
+def resolve_convention(graph: Graph | None, convention: str | None = None) -> Convention:
+    """``convention`` checked, or (None) the graph's recorded one, else the default."""
+    if convention is None:
+        convention = (graph.params.get("convention") if graph is not None else None) or (
+            DEFAULT_CONVENTION
+        )
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"unknown scoring convention {convention!r}: choose one of {', '.join(CONVENTIONS)}"
+        )
+    return convention  # type: ignore[return-value]
+
+
+def convention_label(params: dict) -> str:
+    """How reports name the convention of a graph's scores (``params["convention"]``)."""
+    conv = params.get("convention")
+    if conv:
+        return f"{conv} convention"
+    return "convention not recorded (atlas rules: scored before conventions were recorded)"
+
+
+def constant_error_nodes(graph: Graph, convention: str | None = None) -> np.ndarray:
+    """[n_nodes] bool: error nodes the convention treats as constants (circuit-tracer: those at
+    the start position when its features are excluded; atlas: none)."""
+    out = np.zeros(graph.n_nodes, dtype=bool)
+    if resolve_convention(graph, convention) == "circuit-tracer" and graph.params.get(
+        "exclude_bos", True
+    ):
+        out = (graph.kind == ERROR) & (graph.position == 0)
+    return out
+
+
+def scoring_adjacency(graph: Graph, convention: str | None = None) -> sp.csr_matrix:
+    """A [N, N] CSR (rows targets) as the convention scores it: columns of constant error nodes
+    removed (see :func:`constant_error_nodes`)."""
+    a = graph.adjacency()
+    const = constant_error_nodes(graph, convention)
+    if const.any():
+        a = sp.csr_matrix(a @ sp.diags((~const).astype(a.dtype)))
+        a.eliminate_zeros()
+    a.sum_duplicates()  # canonical (sorted indices): later steps may share the index arrays
+    return a
+
+
+def _row_normalized_abs(a: sp.spmatrix) -> sp.csr_matrix:
+    a = abs(sp.csr_matrix(a, dtype=np.float64, copy=True))  # copy: never touch the caller's
     sums = np.asarray(a.sum(axis=1)).ravel()
     inv = np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > 0)
     return (sp.diags(inv) @ a).tocsr()
 
 
-def node_influence(graph: Graph, norm: sp.csr_matrix | None = None) -> np.ndarray:
-    """Influence of every node on the logit targets [n_nodes] (logit nodes get 0)."""
-    norm = normalized_abs_adjacency(graph) if norm is None else norm
-    x = graph.logit_weights.astype(np.float64)
-    total = np.zeros(graph.n_nodes)
-    for _ in range(graph.n_nodes + 1):
+def normalized_abs_adjacency(graph: Graph, convention: str | None = None) -> sp.csr_matrix:
+    """|A| with rows scaled to sum to one (rows without inputs stay zero), float64 [N, N] CSR,
+    on the convention's adjacency (:func:`scoring_adjacency`)."""
+    return _row_normalized_abs(scoring_adjacency(graph, convention))
+
+
+def _influence(norm: sp.csr_matrix, weights: np.ndarray) -> np.ndarray:
+    x = np.asarray(weights, dtype=np.float64)
+    total = np.zeros(norm.shape[0])
+    for _ in range(norm.shape[0] + 1):  # a DAG: the series ends
         x = norm.T @ x
         total += x
         if x.sum() < 1e-14:
@@ -38,8 +133,18 @@ def node_influence(graph: Graph, norm: sp.csr_matrix | None = None) -> np.ndarra
     return total
 
 
+def node_influence(
+    graph: Graph, norm: sp.csr_matrix | None = None, convention: str | None = None
+) -> np.ndarray:
+    """Influence of every node on the logit targets [n_nodes] float64 (logit nodes get 0).
+    ``norm``: a precomputed :func:`normalized_abs_adjacency` (then ``convention`` is unused)."""
+    norm = normalized_abs_adjacency(graph, convention) if norm is None else norm
+    return _influence(norm, graph.logit_weights)
+
+
 def cumulative_keep(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Bool mask of the highest scores whose sum first reaches ``threshold`` of the total."""
+    """Bool mask of the highest scores whose sum first reaches ``threshold`` of the total (the
+    atlas rule: stops at the first score that reaches it, ties beyond it are not kept)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must be in (0, 1]")
     keep = np.zeros(len(scores), dtype=bool)
@@ -53,70 +158,158 @@ def cumulative_keep(scores: np.ndarray, threshold: float) -> np.ndarray:
     return keep
 
 
-def graph_scores(graph: Graph) -> dict[str, float]:
-    """Replacement score (token influence / (token + error influence)) and completeness
-    (influence-weighted share of each node's normalised input that comes from non-error nodes).
-    Both in [0, 1]; 1 means the transcoder explains everything."""
-    norm = normalized_abs_adjacency(graph)
+def cumulative_cut(scores: np.ndarray, threshold: float, n_total: int | None = None) -> float:
+    """circuit-tracer's cut: sort ``scores`` (>= 0) largest first, take the first index where the
+    running share of the total reaches ``threshold`` (clamped to the last), return that score;
+    every score >= it is kept. ``n_total`` > len(scores) counts that many entries in all, the
+    missing ones zero (the entries of a sparse matrix that are not stored). ``inf`` when the
+    total is zero (nothing to keep)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} must be in [0, 1]")
+    n_total = len(scores) if n_total is None else n_total
+    total = float(np.sum(scores))
+    if n_total == 0 or not total > 0:
+        return float("inf")
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    share = np.cumsum(ordered) / total
+    i = int(np.searchsorted(share, threshold, side="left"))
+    if i >= len(ordered):  # past the stored entries: the cut is an unstored zero (or the last)
+        return 0.0 if n_total > len(ordered) else float(ordered[-1])
+    return float(ordered[i])
+
+
+def cumulative_share(scores: np.ndarray) -> np.ndarray:
+    """[n] each entry's running share of the total with entries sorted largest first (circuit-
+    tracer's ``cumulative_scores``: the value Neuronpedia's viewer prunes nodes by)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.zeros(len(scores))
+    total = scores.sum()
+    if len(scores) == 0 or not total > 0:
+        return out
+    order = np.argsort(-scores, kind="stable")
+    out[order] = np.cumsum(scores[order]) / total
+    return out
+
+
+def graph_scores(graph: Graph, convention: str | None = None) -> dict[str, float]:
+    """Replacement and completeness of a full graph under ``convention`` (module doc). Both in
+    [0, 1]; 1 means the transcoder explains everything (0 when undefined: no influence)."""
+    conv = resolve_convention(graph, convention)
+    norm = normalized_abs_adjacency(graph, conv)
     infl = node_influence(graph, norm)
     tok = infl[graph.kind == TOKEN].sum()
     err = infl[graph.kind == ERROR].sum()
     from_error = np.asarray(norm[:, graph.kind == ERROR].sum(axis=1)).ravel()
-    has_input = np.asarray(norm.sum(axis=1)).ravel() > 0
-    weight = (infl + graph.logit_weights) * has_input
+    weight = infl + graph.logit_weights
+    if conv == "atlas":
+        weight = weight * (np.asarray(norm.sum(axis=1)).ravel() > 0)
     total = weight.sum()
-    completeness = float(((1.0 - from_error) * weight).sum() / total) if total else 0.0
+    completeness = float(((1.0 - from_error) * weight).sum() / total) if total > 0 else 0.0
     return {
         "replacement": float(tok / (tok + err)) if tok + err > 0 else 0.0,
         "completeness": completeness,
     }
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
-    """The circuit: feature nodes holding ``node_threshold`` of the feature influence, the edges
-    holding ``edge_threshold`` of the edge scores among them, without dangling nodes.
+def prune(
+    graph: Graph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    convention: str | None = None,
+) -> Graph:
+    """The circuit of a full graph: nodes and edges by influence under ``convention`` (module
+    doc; None: the graph's recorded convention, else circuit-tracer's).
 
-    Error, token and logit nodes are not pruned by influence; error (and feature) nodes left
-    with no path to a logit are dropped at the end, token nodes are always kept (they label the
-    prompt). Edge score = normalised |edge| x (influence of its target + target's logit weight).
-    The result carries ``extra['influence']`` (per kept node) and the full graph's scores.
+    The result records ``params["convention"]`` and the thresholds, the full graph's scores
+    under that convention, ``extra["influence"]`` per kept node (circuit-tracer: the full
+    graph's influence, which ranked the nodes; atlas: the influence within the node-pruned
+    graph), ``extra["cumulative_influence"]`` per kept node (circuit-tracer's running share,
+    exported to Neuronpedia) and ``extra["full_graph"]`` sizes.
     """
-    norm = normalized_abs_adjacency(graph)
-    infl = node_influence(graph, norm)
-    is_feat = graph.kind == FEATURE
-    keep = ~is_feat
-    keep[np.where(is_feat)[0][cumulative_keep(infl[is_feat], node_threshold)]] = True
-
-    # Edge scores on the node-pruned graph.
-    sub = graph.subgraph(keep)
-    sub_norm = normalized_abs_adjacency(sub)
-    sub_infl = node_influence(sub, sub_norm)
-    coo = sub_norm.tocoo()
-    score = coo.data * (sub_infl + sub.logit_weights)[coo.row]
-    keep_edge_coo = cumulative_keep(score, edge_threshold)
-    n = np.int64(sub.n_nodes)
-    kept_keys = coo.row[keep_edge_coo].astype(np.int64) * n + coo.col[keep_edge_coo]
-    edge_mask = np.isin(sub.target.astype(np.int64) * n + sub.source, kept_keys)
-
-    # Drop dangling nodes: no outgoing kept edge (cannot reach a logit), tokens and logits aside.
-    node_keep = np.ones(sub.n_nodes, dtype=bool)
-    prunable = (sub.kind == FEATURE) | (sub.kind == ERROR)
-    while True:
-        alive = edge_mask & node_keep[sub.target] & node_keep[sub.source]
-        has_out = np.zeros(sub.n_nodes, dtype=bool)
-        has_out[sub.source[alive]] = True
-        drop = prunable & node_keep & ~has_out
-        if not drop.any():
-            break
-        node_keep &= ~drop
-    pruned = sub.subgraph(node_keep, edge_mask)
-    pruned.extra["influence"] = sub_infl[node_keep].tolist()
+    conv = resolve_convention(graph, convention)
+    a = scoring_adjacency(graph, conv)
+    norm = _row_normalized_abs(a)
+    infl = _influence(norm, graph.logit_weights)
+    if conv == "circuit-tracer":
+        node_keep, edge_keep, shown = _prune_circuit_tracer(
+            graph, a, infl, node_threshold, edge_threshold
+        )
+    else:
+        node_keep, edge_keep, shown = _prune_atlas(graph, a, infl, node_threshold, edge_threshold)
+    pruned = graph.subgraph(node_keep, edge_keep)
+    pruned.extra["influence"] = shown[node_keep].tolist()
+    pruned.extra["cumulative_influence"] = cumulative_share(infl)[node_keep].tolist()
     pruned.params = {
         **graph.params,
         "pruned": True,
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
+        "convention": conv,
     }
-    pruned.scores = {**graph_scores(graph), **graph.scores}
+    pruned.scores = {**graph.scores, **graph_scores(graph, conv)}
     pruned.extra["full_graph"] = {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges}
     return pruned
+
+
+def _edge_scores(a: sp.csr_matrix, keep: np.ndarray, weights: np.ndarray):
+    """Edge scores on the graph restricted to ``keep`` nodes: (coo of the normalised restricted
+    |A|, score per stored entry, influence' per node)."""
+    d = sp.diags(keep.astype(np.float64))
+    sub_norm = _row_normalized_abs(d @ a @ d)
+    sub_norm.eliminate_zeros()
+    sub_infl = _influence(sub_norm, weights)
+    coo = sub_norm.tocoo()
+    return coo, coo.data * (sub_infl + weights)[coo.row], sub_infl
+
+
+def _edge_mask(graph: Graph, coo, kept: np.ndarray) -> np.ndarray:
+    """[n_edges] bool: the graph's edges whose (target, source) is a kept entry of ``coo``."""
+    n = np.int64(graph.n_nodes)
+    keys = coo.row[kept].astype(np.int64) * n + coo.col[kept]
+    return np.isin(graph.target.astype(np.int64) * n + graph.source, keys)
+
+
+def _prune_circuit_tracer(graph, a, infl, node_threshold, edge_threshold):
+    """circuit-tracer's rules (module doc): (node mask, edge mask, influence shown)."""
+    w = graph.logit_weights.astype(np.float64)
+    always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
+    node_keep = (infl >= cumulative_cut(infl, node_threshold)) | always
+    coo, score, _ = _edge_scores(a, node_keep, w)
+    n = graph.n_nodes
+    cut = cumulative_cut(score, edge_threshold, n_total=n * n)
+    if cut <= 0.0:  # every entry of the N x N matrix is kept: the clean-up finds nothing
+        const = constant_error_nodes(graph, "circuit-tracer")
+        ends = node_keep[graph.target] & node_keep[graph.source]
+        return node_keep, ends & ~const[graph.source], infl
+    edge_keep = _edge_mask(graph, coo, score >= cut)
+    needs_out = (graph.kind == FEATURE) | (graph.kind == ERROR)
+    needs_in = graph.kind == FEATURE
+    while True:
+        alive = edge_keep & node_keep[graph.target] & node_keep[graph.source]
+        has_out = np.bincount(graph.source[alive], minlength=n) > 0
+        has_in = np.bincount(graph.target[alive], minlength=n) > 0
+        new = node_keep & ~(needs_out & ~has_out) & ~(needs_in & ~has_in)
+        if (new == node_keep).all():
+            break
+        node_keep = new
+    edge_keep &= node_keep[graph.target] & node_keep[graph.source]
+    return node_keep, edge_keep, infl
+
+
+def _prune_atlas(graph, a, infl, node_threshold, edge_threshold):
+    """The atlas rules (module doc): (node mask, edge mask, influence shown)."""
+    is_feat = graph.kind == FEATURE
+    node_keep = ~is_feat
+    node_keep[np.where(is_feat)[0][cumulative_keep(infl[is_feat], node_threshold)]] = True
+    coo, score, sub_infl = _edge_scores(a, node_keep, graph.logit_weights.astype(np.float64))
+    edge_keep = _edge_mask(graph, coo, cumulative_keep(score, edge_threshold))
+    prunable = is_feat | (graph.kind == ERROR)
+    while True:  # drop nodes without an outgoing kept edge (they cannot reach a logit)
+        alive = edge_keep & node_keep[graph.target] & node_keep[graph.source]
+        has_out = np.bincount(graph.source[alive], minlength=graph.n_nodes) > 0
+        drop = prunable & node_keep & ~has_out
+        if not drop.any():
+            break
+        node_keep &= ~drop
+    edge_keep &= node_keep[graph.target] & node_keep[graph.source]
+    return node_keep, edge_keep, sub_infl

@@ -30,7 +30,9 @@ from tracer.annotate import (
 from tracer.features import FeatureBook, FeatureInfo, load_features
 from tracer.graph import FEATURE, LOGIT, NODE_KINDS, TOKEN, Graph
 from tracer.neuronpedia import slugify, write_neuronpedia
+from tracer.prune import convention_label
 from tracer.render import RenderConfig, render_graph
+from tracer.validation_report import ratio_text
 
 _SIZE_NOTE = {
     "recorded": "influence on the logits",
@@ -164,7 +166,7 @@ def write_index(
         ))  # fmt: skip
     parts.append("</p></header><section id='prompts'><h2>Prompts</h2>")
     cols = ["prompt", "prediction", "p", "nodes", "edges", "features", "replacement",
-            "completeness", "spearman"]  # fmt: skip
+            "completeness", "convention", "spearman"]  # fmt: skip
     rows = []
     for r in reports:
         s = r.summary
@@ -173,7 +175,8 @@ def write_index(
             [f'<a href="{_e(href)}">{_e(s.get("prompt", r.slug))}</a>',
              _e(repr(s.get("prediction", ""))), _num(s.get("probability")),
              _num(s.get("n_nodes")), _num(s.get("n_edges")), _num(s.get("n_features")),
-             _num(s.get("replacement")), _num(s.get("completeness")), _num(s.get("spearman"))]
+             _num(s.get("replacement")), _num(s.get("completeness")),
+             _e(s.get("convention") or "not recorded"), _num(s.get("spearman"))]
         )  # fmt: skip
     parts.append(_table(cols, rows, raw=True, cls="sortable"))
     parts.append("</section>")
@@ -304,6 +307,8 @@ class _Page:
         parts.append("<div class='cols'><div><h3>Top logits</h3>")
         parts.append(_table(["token", "probability", "logit", "logit weight"], logits, raw=True))
         parts.append("</div><div><h3>Scores</h3>")
+        if g.scores:
+            parts.append(f"<p class='convention'>{_e(convention_label(g.params))}</p>")
         parts.append(_kv_table(g.scores) if g.scores else "<p>(none recorded)</p>")
         parts.append("</div></div><details><summary>Parameters</summary>")
         parts.append(_kv_table(g.params) if g.params else "<p>(none recorded)</p>")
@@ -316,7 +321,8 @@ class _Page:
     def _validation_section(self) -> str:
         val = self.g.extra.get("validation")
         body = (
-            self._value_html(val, 3)
+            (f"<p class='ratios'>{_e(ratio_text(val))}</p>" if "logit_metric" in val else "")
+            + self._value_html(val, 3)
             if val
             else "<p>No validation results are stored with this graph (run "
             "<code>circuit-atlas validate</code>).</p>"
@@ -448,6 +454,7 @@ class _Page:
             "n_features": g.count("feature"),
             "replacement": _first(g.scores, "replacement", "replacement_score"),
             "completeness": _first(g.scores, "completeness", "completeness_score"),
+            "convention": g.params.get("convention"),
             "spearman": _first(val, "spearman", "spearman_rho"),
             "html": files.html.name,
         }

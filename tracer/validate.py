@@ -37,7 +37,11 @@ and measures:
           necessity   = (m_full - m_ablated) / (m_full - m_none)
 
       the fraction of the features' logit effect the circuit alone retains, and the fraction
-      lost when the circuit alone is removed (1 and 1 for a perfect circuit).
+      lost when the circuit alone is removed (1 and 1 for a perfect circuit). The four metric
+      values are reported beside them; both ratios are None (undefined) when |m_full - m_none|
+      is below a floor of ``ratio_floor_std`` x the logits' standard deviation
+      (:mod:`tracer.validation_report` says why). The circuit is pruned under the graph's
+      scoring convention (:mod:`tracer.prune`), named in ``convention``.
 
 Results are a :class:`ValidationReport`; ``to_dict()`` is a flat JSON-able dict (plus a small
 per-node table) stored in ``graph.extra['validation']`` and beside the graph as JSON.
@@ -45,11 +49,9 @@ per-node table) stored in ``graph.extra['validation']`` and beside the graph as 
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -69,6 +71,13 @@ from tracer.interventions import (
 )
 from tracer.prune import node_influence, prune
 from tracer.replacement import PromptState, ReplacementModel
+from tracer.validation_report import (  # noqa: F401  (save_report, validation_path: re-exported)
+    DEFAULT_RATIO_FLOOR_STD,
+    ValidationReport,
+    circuit_ratios,
+    save_report,
+    validation_path,
+)
 
 
 class ValidationError(ValueError):
@@ -81,7 +90,9 @@ class ValidationConfig:
     sampling of features; every one must be a feature node of the graph. ``max_circuit``
     circuit features (all when fewer) and ``n_random`` other features are sampled (seeded);
     ``n_error`` / ``n_token`` error and token nodes join the constrained check. The circuit is
-    :func:`tracer.prune.prune` at the thresholds given. ``batch_size`` ablations per forward."""
+    :func:`tracer.prune.prune` at the thresholds given. ``batch_size`` ablations per forward.
+    ``ratio_floor_std``: sufficiency and necessity are undefined below this many standard
+    deviations of the logits (:mod:`tracer.validation_report`)."""
 
     max_circuit: int = 48
     n_random: int = 48
@@ -91,58 +102,9 @@ class ValidationConfig:
     edge_threshold: float = 0.98
     batch_size: int = 16
     seed: int = 0
+    ratio_floor_std: float = DEFAULT_RATIO_FLOOR_STD
     nodes: list[tuple[int, int, int]] | None = None
     progress: bool = True
-
-
-@dataclass
-class ValidationReport:
-    """Numbers of one validation (definitions in the module doc). Ratios are None when their
-    denominator is zero (e.g. a Spearman correlation over constant values)."""
-
-    n_sampled: int
-    n_circuit_sampled: int
-    n_random_sampled: int
-    n_circuit_features: int
-    n_constrained_columns: int
-    constrained_max_abs_error: float
-    constrained_max_rel_error: float
-    spearman: float | None
-    spearman_pvalue: float | None
-    spearman_linear: float | None
-    spearman_edges: float | None
-    sign_agreement: float | None
-    sign_agreement_weighted: float | None
-    n_sign_edges: int
-    logit_metric: float
-    logit_metric_no_features: float
-    sufficiency: float | None
-    necessity: float | None
-    node_threshold: float
-    edge_threshold: float
-    seed: int
-    nodes: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def lines(self) -> list[str]:
-        def f(x):
-            return "n/a" if x is None else f"{x:.3f}"
-
-        return [
-            f"sampled {self.n_sampled} feature nodes ({self.n_circuit_sampled} of the "
-            f"{self.n_circuit_features} circuit features, {self.n_random_sampled} others)",
-            f"constrained: {self.n_constrained_columns} columns, max error "
-            f"{self.constrained_max_abs_error:.2e} (relative {self.constrained_max_rel_error:.2e})",
-            f"free: Spearman(influence, |effect|) {f(self.spearman)}, linear "
-            f"{f(self.spearman_linear)}, edges {f(self.spearman_edges)}",
-            f"sign agreement {f(self.sign_agreement)} over {self.n_sign_edges} edges "
-            f"(weighted {f(self.sign_agreement_weighted)})",
-            f"circuit sufficiency {f(self.sufficiency)}, necessity {f(self.necessity)} "
-            f"(logit metric {self.logit_metric:.3f}, "
-            f"no features {self.logit_metric_no_features:.3f})",
-        ]
 
 
 # --- targets and removals (shared with the attribution tests) -------------------------------
@@ -432,7 +394,11 @@ def validate(
                                               "free"))  # fmt: skip
     bar.update(1)
     bar.close()
-    total = base_m - m_none
+    logit_std = float(state.logits[-1].double().std())
+    ratios = circuit_ratios(
+        float(base_m), float(m_none), float(m_circuit), float(m_ablated),
+        cfg.ratio_floor_std * logit_std,
+    )  # fmt: skip
 
     table = [
         {
@@ -461,28 +427,22 @@ def validate(
         n_sign_edges=n_edges,
         logit_metric=float(base_m),
         logit_metric_no_features=float(m_none),
-        sufficiency=_ratio(m_circuit - m_none, total),
-        necessity=_ratio(base_m - m_ablated, total),
+        sufficiency=ratios.sufficiency,
+        necessity=ratios.necessity,
         node_threshold=cfg.node_threshold,
         edge_threshold=cfg.edge_threshold,
         seed=cfg.seed,
+        logit_metric_circuit_only=float(m_circuit),
+        logit_metric_circuit_ablated=float(m_ablated),
+        features_effect=ratios.features_effect,
+        circuit_effect=ratios.circuit_effect,
+        circuit_ablation_effect=ratios.circuit_ablation_effect,
+        logit_std=logit_std,
+        ratio_floor_std=cfg.ratio_floor_std,
+        ratio_floor=ratios.ratio_floor,
+        ratios_undefined=ratios.undefined,
+        convention=circuit.params.get("convention"),
         nodes=table,
     )
     graph.extra["validation"] = report.to_dict()
     return report
-
-
-def validation_path(graph_path: str | Path) -> Path:
-    """Where the JSON report of a graph file goes: ``<name>.validation.json`` beside it."""
-    p = Path(graph_path)
-    return p.with_name(p.name.removesuffix(".parquet") + ".validation.json")
-
-
-def save_report(report: ValidationReport, path: str | Path) -> Path:
-    """Write the report as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    tmp.replace(path)
-    return path

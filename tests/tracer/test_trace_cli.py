@@ -113,3 +113,36 @@ def test_prompt_file_errors(tmp_path):
     bad.write_text('{"text": 1}\n')
     with pytest.raises(ValueError, match="prompt"):
         read_prompts(bad)
+
+
+def test_trace_convention_is_recorded_and_shown(small_model_dir, tmp_path, capsys):
+    """Both conventions on one prompt: the same edges, the scores of each convention (checked
+    against graph_scores), named in the summary and recorded in both graphs' parameters."""
+    from tracer.prune import graph_scores
+
+    out = tmp_path / "graphs"
+    base = ["trace", "The capital of France is", "--model", str(small_model_dir / "model"),
+            "--transcoders", str(small_model_dir / "clt"), "--out", str(out)]  # fmt: skip
+    seen = {}
+    for conv in ("circuit-tracer", "atlas"):
+        before = set(out.glob("*.parquet")) if out.exists() else set()
+        assert main(base + ([] if conv == "circuit-tracer" else ["--convention", conv])) == 0
+        text = capsys.readouterr().out
+        assert f"scores ({conv} convention)" in text
+        new = set(out.glob("*.parquet")) - before
+        assert len(new) == 2  # its own files: the convention is part of the cache key
+        full = Graph.load(next(p for p in new if ".full." in p.name))
+        pruned = Graph.load(next(p for p in new if ".full." not in p.name))
+        assert full.params["convention"] == pruned.params["convention"] == conv
+        expect = graph_scores(full, conv)
+        for k in ("replacement", "completeness"):
+            assert pruned.scores[k] == full.scores[k] == pytest.approx(expect[k], abs=1e-12)
+            assert f"{k} {expect[k]:.3f}" in text
+        seen[conv] = (full, pruned)
+    (ct_full, ct), (at_full, at) = seen["circuit-tracer"], seen["atlas"]
+    np.testing.assert_array_equal(ct_full.weight, at_full.weight)
+    # The start position's MLP output is an error node in atlas only: the scores differ.
+    assert ct.scores["replacement"] != pytest.approx(at.scores["replacement"], abs=1e-6)
+    with pytest.raises(SystemExit) as exit_:
+        main(base + ["--convention", "neuronpedia"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -30,6 +30,8 @@ DEMO_PROMPTS = (
 
 
 def register(sub) -> None:
+    from tracer.cli.trace_cmd import add_convention_arg
+
     p = sub.add_parser("demo", help="the main job end to end (model, CLT, graphs, store, reports)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--model", default="smollm2", help="model (default: SmolLM2-135M-Instruct)")
@@ -48,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("--store-uri", help="bolt:// URI (default: the embedded local store)")
     p.add_argument("--no-store", action="store_true", help="skip the graph store")
     add_device_arguments(p)
+    add_convention_arg(p)
     p.set_defaults(func=_demo)
 
 
@@ -172,6 +175,7 @@ def _demo(args) -> int:
         max_feature_nodes=args.max_feature_nodes,
         device=str(setting.device),
         dtype=setting.to_dict()["dtype"],
+        convention=args.convention,
     )
     results = []
     for i, prompt in enumerate(prompts, 1):
@@ -214,6 +218,7 @@ def _demo(args) -> int:
                 "svg": str(r.svg),
                 "neuronpedia_json": str(r.json),
                 "scores": p.scores,
+                "convention": p.params.get("convention"),
                 "validation": p.extra.get("validation", {}),
             }
             for (p, _, pp, fp), r in zip(results, reports, strict=True)
@@ -226,6 +231,8 @@ def _demo(args) -> int:
 
 
 def _summary_text(s: dict) -> str:
+    from tracer.validation_report import ratio_text
+
     lines = [
         f"circuit-atlas demo finished in {s['seconds']:.0f} s",
         f"transcoder: {s['transcoder']} ({s['transcoder_identity']})",
@@ -233,10 +240,12 @@ def _summary_text(s: dict) -> str:
     for g in s["graphs"]:
         v, sc = g["validation"], g["scores"]
         lines.append(
-            f"- {g['prompt']!r}: replacement {_f(sc.get('replacement'))}, "
-            f"completeness {_f(sc.get('completeness'))}, spearman {_f(v.get('spearman'))}, "
-            f"sufficiency {_f(v.get('sufficiency'))}, necessity {_f(v.get('necessity'))}"
+            f"- {g['prompt']!r}: scores ({g.get('convention')} convention) replacement "
+            f"{_f(sc.get('replacement'))}, "
+            f"completeness {_f(sc.get('completeness'))}, spearman {_f(v.get('spearman'))}"
         )
+        if v:
+            lines.append(f"    {ratio_text(v)}")
         lines.append(f"    report {g['report']}  graph {g['pruned']}  json {g['neuronpedia_json']}")
     for title, n in s["queries"].items():
         lines.append(f"query: {title}: {n} rows")

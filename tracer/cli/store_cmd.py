@@ -249,7 +249,9 @@ def _list(args) -> int:
     with _open(args) as store:
         res = store.cypher(
             "MATCH (g:Graph) WHERE g.complete = true RETURN g.id AS graph, g.prompt AS prompt, "
-            "g.model AS model, g.n_nodes AS nodes, g.n_edges AS edges ORDER BY graph",
+            "g.model AS model, g.n_nodes AS nodes, g.n_edges AS edges, "
+            "g.score_replacement AS replacement, g.score_completeness AS completeness, "
+            "g.score_convention AS convention ORDER BY graph",
             max_rows=0,  # every stored graph
         )
     print(format_result(res.columns, res.rows, args.format))

@@ -40,7 +40,19 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--edge-tolerance", type=float, default=0.0)
     add_device_arguments(p)
+    add_convention_arg(p)
     p.set_defaults(func=_trace)
+
+
+def add_convention_arg(p) -> None:
+    """``--convention``: the scoring rules of pruning and scores (tracer.prune)."""
+    from tracer.prune import CONVENTIONS, DEFAULT_CONVENTION
+
+    p.add_argument(
+        "--convention", choices=CONVENTIONS, default=DEFAULT_CONVENTION,
+        help="scoring and pruning rules: circuit-tracer's (default; compare with circuit-tracer "
+        "and Neuronpedia) or atlas's (earlier rules of this project)",
+    )  # fmt: skip
 
 
 def slug(text: str, n: int = 48) -> str:
@@ -88,9 +100,10 @@ def summary(graph, pruned, seconds: float) -> str:
         f"pruned circuit: {pruned.n_nodes} nodes ({pruned.count('feature')} features), "
         f"{pruned.n_edges} edges"
     )
-    sc = graph.scores
+    sc = pruned.scores or graph.scores
     lines.append(
-        f"scores: replacement {sc.get('replacement', float('nan')):.3f}, "
+        f"scores ({pruned.params.get('convention', '?')} convention): replacement "
+        f"{sc.get('replacement', float('nan')):.3f}, "
         f"completeness {sc.get('completeness', float('nan')):.3f}"
     )
     lines.append(f"time: {seconds:.1f} s")
@@ -147,6 +160,7 @@ class TraceJob:
     @property
     def setting(self) -> DeviceSetting:
         return DeviceSetting.parse(self.device, self.dtype)
+    convention: str = "circuit-tracer"
 
     def key(self, prompt: str) -> str:
         # The device does not change a graph (beyond float rounding); the dtype does. A float32
@@ -189,9 +203,10 @@ def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
         edge_tolerance=job.edge_tolerance,
         target_tokens=list(job.target_tokens) if job.target_tokens else None,
         logit_diff=job.logit_diff,
+        convention=job.convention,
         progress=progress,
     )
-    pruned = prune(graph, job.node_threshold, job.edge_threshold)
+    pruned = prune(graph, job.node_threshold, job.edge_threshold, job.convention)
     pruned_path, full_path = job.paths(prompt)
     graph.save(full_path)
     pruned.save(pruned_path)
@@ -305,6 +320,7 @@ def _job(args, transcoder_id: str | None = None) -> TraceJob:
         logit_diff=tuple(args.logit_diff) if args.logit_diff else None,
         device=str(setting.device),
         dtype=setting.to_dict()["dtype"],
+        convention=args.convention,
     )
 
 

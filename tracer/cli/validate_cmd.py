@@ -29,6 +29,11 @@ def register(sub) -> None:
     v.add_argument("--edge-threshold", type=float, default=0.98, help="circuit pruning")
     v.add_argument("--batch-size", type=_positive, default=16, help="ablations per forward pass")
     v.add_argument("--seed", type=int, default=0, help="sampling seed")
+    v.add_argument(
+        "--ratio-floor", type=float, default=0.1, metavar="K",
+        help="sufficiency and necessity are undefined when ablating every feature moves the "
+        "logit metric by less than K standard deviations of the logits (default 0.1)",
+    )  # fmt: skip
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_validate)
 
@@ -97,7 +102,8 @@ def _validate(args) -> int:
     report = validate(
         rm, graph, max_circuit=args.max_circuit, n_random=args.n_random,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+        batch_size=args.batch_size, seed=args.seed, ratio_floor_std=args.ratio_floor,
+        progress=not args.quiet,
     )  # fmt: skip
     out = Path(args.out or args.graph)
     graph.save(out)
