@@ -134,6 +134,17 @@ def test_known_answer_at_full_depth(gemma3_full):
     assert gemma3_full.decode(ids[start:]) == " cold."
 
 
+def test_cli_fetch_and_load_by_name(capsys, gemma3_full):
+    from tracer.cli import main
+    from tracer.model import LanguageModel
+
+    assert main(["model", "fetch", "gemma3-270m"]) == 0  # cached: returns at once
+    assert capsys.readouterr().out.strip() == str(fetch_gemma3(verbose=False))
+    alias = LanguageModel.load("gemma-3-270m")  # an alias records the one stable name
+    assert alias.facts.name == "gemma3-270m"
+    assert torch.equal(alias.hf.model.norm.weight, gemma3_full.hf.model.norm.weight)
+
+
 # --- the Gemma-3 row against the real model ---------------------------------------------------
 
 
