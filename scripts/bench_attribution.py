@@ -1,9 +1,14 @@
 """Benchmark exact attribution on SmolLM2-135M with a random CLT, side by side with circuit-tracer.
 
-    .venv/bin/python scripts/bench_attribution.py                      # all cases
+    .venv/bin/python scripts/bench_attribution.py                      # all SmolLM2 cases
     .venv/bin/python scripts/bench_attribution.py --cases dallas --n-layers 4   # quick check
     .venv/bin/python scripts/bench_attribution.py --setup-ct           # create the ct venv first
     .venv/bin/python scripts/bench_attribution.py --skip-ct --device cuda --dtype bfloat16
+    .venv/bin/python scripts/bench_attribution.py --cases gemma3 --skip-ct \
+        --out benchmarks/attribution_ours_gemma3.json                  # Gemma-3-270M, ours only
+
+The ``gemma3`` case traces the Dallas prompt through all 18 layers of Gemma-3-270M (built from
+its PyPI package) with a random CLT made the same way for that model; ours only.
 
 Each case runs each engine in its own subprocess (so peak resident memory is per engine and
 per graph): ours through ``tracer.attribution.attribute`` under this interpreter, and
@@ -82,20 +87,26 @@ class Case:
     ours_batch_size: int
     ct: bool
     edge_tolerance: float = 0.0
+    model: str = "smollm2"  # a built-in model name (tracer.fetch.BUILTIN_MODELS)
 
 
 CASES = {
     "dallas": Case("dallas", "dallas", None, None, 1024, True),
     "long33": Case("long33", "long", 33, 512, 256, True),
     "long256": Case("long256", "long", 256, 4096, 1024, False),
+    "gemma3": Case("gemma3", "dallas", None, None, 1024, False, model="gemma3-270m"),
 }
+DEFAULT_CASES = "dallas,long33,long256"
 
 
 # --- the random CLT ---------------------------------------------------------------------------
 
 
-def make_clt(out: Path, n_layers: int | None, seed: int, n_features: int, active: float) -> Path:
-    """A random CLT for SmolLM2 in circuit-tracer layout, thresholds set for about ``active``
+def make_clt(
+    out: Path, n_layers: int | None, seed: int, n_features: int, active: float,
+    model: str = "smollm2",
+) -> Path:  # fmt: skip
+    """A random CLT for ``model`` in circuit-tracer layout, thresholds set for about ``active``
     active features per layer and token (calibrated on one prompt). Written once per settings.
     """
     import torch
@@ -106,13 +117,13 @@ def make_clt(out: Path, n_layers: int | None, seed: int, n_features: int, active
 
     if (out / "config.yaml").exists():
         return out
-    m = LanguageModel.load("smollm2")
+    m = LanguageModel.load(model)
     if n_layers:
         m = truncate_layers(m, n_layers)
     L, d, F = m.facts.n_layers, m.facts.d_model, n_features
     gen = torch.Generator().manual_seed(seed)
     cfg = TranscoderConfig(
-        n_layers=L, d_model=d, n_features=F, input_site="mlp_in", model_name="smollm2-random"
+        n_layers=L, d_model=d, n_features=F, input_site="mlp_in", model_name=f"{model}-random"
     )
     clt = CrossLayerTranscoder(cfg)
     with torch.no_grad():
@@ -160,7 +171,7 @@ def run_ours(args: argparse.Namespace) -> None:
     setting = DeviceSetting.parse(args.device, args.dtype)
     cuda = setting.is_cuda
     t_start = time.perf_counter()
-    m = LanguageModel.load("smollm2", device=setting)
+    m = LanguageModel.load(args.model, device=setting)
     if args.n_layers:
         m = truncate_layers(m, args.n_layers)
     rm = ReplacementModel(m, load_transcoder(args.clt_dir, device=setting), exclude_bos=True)
@@ -191,6 +202,8 @@ def run_ours(args: argparse.Namespace) -> None:
         "peak_device_mb": (
             round(torch.cuda.max_memory_allocated(setting.device) / 2**20, 1) if cuda else None
         ),
+        "model": m.facts.name,
+        "n_layers": m.facts.n_layers,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -306,7 +319,7 @@ def setup_ct(venv: Path) -> None:
 def prompt_tokens(case: Case) -> list[int]:
     from tracer.model import LanguageModel
 
-    m = LanguageModel.load("smollm2")
+    m = LanguageModel.load(case.model)
     text = LONG_TEXT if case.prompt_key == "long" else PROMPTS[case.prompt_key]
     ids = m.tokenize(text).tolist()
     if case.n_tokens is not None:
@@ -316,10 +329,10 @@ def prompt_tokens(case: Case) -> list[int]:
     return ids
 
 
-def prompt_text(ids: list[int]) -> str:
+def prompt_text(ids: list[int], model: str) -> str:
     from tracer.model import LanguageModel
 
-    return LanguageModel.load("smollm2").decode(ids[1:])
+    return LanguageModel.load(model).decode(ids[1:])
 
 
 def run_worker(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
@@ -363,7 +376,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="dallas,long33,long256", help=f"of {', '.join(CASES)}")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help=f"of {', '.join(CASES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "attribution.json")
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench" / "attribution")
     ap.add_argument("--ct-venv", type=Path, default=ROOT / "artifacts" / "ct-venv")
@@ -372,7 +385,7 @@ def main() -> None:
     ap.add_argument(
         "--ct-timeout", type=float, default=None, help="stop a circuit-tracer run after S seconds"
     )
-    ap.add_argument("--n-layers", type=int, default=None, help="truncate SmolLM2 (quick checks)")
+    ap.add_argument("--n-layers", type=int, default=None, help="truncate the model (quick checks)")
     ap.add_argument("--features", type=int, default=256, help="CLT features per layer")
     ap.add_argument("--active", type=float, default=20.0, help="target active per layer/token")
     ap.add_argument("--seed", type=int, default=0)
@@ -381,6 +394,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="weights: float32, bfloat16, float16")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     ap.add_argument("--clt-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--max-feature-nodes", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=1024, help=argparse.SUPPRESS)
@@ -412,16 +426,18 @@ def main() -> None:
             "--ct-venv DIR, or --skip-ct"
         )
 
-    from tracer.fetch import fetch_smollm2
+    from tracer.fetch import fetch_model
 
-    model_dir = fetch_smollm2(verbose=False)  # the cached folder (built once, then reused)
     tag = f"L{args.n_layers or 'all'}-F{args.features}-a{args.active:g}-s{args.seed}"
-    clt_dir = make_clt(args.work / f"clt-{tag}", args.n_layers, args.seed, args.features,
-                       args.active)  # fmt: skip
     load0 = os.getloadavg()
     results = []
     for name in names:
         case = CASES[name]
+        model_dir = fetch_model(case.model, verbose=False)  # the cached folder (built once)
+        # SmolLM2's CLT keeps its old folder name; other models' CLTs are named after them.
+        prefix = "clt" if case.model == "smollm2" else f"clt-{case.model}"
+        clt_dir = make_clt(args.work / f"{prefix}-{tag}", args.n_layers, args.seed,
+                           args.features, args.active, case.model)  # fmt: skip
         ids = prompt_tokens(case)
         tok_arg = ",".join(map(str, ids))
         base = args.work / f"{name}-{tag}"
@@ -433,7 +449,7 @@ def main() -> None:
         case_load0 = os.getloadavg()
         print(f"[{name}] {len(ids)} tokens: circuit-atlas ...", flush=True)
         ours_cmd = [
-            sys.executable, __file__, "--worker", *common, "--batch-size",
+            sys.executable, __file__, "--worker", *common, "--model", case.model, "--batch-size",
             str(case.ours_batch_size), "--edge-tolerance", str(case.edge_tolerance),
             "--device", str(setting.device), "--dtype", setting.to_dict()["dtype"],
             "--worker-out", str(base.with_suffix(".ours.npz")),
@@ -441,7 +457,8 @@ def main() -> None:
         engines = [run_worker(ours_cmd, base.with_suffix(".ours.log"))]
         print(f"  wall {engines[0]['wall_s']} s, peak {engines[0]['peak_rss_mb']} MB", flush=True)
         entry = {"case": name, "n_tokens": len(ids), "prompt_tokens": ids, "engines": engines}
-        entry["prompt"] = prompt_text(ids)
+        entry["prompt"] = prompt_text(ids, case.model)
+        entry["model"], entry["n_layers"] = case.model, engines[0]["n_layers"]
         entry["settings"] = asdict(case)
         if case.ct and not args.skip_ct:
             print(f"[{name}] circuit-tracer ...", flush=True)
@@ -469,10 +486,13 @@ def main() -> None:
             print("  " + json.dumps(entry["comparison"]), flush=True)
         entry["loadavg_start"], entry["loadavg_end"] = list(case_load0), list(os.getloadavg())
         results.append(entry)
+    models = sorted({CASES[n].model for n in names})
     doc = {
-        "what": "exact attribution, SmolLM2-135M-Instruct + random CLT (circuit-tracer layout)",
-        "model": "smollm2 (SmolLM2-135M-Instruct)",
-        "n_layers": args.n_layers or 30,
+        "what": f"exact attribution, {' / '.join(models)} + random CLT (circuit-tracer layout)",
+        "model": models[0] if len(models) == 1 else models,
+        "n_layers": depths.pop()
+        if len(depths := {r["n_layers"] for r in results}) == 1
+        else sorted(depths),
         "clt": {
             "features_per_layer": args.features,
             "target_active": args.active,

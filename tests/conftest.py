@@ -50,3 +50,20 @@ def smollm2_bf16_as_f32(smollm2_bf16):
     from tracer.model import truncate_layers
 
     return truncate_layers(smollm2_bf16, 4).to(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3_full():
+    """The real Gemma-3-270M (built once from its PyPI chunk packages, then cached)."""
+    from tracer.model import LanguageModel
+
+    return LanguageModel.load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_full):
+    """Gemma-3-270M truncated to its first 6 layers: layers 0-4 use sliding-window attention,
+    layer 5 global attention (the first prefix with both kinds)."""
+    from tracer.model import truncate_layers
+
+    return truncate_layers(gemma3_full, 6)

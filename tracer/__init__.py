@@ -13,6 +13,7 @@ interventions. Typical use::
 
 from tracer.architectures import ARCHITECTURES, Architecture, architecture_for
 from tracer.attribution import AttributionConfig, attribute
+from tracer.fetch import BUILTIN_MODELS, BuiltinModel, fetch_model
 from tracer.graph import Graph, GraphFormatError
 from tracer.hooks import Freeze, run_hooked
 from tracer.interventions import (
@@ -34,6 +35,8 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "AttributionConfig",
+    "BUILTIN_MODELS",
+    "BuiltinModel",
     "DeviceError",
     "DeviceSetting",
     "FeatureEdit",
@@ -51,6 +54,7 @@ __all__ = [
     "VectorEdit",
     "architecture_for",
     "attribute",
+    "fetch_model",
     "generate",
     "graph_scores",
     "intervene",

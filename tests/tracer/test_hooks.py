@@ -25,6 +25,16 @@ from tracer.hooks import NORMS, SITES, Freeze
 MODELS = (*TINY_TYPES, "smollm2")
 # Tiny models reproduce bit for bit; SmolLM2's residual norms reach ~100, so allow float noise.
 TOL = {"atol": 1e-5, "rtol": 1e-5}
+# Real models with a far larger residual stream: test_gemma3.py runs these tests on Gemma-3-270M
+# cut to 6 layers, whose residual elements reach 2.5e4, where one float32 ulp is 2^-9 = 1.95e-3
+# (measured: batched vs single runs differ by up to 5.5e-4 on a site element).
+REAL_TOL = {"gemma3-270m": {"atol": 2e-3, "rtol": 1e-4}}
+
+
+def tol(model, rtol: float | None = None) -> dict:
+    """The tolerance for comparisons on ``model`` (``rtol`` overrides the relative part)."""
+    t = dict(REAL_TOL.get(model.facts.name.split("[")[0], TOL))
+    return t if rtol is None else {**t, "rtol": rtol}
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +92,18 @@ def test_sites_patterns_scales_match_independent_forward(case):
     n = model.facts.n_layers
     want = expected_sites(twin, ref)
 
-    torch.testing.assert_close(run.logits, ref["logits"], **TOL)
+    torch.testing.assert_close(run.logits, ref["logits"], **tol(model))
     assert set(run.sites) == set(SITES)
     for site in SITES:
-        torch.testing.assert_close(run.sites[site], want[site], **TOL, msg=site)
+        torch.testing.assert_close(run.sites[site], want[site], **tol(model), msg=site)
     # The residual bookkeeping closes: each site is the sum of the ones before it.
     s = run.sites
-    torch.testing.assert_close(s["resid_mid"], s["resid_pre"] + s["attn_out"], **TOL)
+    torch.testing.assert_close(s["resid_mid"], s["resid_pre"] + s["attn_out"], **tol(model))
     nxt = torch.cat([s["resid_pre"][:, 1:], s["resid_final"][:, None]], dim=1)
-    torch.testing.assert_close(nxt, s["resid_mid"] + s["mlp_out"], **TOL)
+    torch.testing.assert_close(nxt, s["resid_mid"] + s["mlp_out"], **tol(model))
 
     assert run.patterns.shape == (2, n, model.facts.n_heads, ids.shape[1], ids.shape[1])
-    torch.testing.assert_close(run.patterns, ref["attentions"], **TOL)
+    torch.testing.assert_close(run.patterns, ref["attentions"], **tol(model))
 
     # Norm denominators recomputed by hand from the norm's own input; the hand norm with that
     # denominator reproduces the module's output, so it is the denominator really used.
@@ -107,12 +117,12 @@ def test_sites_patterns_scales_match_independent_forward(case):
         for l in range(n):
             x_in, x_out = ref["io"][(_norm_io_key(name), l)]
             y, scale = hand_norm(twin, x_in, _norm_modules(twin, l)[name])
-            torch.testing.assert_close(y, x_out.float(), **TOL)
-            torch.testing.assert_close(got[:, l], scale, **TOL, msg=f"{name} layer {l}")
+            torch.testing.assert_close(y, x_out.float(), **tol(model))
+            torch.testing.assert_close(got[:, l], scale, **tol(model), msg=f"{name} layer {l}")
     x_in, x_out = ref["io"][("final", 0)]
     y, scale = hand_norm(twin, x_in, getattr(getattr(twin, layout(twin).body), layout(twin).final))
-    torch.testing.assert_close(y, ref["hidden_states"][-1], **TOL)  # HF's last_hidden_state
-    torch.testing.assert_close(run.scales["final_norm"], scale, **TOL)
+    torch.testing.assert_close(y, ref["hidden_states"][-1], **tol(model))  # HF's last_hidden_state
+    torch.testing.assert_close(run.scales["final_norm"], scale, **tol(model))
 
 
 def test_batched_run_equals_single_runs(case):
@@ -121,12 +131,12 @@ def test_batched_run_equals_single_runs(case):
         both = model.run(ids)
         for b in range(ids.shape[0]):
             one = model.run(ids[b])
-            torch.testing.assert_close(both.logits[b], one.logits[0], **TOL)
+            torch.testing.assert_close(both.logits[b], one.logits[0], **tol(model))
             for site in SITES:
-                torch.testing.assert_close(both.sites[site][b], one.sites[site][0], **TOL)
-            torch.testing.assert_close(both.patterns[b], one.patterns[0], **TOL)
+                torch.testing.assert_close(both.sites[site][b], one.sites[site][0], **tol(model))
+            torch.testing.assert_close(both.patterns[b], one.patterns[0], **tol(model))
             for name, v in both.scales.items():
-                torch.testing.assert_close(v[b], one.scales[name][0], **TOL)
+                torch.testing.assert_close(v[b], one.scales[name][0], **tol(model))
     # The two prompts differ, so a run that mixed batch rows would have been caught.
     assert not torch.allclose(both.logits[0], both.logits[1])
 
@@ -141,8 +151,8 @@ def test_overriding_mlp_out_with_read_value_leaves_logits(case):
         run = model.run(ids)
         mlp = run.sites["mlp_out"]
         same = {("mlp_out", l): (lambda x, l=l: mlp[:, l].clone()) for l in range(n)}
-        torch.testing.assert_close(model.run(ids, edits=same).logits, run.logits, atol=1e-5,
-                                   rtol=0)  # fmt: skip
+        torch.testing.assert_close(model.run(ids, edits=same).logits, run.logits,
+                                   **tol(model, rtol=0))  # fmt: skip
         # The override really replaces the tensor: layer 0 given layer 1's output changes logits.
         swapped = model.run(ids, edits={("mlp_out", 0): lambda x: mlp[:, 1].clone()}).logits
     assert (swapped - run.logits).abs().max() > 1e-3
@@ -165,7 +175,7 @@ def test_mlp_out_edit_equals_plain_module_hook(case):
     with torch.no_grad():
         got = model.run(ids, edits={("mlp_out", l): lambda x: x + delta}).logits
         base = model.run(ids, record=False).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tol(model))
     assert (got - base).abs().max() > 1e-4
 
 
@@ -181,14 +191,14 @@ def test_resid_pre_edit_equals_independent_forward(case, where):
         ref = twin(input_ids=ids, output_hidden_states=True, use_cache=False)
         hidden = ref.hidden_states[l]
         # The hand-written loop reproduces the unedited model before it is trusted with the edit.
-        torch.testing.assert_close(forward_from(twin, hidden, l), ref.logits, **TOL)
+        torch.testing.assert_close(forward_from(twin, hidden, l), ref.logits, **tol(model))
         want = forward_from(twin, hidden + v, l)
         if l == 0:
             # HF's own forward with the change in its input embeddings agrees too.
             embeds = twin.get_input_embeddings()(ids) + v
             hf_want = twin(inputs_embeds=embeds, use_cache=False).logits
-            torch.testing.assert_close(hf_want, want, **TOL)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hf_want, want, **tol(model))
+    torch.testing.assert_close(got, want, **tol(model))
     assert (got - base).abs().max() > 1e-4
 
 
@@ -226,9 +236,9 @@ def test_freezing_at_recorded_values_leaves_logits(case):
         only_patterns = model.run(one, freeze=Freeze(patterns=run.patterns[0]))
         only_scales = model.run(one, freeze=Freeze(scales=_freeze_from(run).scales))
     for r in (frozen, only_patterns, only_scales):
-        torch.testing.assert_close(r.logits, run.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.logits, run.logits, **tol(model, rtol=0))
         for site in SITES:
-            torch.testing.assert_close(r.sites[site], run.sites[site], **TOL)
+            torch.testing.assert_close(r.sites[site], run.sites[site], **tol(model))
 
 
 def test_frozen_quantities_really_stay_fixed(case):
@@ -251,7 +261,7 @@ def test_frozen_quantities_really_stay_fixed(case):
         resid_mid = frozen.sites["resid_mid"][0, l]
         at_frozen, live_scale = hand_norm(twin, resid_mid, norm, fz.scales["mlp_norm"][l])
         assert (live_scale - fz.scales["mlp_norm"][l]).abs().max() > 1e-6  # the edit moved it
-        torch.testing.assert_close(frozen.sites["mlp_in"][0, l], at_frozen, **TOL)
+        torch.testing.assert_close(frozen.sites["mlp_in"][0, l], at_frozen, **tol(model))
     assert (frozen.logits - live.logits).abs().max() > 1e-4
 
 

