@@ -251,15 +251,16 @@ def trace_many(job: TraceJob, prompts: list[str], *, workers: int = 1, store=Non
     todo, decided = group.on_writer(lambda: plan(job, prompts, store), share=True)
     collector = None
     if info.is_writer:
-        unstored = [
-            r for r in decided if store is not None and r.status == CACHED and r.stored is None
-        ]
+        # Traced earlier but not in the store: the collector stores them first.
+        unstored = {r.index for r in decided if r.status == CACHED and r.stored is None}
+        if store is None:
+            unstored = set()
         expected = len(todo) + len(unstored)
         collector = Collector(group.queue, expected, store=store, world_size=info.world_size,
                               show_progress=show_progress)  # fmt: skip
         for r in decided:
-            if r in unstored:
-                group.queue.put(r.to_msg())  # traced earlier, not yet in the store
+            if r.index in unstored:
+                group.queue.put(r.to_msg())
             else:
                 collector.add(r)
         collector.start()
