@@ -122,3 +122,22 @@ def tiny_training_run(steps: int = 3):
         eval_every=steps, log_every=steps, n_heldout_seqs=2, harvest_batch=4, auxk=4,
     )  # fmt: skip
     return model, tokens, cfg
+
+
+def save_small_smollm2(smollm2_full, root, n_features: int = 32, seed: int = 3):
+    """SmolLM2 cut to 2 layers saved as a normal HF folder ``root/model``, and a random CLT for
+    it (thresholds 0.1) in the circuit-tracer layout at ``root/clt``; returns both paths."""
+    from pathlib import Path
+
+    from tracer.model import truncate_layers
+    from transcoders.formats import save_transcoder
+
+    root = Path(root)
+    small = truncate_layers(smollm2_full, 2)
+    small.hf.save_pretrained(root / "model")
+    small.tokenizer.save_pretrained(root / "model")
+    clt = make_random_clt(2, 576, n_features, seed=seed)
+    with torch.no_grad():
+        clt.threshold.fill_(0.1)
+    save_transcoder(clt, root / "clt", format="circuit-tracer")
+    return root / "model", root / "clt"

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from model_fixtures import make_random_clt
+from model_fixtures import save_small_smollm2
 
 from tracer.cli import main
 from tracer.cli.trace_cmd import TraceJob, read_prompts, trace_many, transcoder_identity_at
 from tracer.graph import Graph
-from transcoders.formats import save_transcoder
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory, smollm2_full):
     """SmolLM2 cut to 2 layers, saved as a normal HF folder, plus a random CLT for it."""
-    from tracer.model import truncate_layers
-
     root = tmp_path_factory.mktemp("trace")
-    small = truncate_layers(smollm2_full, 2)
-    small.hf.save_pretrained(root / "model")
-    small.tokenizer.save_pretrained(root / "model")
-    clt = make_random_clt(2, 576, 32, seed=3)
-    with torch.no_grad():
-        clt.threshold.fill_(0.1)
-    save_transcoder(clt, root / "clt", format="circuit-tracer")
+    save_small_smollm2(smollm2_full, root)
     return root
 
 
@@ -54,9 +44,9 @@ def test_trace_many_workers_and_cache(small_model_dir, tmp_path):
                    out=str(tmp_path / "g"),
                    transcoder_id=transcoder_identity_at(clt_dir))  # fmt: skip
     first = trace_many(job, prompts, workers=2)
-    assert [r[0] for r in first] == prompts and all(r[3] == "traced" for r in first)
+    assert [r.prompt for r in first] == prompts and all(r.status == "traced" for r in first)
     again = trace_many(job, prompts, workers=2)
-    assert all(r[3] == "cached" for r in again)
+    assert all(r.status == "cached" for r in again)
     # The same prompt traced in-process gives the same graph as the worker did.
     from tracer.cli.trace_cmd import load_replacement, trace_one
 
@@ -66,7 +56,7 @@ def test_trace_many_workers_and_cache(small_model_dir, tmp_path):
                  transcoder_id=job.transcoder_id),
         prompts[1], rm,
     )  # fmt: skip
-    worker_full = Graph.load(first[1][2])
+    worker_full = Graph.load(first[1].full_path)
     np.testing.assert_allclose(worker_full.weight, full.weight, rtol=1e-5, atol=1e-6)
 
 

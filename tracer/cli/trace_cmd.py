@@ -3,13 +3,14 @@
 One prompt: ``circuit-atlas trace "PROMPT" --transcoders T`` prints a one-screen summary.
 Many: ``circuit-atlas trace --prompts FILE --workers N --store`` traces in worker processes,
 stores each graph as it completes, and skips prompts already traced with the same settings.
+The same command under ``torchrun --nproc_per_node N`` spreads the prompts over ranks and
+their devices (see tracer.cli.ranks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -41,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--edge-tolerance", type=float, default=0.0)
     add_device_arguments(p)
     add_convention_arg(p)
+    p.add_argument("--summary", help="with --prompts: write the job's summary (JSON) here")
     p.set_defaults(func=_trace)
 
 
@@ -179,11 +181,11 @@ class TraceJob:
 _WORKER: dict = {}
 
 
-def _worker_init(job: TraceJob, threads: int) -> None:
+def _worker_init(job: TraceJob, threads: int, setting=None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _WORKER["rm"] = load_replacement(job.model, job.transcoders, job.setting)
+    _WORKER["rm"] = load_replacement(job.model, job.transcoders, setting or job.setting)
 
 
 def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
@@ -213,65 +215,142 @@ def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
     return pruned, graph, pruned_path, full_path
 
 
-def _trace_in_worker(job: TraceJob, prompt: str) -> tuple[Path, Path]:
-    """Worker-process task: graphs stay on disk, only their paths travel back."""
-    return trace_one(job, prompt, _WORKER["rm"])[2:]
+def _trace_result(job: TraceJob, index: int, prompt: str, rm, rank: int) -> dict:
+    """Trace one prompt of a list; a prompt that cannot be traced becomes a 'failed' result
+    with its reason (the other prompts go on). Returns the result as a queue message."""
+    from tracer.cli.collect import FAILED, TRACED, PromptResult, failure_reason
+
+    t0 = time.perf_counter()
+    try:
+        _, _, pruned_path, full_path = trace_one(job, prompt, rm)
+    except Exception as err:  # noqa: BLE001 - reported per prompt, the job goes on
+        return PromptResult(index, prompt, FAILED, reason=failure_reason(err), rank=rank).to_msg()
+    dt = time.perf_counter() - t0
+    return PromptResult(
+        index, prompt, TRACED, str(pruned_path), str(full_path), rank=rank, seconds=dt
+    ).to_msg()
 
 
-def trace_many(job: TraceJob, prompts: list[str], *, workers: int = 1, store=None, rm=None):
-    """Trace ``prompts`` (skipping those already traced with the same settings, and stored
-    when a store is given), in ``workers`` processes; store each graph as it completes.
+def _trace_in_worker(job: TraceJob, index: int, prompt: str, rank: int) -> dict:
+    """Worker-process task: graphs stay on disk, only the result travels back."""
+    return _trace_result(job, index, prompt, _WORKER["rm"], rank)
 
-    Returns a list of (prompt, pruned_path, full_path, status) with status 'traced' or
-    'cached'. A graph whose store write fails stays on disk and the error names the file.
-    """
-    from tqdm.auto import tqdm
 
+def plan(job: TraceJob, prompts: list[str], store=None):
+    """Which prompts need tracing: (todo [(index, prompt)], results decided now).
+
+    A prompt whose two graph files exist was traced earlier with the same settings: skipped
+    (``cached``; when a store is given and lacks its graph, the collector stores it). A prompt
+    that repeats an earlier one of the list is skipped (``duplicate``)."""
+    from graphstore import graph_id
+    from tracer.cli.collect import CACHED, DUPLICATE, PromptResult
     from tracer.graph import Graph
 
     stored = set(store.graph_ids()) if store is not None else set()
-    todo, results = [], []
-    for prompt in prompts:
+    todo, decided, first = [], [], {}
+    for i, prompt in enumerate(prompts):
+        key = job.key(prompt)
         pruned_path, full_path = job.paths(prompt)
+        paths = (str(pruned_path), str(full_path))
+        if key in first:
+            why = f"same as prompt #{first[key] + 1}"
+            decided.append(PromptResult(i, prompt, DUPLICATE, *paths, reason=why))
+            continue
+        first[key] = i
         if pruned_path.exists() and full_path.exists():
-            if store is not None:
-                from graphstore import graph_id
-
-                pruned = Graph.load(pruned_path)
-                if graph_id(pruned) not in stored:
-                    store.add(pruned, Graph.load(full_path))
-            results.append((prompt, pruned_path, full_path, "cached"))
+            in_store = None
+            if store is not None and graph_id(Graph.load(pruned_path)) in stored:
+                in_store = True
+            decided.append(PromptResult(i, prompt, CACHED, *paths, stored=in_store))
         else:
-            todo.append(prompt)
+            todo.append((i, prompt))
+    return todo, decided
 
-    def finish(prompt, paths):
-        if store is not None:
-            store.add(Graph.load(paths[0]), Graph.load(paths[1]))
-        results.append((prompt, paths[0], paths[1], "traced"))
 
-    bar = tqdm(total=len(todo), desc="tracing prompts", unit="prompt")
-    if workers <= 1 or len(todo) <= 1:
-        rm = (
-            rm
-            if rm is not None
-            else (load_replacement(job.model, job.transcoders, job.setting) if todo else None)
-        )
-        for prompt in todo:
-            finish(prompt, trace_one(job, prompt, rm)[2:])
-            bar.update(1)
-    else:
-        import multiprocessing as mp
+def trace_many(job: TraceJob, prompts: list[str], *, workers: int = 1, store=None, rm=None,
+               group=None, setting=None, show_progress: bool = True):  # fmt: skip
+    """Trace ``prompts`` (skipping those already traced with the same settings, and stored
+    when a store is given), in ``workers`` processes per rank; store each graph as it
+    completes, through one writer.
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-        with ProcessPoolExecutor(workers, ctx, _worker_init, (job, threads)) as pool:
-            futures = {pool.submit(_trace_in_worker, job, p): p for p in todo}
-            for fut in as_completed(futures):
-                finish(futures[fut], fut.result())
-                bar.update(1)
-    bar.close()
-    order = {p: i for i, p in enumerate(prompts)}
-    return sorted(results, key=lambda r: order[r[0]])
+    ``group``: the job's :class:`tracer.cli.ranks.RankGroup` under torchrun (None: this process
+    alone). Rank 0 plans and broadcasts the plan, every rank traces its share, rank 0's
+    collector stores the graphs; ``store`` is used on rank 0 only. ``setting``: this rank's
+    DeviceSetting (None: the CPU).
+
+    Returns, on rank 0, a PromptResult for every prompt in list order (on other ranks, the
+    results of their own share). A graph whose store write fails stays on disk
+    (``stored=False``, the reason names the file).
+    """
+    from tracer.cli.collect import CACHED, Collector
+    from tracer.cli.ranks import RankGroup, RankInfo
+
+    setting = setting if setting is not None else job.setting
+    group = group if group is not None else RankGroup(RankInfo())
+    info = group.info
+    todo, decided = group.on_writer(lambda: plan(job, prompts, store), share=True)
+    collector = None
+    if info.is_writer:
+        # Traced earlier but not in the store: the collector stores them first.
+        unstored = {r.index for r in decided if r.status == CACHED and r.stored is None}
+        if store is None:
+            unstored = set()
+        expected = len(todo) + len(unstored)
+        collector = Collector(group.queue, expected, store=store, world_size=info.world_size,
+                              show_progress=show_progress)  # fmt: skip
+        for r in decided:
+            if r.index in unstored:
+                group.queue.put(r.to_msg())
+            else:
+                collector.add(r)
+        collector.start()
+    try:
+        own = _trace_share(job, info.share(todo), group, workers, rm, setting)
+    except BaseException:
+        if collector is not None:
+            collector.abandon()
+        raise
+    return collector.join() if collector is not None else own
+
+
+def _trace_share(job: TraceJob, items, group, workers: int, rm, setting) -> list:
+    """Trace this rank's (index, prompt) items, posting each result to the group's queue; a
+    rank that cannot go on (the model does not load) reports its remaining prompts as failed
+    before it re-raises, so rank 0 does not wait for them."""
+    from tracer.cli.collect import FAILED, PromptResult, failure_reason
+
+    rank = group.info.rank
+    results, left = [], list(items)
+
+    def post(msg):
+        group.queue.put(msg)
+        results.append(PromptResult.from_msg(msg))
+        left.pop(next(k for k, (i, _) in enumerate(left) if i == msg["index"]))
+
+    try:
+        if not items:
+            return results
+        if workers <= 1 or len(items) <= 1:
+            if rm is None:
+                rm = load_replacement(job.model, job.transcoders, setting)
+            for index, prompt in items:
+                post(_trace_result(job, index, prompt, rm, rank))
+        else:
+            import multiprocessing as mp
+
+            threads = max(1, group.info.threads() // workers)
+            ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+            init = (job, threads, setting)
+            with ProcessPoolExecutor(workers, ctx, _worker_init, init) as pool:
+                futures = [pool.submit(_trace_in_worker, job, i, p, rank) for i, p in items]
+                for fut in as_completed(futures):
+                    post(fut.result())
+    except BaseException as err:
+        why = f"rank {rank} stopped: {failure_reason(err)}"
+        for index, prompt in left:
+            group.queue.put(PromptResult(index, prompt, FAILED, reason=why, rank=rank).to_msg())
+        raise
+    return results
 
 
 def open_store(uri: str | None = None):
@@ -325,21 +404,38 @@ def _job(args, transcoder_id: str | None = None) -> TraceJob:
 
 
 def _trace_file(args) -> int:
+    """``--prompts FILE``: in this process (with --workers), or as one rank of a torchrun job.
+    Exit status 0 when every prompt was traced (or skipped) and stored, 1 when some failed."""
+    import torch
+
+    from tracer.cli.collect import Summary, summary_text
+    from tracer.cli.ranks import RankGroup, RankInfo, rank_setting
+
+    info = RankInfo.from_env()
     prompts = read_prompts(args.prompts)
     job = _job(args)
-    store = open_store(args.store_uri) if args.store or args.store_uri else None
-    t0 = time.perf_counter()
-    try:
-        results = trace_many(job, prompts, workers=args.workers, store=store)
-    finally:
-        if store is not None:
-            store.close()
-    n_new = sum(r[3] == "traced" for r in results)
-    print(
-        f"{len(results)} prompts: {n_new} traced, {len(results) - n_new} already done; "
-        f"graphs in {args.out}"
-        + (" and the graph store" if store is not None else "")
-        + f" ({time.perf_counter() - t0:.0f} s)",
-        file=sys.stderr,
-    )
-    return 0
+    want_store = bool(args.store or args.store_uri)
+    setting = None
+    if info.distributed:
+        setting = rank_setting(info, getattr(args, "device", "auto"), getattr(args, "dtype", None))
+        torch.set_num_threads(info.threads())
+    with RankGroup(info) as group:
+        t0 = time.perf_counter()
+        # Rank 0 opens the store before anyone traces: an unreachable store stops every rank.
+        store = group.on_writer(lambda: open_store(args.store_uri) if want_store else None)
+        try:
+            results = trace_many(
+                job, prompts, workers=args.workers, store=store, group=group, setting=setting
+            )
+        finally:
+            if store is not None:
+                store.close()
+        if not info.is_writer:
+            return int(any(r.status == "failed" for r in results))
+        s = Summary.of(results, time.perf_counter() - t0, info.world_size)
+    where = args.out + (" and the graph store" if want_store else "")
+    print(summary_text(results, s, where), file=sys.stderr)
+    if args.summary:
+        doc = {**s.to_dict(), "results": [r.to_msg() for r in results]}
+        Path(args.summary).write_text(json.dumps(doc, indent=1))
+    return int(s.failed > 0 or s.not_stored > 0)
