@@ -228,6 +228,7 @@ def find_supernodes(
     graph: Graph,
     *,
     transcoder=None,
+    decoder: np.ndarray | None = None,
     activations: np.ndarray | None = None,
     book: FeatureBook | None = None,
     config: SupernodeConfig | None = None,
@@ -236,7 +237,8 @@ def find_supernodes(
 ) -> list[Supernode]:
     """Group the feature nodes of ``graph`` (or the given ``nodes``) into supernodes.
 
-    transcoder: gives decoder directions (the ``decoder`` signal); activations: corpus
+    transcoder: gives decoder directions (the ``decoder`` signal), or ``decoder`` gives them
+    directly [n_nodes, d] (node order); activations: corpus
     activations [n_tokens, n_nodes] of the nodes' features in node order (``coactivation``;
     see :func:`corpus_activations`); book: feature information for the names. Keyword
     overrides are fields of :class:`SupernodeConfig`. Stores the result in
@@ -256,7 +258,9 @@ def find_supernodes(
             f"activations have {np.asarray(activations).shape[1]} columns for {len(feats)} "
             "feature nodes: give one column per node, in node order"
         )
-    dec = decoder_directions(transcoder, members) if transcoder is not None else None
+    dec = decoder
+    if dec is None and transcoder is not None:
+        dec = decoder_directions(transcoder, members)
     sims = similarities(graph, feats, dec, activations)
     combined = combine(sims, cfg)
     labels = cluster(combined, cfg.min_similarity)
