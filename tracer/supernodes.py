@@ -321,8 +321,10 @@ def _shared_tokens(members, book: FeatureBook | None, n_promoted: int):
         info = book.get(layer, index)
         if info is None:
             continue
-        promoted.update({t for t, _ in info.promoted_tokens[:n_promoted]})
-        contexts.update({c.tokens[c.peak] for c in info.top_contexts if c.tokens})
+        # dict.fromkeys: each token once per member, in order (ties keep first appearance)
+        promoted.update(list(dict.fromkeys(t for t, _ in info.promoted_tokens[:n_promoted])))
+        peaks = (c.tokens[c.peak] for c in info.top_contexts if c.tokens)
+        contexts.update(list(dict.fromkeys(peaks)))
     return promoted.most_common(), contexts.most_common()
 
 
