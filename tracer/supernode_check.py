@@ -91,9 +91,7 @@ def validate_supernodes(
         for _ in range(n_random if size else 0):
             groups.append(np.sort(rng.choice(others, size, replace=False)))
             owner.append((k, True))
-    observed, predicted = group_effects(
-        rm, graph, groups, batch_size=batch_size, progress=progress
-    )
+    observed, predicted = group_effects(rm, graph, groups, batch_size=batch_size, progress=progress)
     agree = agreement(observed, predicted)
     results = []
     for k, s in enumerate(supernodes):

@@ -250,9 +250,7 @@ def find_supernodes(
     feats = np.where(graph.kind == FEATURE)[0] if nodes is None else np.asarray(nodes, np.int64)
     if len(feats) and not (graph.kind[feats] == FEATURE).all():
         raise SupernodeError("supernodes group feature nodes only: a given node is not a feature")
-    members = [
-        (int(graph.layer[i]), int(graph.position[i]), int(graph.feature[i])) for i in feats
-    ]
+    members = [(int(graph.layer[i]), int(graph.position[i]), int(graph.feature[i])) for i in feats]
     if activations is not None and np.asarray(activations).shape[1] != len(feats):
         raise SupernodeError(
             f"activations have {np.asarray(activations).shape[1]} columns for {len(feats)} "

@@ -105,8 +105,10 @@ def test_swap_equals_hand_computed_forward():
 def test_absent_features_and_bad_positions_are_clear_errors():
     model, clt, rm = setup()
     a, b = "hello world", "hello worle"
-    acts_a, acts_b = hand_acts(model, clt, model.tokenize(a)), hand_acts(model, clt,
-                                                                         model.tokenize(b))
+    acts_a, acts_b = (
+        hand_acts(model, clt, model.tokenize(a)),
+        hand_acts(model, clt, model.tokenize(b)),
+    )
     inactive_a = next((0, 3, f) for f in range(16) if acts_a[0][3, f] == 0)
     inactive_b = next((1, 4, f) for f in range(16) if acts_b[1][4, f] == 0)
     with pytest.raises(SwapError, match=r"not active in the target prompt 'hello world'"):
