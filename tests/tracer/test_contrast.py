@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_supernodes import hand_graph
+from model_fixtures import hand_graph
 
 from tracer.contrast import ContrastError, contrast
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixtures import make_random_clt, make_tiny_model
+from model_fixtures import hand_graph, make_random_clt, make_tiny_model
 
 from tracer.attribution import attribute
 from tracer.features import FeatureBook
@@ -24,25 +24,6 @@ from tracer.supernodes import (
     supernodes_of,
 )
 from tracer.validate import linear_total_effect, validate
-
-
-def hand_graph(kinds, layers, positions, features, acts, edges, logit_weights=None) -> Graph:
-    """A graph from node lists and (target, source, weight) edges."""
-    n = len(kinds)
-    t, s, w = (np.array(x) for x in zip(*edges, strict=True)) if edges else ([], [], [])
-    lw = np.zeros(n) if logit_weights is None else np.asarray(logit_weights, float)
-    if logit_weights is None:
-        logits = [i for i, k in enumerate(kinds) if k == LOGIT]
-        lw[logits] = 1.0 / len(logits)
-    return Graph(
-        prompt="planted", tokens=[1, 5, 6, 7], token_strings=["<s>", "a", "b", "c"],
-        model_name="m", transcoder_name="tc", n_layers=4,
-        kind=np.array(kinds, np.int8), layer=np.array(layers, np.int32),
-        position=np.array(positions, np.int32), feature=np.array(features, np.int64),
-        activation=np.array(acts, np.float32), probability=np.zeros(n, np.float32),
-        target=np.asarray(t, np.int32), source=np.asarray(s, np.int32),
-        weight=np.asarray(w, np.float32), logit_weights=lw.astype(np.float32),
-    )  # fmt: skip
 
 
 def planted(seed=0):
