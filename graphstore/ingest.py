@@ -241,6 +241,12 @@ RETURN count(*) AS deleted
 
 DELETE_GRAPH = "MATCH (g:Graph {id: $id}) DETACH DELETE g"
 
+# What cross-prompt results hang on a graph (graphstore.crossprompt) goes with it.
+DELETE_ATTACHED = (
+    "MATCH (s:Supernode {graph: $id}) DETACH DELETE s",
+    "MATCH (s:Swap {graph: $id}) DETACH DELETE s",
+)
+
 # What a write needs to know, in one statement: the stored state (as STATE), the keys of the
 # graph's features that another complete graph of the same prompt already counted, and the keys
 # of the features the store lacks (created by NEW_FEATURES: per-row MERGE is several times
@@ -388,6 +394,8 @@ def delete_graph(session, gid: str) -> bool:
         )
         if not deleted:
             break
+    for statement in DELETE_ATTACHED:
+        session.execute_write(lambda tx, q=statement: tx.run(q, id=gid).consume())
     session.execute_write(lambda tx: tx.run(DELETE_GRAPH, id=gid).consume())
     return found
 

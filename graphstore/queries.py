@@ -425,6 +425,12 @@ CANNED: dict[str, CannedQuery] = {
 }
 
 
+# Cross-prompt queries (supernodes, contrasts, global weights, swaps) live in their own module.
+from graphstore.crossprompt_queries import CROSSPROMPT  # noqa: E402 (needs the classes above)
+
+CANNED.update({q.name: q for q in CROSSPROMPT})
+
+
 def run_canned(session, name: str, open_session=None, **kwargs) -> QueryResult:
     """Run canned query ``name`` with its parameters (trusted Cypher, a read transaction;
     with ``open_session``, a function that opens more sessions, possibly several at once)."""

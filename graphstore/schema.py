@@ -18,6 +18,7 @@ Schema (every property name below is what queries use)::
             token})                                      one per pruned-graph node
     (:Node)-[:INSTANCE_OF]->(:Feature)                   feature nodes only
     (:Node)-[:EDGE {weight, k}]->(:Node)   source -> target, weight = A[target, source]
+    (:Supernode), (:Swap), [:VIRTUAL] global weights: see graphstore.crossprompt
 
 ``Graph.complete`` is false while a graph is being written; every query reads only complete
 graphs. Neo4j 5 and ArcadeDB accept the same DDL below (checked against ArcadeDB 26.10); the
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node")
-RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE")
+LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node", "Supernode", "Swap")
+RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE",
+                 "HAS_SUPERNODE", "MEMBER", "VIRTUAL", "HAS_SWAP", "SWAP_FROM")  # fmt: skip
 
 # Composite uniqueness is expressed through one string key (Feature.key) so the same constraint
 # works on Neo4j Community, Enterprise and ArcadeDB.
@@ -43,6 +45,10 @@ _COMMON = (
     "CREATE INDEX node_kind_feature IF NOT EXISTS FOR (n:Node) ON (n.kind, n.feature)",
     "CREATE INDEX graph_complete IF NOT EXISTS FOR (g:Graph) ON (g.complete)",
     "CREATE INDEX graph_prompt IF NOT EXISTS FOR (g:Graph) ON (g.prompt_id)",
+    "CREATE CONSTRAINT supernode_id IF NOT EXISTS FOR (s:Supernode) REQUIRE s.id IS UNIQUE",
+    "CREATE INDEX supernode_graph IF NOT EXISTS FOR (s:Supernode) ON (s.graph)",
+    "CREATE CONSTRAINT swap_id IF NOT EXISTS FOR (s:Swap) REQUIRE s.id IS UNIQUE",
+    "CREATE INDEX swap_graph IF NOT EXISTS FOR (s:Swap) ON (s.graph)",
     # Feature.prompts is not indexed (earlier stores had this index; dropped here): every
     # ingest rewrites the counters of ~200 features, and removing an old key from an index
     # where thousands of features share it (prompts = 1) scans them all (measured: 16% of the

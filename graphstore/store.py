@@ -10,7 +10,7 @@ from pathlib import Path
 
 import neo4j
 
-from graphstore import export, ingest, migrate, queries, readonly
+from graphstore import crossprompt, export, ingest, migrate, queries, readonly
 from graphstore.archive import Archive
 from graphstore.bounded import QueryLimits, run_bounded
 from graphstore.errors import (
@@ -268,6 +268,29 @@ class GraphStore:
             results = migrate.migrate_identities(s, mapping)
             self._legacy = migrate.legacy_transcoders(s)
         return results
+
+    # --- cross-prompt results (graphstore.crossprompt) -------------------------------------
+
+    def add_supernodes(self, graph_id: str, supernodes: list[dict]) -> int:
+        """Replace the supernodes of a stored graph (dicts of tracer.supernodes.Supernode)."""
+        with self._session() as s:
+            return crossprompt.write_supernodes(s, graph_id, supernodes)
+
+    def add_global_weights(self, table, model: str, progress=None) -> int:
+        """Replace the stored top-k global weights of a transcoder (a GlobalWeights table)."""
+        import json
+
+        head = json.loads(table.schema.metadata[b"circuit_atlas_global_weights"])
+        with self._session() as s:
+            return crossprompt.write_global_weights(
+                s, head["transcoder"], model, table, norm=head["norm"], top_k=head["top_k"],
+                input_site=head["input_site"], progress=progress,
+            )  # fmt: skip
+
+    def add_swap(self, graph_id: str, result: dict, other_graph_id: str | None = None) -> str:
+        """Store a swap result (tracer.swap.SwapResult.to_dict()) with a stored graph."""
+        with self._session() as s:
+            return crossprompt.write_swap(s, graph_id, other_graph_id, result)
 
     def delete(self, graph_id: str) -> bool:
         """Remove a stored graph (its archive file stays); True if it existed."""

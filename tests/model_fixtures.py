@@ -141,3 +141,27 @@ def save_small_smollm2(smollm2_full, root, n_features: int = 32, seed: int = 3):
         clt.threshold.fill_(0.1)
     save_transcoder(clt, root / "clt", format="circuit-tracer")
     return root / "model", root / "clt"
+
+
+def hand_graph(kinds, layers, positions, features, acts, edges, logit_weights=None):
+    """A Graph from node lists and (target, source, weight) edges (4 prompt tokens, model 'm',
+    transcoder 'tc'); logit weights default to equal shares of the logit nodes."""
+    import numpy as np
+
+    from tracer.graph import LOGIT, Graph
+
+    n = len(kinds)
+    t, s, w = (np.array(x) for x in zip(*edges, strict=True)) if edges else ([], [], [])
+    lw = np.zeros(n) if logit_weights is None else np.asarray(logit_weights, float)
+    if logit_weights is None:
+        logits = [i for i, k in enumerate(kinds) if k == LOGIT]
+        lw[logits] = 1.0 / len(logits)
+    return Graph(
+        prompt="planted", tokens=[1, 5, 6, 7], token_strings=["<s>", "a", "b", "c"],
+        model_name="m", transcoder_name="tc", n_layers=4,
+        kind=np.array(kinds, np.int8), layer=np.array(layers, np.int32),
+        position=np.array(positions, np.int32), feature=np.array(features, np.int64),
+        activation=np.array(acts, np.float32), probability=np.zeros(n, np.float32),
+        target=np.asarray(t, np.int32), source=np.asarray(s, np.int32),
+        weight=np.asarray(w, np.float32), logit_weights=lw.astype(np.float32),
+    )  # fmt: skip

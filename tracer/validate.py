@@ -232,11 +232,16 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float | None, float | None]
     return (rho if math.isfinite(rho) else None), (p if math.isfinite(p) else None)
 
 
-def linear_total_effect(graph: Graph, sources: np.ndarray) -> np.ndarray:
+def linear_total_effect(
+    graph: Graph, sources: np.ndarray, groups: list[np.ndarray] | None = None
+) -> np.ndarray:
     """Signed change of the logit metric the graph predicts for removing each source feature
     when every downstream feature responds linearly (slope 1, staying active) and edges carry
     the change: x = relative activation change of each feature, x_s = -1, x_t = (sum_u A[t, u]
-    x_u) / a_t; the metric changes by sum_k w_k sum_u A[k, u] x_u. [len(sources)]."""
+    x_u) / a_t; the metric changes by sum_k w_k sum_u A[k, u] x_u. [len(sources)].
+
+    ``groups`` (node-index arrays) instead removes each group at once: its members are held at
+    x = -1 (an ablated member does not respond to the others). [len(groups)]."""
     A = graph.adjacency().tocsc()
     feats = np.where(graph.kind == FEATURE)[0]
     logits = np.where(graph.kind == LOGIT)[0]
@@ -247,15 +252,37 @@ def linear_total_effect(graph: Graph, sources: np.ndarray) -> np.ndarray:
     N = sp.diags(1.0 / np.where(act != 0, act, np.inf)) @ A_ff  # per unit relative change
     w = graph.logit_weights[logits].astype(np.float64)
     wl = sp.csr_matrix(w[None]) @ A[logits][:, feats].astype(np.float64)  # [1, n_feat]
-    seed = np.zeros((len(feats), len(sources)))
-    seed[pos[sources], np.arange(len(sources))] = -1.0
+    groups = [np.array([s]) for s in np.asarray(sources)] if groups is None else groups
+    seed = np.zeros((len(feats), len(groups)))
+    for j, g in enumerate(groups):
+        seed[pos[np.asarray(g, dtype=np.int64)], j] = -1.0
+    held = seed != 0  # ablated members stay at -1
     x, total = seed, seed.copy()
     for _ in range(graph.n_layers + 2):  # DAG: paths are at most n_layers feature hops long
-        x = N @ x
+        x = np.where(held, 0.0, N @ x)
         if not np.abs(x).max(initial=0.0) > 0:
             break
         total += x
     return np.asarray(wl @ total).ravel()
+
+
+def logit_metric(rm: ReplacementModel, graph: Graph):
+    """The graph's logit metric m = sum_k w_k (de-meaned logit k at the last position), live
+    final norm, as a function of a batch run: res -> [B] float64 (module doc)."""
+    logit_nodes = np.where(graph.kind == LOGIT)[0]
+    directions = logit_directions(rm, graph)  # [n_logit, d]
+    w = torch.as_tensor(graph.logit_weights[logit_nodes], dtype=torch.float32)
+    if len(directions) == 1:
+        w = torch.ones(1)
+    w = w.to(directions.device)
+    final = rm.model.final_norm()
+
+    def metric(res: BatchInterventionResult) -> np.ndarray:
+        with torch.no_grad():
+            normed = final(res.sites["resid_final"][:, -1:])[:, 0].float()
+        return ((normed @ directions.T) @ w).double().cpu().numpy()
+
+    return metric
 
 
 def validate(
@@ -321,11 +348,7 @@ def validate(
         )
     )
     directions = logit_directions(rm, graph)  # [n_logit, d]
-    w = torch.as_tensor(graph.logit_weights[logit_nodes], dtype=torch.float32)
-    if len(directions) == 1:
-        w = torch.ones(1)
-    w = w.to(directions.device)
-    final = rm.model.final_norm()
+    metric = logit_metric(rm, graph)
 
     def run(batch, mode):
         return intervene_batch(rm, state, batch, mode, watch=watch, record_sites=("resid_final",))
@@ -334,12 +357,6 @@ def validate(
         """[B, n_rows]: feature pre-activations, then de-meaned logits (frozen final norm)."""
         normed = _frozen_final(rm, state, res.sites["resid_final"][:, -1]).to(directions.dtype)
         return torch.cat([res.watched_pre, normed @ directions.T], 1).double().cpu().numpy()
-
-    def metric(res: BatchInterventionResult) -> np.ndarray:
-        """[B] the logit metric with the live final norm."""
-        with torch.no_grad():
-            normed = final(res.sites["resid_final"][:, -1:])[:, 0].float()
-        return ((normed @ directions.T) @ w).double().cpu().numpy()
 
     columns = np.r_[sample, extra_cols]
     n_batches = 2 * math.ceil(len(columns) / cfg.batch_size) + 2

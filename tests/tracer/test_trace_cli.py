@@ -65,6 +65,11 @@ def test_cache_follows_transcoder_identity_not_path(small_model_dir, tmp_path):
     path does not (its fingerprint differs), and its graph names the new identity."""
     import shutil
 
+    import torch
+    from model_fixtures import make_random_clt
+
+    from transcoders.formats import save_transcoder
+
     model = str(small_model_dir / "model")
     prompt = "The opposite of hot is"
     clt_dir = tmp_path / "clt"
@@ -77,19 +82,21 @@ def test_cache_follows_transcoder_identity_not_path(small_model_dir, tmp_path):
         return job, trace_many(job, [prompt])[0]
 
     job1, r1 = run(clt_dir)
-    assert r1[3] == "traced"
-    assert Graph.load(r1[2]).transcoder_name == job1.transcoder_id
+    assert r1.status == "traced"
+    assert Graph.load(r1.full_path).transcoder_name == job1.transcoder_id
     copy = tmp_path / "elsewhere" / "same-clt"
     shutil.copytree(clt_dir, copy)
     job2, r2 = run(copy)
-    assert job2.transcoder_id == job1.transcoder_id and r2[3] == "cached" and r2[1] == r1[1]
+    assert job2.transcoder_id == job1.transcoder_id
+    assert r2.status == "cached" and r2.pruned_path == r1.pruned_path
     retrained = make_random_clt(2, 576, 32, seed=4)  # another training run, same shape
     with torch.no_grad():
         retrained.threshold.fill_(0.1)
     save_transcoder(retrained, clt_dir, format="circuit-tracer", overwrite=True)
     job3, r3 = run(clt_dir)
-    assert job3.transcoder_id != job1.transcoder_id and r3[3] == "traced" and r3[1] != r1[1]
-    assert Graph.load(r3[2]).transcoder_name == job3.transcoder_id
+    assert job3.transcoder_id != job1.transcoder_id
+    assert r3.status == "traced" and r3.pruned_path != r1.pruned_path
+    assert Graph.load(r3.full_path).transcoder_name == job3.transcoder_id
 
 
 def test_prompt_file_errors(tmp_path):

@@ -1,0 +1,148 @@
+"""Swap experiments: on a tiny model the swapped next-token distribution and continuation equal
+a forward computed by hand with plain PyTorch hooks on the MLPs (features recomputed from the
+live MLP input, the swapped values put in, the decoded difference added); features absent from
+their prompt, unknown supernodes and positions that do not map are clear errors; the batch
+form stores each result with its graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from model_fixtures import make_random_clt, make_tiny_model
+
+from tracer.attribution import attribute
+from tracer.replacement import ReplacementModel
+from tracer.supernodes import SupernodeError, find_supernodes
+from tracer.swap import SwapError, run_swap_file, swap, swap_supernodes
+
+
+def setup():
+    model = make_tiny_model("llama")
+    clt = make_random_clt(3, 32, 16, seed=4)
+    return model, clt, ReplacementModel(model, clt)
+
+
+def hand_acts(model, clt, tokens) -> list[torch.Tensor]:
+    """Transcoder activations [P, F] per layer from the plain model's MLP inputs."""
+    seen = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].detach()))
+             for layer in model.hf.model.layers]  # fmt: skip
+    with torch.no_grad():
+        model.hf(tokens[None])
+    for h in hooks:
+        h.remove()
+    return [clt.activate(l, clt.pre_activations(l, x)) for l, x in enumerate(seen)]
+
+
+def hand_logits(model, clt, tokens, edits) -> torch.Tensor:
+    """Last-position logits with ``edits`` {(layer, position, feature): value} applied: at each
+    MLP, features are computed from its live input (start position zeroed), edited, and
+    (edited - live) decoded into this and later MLP outputs."""
+    L = len(model.hf.model.layers)
+    pending = [torch.zeros(len(tokens), 32) for _ in range(L)]
+    hooks = []
+    for l, layer in enumerate(model.hf.model.layers):
+
+        def pre(m, args, l=l):
+            acts = clt.activate(l, clt.pre_activations(l, args[0][0]))
+            acts[0] = 0.0
+            used = acts.clone()
+            for (el, p, f), v in edits.items():
+                if el == l:
+                    used[p, f] = v
+            diff = used - acts
+            for t in range(clt.W_dec[l].shape[1]):
+                pending[l + t] += diff @ clt.W_dec[l][:, t]
+
+        def post(m, args, out, l=l):
+            return out + pending[l][None]
+
+        hooks += [layer.mlp.register_forward_pre_hook(pre), layer.mlp.register_forward_hook(post)]
+    with torch.no_grad():
+        logits = model.hf(tokens[None]).logits[0, -1]
+    for h in hooks:
+        h.remove()
+    return logits
+
+
+def features_at(acts, pos, n=3):
+    """(layer, pos, feature) of up to n active features per layer at ``pos``."""
+    out = []
+    for l, a in enumerate(acts):
+        out += [(l, pos, int(f)) for f in torch.nonzero(a[pos]).flatten()[:n]]
+    return out
+
+
+def test_swap_equals_hand_computed_forward():
+    model, clt, rm = setup()
+    a, b = "hello world", "hello worle"
+    ta, tb = model.tokenize(a), model.tokenize(b)
+    acts_a, acts_b = hand_acts(model, clt, ta), hand_acts(model, clt, tb)
+    pos = len(ta) - 1  # the token where the prompts differ
+    remove, insert = features_at(acts_a, pos), features_at(acts_b, pos)
+    assert remove and insert and set(remove) != set(insert)
+    res = swap(rm, a, remove, insert, b, top_k=5, max_new_tokens=3)
+    edits = {f: 0.0 for f in remove} | {f: float(acts_b[f[0]][f[1], f[2]]) for f in insert}
+    assert [v for *_, v in res.inserted] == pytest.approx([edits[f] for f in insert], rel=1e-5)
+    for probs, e in ((res.top_after, edits), (res.top_before, {})):
+        p = hand_logits(model, clt, ta, e).softmax(-1)
+        top = p.topk(5)
+        assert [i for _, i, _ in probs] == top.indices.tolist()
+        np.testing.assert_allclose([q for *_, q in probs], top.values.numpy(), rtol=1e-5)
+    # The continuation: greedy, the edits at their prompt positions on every step.
+    seq, new = ta.clone(), []
+    for _ in range(3):
+        nxt = int(hand_logits(model, clt, seq, edits).argmax())
+        new.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    assert res.continuation_after == model.decode(new)
+    assert res.to_dict()["moved"] == res.moved
+
+
+def test_absent_features_and_bad_positions_are_clear_errors():
+    model, clt, rm = setup()
+    a, b = "hello world", "hello worle"
+    acts_a, acts_b = (
+        hand_acts(model, clt, model.tokenize(a)),
+        hand_acts(model, clt, model.tokenize(b)),
+    )
+    inactive_a = next((0, 3, f) for f in range(16) if acts_a[0][3, f] == 0)
+    inactive_b = next((1, 4, f) for f in range(16) if acts_b[1][4, f] == 0)
+    with pytest.raises(SwapError, match=r"not active in the target prompt 'hello world'"):
+        swap(rm, a, [inactive_a], [], b, max_new_tokens=0)
+    with pytest.raises(SwapError, match=r"not active in the source prompt 'hello worle'"):
+        swap(rm, a, [], [inactive_b], b, max_new_tokens=0)
+    long_b = "a much longer prompt"
+    acts_long = hand_acts(model, clt, model.tokenize(long_b))
+    early = features_at(acts_long, 2, n=1)[:1]
+    with pytest.raises(SwapError, match="maps to position"):
+        swap(rm, "hi", [], early, long_b, max_new_tokens=0)
+
+
+def test_supernode_swap_and_batch_file(tmp_path):
+    model, clt, rm = setup()
+    ga = attribute(rm, "ab cd", progress=False)
+    gb = attribute(rm, "ab ce", progress=False)
+    for g in (ga, gb):
+        find_supernodes(g, transcoder=clt, min_similarity=0.3)
+    with pytest.raises(SupernodeError, match="no supernode 's99'"):
+        swap_supernodes(rm, ga, "s99", gb, "s0", max_new_tokens=0)
+    direct = swap_supernodes(rm, ga, "s0", gb, "s1", max_new_tokens=2)
+    assert direct.label["remove"] == ["s0"] and direct.label["insert"] == ["s1"]
+    pa, pb = ga.save(tmp_path / "a.parquet"), gb.save(tmp_path / "b.parquet")
+    lines = [{"graph": str(pa), "remove": "s0", "other_graph": str(pb), "insert": "s1",
+              "max_new_tokens": 2}]  # fmt: skip
+    (tmp_path / "swaps.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    out = run_swap_file(rm, tmp_path / "swaps.jsonl", progress=False)
+    assert len(out) == 1
+    from tracer.graph import Graph
+
+    stored = Graph.load(pa).extra["swaps"]
+    assert len(stored) == 1 and stored[0]["top_after"][0][1] == direct.top_after[0][1]
+    assert stored[0]["continuation_after"] == direct.continuation_after
+    (tmp_path / "bad.jsonl").write_text('{"graph": "x"}\n')
+    with pytest.raises(SwapError, match="line 1: a swap needs"):
+        run_swap_file(rm, tmp_path / "bad.jsonl", progress=False)
