@@ -11,6 +11,7 @@ from graphstore.errors import (
     StoreError,
     StoreUnavailableError,
     StoreWriteError,
+    SubgraphNotFoundError,
 )
 from graphstore.ingest import WriteResult, content_hash, graph_id, prompt_id
 from graphstore.queries import CANNED, CannedQuery
@@ -34,6 +35,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "StoreWriteError",
+    "SubgraphNotFoundError",
     "WriteResult",
     "content_hash",
     "default_home",

@@ -36,3 +36,10 @@ class GraphNotFoundError(StoreError, KeyError):
 
 class ReadOnlyViolation(StoreError):
     """User Cypher that would write (CREATE, MERGE, DELETE, SET, ...) was refused."""
+
+
+class SubgraphNotFoundError(StoreError, KeyError):
+    """No saved subgraph of that name for that graph."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,53 @@
+// Where each node sits: layers as rows (token embeddings at the bottom, logits at the top),
+// token positions as columns; the nodes of one (layer, position) cell side by side, most
+// influential in the middle.
+
+export const ROW_H = 56;
+const GAP = 13; // world units between nodes of a cell
+const SUB_ROW = 11; // world units between wrapped lines of a crowded cell
+
+export function rowOf(kind, layer, nLayers) {
+  if (kind === "token") return 0;
+  if (kind === "logit") return nLayers + 1;
+  return layer + 1;
+}
+
+export function layoutGraph(g) {
+  const n = g.nodes.id.length;
+  const P = g.tokens.length;
+  const rows = g.n_layers + 2;
+  const cells = new Map();
+  for (let i = 0; i < n; i++) {
+    const r = rowOf(g.nodes.kind[i], g.nodes.layer[i], g.n_layers);
+    const key = r * P + g.nodes.position[i];
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(i);
+  }
+  const maxInCol = new Array(P).fill(1);
+  for (const [key, list] of cells) {
+    const p = key % P;
+    maxInCol[p] = Math.max(maxInCol[p], list.length);
+  }
+  const perLine = 12; // nodes per line before a cell wraps
+  const colW = maxInCol.map((m) => Math.max(96, Math.min(m, perLine) * GAP + 24));
+  const colX = [];
+  let acc = 0;
+  for (let p = 0; p < P; p++) { colX.push(acc + colW[p] / 2); acc += colW[p]; }
+  const x = new Float32Array(n), y = new Float32Array(n);
+  const kindOrder = { feature: 0, error: 1, token: 2, logit: 3 };
+  for (const [key, list] of cells) {
+    const r = Math.floor(key / P), p = key % P;
+    list.sort((a, b) => (kindOrder[g.nodes.kind[a]] - kindOrder[g.nodes.kind[b]]) || (g.nodes.influence[b] - g.nodes.influence[a]));
+    const lines = Math.ceil(list.length / perLine);
+    list.forEach((i, k) => {
+      const line = Math.floor(k / perLine), inLine = Math.min(perLine, list.length - line * perLine);
+      const slot = k - line * perLine;
+      // centre-out order: the most influential node in the middle of its line
+      const offset = slot % 2 === 0 ? slot / 2 : -(slot + 1) / 2;
+      const shift = inLine % 2 === 0 ? 0.5 : 0;
+      x[i] = colX[p] + (offset + shift) * GAP;
+      y[i] = (rows - 1 - r) * ROW_H + ROW_H / 2 + (line - (lines - 1) / 2) * SUB_ROW;
+    });
+  }
+  return { x, y, width: acc, height: rows * ROW_H, rows, colX, colW };
+}
