@@ -26,20 +26,29 @@ class World:
     folder: object
 
 
-@pytest.fixture(scope="module")
-def world(smollm2, server_auth, tmp_path_factory):
-    from tracer.explorer import GraphSource, InterventionService, ServerThread, create_app
-
+@pytest.fixture(scope="session")
+def explorer_engine(smollm2, tmp_path_factory):
+    """(replacement model, [(pruned, full)], feature book, folder): built once a session."""
     tmp = tmp_path_factory.mktemp("explorer")
     rm = build_replacement(smollm2)
     graphs = build_graphs(rm)
+    (tmp / "tc").mkdir()
+    book = build_feature_contexts(rm, tmp / "tc")
+    return rm, graphs, book, tmp
+
+
+@pytest.fixture(scope="module")
+def world(explorer_engine, server_auth):
+    """The graphs stored and served (per module: the graphs and their subgraphs are removed
+    afterwards, so the graph-store tests find the store as they left it)."""
+    from tracer.explorer import GraphSource, InterventionService, ServerThread, create_app
+
+    rm, graphs, book, tmp = explorer_engine
     store = GraphStore(**server_auth, archive_dir=tmp / "archive")
     ids = []
     for pruned, full in graphs:
         store.add(pruned, full)
         ids.append(graph_id(pruned))
-    (tmp / "tc").mkdir()
-    book = build_feature_contexts(rm, tmp / "tc")
     app = create_app(
         GraphSource(store),
         features=book,

@@ -86,8 +86,9 @@ def feature_edits(graph: Graph, edits: list) -> list:
                 )
             if int(graph.kind[i]) != FEATURE:
                 raise InterventionRequestError(
-                    f"node {nid!r} is a {NODE_KINDS[int(graph.kind[i])]} node: only feature "
-                    "nodes can be ablated, scaled or clamped"
+                    f"node {nid!r} is not a feature node (it is the "
+                    f"{NODE_KINDS[int(graph.kind[i])]} node {graph.node_label(i)}): only "
+                    "feature nodes can be ablated, scaled or clamped"
                 )
             out.append(
                 FeatureEdit(
