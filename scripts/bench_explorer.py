@@ -44,11 +44,15 @@ def summary(values):
             "n": len(values)} if values else None  # fmt: skip
 
 
+RESET = "window.__explorerStats.overlay.length = 0; window.__explorerStats.base.length = 0"
 FRAME_PROBE = """() => {
   window.__frames = [];
   let last = performance.now();
   window.__probe = true;
-  const tick = (t) => { window.__frames.push(t - last); last = t; if (window.__probe) requestAnimationFrame(tick); };
+  const tick = (t) => {
+    window.__frames.push(t - last); last = t;
+    if (window.__probe) requestAnimationFrame(tick);
+  };
   requestAnimationFrame(tick);
 }"""
 
@@ -68,7 +72,7 @@ def measure(page, url: str, gid: str, shot: Path | None) -> dict:
         return out; }"""
     )
     # hover sweep
-    page.evaluate("window.__explorerStats.overlay.length = 0; window.__explorerStats.base.length = 0")
+    page.evaluate(RESET)
     page.evaluate(FRAME_PROBE)
     for x, y in pts:
         page.mouse.move(x, y, steps=2)
@@ -77,7 +81,7 @@ def measure(page, url: str, gid: str, shot: Path | None) -> dict:
     hover_frames = page.evaluate("window.__frames.slice(1)")
     overlay_draw = page.evaluate("window.__explorerStats.overlay.slice()")
     # pan and zoom
-    page.evaluate("window.__explorerStats.overlay.length = 0; window.__explorerStats.base.length = 0")
+    page.evaluate(RESET)
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx, cy)
     page.evaluate(FRAME_PROBE)

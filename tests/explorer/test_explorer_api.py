@@ -24,7 +24,7 @@ from tracer.subgraph import Subgraph, SubgraphError, Supernode
 
 def call(url: str, body=None, method=None, headers=None):
     """(status, JSON) of one request to the explorer."""
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
