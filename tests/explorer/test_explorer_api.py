@@ -263,3 +263,20 @@ def test_serve_command_line_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert text in err and err.count("\n") == 1
+
+
+def test_demo_prints_the_explorer_command(tmp_path):
+    import argparse
+    import shlex
+
+    from tracer.cli import build_parser
+    from tracer.cli.demo_cmd import explore_command
+
+    demo = argparse.Namespace(no_store=False, store_uri=None, model="smollm2")
+    cmd = explore_command(demo, tmp_path / "clt", tmp_path / "demo")
+    assert cmd == f"circuit-atlas serve --store --transcoders {tmp_path / 'clt'}"
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert (args.store, args.transcoders, args.model) == ("", str(tmp_path / "clt"), None)
+    demo = argparse.Namespace(no_store=True, store_uri=None, model="/m")
+    args = build_parser().parse_args(shlex.split(explore_command(demo, tmp_path, tmp_path))[1:])
+    assert (args.store, args.graphs, args.model) == (None, str(tmp_path / "graphs"), "/m")

@@ -7,11 +7,13 @@ screenshots in test-artifacts/explorer/."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from playwright.sync_api import expect
 
 from tracer.graph import FEATURE
 from tracer.interventions import FeatureEdit, intervene
@@ -147,6 +149,13 @@ def test_tour(world, browser):
     doc = page.request.get(world.url + href).json()
     assert read_subgraph(doc, name="tour") == saved
     tab.shot("04-reloaded")
+    # ... and the qParams of a Neuronpedia JSON import back into the page
+    doc["qParams"].update(pinnedIds=[pins[2]], supernodes=[])
+    page.set_input_files("#import-file", files=[{
+        "name": "shared.json", "mimeType": "application/json", "buffer": json.dumps(doc).encode(),
+    }])  # fmt: skip
+    expect(page.locator("#pinned-list .pinned-item")).to_have_count(1)
+    assert page.locator("#supernode-list .supernode").count() == 0
 
     # a feature shared with the other graph: open it, follow its link
     shared = shared_feature(g, other)
@@ -253,7 +262,7 @@ def test_bad_input_in_the_page(world, browser):
     page.click("#tabs button[data-tab=cypher]")
     page.fill("#cypher-text", "CREATE (x:Intruder {name: 'x'}) RETURN x")
     page.click("#cypher-run")
-    page.wait_for_function("document.querySelector('#cypher-status').textContent === 'refused'")
+    expect(page.locator("#cypher-status")).to_have_text("refused")
     assert "read-only" in page.locator("#message.error").inner_text()
     assert world.store.cypher("MATCH (x:Intruder) RETURN count(x) AS c").rows == [[0]]
     tab.shot("08-bad-input")

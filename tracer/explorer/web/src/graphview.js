@@ -3,14 +3,16 @@
 // Zoom and pan by d3-zoom. Frame times are kept in window.__explorerStats for the benchmark.
 import { select } from "d3-selection";
 import { zoom, zoomIdentity } from "d3-zoom";
-import { layoutGraph, ROW_H } from "./layout.js";
+import { layoutGraph } from "./layout.js";
 
 const N_BUCKETS = 6;
+const FAST_EDGES = 8000; // above this many shown edges, gestures move a bitmap of the drawing
+const SETTLE_MS = 120;
 const POS = "47, 111, 179"; // positive weight
 const NEG = "196, 52, 38"; // negative weight
 const KIND_COLOR = { feature: "#5b6b7f", error: "#b9a37a", token: "#2e6f40", logit: "#7a3fa0" };
 
-const stats = (window.__explorerStats = window.__explorerStats || { base: [], overlay: [], firstRender: null, graph: null });
+const stats = (window.__explorerStats = window.__explorerStats || { base: [], overlay: [], moved: [], firstRender: null, graph: null });
 
 export class GraphView {
   constructor(base, overlay, tooltip, callbacks) {
@@ -27,8 +29,18 @@ export class GraphView {
     this.highlight = new Set();
     this.nodeThreshold = 1;
     this.edgeThreshold = 1;
-    this.pending = { base: false, overlay: false };
-    this.zoom = zoom().scaleExtent([0.05, 40]).on("zoom", (e) => { this.t = e.transform; this.request(true); });
+    this.pending = { base: false, overlay: false, fast: false };
+    // While a zoom or pan gesture runs on a large graph, frames show the last full drawing
+    // moved and scaled (one bitmap copy); the full redraw follows when the gesture pauses.
+    this.zoom = zoom().scaleExtent([0.05, 40]).on("zoom", (e) => {
+      this.t = e.transform;
+      if (this.counts && this.counts.edges > FAST_EDGES && this.snapshot) {
+        this.pending.fast = true;
+        clearTimeout(this.settle);
+        this.settle = setTimeout(() => this.request(true), SETTLE_MS);
+        this.request(false);
+      } else this.request(true);
+    });
     select(overlay).call(this.zoom).on("dblclick.zoom", null);
     overlay.addEventListener("mousemove", (e) => this.onMove(e));
     overlay.addEventListener("mouseleave", () => this.setHover(-1));
@@ -52,7 +64,8 @@ export class GraphView {
 
   setGraph(g, { nodeThreshold, edgeThreshold }) {
     this.g = g;
-    this.lay = layoutGraph(g);
+    const r = this.base.parentElement.getBoundingClientRect();
+    this.lay = layoutGraph(g, r.width > 0 ? (r.height - 30) / (r.width - 60) : 0.6);
     const n = g.nodes.id.length, m = g.edges.source.length;
     this.inEdges = Array.from({ length: n }, () => []);
     this.outEdges = Array.from({ length: n }, () => []);
@@ -128,14 +141,40 @@ export class GraphView {
     this.frame = requestAnimationFrame(() => {
       this.frame = null;
       if (this.pending.base) this.drawBase();
+      else if (this.pending.fast) this.drawMoved();
       if (this.pending.overlay) this.drawOverlay();
-      this.pending = { base: false, overlay: false };
+      this.pending = { base: false, overlay: false, fast: false };
     });
   }
 
   worldTransform(ctx) {
     const d = this.dpr || 1;
     ctx.setTransform(d * this.t.k, 0, 0, d * this.t.k, d * this.t.x, d * this.t.y);
+  }
+
+  // The last full drawing, moved and scaled to the current transform (during gestures).
+  drawMoved() {
+    const t0 = performance.now();
+    const ctx = this.base.getContext("2d"), d = this.dpr || 1, s0 = this.snapshotT;
+    const s = this.t.k / s0.k;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, this.base.width, this.base.height);
+    ctx.setTransform(s, 0, 0, s, d * (this.t.x - s0.x * s), d * (this.t.y - s0.y * s));
+    ctx.drawImage(this.snapshot, 0, 0);
+    stats.moved.push(performance.now() - t0);
+    if (stats.moved.length > 500) stats.moved.shift();
+  }
+
+  keepSnapshot() {
+    if (!this.snapshot || this.snapshot.width !== this.base.width || this.snapshot.height !== this.base.height) {
+      this.snapshot = document.createElement("canvas");
+      this.snapshot.width = this.base.width;
+      this.snapshot.height = this.base.height;
+    }
+    const c = this.snapshot.getContext("2d");
+    c.clearRect(0, 0, this.snapshot.width, this.snapshot.height);
+    c.drawImage(this.base, 0, 0);
+    this.snapshotT = { k: this.t.k, x: this.t.x, y: this.t.y };
   }
 
   drawBase() {
@@ -149,7 +188,7 @@ export class GraphView {
     this.worldTransform(ctx);
     // row bands
     ctx.fillStyle = "#f7f8fa";
-    for (let r = 0; r < this.lay.rows; r += 2) ctx.fillRect(-40, r * ROW_H, this.lay.width + 80, ROW_H);
+    for (let r = 0; r < this.lay.rows; r += 2) ctx.fillRect(-40, r * this.lay.rowH, this.lay.width + 80, this.lay.rowH);
     // edges, one path per (sign, strength) bucket
     for (let b = 0; b < 2 * N_BUCKETS; b++) {
       const list = this.buckets[b];
@@ -194,8 +233,9 @@ export class GraphView {
     ctx.fillStyle = "#6a7381";
     for (let r = 0; r < this.lay.rows; r++) {
       const name = r === 0 ? "emb" : r === this.lay.rows - 1 ? "logit" : `L${r - 1}`;
-      ctx.fillText(name, 4, this.t.y + ((this.lay.rows - 1 - r) * ROW_H + ROW_H / 2) * k + 4);
+      ctx.fillText(name, 4, this.t.y + ((this.lay.rows - 1 - r) * this.lay.rowH + this.lay.rowH / 2) * k + 4);
     }
+    if (this.counts && this.counts.edges > FAST_EDGES) this.keepSnapshot();
     const ms = performance.now() - t0;
     stats.base.push(ms);
     if (stats.base.length > 500) stats.base.shift();

@@ -2,7 +2,8 @@
 // token positions as columns; the nodes of one (layer, position) cell side by side, most
 // influential in the middle.
 
-export const ROW_H = 56;
+const MIN_ROW_H = 44;
+const MAX_ROW_H = 150;
 const GAP = 13; // world units between nodes of a cell
 const SUB_ROW = 11; // world units between wrapped lines of a crowded cell
 
@@ -12,7 +13,8 @@ export function rowOf(kind, layer, nLayers) {
   return layer + 1;
 }
 
-export function layoutGraph(g) {
+// aspect: the canvas's height / width; rows grow (within limits) so the graph fills it.
+export function layoutGraph(g, aspect = 0.6) {
   const n = g.nodes.id.length;
   const P = g.tokens.length;
   const rows = g.n_layers + 2;
@@ -33,6 +35,7 @@ export function layoutGraph(g) {
   const colX = [];
   let acc = 0;
   for (let p = 0; p < P; p++) { colX.push(acc + colW[p] / 2); acc += colW[p]; }
+  const rowH = Math.max(MIN_ROW_H, Math.min(MAX_ROW_H, (aspect * acc) / rows));
   const x = new Float32Array(n), y = new Float32Array(n);
   const kindOrder = { feature: 0, error: 1, token: 2, logit: 3 };
   for (const [key, list] of cells) {
@@ -46,8 +49,8 @@ export function layoutGraph(g) {
       const offset = slot % 2 === 0 ? slot / 2 : -(slot + 1) / 2;
       const shift = inLine % 2 === 0 ? 0.5 : 0;
       x[i] = colX[p] + (offset + shift) * GAP;
-      y[i] = (rows - 1 - r) * ROW_H + ROW_H / 2 + (line - (lines - 1) / 2) * SUB_ROW;
+      y[i] = (rows - 1 - r) * rowH + rowH / 2 + (line - (lines - 1) / 2) * SUB_ROW;
     });
   }
-  return { x, y, width: acc, height: rows * ROW_H, rows, colX, colW };
+  return { x, y, width: acc, height: rows * rowH, rows, rowH, colX, colW };
 }

@@ -33,6 +33,21 @@ export function setupSubgraph(app) {
     el("supernode-label").value = "";
     renderSubgraph(app);
   });
+  el("import-file").addEventListener("change", () => guarded(async () => {
+    const file = el("import-file").files[0];
+    if (!file) return;
+    let doc;
+    try {
+      doc = JSON.parse(await file.text());
+    } catch (err) {
+      throw new Error(`${file.name} is not JSON: ${err.message}`);
+    } finally {
+      el("import-file").value = "";
+    }
+    const sub = await api(`/api/graphs/${encodeURIComponent(app.graph.id)}/qparams`, { method: "POST", body: doc });
+    applySubgraph(app, sub);
+    showMessage(`imported ${sub.pinnedIds.length} pinned nodes and ${sub.supernodes.length} supernodes from ${file.name}`);
+  }));
   el("save-button").addEventListener("click", () => guarded(async () => {
     const name = el("subgraph-name").value.trim();
     const data = await api(`/api/graphs/${encodeURIComponent(app.graph.id)}/subgraphs`, { method: "POST", body: subgraphDoc(app, name) });
