@@ -16,6 +16,7 @@ from graphstore.errors import (
     StoreError,
     StoreUnavailableError,
     StoreWriteError,
+    SubgraphNotFoundError,
 )
 from graphstore.ingest import WriteResult, content_hash, graph_id, prompt_id
 from graphstore.queries import CANNED, CannedQuery
@@ -44,6 +45,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "StoreWriteError",
+    "SubgraphNotFoundError",
     "WriteResult",
     "content_hash",
     "default_home",

@@ -53,3 +53,10 @@ class QueryTimeoutError(StoreError):
 
 class ResultTooLargeError(StoreError):
     """A user query returned more rows than the row cap allows."""
+
+
+class SubgraphNotFoundError(StoreError, KeyError):
+    """No saved subgraph of that name for that graph."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

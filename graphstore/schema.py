@@ -19,6 +19,8 @@ Schema (every property name below is what queries use)::
     (:Node)-[:INSTANCE_OF]->(:Feature)                   feature nodes only
     (:Node)-[:EDGE {weight, k}]->(:Node)   source -> target, weight = A[target, source]
     (:Supernode), (:Swap), [:VIRTUAL] global weights: see graphstore.crossprompt
+    (:Subgraph {key, graph, name, doc_json, updated_ms})  a saved view of graph ``graph``
+                                         (pinned nodes, supernodes, labels; graphstore.subgraphs)
 
 ``Graph.complete`` is false while a graph is being written; every query reads only complete
 graphs. Neo4j 5 and ArcadeDB accept the same DDL below (checked against ArcadeDB 26.10); the
@@ -29,7 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node", "Supernode", "Swap")
+LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node", "Supernode", "Swap",
+          "Subgraph")  # fmt: skip
 RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE",
                  "HAS_SUPERNODE", "MEMBER", "VIRTUAL", "HAS_SWAP", "SWAP_FROM")  # fmt: skip
 
@@ -41,6 +44,8 @@ _COMMON = (
     "CREATE CONSTRAINT feature_key IF NOT EXISTS FOR (f:Feature) REQUIRE f.key IS UNIQUE",
     "CREATE CONSTRAINT prompt_id IF NOT EXISTS FOR (p:Prompt) REQUIRE p.id IS UNIQUE",
     "CREATE CONSTRAINT graph_id IF NOT EXISTS FOR (g:Graph) REQUIRE g.id IS UNIQUE",
+    "CREATE CONSTRAINT subgraph_key IF NOT EXISTS FOR (s:Subgraph) REQUIRE s.key IS UNIQUE",
+    "CREATE INDEX subgraph_graph IF NOT EXISTS FOR (s:Subgraph) ON (s.graph)",
     "CREATE INDEX node_graph IF NOT EXISTS FOR (n:Node) ON (n.graph)",
     "CREATE INDEX node_kind_feature IF NOT EXISTS FOR (n:Node) ON (n.kind, n.feature)",
     "CREATE INDEX graph_complete IF NOT EXISTS FOR (g:Graph) ON (g.complete)",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import neo4j
 
-from graphstore import crossprompt, export, ingest, migrate, queries, readonly
+from graphstore import crossprompt, export, ingest, migrate, queries, readonly, subgraphs
 from graphstore.archive import Archive
 from graphstore.bounded import QueryLimits, run_bounded
 from graphstore.errors import (
@@ -335,6 +335,24 @@ class GraphStore:
     def export_parquet(self, graph_id: str, path: str | Path) -> Path:
         """Write the stored (pruned) graph to a Parquet file."""
         return self.load(graph_id).save(path)
+
+    # --- saved subgraphs (the explorer's pinned nodes, supernodes, labels) ---------------------
+
+    def save_subgraph(self, graph_id: str, subgraph) -> None:
+        """Save a :class:`tracer.subgraph.Subgraph` with stored graph ``graph_id`` (replacing
+        one of the same name); a refused or failed save writes nothing (graphstore.subgraphs)."""
+        with self._session() as s:
+            subgraphs.save_subgraph(s, graph_id, subgraph)
+
+    def subgraphs(self, graph_id: str) -> list[dict]:
+        """Saved subgraphs of a graph: name, updated_ms, counts of pinned nodes and supernodes."""
+        with self._session() as s:
+            return subgraphs.list_subgraphs(s, graph_id)
+
+    def load_subgraph(self, graph_id: str, name: str):
+        """A saved :class:`tracer.subgraph.Subgraph` (SubgraphNotFoundError if none)."""
+        with self._session() as s:
+            return subgraphs.load_subgraph(s, graph_id, name)
 
     # --- queries -------------------------------------------------------------------------------
 

@@ -67,3 +67,31 @@ def gemma3(gemma3_full):
     from tracer.model import truncate_layers
 
     return truncate_layers(gemma3_full, 6)
+
+
+@pytest.fixture(scope="session")
+def arcadedb_server(tmp_path_factory):
+    """A real ArcadeDB server for the graph-store and explorer tests: started once per test
+    session on a free loopback port in a fresh temporary folder (a fresh database), stopped at
+    the end."""
+    from graphstore import LocalServer
+    from graphstore.server import free_port
+
+    home = tmp_path_factory.mktemp("graphstore") / "store"
+    server = LocalServer(home, bolt_port=free_port(), heap="1g")
+    info = server.start(timeout=180)
+    yield server, info
+    assert server.stop(), "the test server was not running at teardown"
+
+
+@pytest.fixture(scope="session")
+def server_auth(arcadedb_server):
+    from graphstore.server import ROOT_USER
+
+    server, info = arcadedb_server
+    return {
+        "uri": info.uri,
+        "user": ROOT_USER,
+        "password": server.password(),
+        "database": info.database,
+    }

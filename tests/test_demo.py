@@ -37,6 +37,28 @@ class _Refs(HTMLParser):
 
 
 @pytest.mark.slow
+def _explore(summary) -> None:
+    """The explorer command the demo prints serves the demo's graphs."""
+    import shlex
+    import urllib.request
+
+    from tracer.cli import build_parser
+    from tracer.cli.serve_cmd import build
+    from tracer.explorer import ServerThread
+
+    argv = shlex.split(summary["explore"])
+    assert argv[:3] == ["circuit-atlas", "serve", "--store"]
+    app, store = build(build_parser().parse_args(argv[1:]))
+    server = ServerThread(app).start()
+    try:
+        with urllib.request.urlopen(server.url + "/api/graphs", timeout=60) as r:
+            listed = json.loads(r.read())["graphs"]
+        assert sorted(g["prompt"] for g in listed) == sorted(g["prompt"] for g in summary["graphs"])
+    finally:
+        server.stop()
+        store.close()
+
+
 def test_demo_end_to_end(tmp_path, monkeypatch, smollm2_full):
     from graphstore import LocalServer
     from tracer.model import truncate_layers
@@ -79,6 +101,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, smollm2_full):
             assert set(g["validation"]) >= {"spearman", "sufficiency", "necessity"}
         assert summary["queries"], "the canned queries ran against the store"
         assert (out / "reports" / "index.html").exists()
+        _explore(summary)
         # A re-run reuses everything: the trained transcoder (same files, untouched, same
         # fingerprint) and both graphs (same files, not rewritten).
         tc_files = sorted(Path(summary["transcoder"]).glob("*.safetensors"))

@@ -34,6 +34,7 @@ import numpy as np
 from tracer.annotate import display_influence, visible, vocab_text
 from tracer.features import FeatureBook
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
+from tracer.subgraph import Subgraph
 
 SCHEMA_VERSION = 1
 
@@ -138,8 +139,13 @@ def to_neuronpedia(
     features: FeatureBook | None = None,
     decode: Callable[[int], str] | None = None,
     node_threshold: float | None = None,
+    subgraph: Subgraph | None = None,
 ) -> dict:
     """The graph as a Neuronpedia graph document (a JSON-ready dict).
+
+    ``subgraph`` (pinned nodes, supernodes, labels; checked against the graph's node ids) goes
+    into ``qParams`` (``pinnedIds``, ``supernodes``, and the labels as an extra ``clerps``
+    field), so the viewer opens with it and :func:`read_subgraph` reads it back.
 
     ``scan`` names the model on Neuronpedia (default: the graph's model name); ``slug`` the
     graph (default: derived from the prompt). ``node_threshold`` is the viewer's default pruning
@@ -226,9 +232,22 @@ def to_neuronpedia(
         }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
                "sg_pos": ""}  # fmt: skip
+    if subgraph is not None:
+        qparams.update(subgraph.check(ids).to_qparams())
     doc = {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
     check_document(doc)
     return doc
+
+
+def read_subgraph(doc: Mapping, name: str | None = None) -> Subgraph:
+    """The subgraph (pinned nodes, supernodes, labels) a Neuronpedia document keeps in its
+    ``qParams``; its ids are checked against the document's nodes. ``name`` defaults to the
+    document's slug."""
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("qParams"), Mapping):
+        raise NeuronpediaFormatError("the document has no 'qParams' object")
+    name = name or str((doc.get("metadata") or {}).get("slug") or "imported")
+    sub = Subgraph.from_qparams(doc["qParams"], name=name)
+    return sub.check(n.get("node_id") for n in doc.get("nodes", []) if isinstance(n, Mapping))
 
 
 def write_neuronpedia(graph: Graph, path: str | Path, **kwargs) -> Path:

@@ -10,7 +10,7 @@ unsteered baseline beside the steered one) run in lockstep as one batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,7 @@ def generate_batch(
     seed: int = 0,
     stop_at_eos: bool = True,
     progress: bool = False,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Continue ``prompt`` once per intervention list in ``batch`` (lockstep, one batch).
 
@@ -59,7 +60,8 @@ def generate_batch(
     seed gives the same draws to every sequence, so a steered and a baseline continuation
     differ only by the intervention). A sequence stops at the end-of-sequence token when
     ``stop_at_eos``; generation also stops at the model's context length. The forward passes
-    run on the model's device in its dtype (see :attr:`ReplacementModel.setting`).
+    run on the model's device in its dtype (see :attr:`ReplacementModel.setting`). ``on_token(step,
+    steps)`` is called after each generated token (e.g. for a progress display).
     """
     model = rm.model
     tokens = model.tokenize(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).long()
@@ -84,7 +86,7 @@ def generate_batch(
     done = torch.zeros(B, dtype=torch.bool)
     n_new = torch.zeros(B, dtype=torch.long)
     steps = min(max_new_tokens, model.facts.max_positions - P0)
-    for _ in tqdm(range(steps), desc="generating", unit="tok", disable=not progress):
+    for step in tqdm(range(steps), desc="generating", unit="tok", disable=not progress):
         # Sampling happens on the CPU in float32, so a seed gives the same draws on any device.
         last = intervene_batch(rm, seqs, batch, "live", record_sites=()).logits[:, -1]
         last = last.float().cpu()
@@ -105,6 +107,8 @@ def generate_batch(
         n_new += (~done).long()
         if stop_at_eos and eos is not None:
             done |= nxt == eos
+        if on_token is not None:
+            on_token(step + 1, steps)
         if bool(done.all()):
             break
     out = []

@@ -1,13 +1,12 @@
-"""A real ArcadeDB server for the graph-store tests: started once per test session on a free
-loopback port in a fresh temporary folder (so a fresh database), stopped at the end."""
+"""Graph-store test helpers: a store on the session's ArcadeDB server (tests/conftest.py starts
+it once per test session on a free loopback port in a fresh temporary folder), small graphs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from graphstore import GraphStore, LocalServer
-from graphstore.server import ROOT_USER, free_port
+from graphstore import GraphStore
 from graphstore.synthetic import SyntheticConfig, synthetic_graph
 
 # Small graphs with a small shared vocabulary: features recur across prompts, tests stay fast.
@@ -23,26 +22,6 @@ SMALL = SyntheticConfig(
     transcoder_name="clt-test@00000000c1700001",
     model_name="model-test",
 )
-
-
-@pytest.fixture(scope="session")
-def arcadedb_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("graphstore") / "store"
-    server = LocalServer(home, bolt_port=free_port(), heap="1g")
-    info = server.start(timeout=180)
-    yield server, info
-    assert server.stop(), "the test server was not running at teardown"
-
-
-@pytest.fixture(scope="session")
-def server_auth(arcadedb_server):
-    server, info = arcadedb_server
-    return {
-        "uri": info.uri,
-        "user": ROOT_USER,
-        "password": server.password(),
-        "database": info.database,
-    }
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "tracer.cli.store_cmd",
     "tracer.cli.validate_cmd",
     "tracer.cli.demo_cmd",
+    "tracer.cli.serve_cmd",
 ]
 
 

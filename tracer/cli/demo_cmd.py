@@ -224,6 +224,7 @@ def _demo(args) -> int:
             for (p, _, pp, fp), r in zip(results, reports, strict=True)
         ],
         "queries": {k: len(v["rows"]) for k, v in tables.items()},
+        "explore": explore_command(args, clt_path, out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(_summary_text(summary))
@@ -250,7 +251,19 @@ def _summary_text(s: dict) -> str:
     for title, n in s["queries"].items():
         lines.append(f"query: {title}: {n} rows")
     lines.append(f"index: {s['index']}")
+    lines.append(f"explore: {s['explore']}  (then open http://127.0.0.1:8765/ in a browser)")
     return "\n".join(lines)
+
+
+def explore_command(args, clt_path: Path, out: Path) -> str:
+    """The command that opens the demo's graphs in the explorer (circuit-atlas serve)."""
+    where = (
+        f"--graphs {out / 'graphs'}"
+        if args.no_store
+        else ("--store" + (f" {args.store_uri}" if args.store_uri else ""))
+    )
+    model = "" if args.model == "smollm2" else f" --model {args.model}"
+    return f"circuit-atlas serve {where} --transcoders {clt_path}{model}"
 
 
 def _f(x) -> str:

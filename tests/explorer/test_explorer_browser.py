@@ -1,0 +1,274 @@
+"""The explorer end to end in headless Chromium (Debian's, driven by Playwright): a stored
+graph opened, hovered and clicked; three nodes pinned, two grouped into a supernode, saved and
+still there after a reload; a feature opened and its link followed to the other graph; an
+ablation whose logit table matches tracer.interventions for the same edit; a Cypher query
+whose nodes are highlighted. No console errors, every request to the local server, and
+screenshots in test-artifacts/explorer/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from playwright.sync_api import expect
+
+from tracer.graph import FEATURE
+from tracer.interventions import FeatureEdit, intervene
+from tracer.neuronpedia import np_node_id, read_subgraph
+from tracer.steer import generate_batch
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "explorer"
+
+
+class Tab:
+    """A page that records console errors, page errors and every request URL."""
+
+    def __init__(self, browser, base_url: str):
+        self.context = browser.new_context(viewport={"width": 1500, "height": 900})
+        self.page = self.context.new_page()
+        self.base = base_url
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+
+    def open(self, query: str = ""):
+        self.page.goto(self.base + "/" + query)
+        self.page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+
+    def js(self, expr: str, arg=None):
+        return self.page.evaluate(expr, arg)
+
+    def node_xy(self, node_id: str) -> tuple[float, float]:
+        return tuple(
+            self.js(
+                "(id) => window.__explorer.view.screenPos(window.__explorer.index.get(id))", node_id
+            )  # fmt: skip
+        )
+
+    def click_node(self, node_id: str):
+        self.page.mouse.click(*self.node_xy(node_id))
+
+    def shot(self, name: str):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    def close(self):
+        self.context.close()
+
+
+def top_features(graph, k: int) -> list[int]:
+    """Indices of the k most influential feature nodes, spread over positions if possible."""
+    from tracer.annotate import display_influence
+
+    infl = display_influence(graph)
+    feats = np.flatnonzero(graph.kind == FEATURE)
+    return [int(i) for i in feats[np.argsort(-infl[feats], kind="stable")][:k]]
+
+
+def shared_feature(a, b) -> int:
+    """A feature node of graph a whose (layer, index) is also a node of graph b."""
+    in_b = set(zip(b.layer[b.kind == FEATURE].tolist(), b.feature[b.kind == FEATURE].tolist(),
+                   strict=True))  # fmt: skip
+    for i in np.flatnonzero(a.kind == FEATURE):
+        if (int(a.layer[i]), int(a.feature[i])) in in_b:
+            return int(i)
+    raise AssertionError("the two test graphs share no feature")
+
+
+def test_tour(world, browser):
+    g, _ = world.graphs[0]
+    other, _ = world.graphs[1]
+    gid, other_id = world.ids
+    tab = Tab(browser, world.url)
+    page = tab.page
+    tab.open(f"?graph={gid}")
+    assert page.locator("#graph-title").inner_text() == g.prompt
+    assert page.locator(".graph-item").count() == 2
+    tab.shot("01-graph")
+
+    # hover: the tooltip names the node and its strongest input with its weight
+    node = top_features(g, 1)[0]
+    nid = np_node_id(g, node)
+    page.mouse.move(*tab.node_xy(nid))
+    tip = page.locator("#tooltip")
+    tip.wait_for(state="visible")
+    ins = np.flatnonzero(g.target == node)
+    strongest = ins[np.argmax(np.abs(g.weight[ins]))]
+    assert f"{g.weight[strongest]:.3f}" in tip.inner_text()
+    assert f"inputs ({len(ins)})" in tip.inner_text()
+    assert tab.js("window.__explorer.view.hover") == node
+    tab.shot("02-hover")
+
+    # click: the node tab lists its inputs and outputs with weights
+    tab.click_node(nid)
+    page.wait_for_selector("#node-title")
+    assert page.locator("#tab-node").get_by_text(f"inputs ({len(ins)})").count() == 1
+    outs = np.flatnonzero(g.source == node)
+    assert page.locator("#tab-node").get_by_text(f"outputs ({len(outs)})").count() == 1
+
+    # pin three nodes (click each in the graph, then "pin")
+    pins = [np_node_id(g, i) for i in top_features(g, 3)]
+    for p in pins:
+        tab.click_node(p)
+        page.wait_for_selector("#pin-button")
+        page.click("#pin-button")
+    page.click("#tabs button[data-tab=subgraph]")
+    assert page.locator("#pinned-list .pinned-item").count() == 3
+    # group two into a supernode, label the third
+    page.check(f"#pinned-list input.pick[data-id='{pins[0]}']")
+    page.check(f"#pinned-list input.pick[data-id='{pins[1]}']")
+    page.fill("#supernode-label", "top pair")
+    page.click("#group-button")
+    assert page.locator("#supernode-list .supernode").count() == 1
+    page.fill(f"#pinned-list input.label[data-id='{pins[2]}']", "third one")
+    page.dispatch_event(f"#pinned-list input.label[data-id='{pins[2]}']", "change")
+    page.fill("#subgraph-name", "tour")
+    page.click("#save-button")
+    page.wait_for_selector("#message.info")
+    tab.shot("03-subgraph")
+    saved = world.store.load_subgraph(gid, "tour")
+    assert saved.pinned == pins
+    assert [(s.label, s.members) for s in saved.supernodes] == [("top pair", pins[:2])]
+    assert saved.labels == {pins[2]: "third one"}
+
+    # reload: the subgraph is still there
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    assert "subgraph=tour" in page.url
+    page.click("#tabs button[data-tab=subgraph]")
+    assert page.locator("#pinned-list .pinned-item").count() == 3
+    assert page.locator("#supernode-list input.sn-label").input_value() == "top pair"
+    # ... and the Neuronpedia export the page links to carries it in qParams
+    href = page.locator("#export-link").get_attribute("href")
+    doc = page.request.get(world.url + href).json()
+    assert read_subgraph(doc, name="tour") == saved
+    tab.shot("04-reloaded")
+    # ... and the qParams of a Neuronpedia JSON import back into the page
+    doc["qParams"].update(pinnedIds=[pins[2]], supernodes=[])
+    page.set_input_files("#import-file", files=[{
+        "name": "shared.json", "mimeType": "application/json", "buffer": json.dumps(doc).encode(),
+    }])  # fmt: skip
+    expect(page.locator("#pinned-list .pinned-item")).to_have_count(1)
+    assert page.locator("#supernode-list .supernode").count() == 0
+
+    # a feature shared with the other graph: open it, follow its link
+    shared = shared_feature(g, other)
+    tab.click_node(np_node_id(g, shared))
+    page.click("#feature-button")
+    page.wait_for_selector("#feature-title")
+    info = world.features.get(int(g.layer[shared]), int(g.feature[shared]))
+    panel = page.locator("#tab-feature")
+    assert panel.locator(".ctx").count() == len(info.top_contexts) > 0
+    assert panel.locator("#feature-histogram rect").count() == len(info.histogram_counts)
+    assert panel.locator(".tokens").first.locator("span").count() == len(info.promoted_tokens)
+    assert panel.locator(".tokens").nth(1).locator("span").count() == len(info.suppressed_tokens)
+    link = panel.locator("a.feature-graph-link")
+    assert link.count() == 1
+    tab.shot("05-feature")
+    link.click()
+    page.wait_for_selector(f"body[data-graph='{other_id}']")
+    assert page.locator("#graph-title").inner_text() == other.prompt
+    sel = tab.js("window.__explorer.view.selected")
+    assert (int(other.layer[sel]), int(other.feature[sel])) == (
+        int(g.layer[shared]), int(g.feature[shared]))  # fmt: skip
+
+    # ablate the supernode: the logit table equals tracer.interventions for the same edit
+    tab.open(f"?graph={gid}&subgraph=tour")
+    page.click("#tabs button[data-tab=intervene]")
+    page.select_option("#iv-target", "s:0")
+    page.select_option("#iv-op", "ablate")
+    page.select_option("#iv-mode", "constrained")
+    page.click("#iv-run")
+    page.wait_for_selector("#logit-table", timeout=60_000)
+    tab.shot("06-intervention")
+    rows = page.locator("#logit-table tr[data-token]")
+    shown = {
+        int(rows.nth(k).get_attribute("data-token")): (
+            float(rows.nth(k).locator(".logit-before").inner_text()),
+            float(rows.nth(k).locator(".logit-after").inner_text()),
+        )
+        for k in range(rows.count())
+    }
+    rm = world.rm
+    state = rm.record(torch.tensor(g.tokens))
+    edits = [FeatureEdit(int(g.layer[i]), int(g.feature[i]), int(g.position[i]), "ablate")
+             for i in (g_index(g, pins[0]), g_index(g, pins[1]))]  # fmt: skip
+    after = intervene(rm, state, edits, "constrained").logits[-1]
+    before = state.logits[-1]
+    assert len(shown) >= 10
+    for tok, (b, a) in shown.items():
+        assert b == pytest.approx(float(before[tok]), abs=2e-4)
+        assert a == pytest.approx(float(after[tok]), abs=2e-4)
+    assert any(abs(a - b) > 1e-3 for b, a in shown.values()), "the ablation changed nothing"
+    base, steered = generate_batch(rm, state.tokens, [[], edits], max_new_tokens=6)
+    assert page.locator("#cont-original").text_content() == base.text
+    assert page.locator("#cont-steered").text_content() == steered.text
+
+    # a Cypher query: its nodes of this graph are highlighted
+    page.click("#tabs button[data-tab=cypher]")
+    page.fill(
+        "#cypher-text",
+        f"MATCH (n:Node {{graph: '{gid}'}}) WHERE n.kind = 'feature' "
+        "RETURN n ORDER BY n.activation DESC LIMIT 3",
+    )
+    page.click("#cypher-run")
+    page.wait_for_selector("#cypher-table")
+    assert page.locator("#cypher-table tr").count() == 4
+    feats = np.flatnonzero(g.kind == FEATURE)
+    top3 = {np_node_id(g, int(i)) for i in feats[np.argsort(-g.activation[feats])][:3]}
+    lit = tab.js("[...__explorer.view.highlight].map(i => __explorer.graph.nodes.id[i])")
+    assert set(lit) == top3
+    tab.shot("07-cypher")
+
+    assert tab.errors == []
+    outside = [u for u in tab.requests if not u.startswith(world.url + "/")]
+    assert outside == [] and len(tab.requests) > 10
+    tab.close()
+
+
+def g_index(g, node_id: str) -> int:
+    return next(i for i in range(g.n_nodes) if np_node_id(g, i) == node_id)
+
+
+def test_bad_input_in_the_page(world, browser):
+    gid = world.ids[0]
+    tab = Tab(browser, world.url)
+    page = tab.page
+    # an unknown graph id: a message, and the list still loads
+    tab.open("?graph=gdoesnotexist")
+    msg = page.locator("#message.error")
+    assert "no graph with id 'gdoesnotexist'" in msg.inner_text()
+    assert page.locator(".graph-item").count() == 2
+    # a malformed subgraph save (a name with a slash)
+    tab.open(f"?graph={gid}")
+    page.click("#tabs button[data-tab=subgraph]")
+    page.fill("#subgraph-name", "bad/name")
+    page.click("#save-button")
+    assert "is not allowed" in page.locator("#message.error").inner_text()
+    assert world.store.subgraphs(gid) == [] or all(
+        s["name"] != "bad/name" for s in world.store.subgraphs(gid)
+    )
+    # an intervention on a node that does not exist
+    tab.js("window.__explorer.runIntervention(['9_9_99'], 'ablate', 0, 'constrained')")
+    page.wait_for_selector("#message.error")
+    assert "node '9_9_99' is not a node" in page.locator("#message.error").inner_text()
+    # a write in the console: refused, nothing written
+    page.click("#tabs button[data-tab=cypher]")
+    page.fill("#cypher-text", "CREATE (x:Intruder {name: 'x'}) RETURN x")
+    page.click("#cypher-run")
+    expect(page.locator("#cypher-status")).to_have_text("refused")
+    assert "read-only" in page.locator("#message.error").inner_text()
+    assert world.store.cypher("MATCH (x:Intruder) RETURN count(x) AS c").rows == [[0]]
+    tab.shot("08-bad-input")
+    # the server keeps serving: the graph opens and draws
+    tab.open(f"?graph={gid}")
+    assert page.locator("#graph-title").inner_text() == world.graphs[0][0].prompt
+    # the only console errors are the browser's notes on the refused requests (4xx)
+    assert all("Failed to load resource" in e for e in tab.errors), tab.errors
+    tab.close()

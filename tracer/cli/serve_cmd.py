@@ -1,0 +1,88 @@
+"""``circuit-atlas serve``: the explorer, a local web app over the store and graph files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="the interactive circuit explorer (a local web app)")
+    p.add_argument(
+        "--store", nargs="?", const="", default=None, metavar="URI",
+        help="read graphs from the graph store: the embedded local one, or a bolt:// URI "
+        "(default: the local store when no --graphs folder is given)",
+    )  # fmt: skip
+    p.add_argument("--graphs", help="a folder of Parquet graphs (as `circuit-atlas trace` writes)")
+    p.add_argument("--transcoders", help="the transcoder: feature contexts and interventions")
+    p.add_argument("--model", default=None, help="model for interventions (with --transcoders)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--token", default=None,
+                   help="access token requests must carry (default: none on loopback, a random "
+                        "one elsewhere)")  # fmt: skip
+    p.set_defaults(func=_serve)
+
+
+def build(args):
+    """(app, store or None) from the parsed arguments; nothing is loaded that is not asked for
+    (the model loads on the first intervention)."""
+    from tracer.explorer import ExplorerConfig, GraphSource, InterventionService, create_app
+    from tracer.explorer.app import check_built
+
+    check_built()
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a port number (1-65535)")
+    if args.graphs and not Path(args.graphs).is_dir():
+        raise FileNotFoundError(
+            f"--graphs {args.graphs} is not a folder: give the folder `circuit-atlas trace --out` "
+            "wrote (default runs/graphs)"
+        )
+    if args.model and not args.transcoders:
+        raise ValueError("--model needs --transcoders (the transcoder of the graphs' features)")
+    store = None
+    if args.store is not None or not args.graphs:
+        from tracer.cli.trace_cmd import open_store
+
+        store = open_store(args.store or None)
+    features = None
+    loader = None
+    if args.transcoders:
+        from tracer.features import CONTEXTS_FILE, FeatureBook
+
+        tpath = Path(args.transcoders)
+        if not tpath.exists():
+            raise FileNotFoundError(f"--transcoders {tpath} does not exist")
+        if (tpath / CONTEXTS_FILE).exists():
+            features = FeatureBook.load(tpath)
+        model = args.model or "smollm2"
+
+        def loader():
+            from tracer.cli.trace_cmd import load_replacement
+
+            return load_replacement(model, str(tpath))
+
+    source = GraphSource(store=store, folder=args.graphs)
+    decode = None
+    app = create_app(
+        source,
+        features=features,
+        interventions=InterventionService(loader=loader),
+        config=ExplorerConfig(token=args.token),
+        decode=decode,
+    )
+    return app, store
+
+
+def _serve(args) -> int:
+    from tracer.explorer.server import access_token, serve, url
+
+    args.token = access_token(args.host, args.token)
+    app, store = build(args)
+    print(f"circuit-atlas explorer: {url(args.host, args.port, args.token)}", file=sys.stderr)
+    try:
+        serve(app, args.host, args.port)
+    finally:
+        if store is not None:
+            store.close()
+    return 0

@@ -1,0 +1,93 @@
+"""A graph as the JSON the explorer's page draws: column arrays of nodes and edges.
+
+Node ids are Neuronpedia node ids (:func:`tracer.neuronpedia.np_node_id`), the ids saved
+subgraphs use. Each node carries its display influence and the cumulative influence share the
+node-threshold slider compares against (as the Neuronpedia export); each edge carries the
+cumulative share of |weight| (edges sorted by |weight|, largest first) the edge slider compares
+against, so the page re-prunes without asking the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from tracer.annotate import display_influence, node_heading, node_text, visible, vocab_text
+from tracer.features import FeatureBook
+from tracer.graph import LOGIT, NODE_KINDS, Graph
+from tracer.neuronpedia import cumulative_influence, np_node_id
+
+
+def edge_cumulative(weight: np.ndarray) -> np.ndarray:
+    """[n_edges] running share of total |weight| with edges sorted by |weight|, largest first
+    (the strongest edge has the smallest value); zeros when every weight is zero."""
+    a = np.abs(np.asarray(weight, dtype=np.float64))
+    total = float(a.sum())
+    out = np.zeros(len(a))
+    if total <= 0:
+        return out
+    order = np.argsort(-a, kind="stable")
+    out[order] = np.cumsum(a[order]) / total
+    return out
+
+
+def _round(values, digits: int = 6) -> list:
+    return [float(x) for x in np.round(np.asarray(values, dtype=np.float64), digits)]
+
+
+def graph_payload(
+    graph: Graph,
+    graph_id: str,
+    source: str,
+    features: FeatureBook | None = None,
+    decode: Callable[[int], str] | None = None,
+) -> dict:
+    """The JSON document of one graph for the page (see the module doc)."""
+    n = graph.n_nodes
+    infl = display_influence(graph)
+    cum = np.nan_to_num(cumulative_influence(graph), nan=0.0)
+    logits = np.flatnonzero(graph.kind == LOGIT)
+    logit_table = [
+        {
+            "node": np_node_id(graph, int(i)),
+            "token": int(graph.feature[i]),
+            "text": visible(vocab_text(graph, int(graph.feature[i]), decode)),
+            "probability": float(graph.probability[i]),
+            "logit": float(graph.activation[i]),
+        }
+        for i in logits[np.argsort(-graph.probability[logits], kind="stable")]
+    ]
+    validation = graph.extra.get("validation")
+    return {
+        "id": graph_id,
+        "source": source,
+        "prompt": graph.prompt,
+        "model": graph.model_name,
+        "transcoder": graph.transcoder_name,
+        "n_layers": int(graph.n_layers),
+        "tokens": [visible(t) for t in graph.token_strings],
+        "token_ids": [int(t) for t in graph.tokens],
+        "params": graph.params,
+        "scores": graph.scores,
+        "validation": validation if isinstance(validation, dict) else None,
+        "logits": logit_table,
+        "nodes": {
+            "id": [np_node_id(graph, i) for i in range(n)],
+            "kind": [NODE_KINDS[k] for k in graph.kind.tolist()],
+            "layer": graph.layer.tolist(),
+            "position": graph.position.tolist(),
+            "feature": graph.feature.tolist(),
+            "activation": _round(graph.activation),
+            "influence": _round(infl),
+            "cum": _round(cum),
+            "text": [node_text(graph, i, features, decode) for i in range(n)],
+            "heading": [node_heading(graph, i) for i in range(n)],
+        },
+        "edges": {
+            "source": graph.source.tolist(),
+            "target": graph.target.tolist(),
+            "weight": _round(graph.weight),
+            "cum": _round(edge_cumulative(graph.weight)),
+        },
+    }

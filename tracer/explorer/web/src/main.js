@@ -1,0 +1,154 @@
+// The explorer's page: wires the graph view, the graph list and the side panels together.
+// State lives in the URL (?graph=ID&full=1&subgraph=NAME&node=NODE_ID), so a reload or a
+// shared link opens the same view.
+import { api, guarded } from "./api.js";
+import { setupConsole } from "./console.js";
+import { showFeature } from "./feature.js";
+import { GraphView } from "./graphview.js";
+import { refreshTargets, runIntervention, setupIntervene } from "./intervene.js";
+import { setupList } from "./list.js";
+import { showNode, tooltipHtml } from "./nodepanel.js";
+import { applySubgraph, refreshSaved, renderSubgraph, setupSubgraph } from "./subgraph.js";
+import { clearMessage, el, esc, fmt } from "./util.js";
+
+const app = {
+  graph: null,
+  index: new Map(),
+  pinned: [],
+  supernodes: [],
+  labels: {},
+  savedName: null,
+};
+
+app.view = new GraphView(el("base"), el("overlay"), el("tooltip"), {
+  onHover(i) {
+    const tip = el("tooltip");
+    if (i < 0 || !app.graph) { tip.hidden = true; return; }
+    tip.innerHTML = tooltipHtml(app, i);
+    tip.hidden = false;
+  },
+  onClick(i) { app.selectNode(i); },
+});
+
+app.showTab = (name) => {
+  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
+  for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.id === `tab-${name}`);
+};
+for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => app.showTab(b.dataset.tab));
+
+app.setUrl = (changes) => {
+  const url = new URL(window.location.href);
+  for (const [k, v] of Object.entries(changes)) {
+    if (v === null || v === undefined || v === false) url.searchParams.delete(k);
+    else url.searchParams.set(k, v === true ? "1" : v);
+  }
+  if ("subgraph" in changes) app.savedName = changes.subgraph || null;
+  history.replaceState(null, "", url);
+  if (app.graph) renderSubgraph(app);
+};
+
+app.selectNode = (i) => {
+  app.view.selected = i;
+  app.view.request(false);
+  showNode(app, i);
+  app.showTab("node");
+};
+
+app.togglePin = (id) => {
+  if (app.pinned.includes(id)) {
+    app.pinned = app.pinned.filter((p) => p !== id);
+    for (const s of app.supernodes) s.members = s.members.filter((m) => m !== id);
+    app.supernodes = app.supernodes.filter((s) => s.members.length);
+  } else app.pinned.push(id);
+  renderSubgraph(app);
+};
+
+app.openFeature = (i) => guarded(() => showFeature(app, i));
+app.refreshTargets = () => refreshTargets(app);
+app.runIntervention = (nodes, op, value, mode) => guarded(() => runIntervention(app, nodes, op, value, mode));
+
+app.setHighlight = (ids) => {
+  app.view.highlight = new Set(ids.map((id) => app.index.get(id)).filter((i) => i !== undefined));
+  app.view.request(false);
+};
+
+function thresholds(full) {
+  // A stored circuit is pruned already: show all of it; a full graph starts at the pruning
+  // defaults (0.8 of the influence, 0.98 of the edge weight).
+  const nt = full ? 0.8 : 1, et = full ? 0.98 : 1;
+  el("node-threshold").value = nt;
+  el("edge-threshold").value = et;
+  return { nodeThreshold: nt, edgeThreshold: et };
+}
+
+function updateCounts() {
+  const c = app.view.counts;
+  el("counts").textContent = c ? `${c.nodes} nodes · ${c.edges} edges shown` : "";
+  el("node-threshold-value").textContent = Number(el("node-threshold").value).toFixed(2);
+  el("edge-threshold-value").textContent = Number(el("edge-threshold").value).toFixed(2);
+}
+
+for (const id of ["node-threshold", "edge-threshold"]) {
+  el(id).addEventListener("input", () => {
+    app.view.setThresholds(Number(el("node-threshold").value), Number(el("edge-threshold").value));
+    updateCounts();
+  });
+}
+el("reset-view").addEventListener("click", () => app.view.fit());
+el("full-graph").addEventListener("change", () => app.graph && app.openGraph(app.graph.id, { full: el("full-graph").checked }));
+
+app.openGraph = async (id, { full = false, subgraph = null, node = null } = {}) => {
+  const g = await api(`/api/graphs/${encodeURIComponent(id)}${full ? "?full=1" : ""}`);
+  app.graph = g;
+  app.index = new Map(g.nodes.id.map((nid, i) => [nid, i]));
+  app.pinned = []; app.supernodes = []; app.labels = {};
+  el("full-graph").checked = full;
+  el("empty").hidden = true;
+  el("graph-title").textContent = g.prompt;
+  app.view.setGraph(g, thresholds(full));
+  updateCounts();
+  const sc = g.scores || {}, v = g.validation || {};
+  el("scores").innerHTML = `<b>${esc(g.model)}</b> · ${esc(g.transcoder)} · replacement ${fmt(sc.replacement)} · completeness ${fmt(sc.completeness)}${sc.convention ? ` (${esc(sc.convention)} convention)` : ""}${v.spearman !== undefined ? ` · validation: spearman ${fmt(v.spearman)}, sign agreement ${fmt(v.sign_agreement)}, sufficiency ${fmt(v.sufficiency)}, necessity ${fmt(v.necessity)}` : ""} · top logits: ${g.logits.slice(0, 3).map((l) => `${esc(l.text)} ${fmt(l.probability, 2)}`).join(", ")}`;
+  for (const item of document.querySelectorAll(".graph-item")) item.classList.toggle("active", item.dataset.id === id);
+  app.setUrl({ graph: id, full, subgraph, node });
+  await refreshSaved(app);
+  if (subgraph) {
+    const doc = await api(`/api/graphs/${encodeURIComponent(id)}/subgraphs/${encodeURIComponent(subgraph)}`);
+    applySubgraph(app, doc);
+    app.savedName = doc.name;
+  }
+  renderSubgraph(app);
+  if (node !== null && app.index.has(node)) {
+    app.selectNode(app.index.get(node));
+    if (g.nodes.kind[app.index.get(node)] === "feature") await showFeature(app, app.index.get(node));
+  }
+  clearMessage();
+  document.body.dataset.graph = id;
+};
+
+// shift-click pins
+el("overlay").addEventListener("click", (e) => {
+  if (!e.shiftKey || !app.graph) return;
+  const i = app.view.pick(e);
+  if (i >= 0) app.togglePin(app.graph.nodes.id[i]);
+});
+
+async function start() {
+  const refreshList = setupList(app);
+  setupSubgraph(app);
+  setupIntervene(app);
+  setupConsole(app);
+  await guarded(async () => {
+    app.info = await api("/api/info");
+    el("tab-cypher").dataset.enabled = app.info.store ? "1" : "0";
+  });
+  await refreshList();
+  const p = new URLSearchParams(window.location.search);
+  if (p.get("graph")) {
+    await guarded(() => app.openGraph(p.get("graph"), { full: p.get("full") === "1", subgraph: p.get("subgraph"), node: p.get("node") }));
+  }
+  document.body.dataset.ready = "1";
+}
+
+window.__explorer = app; // for the browser tests and the benchmark
+start();
