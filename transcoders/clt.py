@@ -56,7 +56,7 @@ class TranscoderConfig:
     # from model, kind and width. ``fingerprint`` is written at save time for reference (the
     # loaders recompute it from the weights; the weights are the truth).
     name: str | None = None
-    fingerprint: str | None = None
+    fingerprint: str | None = field(default=None, compare=False)  # a record, not config
     # How inputs/outputs were normalised during training (folded into the weights at export).
     normalization: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
@@ -113,7 +113,8 @@ class CrossLayerTranscoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(L, d, d, **kw)) if cfg.skip else None
         self._lazy_dec: list[Callable[[], torch.Tensor] | None] = [None] * L
         self._lazy_rows: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * L
-        self._identity = None  # set by the loaders (see the ``identity`` property)
+        self._identity = None  # see the ``identity`` property
+        self.keep_identity = False  # loaders set it: compute the identity once, then keep it
         if init:
             self.reset_parameters()
 
@@ -131,11 +132,17 @@ class CrossLayerTranscoder(nn.Module):
     @property
     def identity(self):
         """The :class:`~transcoders.identity.TranscoderIdentity` (readable name + content
-        fingerprint). Loaders fix it when they read the files (before any device/dtype cast);
+        fingerprint). A loaded transcoder computes it on first access and keeps it (its weights
+        are frozen; values are hashed at bfloat16 precision, so the load dtype does not matter);
         a transcoder built in memory computes it from its current weights on each access."""
         from transcoders.identity import identity_of
 
-        return self._identity if self._identity is not None else identity_of(self)
+        if self._identity is not None:
+            return self._identity
+        ident = identity_of(self)
+        if self.keep_identity:
+            self._identity = ident
+        return ident
 
     def fix_identity(self):
         """Compute the identity now and keep it (the weights are frozen from here on)."""

@@ -182,8 +182,9 @@ def load_transcoder(
             "gemmascope": read_gemmascope,
         }[fmt]
         clt = reader(p, n_layers=n_layers, layer=layer, **common)
-    # Identity first: it is of the weights as stored, before any device/dtype cast.
-    clt.fix_identity()
+    # The identity is computed on first use (it reads a few decoder rows, so a lazy load stays
+    # lazy) and then kept: these weights are frozen.
+    clt.keep_identity = True
     if n_layers is not None or d_model is not None:
         clt.check_model(
             n_layers if n_layers is not None else clt.cfg.n_layers,

@@ -120,7 +120,7 @@ def test_cypher_injection_is_stored_as_data(store):
     g = small_graph(64)
     g.prompt = INJECTIONS[0] + " \\ " + INJECTIONS[3]
     g.token_strings = [INJECTIONS[i % len(INJECTIONS)] for i in range(len(g.tokens))]
-    g.transcoder_name = INJECTIONS[1]  # a name used as a property value and in feature keys
+    g.transcoder_name = INJECTIONS[1] + "@0f"  # a property value and in feature keys
     g.model_name = INJECTIONS[2]
     before = _fingerprint(store)
     res = store.add(g)
@@ -134,4 +134,4 @@ def test_cypher_injection_is_stored_as_data(store):
         "MATCH (g:Graph {id: $id})-[:USES]->(t:Transcoder) RETURN g.prompt, t.name, t.model",
         {"id": graph_id(g)},
     ).rows
-    assert found == [[g.prompt, INJECTIONS[1], INJECTIONS[2]]]
+    assert found == [[g.prompt, g.transcoder_name, INJECTIONS[2]]]

