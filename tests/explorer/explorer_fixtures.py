@@ -40,7 +40,7 @@ def build_graphs(rm) -> list[tuple]:
     out = []
     for prompt in PROMPTS:
         full = attribute(rm, prompt, progress=False)
-        out.append((prune(full), full))
+        out.append((prune(full, convention="atlas"), full))  # keeps features of a random CLT
     return out
 
 

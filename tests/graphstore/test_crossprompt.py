@@ -16,7 +16,7 @@ from tracer.graph import FEATURE, LOGIT, TOKEN
 F, T, LG = FEATURE, TOKEN, LOGIT
 
 
-def graph_with(prompt: str, feats: list[tuple[int, int, int, float, float]], tc="tc-x"):
+def graph_with(prompt: str, feats: list[tuple[int, int, int, float, float]], tc="tc-x@00ff"):
     """A graph whose feature nodes (layer, position, index, activation, edge to the logit)
     feed one logit (id 50), fed by a token; feature 0 also feeds feature 1 (weight 0.5)."""
     kinds = [F] * len(feats) + [T, LG]
@@ -74,7 +74,7 @@ def test_global_weights_beside_edges(store):
     g.weight = np.r_[g.weight, [0.05]].astype(np.float32)
     gid = store.add(g).graph_id
     gw = GlobalWeights(
-        "tc-x", "mlp_in", "corpus-mean", 2,
+        "tc-x@00ff", "mlp_in", "corpus-mean", 2,
         source_layer=np.array([0, 0, 1]), source_index=np.array([3, 3, 4]),
         target_layer=np.array([1, 2, 2]), target_index=np.array([4, 5, 5]),
         weight=np.array([0.2, -0.1, 0.3], np.float32), rank_in=np.array([0, 1, 0]),
@@ -83,7 +83,7 @@ def test_global_weights_beside_edges(store):
     assert store.add_global_weights(gw.to_table(), model="m") == 3
     assert store.add_global_weights(gw.to_table(), model="m") == 3  # replaced
     assert store.cypher("MATCH ()-[v:VIRTUAL]->() RETURN count(v) AS c").rows[0][0] == 3
-    norm = store.cypher("MATCH (t:Transcoder {name: 'tc-x'}) RETURN t.virtual_norm").rows
+    norm = store.cypher("MATCH (t:Transcoder {name: 'tc-x@00ff'}) RETURN t.virtual_norm").rows
     assert norm == [["corpus-mean"]]
     res = store.query("edge-vs-weight", graph=gid)
     by = {(r[0], r[2], r[3], r[5]): r for r in res.rows}

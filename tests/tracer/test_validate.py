@@ -76,11 +76,20 @@ def test_smollm2_truncated(smollm2):
     with torch.no_grad():
         clt.threshold.fill_(0.05)
     rm = ReplacementModel(smollm2, clt)
-    graph = attribute(rm, "The capital of the state containing Dallas is", progress=False)
+    # atlas convention: its circuit keeps features of a random CLT (circuit-tracer's all-node
+    # ranking keeps only error and token nodes here, leaving sufficiency undefined)
+    graph = attribute(rm, "The capital of the state containing Dallas is", progress=False,
+                      convention="atlas")  # fmt: skip
     rep = validate(rm, graph, max_circuit=12, n_random=12, batch_size=32, progress=False)
-    assert rep.n_random_sampled == 12 and rep.n_sampled == 12 + min(12, rep.n_circuit_features)
+    assert rep.n_circuit_features > 0 and rep.n_random_sampled == 12
+    assert rep.n_sampled == 12 + min(12, rep.n_circuit_features)
     assert rep.constrained_max_rel_error <= 1e-5
-    assert rep.spearman is not None and rep.sufficiency is not None
+    assert rep.spearman is not None
+    # The ratios follow their floor: defined exactly when |m_full - m_none| reaches it.
+    d = rep.logit_metric - rep.logit_metric_no_features
+    assert (rep.sufficiency is None) == (abs(d) < rep.ratio_floor)
+    if rep.sufficiency is None:
+        assert "below floor" in rep.ratios_undefined
 
 
 def test_check_fails_on_a_wrong_edge():

@@ -276,7 +276,9 @@ def create_app(
             raise ValueError("'params' must be an object")
         from starlette.concurrency import run_in_threadpool
 
-        res = await run_in_threadpool(source.store.cypher, body["query"], params, config.max_rows)
+        res = await run_in_threadpool(
+            lambda: source.store.cypher(body["query"], params, max_rows=config.max_rows)
+        )
         return JSONResponse(cypher_result(res, config.max_rows))
 
     def page(request: Request):

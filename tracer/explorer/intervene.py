@@ -248,8 +248,8 @@ def check_matches(rm, graph: Graph) -> None:
             f"graph was traced with model {graph.model_name!r} but the explorer loaded {name!r}: "
             "restart `circuit-atlas serve` with that --model"
         )
-    tc = rm.transcoder.cfg.model_name or ""
-    if graph.transcoder_name and tc and tc != graph.transcoder_name:
+    tc = rm.transcoder.identity.id  # name@fingerprint, as graphs record it
+    if graph.transcoder_name and tc != graph.transcoder_name:
         raise InterventionRequestError(
             f"graph was traced with transcoder {graph.transcoder_name!r} but the explorer "
             f"loaded {tc!r}: restart `circuit-atlas serve` with that --transcoders"
