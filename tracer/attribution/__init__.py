@@ -15,6 +15,7 @@ from tracer.attribution.decoders import ActiveDecoders
 from tracer.attribution.frozen_view import FrozenView, gather_view
 from tracer.attribution.linear import FrozenLinearModel
 from tracer.attribution.memory import (
+    GB,
     AttributionMemoryError,
     MemoryEstimate,
     estimate_memory,
@@ -24,6 +25,7 @@ from tracer.attribution.rows import RowStore
 from tracer.attribution.targets import LogitTargets, select_logit_targets
 
 __all__ = [
+    "GB",
     "DEFAULT_MAX_FEATURE_NODES",
     "ActiveDecoders",
     "AttributionConfig",

@@ -96,14 +96,23 @@ def attribute(
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
     limit = None if cfg.memory_limit_gb is None else int(cfg.memory_limit_gb * GB)
     n_logit_max = 1 if cfg.logit_diff else len(cfg.target_tokens or []) or cfg.max_n_logits
-    est = plan_memory(
-        workload_from_state(rm, state), budget, n_logits=n_logit_max,
-        batch_size=cfg.batch_size, sweep_memory_mb=cfg.sweep_memory_mb, device=model.device,
-        placement=cfg.row_store, baseline_host_bytes=rss0, available_host_bytes=limit,
-        available_device_bytes=limit if model.device.type == "cuda" else None,
-    )  # fmt: skip
+    work = workload_from_state(rm, state)
+
+    def plan(budget: int) -> MemoryEstimate:
+        return plan_memory(
+            work, budget, n_logits=n_logit_max, batch_size=cfg.batch_size,
+            sweep_memory_mb=cfg.sweep_memory_mb, device=model.device, placement=cfg.row_store,
+            baseline_host_bytes=rss0, available_host_bytes=limit,
+            available_device_bytes=limit if model.device.type == "cuda" else None,
+        )  # fmt: skip
+
+    est = plan(budget)
     if cfg.check_memory and not est.fits:
-        raise AttributionMemoryError(suggested_budget_line(est))
+        if not cfg.fit_budget or est.suggested_max_feature_nodes == 0:
+            raise AttributionMemoryError(suggested_budget_line(est))
+        budget = est.suggested_max_feature_nodes
+        cfg.max_feature_nodes = budget
+        est = plan(budget)
     try:
         return _attribute(rm, prompt, tokens, state, cfg, budget, est, t0)
     except Exception as err:
@@ -182,10 +191,13 @@ def _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets) -> G
     logit_node0 = n_keep + L * P + P
     rn = store.node[: store.n]
     row_node = torch.where(rn < 0, logit_node0 + (-1 - rn), node_of_pm[rn.clamp(min=0)])
+    # Rows in target-node order; inside a row, kept columns are in node order: edges come out
+    # sorted by (target, source).
+    row_order = torch.argsort(row_node, stable=True)
     targets_all, sources_all, weights_all = [], [], []
-    for r0, block in store.chunks(kept):
+    for idx, block in store.chunks(kept, order=row_order):
         r, c = block.nonzero(as_tuple=True)
-        targets_all.append(row_node[r0 + r].to(torch.int32).cpu().numpy())
+        targets_all.append(row_node[idx[r]].to(torch.int32).cpu().numpy())
         sources_all.append(c.to(torch.int32).cpu().numpy())
         weights_all.append(block[r, c].float().cpu().numpy())
         del block, r, c
@@ -193,9 +205,6 @@ def _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets) -> G
     source = np.concatenate(sources_all)
     weight = np.concatenate(weights_all)
     del targets_all, sources_all, weights_all
-    order = np.lexsort((source, target))
-    target, source, weight = target[order], source[order], weight[order]
-    del order
 
     cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
     kf = keep_feat.to(state.feat_layer.device)

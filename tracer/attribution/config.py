@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 DEFAULT_MAX_FEATURE_NODES = 8192
 # Fields that say how to run, not what to compute: left out of the graph's parameters.
 RUN_ONLY_FIELDS = ("progress", "sweep_memory_mb", "row_store", "spill_dir", "check_memory",
-                   "memory_limit_gb")  # fmt: skip
+                   "memory_limit_gb", "fit_budget")  # fmt: skip
 
 
 @dataclass
@@ -28,8 +28,10 @@ class AttributionConfig:
     ``row_store``: where the rows live, ``auto`` (the device if they fit, else host memory,
     else a memory-mapped file in ``spill_dir``), ``device``, ``host`` or ``disk``;
     ``check_memory``: refuse, before allocating, a budget the memory plan says cannot fit
-    (:class:`~tracer.attribution.memory.AttributionMemoryError`); ``memory_limit_gb``: plan for
-    at most this much memory (default: what the machine has available).
+    (:class:`~tracer.attribution.memory.AttributionMemoryError`), or with ``fit_budget`` lower
+    it to the plan's suggestion (the graph's ``max_feature_nodes`` then records the budget
+    used); ``memory_limit_gb``: plan for at most this much memory (default: what the machine
+    has available).
     """
 
     max_n_logits: int = 10
@@ -45,6 +47,7 @@ class AttributionConfig:
     spill_dir: str | None = None
     check_memory: bool = True
     memory_limit_gb: float | None = None
+    fit_budget: bool = False
 
     def graph_params(self) -> dict:
         """The fields that determine the graph (saved in its parameters)."""

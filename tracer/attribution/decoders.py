@@ -18,8 +18,9 @@ class ActiveDecoders:
     """Decoder rows of the distinct active features of each source layer, on ``device``.
 
     feat_layer, feat_index, feat_value: [n_active] (a PromptState's active features).
-    ``rows[i]`` is [u_i, T_i, d] for the u_i distinct features of layer i that are active at
-    some position; ``slot[k]`` is feature k's row in ``rows[feat_layer[k]]``.
+    ``rows[i]`` is [T_i, u_i, d] (target-major, so one target's rows are one contiguous block)
+    for the u_i distinct features of layer i that are active at some position; ``slot[k]`` is
+    feature k's row in ``rows[feat_layer[k]][t]``.
     """
 
     def __init__(
@@ -44,7 +45,9 @@ class ActiveDecoders:
             sel = (self.layer == i).nonzero().squeeze(1)
             uniq, inv = torch.unique(idx[sel], return_inverse=True)
             self.slot[sel] = inv
-            self.rows[i] = transcoder.decoder_rows(i, uniq).to(device=device, dtype=dtype)
+            rows = transcoder.decoder_rows(i, uniq).to(device=device, dtype=dtype)  # [u, T, d]
+            self.rows[i] = rows.transpose(0, 1).contiguous()
+            del rows
             self.n_rows_read += len(uniq)
 
     @property
@@ -65,5 +68,6 @@ class ActiveDecoders:
             sel = (lay == i).nonzero().squeeze(1)
             if len(sel):
                 f = feats[sel]
-                out[sel] = self.rows[i][self.slot[f], target - i] * self.value[f, None]
+                block = self.rows[i][target - i].index_select(0, self.slot[f])
+                out[sel] = block.mul_(self.value[f, None])
         return out

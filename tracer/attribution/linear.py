@@ -46,7 +46,7 @@ class FrozenLinearModel:
         *,
         device=None,
         dtype: torch.dtype = torch.float32,
-        cache_bytes: float = 256e6,
+        cache_bytes: float = 1e9,
     ):
         self.rm, self.state = rm, state
         self.view = v = gather_view(rm, state, device=device, dtype=dtype)

@@ -261,14 +261,15 @@ def _parts(w: Workload, budget: int, n_logits: int, batch_size: int, sweep_cap: 
     view = 0 if isz == c else patterns * c // isz + w.vocab_size * d * c
     decoders = w.unique_row_elems * c
     writer_all = w.active_targets * d * c
-    writers = writer_all if writer_all < cache_bytes else 2 * WRITER_CHUNK_BYTES
+    writers = writer_all if writer_all < cache_bytes else min(writer_all, 2 * WRITER_CHUNK_BYTES)
     store = n_rows * n_cols * c
+    chunk = min(CHUNK_BYTES, store)  # rows scanned at once
     R = min(batch_size, max(n_rows, 1))
     sweep = min(4 * R * P * d * c, max(sweep_cap, 4 * P * d * c))
-    influence = n_rows * budget * c + 2 * CHUNK_BYTES + 3 * n_cols * 8
+    influence = n_rows * budget * c + 2 * chunk + 3 * n_cols * 8
     kept = budget + L * P + P
     n_edges = budget * kept * FEATURE_ROW_DENSITY + n_logits * kept
-    assembly = int(n_edges * EDGE_BYTES) + 2 * CHUNK_BYTES
+    assembly = int(n_edges * EDGE_BYTES) + 2 * chunk
     return dict(
         n_rows=n_rows, n_cols=n_cols, state=state, record_peak=record_peak, view=view,
         decoders=decoders, writers=writers, store=store, sweep=sweep, influence=influence,
@@ -283,7 +284,7 @@ def plan_memory(
     n_logits: int = 10,
     batch_size: int = 1024,
     sweep_memory_mb: float = 512,
-    cache_bytes: float = 256e6,
+    cache_bytes: float = 1e9,
     device: torch.device | str = "cpu",
     placement: str = "auto",
     baseline_host_bytes: int | None = None,

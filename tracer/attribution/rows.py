@@ -91,10 +91,10 @@ class RowStore:
         self.node[r0:r1] = nodes.to(self.device)
         self.n = r1
 
-    def chunks(self, cols: torch.Tensor | slice | None = None):
-        """(first row, rows [n, width] on the compute device) over the stored rows in storage
-        order, in chunks of about CHUNK_BYTES; ``cols`` picks columns (a slice, or an index
-        tensor on the compute device) without reading the others into a copy."""
+    def chunks(self, cols: torch.Tensor | slice | None = None, order: torch.Tensor | None = None):
+        """(row indices [n] on the compute device, rows [n, width] on the compute device) over
+        the stored rows, in storage order or in ``order``, in chunks of about CHUNK_BYTES;
+        ``cols`` picks columns (a slice, or an index tensor) without copying the others."""
         if cols is None:
             cols = slice(0, self.n_cols)
         if isinstance(cols, slice):
@@ -104,8 +104,18 @@ class RowStore:
             cols = cols.to(self.rows.device)
         step = max(1, int(CHUNK_BYTES // max(1, width * self.rows.element_size())))
         for r0 in range(0, self.n, step):
-            block = self.rows[r0 : min(self.n, r0 + step)][:, cols]  # a view, or a small gather
-            yield r0, block.to(self.device)
+            r1 = min(self.n, r0 + step)
+            if order is None:
+                idx = torch.arange(r0, r1, device=self.device)
+                block = self.rows[r0:r1][:, cols]  # a view, or a gather of the chosen columns
+            else:
+                idx = order[r0:r1].to(self.device)
+                ri = idx.to(self.rows.device)
+                if isinstance(cols, slice):
+                    block = self.rows[ri][:, cols]
+                else:  # rows and columns in one gather: no full-width copy
+                    block = self.rows[ri[:, None], cols[None, :]]
+            yield idx, block.to(self.device)
 
     def influence(self, logit_weights: torch.Tensor, n_feat: int) -> torch.Tensor:
         """Estimated influence of every feature column on the logits through the rows stored
@@ -128,9 +138,8 @@ class RowStore:
         cols = node[feat_rows]
         # S[r, j] = N[r, cols[j]]: the influence a row passes to the j-th feature row's target.
         S = torch.empty(n, len(cols), dtype=torch.float32, device=dev)
-        for r0, block in self.chunks(cols):
-            r1 = r0 + len(block)
-            S[r0:r1] = block.abs() / s[r0:r1, None].float()
+        for idx, block in self.chunks(cols):
+            S[idx] = block.abs() / s[idx, None].float()
         total_x = x.clone()
         for _ in range(n + 2):  # a DAG: paths are at most 2 x n_layers + 2 long
             y = S.T @ x.float()
@@ -142,8 +151,8 @@ class RowStore:
         del S
         w = (total_x / s).float()
         total = torch.zeros(n_feat, dtype=torch.float64, device=dev)
-        for r0, block in self.chunks(slice(0, n_feat)):
-            total += (block.abs().T @ w[r0 : r0 + len(block)]).double()
+        for idx, block in self.chunks(slice(0, n_feat)):
+            total += (block.abs().T @ w[idx]).double()
         return total
 
     def close(self) -> None:
