@@ -154,12 +154,12 @@ class TraceJob:
     logit_diff: tuple[str, str] | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    fit_budget: bool = False  # the default budget: lowered to the memory plan's suggestion
+    memory_limit_gb: float | None = None
 
     @property
     def setting(self) -> DeviceSetting:
         return DeviceSetting.parse(self.device, self.dtype)
-    fit_budget: bool = False  # the default budget: lowered to the memory plan's suggestion
-    memory_limit_gb: float | None = None
 
     def key(self, prompt: str) -> str:
         # The device does not change a graph (beyond float rounding); the dtype does. A float32
