@@ -31,7 +31,18 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2", help="local folder, hub id or 'smollm2'")
     p.add_argument("--transcoders", required=True, help="transcoder folder or file (any format)")
     p.add_argument("--out", default="runs/graphs", help="folder for the graph files")
-    p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument(
+        "--max-feature-nodes", type=int, default=None,
+        help="feature budget (default 8192, lowered to what fits in memory; 0 = every feature)",
+    )  # fmt: skip
+    p.add_argument(
+        "--estimate", action="store_true",
+        help="print the memory plan (peak host/device memory, a budget that fits) and stop",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory-limit", type=float, default=None, metavar="GB",
+        help="plan for at most this much memory (default: what is available)",
+    )  # fmt: skip
     p.add_argument("--max-n-logits", type=int, default=10)
     p.add_argument("--desired-logit-prob", type=float, default=0.95)
     p.add_argument("--target", action="append", help="target token (repeatable)")
@@ -158,6 +169,8 @@ class TraceJob:
     logit_diff: tuple[str, str] | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    fit_budget: bool = False  # the default budget: lowered to the memory plan's suggestion
+    memory_limit_gb: float | None = None
 
     @property
     def setting(self) -> DeviceSetting:
@@ -207,6 +220,8 @@ def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
         logit_diff=job.logit_diff,
         convention=job.convention,
         progress=progress,
+        fit_budget=job.fit_budget,
+        memory_limit_gb=job.memory_limit_gb,
     )
     pruned = prune(graph, job.node_threshold, job.edge_threshold, job.convention)
     pruned_path, full_path = job.paths(prompt)
@@ -368,8 +383,11 @@ def _trace(args) -> int:
     job = _job(args)  # parses --device/--dtype: a bad one fails before any loading
     t0 = time.perf_counter()
     rm = load_replacement(args.model, args.transcoders, job.setting)
+    if args.estimate:
+        return _estimate(job, args.prompt, rm)
     pruned, graph, pruned_path, full_path = trace_one(job, args.prompt, rm, progress=True)
     print(summary(graph, pruned, time.perf_counter() - t0))
+    print(budget_line(job, graph))
     print(f"wrote {full_path} (full) and {pruned_path} (pruned)")
     return 0
 
@@ -381,14 +399,50 @@ def transcoder_identity_at(path: str) -> str:
     return load_transcoder(path, lazy=True).identity.id
 
 
+def budget_line(job: TraceJob, graph) -> str:
+    """What feature budget the graph used, and why."""
+    from tracer.attribution import DEFAULT_MAX_FEATURE_NODES
+
+    used = graph.params.get("max_feature_nodes")
+    n = graph.params.get("n_active_features")
+    if used is None:
+        return f"feature budget: all {n} active features"
+    if not job.fit_budget:
+        return f"feature budget: {used} of {n} active features (--max-feature-nodes)"
+    if used < min(DEFAULT_MAX_FEATURE_NODES, n):
+        return (f"feature budget: {used} of {n} active features (the default "
+                f"{DEFAULT_MAX_FEATURE_NODES} does not fit in memory: the memory plan's "
+                "suggestion; --max-feature-nodes N to choose)")  # fmt: skip
+    return (f"feature budget: {min(used, n)} of {n} active features (default "
+            f"{DEFAULT_MAX_FEATURE_NODES}; --max-feature-nodes N to change, 0: all)")  # fmt: skip
+
+
+def _estimate(job: TraceJob, prompt: str, rm) -> int:
+    """``--estimate``: the memory plan of one prompt (one encoder pass), then stop."""
+    from tracer.attribution import GB, estimate_memory
+
+    limit = None if job.memory_limit_gb is None else int(job.memory_limit_gb * GB)
+    est = estimate_memory(
+        rm.model, rm.transcoder, prompt, job.max_feature_nodes, max_n_logits=job.max_n_logits,
+        batch_size=job.batch_size, available_host_bytes=limit,
+    )  # fmt: skip
+    print("\n".join(est.lines()))
+    return 0
+
+
 def _job(args, transcoder_id: str | None = None) -> TraceJob:
+    from tracer.attribution import DEFAULT_MAX_FEATURE_NODES
+
     setting = setting_from_args(args)  # resolved once ("auto" -> cuda:0 or cpu) for workers
+    budget = args.max_feature_nodes
     return TraceJob(
         model=args.model,
         transcoders=args.transcoders,
         out=args.out,
         transcoder_id=transcoder_id or transcoder_identity_at(args.transcoders),
-        max_feature_nodes=args.max_feature_nodes,
+        max_feature_nodes=DEFAULT_MAX_FEATURE_NODES if budget is None else (budget or None),
+        fit_budget=budget is None,
+        memory_limit_gb=args.memory_limit,
         max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,
         node_threshold=args.node_threshold,
@@ -433,6 +487,10 @@ def _trace_file(args) -> int:
         if not info.is_writer:
             return int(any(r.status == "failed" for r in results))
         s = Summary.of(results, time.perf_counter() - t0, info.world_size)
+    budget = job.max_feature_nodes or "all"
+    print(f"feature budget: {budget} per prompt"
+          + (" (default; lowered where memory is short)" if job.fit_budget else ""),
+          file=sys.stderr)  # fmt: skip
     where = args.out + (" and the graph store" if want_store else "")
     print(summary_text(results, s, where), file=sys.stderr)
     if args.summary:
