@@ -380,9 +380,10 @@ def _trace(args) -> int:
         return _trace_file(args)
     if not args.prompt:
         raise ValueError("give a prompt, or --prompts FILE")
-    job = _job(args)  # parses --device/--dtype: a bad one fails before any loading
+    setting = setting_from_args(args)  # a bad --device/--dtype fails before any loading
     t0 = time.perf_counter()
-    rm = load_replacement(args.model, args.transcoders, job.setting)
+    rm = load_replacement(args.model, args.transcoders, setting)
+    job = _job(args, rm.transcoder.identity.id)  # the loaded transcoder's identity: one load
     if args.estimate:
         return _estimate(job, args.prompt, rm)
     pruned, graph, pruned_path, full_path = trace_one(job, args.prompt, rm, progress=True)
