@@ -64,3 +64,26 @@ def assert_graphs_equal(a, b) -> None:
         "params", "scores", "extra",
     ):  # fmt: skip
         assert getattr(a, name) == getattr(b, name), name
+
+
+def recurring_expected(graphs, min_prompts: int) -> list[list]:
+    """What ``recurring-features`` should return, computed from the Graph objects: rows
+    [layer, index, prompts, graphs, nodes] of features in >= ``min_prompts`` prompts, ordered as
+    the query orders them."""
+    from collections import defaultdict
+
+    from graphstore import graph_id, prompt_id
+    from tracer.graph import FEATURE
+
+    agg = defaultdict(lambda: [set(), set(), 0])
+    for g in graphs:
+        for i in np.flatnonzero(g.kind == FEATURE):
+            a = agg[(int(g.layer[i]), int(g.feature[i]))]
+            a[0].add(prompt_id(g))
+            a[1].add(graph_id(g))
+            a[2] += 1
+    rows = [
+        [k[0], k[1], len(p), len(gs), n] for k, (p, gs, n) in agg.items() if len(p) >= min_prompts
+    ]
+    rows.sort(key=lambda r: (-r[2], -r[3], r[0], r[1]))
+    return rows

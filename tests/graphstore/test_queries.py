@@ -11,7 +11,7 @@ import pytest
 
 from graphstore import graph_id, prompt_id
 from graphstore.queries import CANNED, FEATURE_FEEDS, FEATURE_FEEDS_BACKWARD
-from tests.graphstore.conftest import SMALL, small_graph, wipe
+from tests.graphstore.conftest import SMALL, recurring_expected, small_graph, wipe
 from tracer.graph import FEATURE, LOGIT, TOKEN
 
 N_GRAPHS = 12
@@ -282,21 +282,6 @@ def test_incomplete_graph_invisible_to_queries(stored):
     assert store.stats()["graphs"] == len(graphs)
 
 
-def _recurring_expected(graphs, min_prompts):
-    agg = defaultdict(lambda: [set(), set(), 0])
-    for g in graphs:
-        for i in np.flatnonzero(g.kind == FEATURE):
-            a = agg[(int(g.layer[i]), int(g.feature[i]))]
-            a[0].add(prompt_id(g))
-            a[1].add(graph_id(g))
-            a[2] += 1
-    rows = [
-        [k[0], k[1], len(p), len(gs), n] for k, (p, gs, n) in agg.items() if len(p) >= min_prompts
-    ]
-    rows.sort(key=lambda r: (-r[2], -r[3], r[0], r[1]))
-    return rows
-
-
 def test_counters_follow_delete_and_replace(stored):
     """Recurrence counters are maintained when a graph is removed, re-added and replaced (this
     runs last in the module: it changes the stored set)."""
@@ -305,10 +290,10 @@ def test_counters_follow_delete_and_replace(stored):
     assert store.delete(graph_id(removed))
     rest = graphs[1:]
     res = store.query("recurring-features", min_prompts=2, limit=1000)
-    assert [r[1:6] for r in res.rows] == _recurring_expected(rest, 2)
+    assert [r[1:6] for r in res.rows] == recurring_expected(rest, 2)
     store.add(removed)
     changed = small_graph(101)  # = graphs[1] with other activations: replaced in place
     changed.activation = (changed.activation + 1).astype(np.float32)
     assert store.add(changed).repaired
     res = store.query("recurring-features", min_prompts=1, limit=1000)
-    assert [r[1:6] for r in res.rows] == _recurring_expected(graphs, 1)
+    assert [r[1:6] for r in res.rows] == recurring_expected(graphs, 1)

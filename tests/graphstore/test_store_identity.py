@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from model_fixtures import make_random_clt, make_tiny_model
 
-from graphstore import GraphStore, LegacyStoreError, graph_id, ingest, prompt_id
+from graphstore import GraphStore, LegacyStoreError, graph_id, ingest
 from graphstore.errors import IdentityError
-from tests.graphstore.conftest import small_graph, wipe
+from tests.graphstore.conftest import recurring_expected, small_graph, wipe
 from tracer.attribution import attribute
 from tracer.graph import FEATURE
 from tracer.prune import prune
@@ -42,24 +42,17 @@ def two_clts_stored(server_auth, tmp_path_factory):
     store.close()
 
 
-def _features(graphs) -> dict:
-    """(layer, index) -> [prompts, graphs, nodes], computed from the Graph objects."""
-    agg = defaultdict(lambda: [set(), set(), 0])
-    for g in graphs:
-        for i in np.flatnonzero(g.kind == FEATURE):
-            a = agg[(int(g.layer[i]), int(g.feature[i]))]
-            a[0].add(prompt_id(g))
-            a[1].add(graph_id(g))
-            a[2] += 1
-    return agg
+def _feature_set(graphs) -> set[tuple[int, int]]:
+    """(layer, index) of every feature node in ``graphs``."""
+    return {(r[0], r[1]) for r in recurring_expected(graphs, 1)}
 
 
 def test_two_clts_keep_disjoint_features(two_clts_stored):
     store, graphs = two_clts_stored
     (a, ga), (b, gb) = graphs.items()
     assert a != b and a.split("@")[0] == b.split("@")[0]  # same readable name, other weights
-    fa, fb = _features(ga), _features(gb)
-    assert set(fa) & set(fb), "the two CLTs share (layer, index) pairs: the old keys merged them"
+    fa, fb = _feature_set(ga), _feature_set(gb)
+    assert fa & fb, "the two CLTs share (layer, index) pairs: the old keys merged them"
     rows = store.cypher(
         "MATCH (g:Graph)-[:HAS_FEATURE]->(f:Feature) WHERE g.complete = true "
         "RETURN DISTINCT f.transcoder AS t, f.layer AS l, f.index AS i, f.key AS k"
@@ -68,7 +61,7 @@ def test_two_clts_keep_disjoint_features(two_clts_stored):
     for t, layer, index, key in rows:
         assert key == f"{t}/{layer}/{index}"
         got[t].add((layer, index))
-    assert dict(got) == {a: set(fa), b: set(fb)}
+    assert dict(got) == {a: fa, b: fb}
     tcs = store.cypher(
         "MATCH (t:Transcoder) WHERE t.name IN $names RETURN t.name, t.readable, t.fingerprint",
         {"names": [a, b]},
@@ -79,11 +72,7 @@ def test_two_clts_keep_disjoint_features(two_clts_stored):
 def test_canned_queries_per_transcoder_match_networkx(two_clts_stored):
     store, graphs = two_clts_stored
     for tc, gs in graphs.items():
-        agg = _features(gs)
-        exp = sorted(
-            ([layer, index, len(p), len(g), n] for (layer, index), (p, g, n) in agg.items()),
-            key=lambda r: (-r[2], -r[3], r[0], r[1]),
-        )
+        exp = recurring_expected(gs, 1)
         res = store.query("recurring-features", min_prompts=1, transcoder=tc, limit=500)
         assert all(r[0] == tc for r in res.rows)
         assert [r[1:6] for r in res.rows] == exp
