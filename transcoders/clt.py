@@ -144,13 +144,6 @@ class CrossLayerTranscoder(nn.Module):
             self._identity = ident
         return ident
 
-    def fix_identity(self):
-        """Compute the identity now and keep it (the weights are frozen from here on)."""
-        from transcoders.identity import identity_of
-
-        self._identity = identity_of(self)
-        return self._identity
-
     @property
     def device(self) -> torch.device:
         """Where the weights are (and where lazy decoders are moved when read)."""

@@ -146,7 +146,7 @@ def fingerprint(clt) -> str:
 
 def identity_of(clt) -> TranscoderIdentity:
     """The identity of a transcoder: its config's ``name`` (or :func:`default_name`) and its
-    :func:`fingerprint`. Loaders compute it once, before any device/dtype cast, and keep it on
-    the transcoder (``clt.identity``); an in-memory transcoder computes it on each call."""
-    name = clean_name(cfg_name) if (cfg_name := getattr(clt.cfg, "name", None)) else None
-    return TranscoderIdentity(name or default_name(clt.cfg), fingerprint(clt))
+    :func:`fingerprint` (``CrossLayerTranscoder.identity`` calls this, and keeps the result for
+    a loaded transcoder)."""
+    name = clean_name(clt.cfg.name) if clt.cfg.name else default_name(clt.cfg)
+    return TranscoderIdentity(name, fingerprint(clt))
