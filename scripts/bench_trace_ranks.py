@@ -10,7 +10,7 @@ one thread: what each worker and each rank gets on 2 cores), ``workers2`` (``--w
 
 Trace part: the first ``--prompts`` prompts of ``tracer/data/prompts.jsonl`` traced on
 SmolLM2-135M-Instruct with the trained default CLT when it is cached
-(``~/.cache/circuit-atlas/transcoders/smollm2-clt-256``), else the benchmarks' random CLT
+(``tracer.fetch.default_transcoder_path``), else the benchmarks' random CLT
 (``scripts/bench_attribution.make_clt``: 256 features per layer, ~20 active per layer and
 token), ``--max-feature-nodes`` as given, ``--store`` into one managed ArcadeDB server
 (started before the timings; emptied before each run). Each run is the real command in a
@@ -51,7 +51,9 @@ TORCHRUN = PY.parent / "torchrun"
 
 
 def pick_clt(work: Path) -> tuple[Path, str]:
-    trained = Path.home() / ".cache" / "circuit-atlas" / "transcoders" / "smollm2-clt-256"
+    from tracer.fetch import default_transcoder_path
+
+    trained = default_transcoder_path("smollm2", 256)  # the demo's CLT, when it has trained one
     if (trained / "circuit_atlas.json").exists() or (trained / "config.yaml").exists():
         return trained, f"trained default CLT ({trained})"
     from bench_attribution import make_clt  # one random-CLT recipe for all benchmarks

@@ -129,6 +129,11 @@ def test_graph_json_and_list(world):
     )
     _, hit = call(f"{world.url}/api/graphs?q=dallas")
     assert [x["id"] for x in hit["graphs"]] == [gid]
+    # the scores name the rules they follow, in the list and in the graph view
+    assert g.params["convention"] in ("circuit-tracer", "atlas")
+    assert hit["graphs"][0]["scores"]["convention"] == g.params["convention"]
+    assert doc["scores"]["convention"] == g.params["convention"]
+    assert doc["scores"]["replacement"] == pytest.approx(g.scores["replacement"])
     other = world.graphs[1][0]
     theirs = set(zip(other.layer[other.kind == FEATURE].tolist(),
                      other.feature[other.kind == FEATURE].tolist(), strict=True))  # fmt: skip
@@ -235,6 +240,7 @@ def test_folder_source(world, tmp_path):
     listed = src.list()
     assert {x["id"] for x in listed} == {graph_id(pruned), graph_id(other)}
     assert all(x["source"] == "folder" for x in listed)
+    assert {x["scores"]["convention"] for x in listed} == {pruned.params["convention"]}
     assert [x["id"] for x in src.list(q="FRANCE")] == [graph_id(other)]
     g, where = src.load(graph_id(pruned), full=True)
     assert where == "folder" and g.n_edges == full.n_edges

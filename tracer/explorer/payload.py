@@ -69,7 +69,7 @@ def graph_payload(
         "tokens": [visible(t) for t in graph.token_strings],
         "token_ids": [int(t) for t in graph.tokens],
         "params": graph.params,
-        "scores": graph.scores,
+        "scores": scores_with_convention(graph.scores, graph.params),
         "validation": validation if isinstance(validation, dict) else None,
         "logits": logit_table,
         "nodes": {
@@ -91,3 +91,11 @@ def graph_payload(
             "cum": _round(edge_cumulative(graph.weight)),
         },
     }
+
+
+def scores_with_convention(scores: dict, params: dict) -> dict:
+    """The graph's scores with the name of the rules they follow (``convention``), which the
+    page shows beside them; graphs scored before conventions were recorded say so."""
+    if not scores:
+        return {}
+    return {**scores, "convention": params.get("convention") or "not recorded"}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from graphstore import GraphNotFoundError, graph_id
 from graphstore.schema import feature_key
+from tracer.explorer.payload import scores_with_convention
 from tracer.graph import FEATURE, Graph
 
 LIST_STORE = """
@@ -23,7 +24,7 @@ MATCH (g:Graph) WHERE g.complete = true
   AND ($q IS NULL OR toLower(g.prompt) CONTAINS $q)
 RETURN g.id AS id, g.prompt AS prompt, g.model AS model, g.transcoder AS transcoder,
        g.n_nodes AS n_nodes, g.n_edges AS n_edges, g.scores_json AS scores,
-       g.extra_json AS extra
+       g.extra_json AS extra, g.params_json AS params
 ORDER BY prompt, id
 LIMIT $limit
 """
@@ -58,7 +59,7 @@ def _summary(graph: Graph, gid: str, source: str) -> dict:
         "transcoder": graph.transcoder_name,
         "n_nodes": graph.n_nodes,
         "n_edges": graph.n_edges,
-        "scores": graph.scores,
+        "scores": scores_with_convention(graph.scores, graph.params),
         "validation": _flat(v) if isinstance(v, dict) else None,
     }
 
@@ -131,7 +132,9 @@ class GraphSource:
                     "id": r["id"], "prompt": r["prompt"], "source": "store",
                     "model": r["model"], "transcoder": r["transcoder"],
                     "n_nodes": r["n_nodes"], "n_edges": r["n_edges"],
-                    "scores": json.loads(r["scores"] or "{}"),
+                    "scores": scores_with_convention(
+                        json.loads(r["scores"] or "{}"), json.loads(r["params"] or "{}")
+                    ),
                     "validation": _flat(v) if isinstance(v, dict) else None,
                 }  # fmt: skip
         with self._lock:
