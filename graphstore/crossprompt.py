@@ -3,7 +3,8 @@
 Schema (beside :mod:`graphstore.schema`'s)::
 
     (:Supernode {id, graph, local_id, name, size, influence, cohesion, members_json,
-                 agreement, observed, predicted, effect_rank, random_mean_agreement})
+                 agreement, observed, predicted, effect_rank, random_mean_agreement,
+                 detail_json})        detail_json: promoted, contexts, similarity, validation
     (:Graph)-[:HAS_SUPERNODE]->(:Supernode)-[:MEMBER]->(:Node)     members are nodes of the
                                                                    stored (pruned) graph
     (:Feature)-[:VIRTUAL {weight, rank_in, rank_out}]->(:Feature)  top-k global weights;
@@ -32,14 +33,15 @@ GRAPH_STATE = "MATCH (g:Graph {id: $graph}) RETURN g.complete AS complete, g.n_n
 DELETE_SUPERNODES = "MATCH (s:Supernode {graph: $graph}) DETACH DELETE s"
 
 # Row: [id, local id, name, size, influence, cohesion, members_json, agreement, observed,
-# predicted, effect_rank, random_mean_agreement, members [[i, layer, position, feature]]].
+# predicted, effect_rank, random_mean_agreement, members [[i, layer, position, feature]],
+# detail_json].
 WRITE_SUPERNODES = """
 MATCH (g:Graph {id: $graph})
 UNWIND $rows AS r
 CREATE (s:Supernode {id: r[0], graph: $graph, local_id: r[1], name: r[2], size: r[3],
                      influence: r[4], cohesion: r[5], members_json: r[6], agreement: r[7],
                      observed: r[8], predicted: r[9], effect_rank: r[10],
-                     random_mean_agreement: r[11]})
+                     random_mean_agreement: r[11], detail_json: r[13]})
 CREATE (g)-[:HAS_SUPERNODE]->(s)
 WITH s, r
 UNWIND r[12] AS m
@@ -111,6 +113,10 @@ def _failed(what: str, err: Exception) -> StoreWriteError:
 # --- supernodes -----------------------------------------------------------------------------------
 
 
+# Supernode fields kept whole in detail_json (the others have their own properties).
+DETAIL = ("promoted", "contexts", "similarity", "validation")
+
+
 def supernode_rows(graph_id: str, supernodes: list[dict]) -> list[list]:
     """WRITE_SUPERNODES rows from supernode dicts (``tracer.supernodes.Supernode.to_dict()``:
     id, name, nodes, members, influence, cohesion, validation)."""
@@ -123,6 +129,7 @@ def supernode_rows(graph_id: str, supernodes: list[dict]) -> list[list]:
             float(s.get("influence", 0.0)), float(s.get("cohesion", 0.0)),
             json.dumps(s["members"]), v.get("agreement"), v.get("observed"), v.get("predicted"),
             v.get("effect_rank"), v.get("random_mean_agreement"), members,
+            json.dumps({k: s.get(k) for k in DETAIL}),
         ])  # fmt: skip
     return rows
 
@@ -153,6 +160,42 @@ def write_supernodes(session, graph_id: str, supernodes: list[dict]) -> int:
         return session.execute_write(work)
     except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError, OSError) as err:
         raise _failed(f"the supernodes of graph {graph_id}", err) from err
+
+
+READ_SUPERNODES = """
+MATCH (g:Graph {id: $graph})-[:HAS_SUPERNODE]->(s:Supernode)
+WHERE g.complete = true
+OPTIONAL MATCH (s)-[:MEMBER]->(n:Node)
+RETURN s.local_id AS id, s.name AS name, s.influence AS influence, s.cohesion AS cohesion,
+       s.detail_json AS detail, collect([n.i, n.layer, n.position, n.feature]) AS members
+"""
+
+
+def read_supernodes(session, graph_id: str) -> list[dict]:
+    """The stored supernodes of graph ``graph_id`` as dicts in the shape of
+    ``tracer.supernodes.Supernode.to_dict()`` (nodes in ascending order, members beside them;
+    supernodes by influence, largest first); [] when it has none."""
+
+    def work(tx):
+        return [r.data() for r in tx.run(READ_SUPERNODES, graph=graph_id)]
+
+    out = []
+    for r in session.execute_read(work):
+        members = sorted(m for m in r["members"] if m[0] is not None)
+        detail = json.loads(r["detail"]) if r["detail"] else {}
+        out.append({
+            "id": r["id"], "name": r["name"], "nodes": [m[0] for m in members],
+            "members": [m[1:] for m in members], "influence": r["influence"],
+            "cohesion": r["cohesion"], **{k: detail.get(k) for k in DETAIL},
+        })  # fmt: skip
+    out.sort(key=lambda d: (-(d["influence"] or 0.0), _local_order(d["id"])))
+    return out
+
+
+def _local_order(local_id: str):
+    """s2 before s10."""
+    digits = local_id[1:]
+    return (0, int(digits), "") if digits.isdigit() else (1, 0, local_id)
 
 
 # --- global weights -------------------------------------------------------------------------------

@@ -276,6 +276,11 @@ class GraphStore:
         with self._session() as s:
             return crossprompt.write_supernodes(s, graph_id, supernodes)
 
+    def supernodes(self, graph_id: str) -> list[dict]:
+        """The stored supernodes of a graph (dicts of tracer.supernodes.Supernode; [] if none)."""
+        with self._session() as s:
+            return crossprompt.read_supernodes(s, graph_id)
+
     def add_global_weights(self, table, model: str, progress=None) -> int:
         """Replace the stored top-k global weights of a transcoder (a GlobalWeights table)."""
         import json

@@ -143,6 +143,30 @@ def save_small_smollm2(smollm2_full, root, n_features: int = 32, seed: int = 3):
     return root / "model", root / "clt"
 
 
+def save_tiny_folder(root):
+    """A tiny random Llama (2 layers, d_model 32) with SmolLM2's tokenizer saved as a model
+    folder ``root/model``, and a random CLT for it (32 features) in the circuit-tracer layout
+    at ``root/clt``: real text prompts for command-line tests at tiny-model cost."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from tracer.fetch import fetch_smollm2
+    from transcoders.formats import save_transcoder
+
+    root = Path(root)
+    tok = AutoTokenizer.from_pretrained(fetch_smollm2())
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      vocab_size=len(tok), max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    save_transcoder(make_random_clt(2, 32, 32), root / "clt")
+    return root
+
+
 def hand_graph(kinds, layers, positions, features, acts, edges, logit_weights=None):
     """A Graph from node lists and (target, source, weight) edges (4 prompt tokens, model 'm',
     transcoder 'tc'); logit weights default to equal shares of the logit nodes."""

@@ -143,12 +143,15 @@ def _norm_name(transcoder, norm_scales) -> str:
 
 
 @torch.no_grad()
-def typical_norm_scales(rm, tokens: torch.Tensor, batch: int = 8) -> torch.Tensor:
+def typical_norm_scales(
+    rm, tokens: torch.Tensor, batch: int = 8, progress: bool = False
+) -> torch.Tensor:
     """Mean MLP-input norm denominator s = 1/sqrt(var + eps) per layer over corpus tokens
     [S, P] (start-token position excluded). [L] float32."""
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     total, n = torch.zeros(rm.model.facts.n_layers), 0
-    for b in range(0, len(tokens), batch):
+    steps = range(0, len(tokens), batch)
+    for b in tqdm(steps, desc="norm scales", unit="batch", disable=not progress):
         run = rm.model.run(tokens[b : b + batch], record_sites=())
         s = run.scales["mlp_norm"][:, :, 1:]  # [B, L, P-1]
         total += s.float().sum((0, 2))

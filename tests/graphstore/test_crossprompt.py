@@ -48,6 +48,8 @@ def test_supernodes_round_trip_replace_and_failed_write(store):
     _, _, local, name, size, infl, agree, rank, members = rows[0]
     assert (local, name, size, agree, rank) == ("s0", "→ Austin", 2, 0.9, 1.0)
     assert sorted(map(list, members)) == [[0, 1, 3], [1, 1, 4]]
+    back = store.supernodes(gid)  # read back whole, in the shape it was given
+    assert back == [{**sn[0], "promoted": None, "contexts": None, "similarity": None}]
     # Replaced, not added to.
     sn2 = [{"id": "s0", "name": "x", "nodes": [2], "members": [[2, 2, 5]]},
            {"id": "s1", "name": "y", "nodes": [0], "members": [[0, 1, 3]]}]  # fmt: skip
@@ -82,7 +84,9 @@ def test_global_weights_beside_edges(store):
     )  # fmt: skip
     assert store.add_global_weights(gw.to_table(), model="m") == 3
     assert store.add_global_weights(gw.to_table(), model="m") == 3  # replaced
-    assert store.cypher("MATCH ()-[v:VIRTUAL]->() RETURN count(v) AS c").rows[0][0] == 3
+    # (Other tests on the same server store weights of other transcoders.)
+    mine = "MATCH (:Feature {transcoder: 'tc-x@00ff'})-[v:VIRTUAL]->() RETURN count(v) AS c"
+    assert store.cypher(mine).rows[0][0] == 3
     norm = store.cypher("MATCH (t:Transcoder {name: 'tc-x@00ff'}) RETURN t.virtual_norm").rows
     assert norm == [["corpus-mean"]]
     res = store.query("edge-vs-weight", graph=gid)

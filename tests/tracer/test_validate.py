@@ -224,22 +224,9 @@ def _has(graph, layer, pos, feat):
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a model folder, and a random
     CLT for it saved in the circuit-tracer layout."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from model_fixtures import save_tiny_folder
 
-    from tracer.fetch import fetch_smollm2
-    from transcoders.formats import save_transcoder
-
-    root = tmp_path_factory.mktemp("cli")
-    tok = AutoTokenizer.from_pretrained(fetch_smollm2())
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      vocab_size=len(tok), max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    save_transcoder(make_random_clt(2, 32, 32), root / "clt")
-    return root
+    return save_tiny_folder(tmp_path_factory.mktemp("cli"))
 
 
 def test_validate_command(tiny_folder, tmp_path, capsys):

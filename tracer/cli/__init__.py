@@ -18,6 +18,10 @@ COMMAND_MODULES = [
     "tracer.cli.validate_cmd",
     "tracer.cli.demo_cmd",
     "tracer.cli.serve_cmd",
+    "tracer.cli.supernodes_cmd",
+    "tracer.cli.contrast_cmd",
+    "tracer.cli.weights_cmd",
+    "tracer.cli.swap_cmd",
 ]
 
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
         "necessity. Results go into the graph file (extra['validation']) and a JSON beside it.",
     )
     v.add_argument("graph", help="full (unpruned) graph Parquet file written by attribution")
-    _model_args(v)
+    model_args(v)
     v.add_argument("--out", help="write the validated graph here (default: update GRAPH)")
     v.add_argument("--json", help="report JSON path (default: <graph>.validation.json)")
     v.add_argument("--max-circuit", type=_count, default=48, help="circuit features to ablate")
@@ -45,7 +45,7 @@ def register(sub) -> None:
         "the unsteered continuation. The real model runs; each edit adds the decoded change.",
     )
     s.add_argument("prompt")
-    _model_args(s)
+    model_args(s)
     s.add_argument("--set", dest="sets", action="append", default=[], metavar="L/F=VALUE",
                    help="clamp feature F of layer L to VALUE (repeatable)")  # fmt: skip
     s.add_argument("--scale", dest="scales", action="append", default=[], metavar="L/F=FACTOR",
@@ -62,7 +62,8 @@ def register(sub) -> None:
     s.set_defaults(func=_steer)
 
 
-def _model_args(p) -> None:
+def model_args(p) -> None:
+    """``--model``, ``--transcoders``, ``--keep-bos``, ``--device``, ``--dtype``."""
     p.add_argument("--model", default="smollm2", help="model folder, hub id or 'smollm2' (default)")
     p.add_argument("--transcoders", required=True, help="transcoder folder (any known format)")
     p.add_argument("--keep-bos", action="store_true",
@@ -84,7 +85,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _replacement(args, exclude_bos: bool):
+def replacement(args, exclude_bos: bool):
+    """The ReplacementModel of model_args, on the device and dtype they name."""
     from tracer.cli.trace_cmd import load_replacement
 
     setting = setting_from_args(args)
@@ -98,7 +100,7 @@ def _validate(args) -> int:
     setting_from_args(args)  # a bad --device/--dtype fails first, with one line
     graph = Graph.load(args.graph)  # then a bad file fails before the model loads
     exclude_bos = bool(graph.params.get("exclude_bos", not args.keep_bos))
-    rm = _replacement(args, exclude_bos)
+    rm = replacement(args, exclude_bos)
     report = validate(
         rm, graph, max_circuit=args.max_circuit, n_random=args.n_random,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
@@ -142,7 +144,7 @@ def _steer(args) -> int:
     edits += [parse_edit(t, "ablate", args.at) for t in args.ablates]
     if not edits:
         raise CLIError("nothing to steer: give --set L/F=VALUE, --scale L/F=FACTOR or --ablate L/F")
-    rm = _replacement(args, exclude_bos=not args.keep_bos)
+    rm = replacement(args, exclude_bos=not args.keep_bos)
     batch = [edits] if args.no_baseline else [[], edits]
     gens = generate_batch(
         rm, args.prompt, batch, max_new_tokens=args.max_new_tokens,
