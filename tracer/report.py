@@ -1,9 +1,11 @@
 """Self-contained HTML reports: one page per prompt and an index across prompts.
 
 A prompt's page holds the rendered graph (SVG inlined; SVG/PNG files beside it), the top
-logits, scores and parameters, the validation results (``graph.extra['validation']``), a node
-table whose inputs/outputs link to the other nodes' rows, and feature cards with top-activating
-contexts, an activation histogram and promoted tokens. Nothing is fetched from the network.
+logits, scores and parameters, the validation results (``graph.extra['validation']``), the
+graph's supernodes and swap experiments when it has them (``extra['supernodes']``,
+``extra['swaps']``), a node table whose inputs/outputs link to the other nodes' rows, and feature
+cards with top-activating contexts, an activation histogram and promoted tokens. Nothing is
+fetched from the network.
 """
 
 from __future__ import annotations
@@ -257,17 +259,21 @@ class _Page:
         parts.append(_inline_svg(svg_text))
         parts.append("</div></section>")
         parts.append(self._validation_section())
+        parts.append(self._supernode_section())
+        parts.append(self._swap_section())
         parts.append(self._node_section())
         parts.append(self._feature_section())
         return "".join(parts)
 
     def _header(self, files: ReportFiles) -> str:
         g = self.g
-        nav = " · ".join(
-            f'<a href="#{s}">{t}</a>'
-            for s, t in [("summary", "Summary"), ("graph", "Graph"), ("validation", "Validation"),
-                         ("nodes", "Nodes"), ("features", "Features")]
-        )  # fmt: skip
+        sections = [("summary", "Summary"), ("graph", "Graph"), ("validation", "Validation")]
+        if g.extra.get("supernodes"):
+            sections.append(("supernodes", "Supernodes"))
+        if g.extra.get("swaps"):
+            sections.append(("swaps", "Swaps"))
+        sections += [("nodes", "Nodes"), ("features", "Features")]
+        nav = " · ".join(f'<a href="#{s}">{t}</a>' for s, t in sections)
         return (
             f"<header><h1 id='top'>{_e(visible(g.prompt))}</h1>"
             f"<p>model <b>{_e(g.model_name)}</b> · transcoders "
@@ -328,6 +334,66 @@ class _Page:
             "<code>circuit-atlas validate</code>).</p>"
         )
         return f"<section id='validation'><h2>Validation</h2>{body}</section>"
+
+    def _supernode_section(self) -> str:
+        """The graph's supernodes (tracer.supernodes): name, members linked to their rows, and
+        the perturbation check against random groups (tracer.supernode_check); '' if none."""
+        found = self.g.extra.get("supernodes") or []
+        if not found:
+            return ""
+        params = self.g.extra.get("supernode_params") or {}
+        signals = ", ".join(params.get("signals") or []) or "recorded with the graph"
+        rows = []
+        for s in found:
+            v = s.get("validation") or {}
+            nodes = [int(i) for i in s.get("nodes", []) if 0 <= int(i) < self.g.n_nodes]
+            members = ", ".join(self.link(i) for i in nodes) or _e(s.get("members"))
+            rows.append([
+                _e(s.get("id")), _e(s.get("name")), members, _num(len(s.get("nodes", []))),
+                _num(s.get("influence")), _num(s.get("cohesion")), _num(v.get("observed")),
+                _num(v.get("predicted")), _num(v.get("agreement")),
+                _num(v.get("random_mean_agreement")), _num(v.get("effect_rank")),
+            ])  # fmt: skip
+        checked = next((s["validation"] for s in found if s.get("validation")), None)
+        how = (
+            f"Each group was ablated at once (free mode) beside {checked.get('n_random')} random "
+            "groups of its size: <i>agreement</i> compares the observed change of the logit "
+            "metric with the graph's prediction (1: equal, 0: opposite or one of them zero); "
+            "<i>effect rank</i> is the share of random groups whose effect is smaller."
+            if checked
+            else "Not checked by perturbation (run <code>circuit-atlas supernodes</code> "
+            "without <code>--no-check</code>)."
+        )
+        cols = ["supernode", "name", "members", "size", "influence", "cohesion", "observed",
+                "predicted", "agreement", "random-group agreement", "effect rank"]  # fmt: skip
+        return (
+            "<section id='supernodes'><h2>Supernodes</h2><p class='note'>Feature nodes grouped "
+            f"by similarity ({_e(signals)}). {how}</p>{_table(cols, rows, raw=True)}</section>"
+        )
+
+    def _swap_section(self) -> str:
+        """Swap experiments stored with the graph (tracer.swap); '' if none."""
+        swaps = self.g.extra.get("swaps") or []
+        if not swaps:
+            return ""
+
+        def top(rows):
+            return ", ".join(f"{visible(t)!r} {p:.3f}" for t, _, p in (rows or [])[:3])
+
+        rows = []
+        for w in swaps:
+            lab = w.get("label") or {}
+            what = " + ".join(lab.get("remove_names") or lab.get("remove") or []) or "features"
+            into = " + ".join(lab.get("insert_names") or lab.get("insert") or []) or "features"
+            rows.append([
+                _e(visible(w.get("other_prompt", ""))), _e(f"{what} → {into}"),
+                _num(len(w.get("removed", []))), _num(len(w.get("inserted", []))),
+                _e(w.get("mode")), _e(top(w.get("top_before"))), _e(top(w.get("top_after"))),
+                _e(visible(w.get("continuation_after", ""))), _e(w.get("moved")),
+            ])  # fmt: skip
+        cols = ["features from", "swap", "removed", "inserted", "mode", "top before",
+                "top after", "continuation after", "moved"]  # fmt: skip
+        return f"<section id='swaps'><h2>Swaps</h2>{_table(cols, rows, raw=True)}</section>"
 
     def _value_html(self, val, level: int) -> str:
         """Validation results of any shape: scalars as a key/value table, lists of records as

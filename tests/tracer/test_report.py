@@ -162,6 +162,58 @@ def test_report_without_features_or_influence(tmp_path):
     assert all(link[1:] in set(page.ids) for link in page.local_links)
 
 
+def test_supernodes_and_swaps_sections(tmp_path):
+    g = make_graph(n_layers=5, n_features=30)
+    feats = [int(i) for i in np.flatnonzero(g.kind == FEATURE)]
+
+    def members(nodes):
+        return [[int(g.layer[i]), int(g.position[i]), int(g.feature[i])] for i in nodes]
+
+    checked = {"observed": -1.25, "predicted": -1.5, "agreement": 0.9091, "n_random": 8,
+               "random_mean_agreement": 0.4375, "effect_rank": 0.875, "seed": 0}  # fmt: skip
+    g.extra["supernodes"] = [
+        {"id": "s0", "name": "→ Austin | on Texas", "nodes": feats[:3],
+         "members": members(feats[:3]), "influence": 0.5, "cohesion": 0.625,
+         "validation": checked},
+        {"id": "s1", "name": "L2/F7, L3/F9", "nodes": feats[3:5], "members": members(feats[3:5]),
+         "influence": 0.25, "cohesion": 0.5, "validation": None},
+    ]  # fmt: skip
+    g.extra["supernode_params"] = {"signals": ["decoder", "edges"]}
+    g.extra["swaps"] = [{
+        "prompt": g.prompt, "other_prompt": "The capital of California is", "mode": "live",
+        "removed": members(feats[:3]), "inserted": [[1, 2, 5, 3.5]],
+        "top_before": [[" Austin", 7, 0.625]], "top_after": [[" Sacramento", 9, 0.5]],
+        "continuation_after": " Sacramento, the", "moved": True,
+        "label": {"remove": ["s0"], "insert": ["s2"], "remove_names": ["→ Austin | on Texas"],
+                  "insert_names": ["→ Sacramento"]},
+    }]  # fmt: skip
+    files = write_report(g, tmp_path, name="sn")
+    html_text = files.html.read_text(encoding="utf-8")
+    page = _parse(files.html)
+    assert {"supernodes", "swaps"} <= set(page.ids)
+    assert "#supernodes" in page.local_links and "#swaps" in page.local_links
+    section = re.search(r"<section id='supernodes'>.*?</section>", html_text, re.S).group(0)
+    rows = re.findall(r"<tr><td>(s\d)</td>(.*?)</tr>", section, re.S)
+    assert [r[0] for r in rows] == ["s0", "s1"]
+    for (_, row), sn in zip(rows, g.extra["supernodes"], strict=True):
+        assert html.escape(sn["name"], quote=True) in row
+        # each member links to its row of the node table
+        linked = re.findall(r'href="#node-([^"]+)"', row)
+        assert linked == [g.node_id(i) for i in sn["nodes"]]
+    cells = re.findall(r"<td>([^<]*)</td>", rows[0][1])
+    assert cells[-5:] == ["-1.25", "-1.5", "0.9091", "0.4375", "0.875"]
+    assert re.findall(r"<td>([^<]*)</td>", rows[1][1])[-5:] == [""] * 5
+    assert "beside 8 random groups" in section and "decoder, edges" in section
+    swaps = re.search(r"<section id='swaps'>.*?</section>", html_text, re.S).group(0)
+    assert "→ Austin | on Texas → → Sacramento" in html.unescape(swaps)
+    assert "Sacramento, the" in swaps and "The capital of California is" in swaps
+    assert all(link[1:] in set(page.ids) for link in page.local_links)
+    # Without them, neither section nor its link.
+    plain = write_report(make_graph(n_layers=5, n_features=30), tmp_path, name="plain")
+    text = plain.html.read_text(encoding="utf-8")
+    assert "id='supernodes'" not in text and "#supernodes" not in text and "#swaps" not in text
+
+
 class _StoreResult:
     """Shaped like the graph store's query results: ``columns`` and ``rows``."""
 
