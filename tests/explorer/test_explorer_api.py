@@ -1,7 +1,8 @@
 """The explorer's server and its pieces without a browser: saved subgraphs in the store (and
-that a refused save writes nothing), the Neuronpedia qParams round trip, the graph JSON, the
-Cypher console's node highlighting, the token guard off loopback, the folder source, and clear
-errors for bad requests and bad command lines."""
+that a refused save writes nothing), the Neuronpedia qParams round trip, the graph JSON,
+automatic supernodes offered with a graph, the Cypher console's node highlighting, the token
+guard off loopback, the folder source, and clear errors for bad requests and bad command
+lines."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from graphstore import GraphNotFoundError, ReadOnlyViolation, SubgraphNotFoundError, graph_id
 from tracer.explorer import ExplorerConfig, ExplorerSetupError, GraphSource, create_app
 from tracer.explorer.intervene import InterventionRequestError, feature_edits
-from tracer.explorer.payload import edge_cumulative, graph_payload
+from tracer.explorer.payload import edge_cumulative, graph_payload, supernode_suggestions
 from tracer.explorer.server import ServerThread, access_token, is_loopback
 from tracer.graph import ERROR, FEATURE
 from tracer.neuronpedia import check_document, np_node_id, read_subgraph, to_neuronpedia
@@ -144,6 +145,58 @@ def test_graph_json_and_list(world):
     ]
     _, by_feature = call(f"{world.url}/api/graphs?feature={mine[0][0]}/{mine[0][1]}")
     assert [x["id"] for x in by_feature["graphs"]] == [gid]
+
+
+def auto_supernodes(g, k: int = 4) -> list[dict]:
+    """Two supernodes of g's first feature nodes (as tracer.supernodes stores them) and one
+    whose members are not nodes of g."""
+    feats = [int(i) for i in np.flatnonzero(g.kind == FEATURE)][:k]
+
+    def group(sid, nodes, validation=None):
+        members = [[int(g.layer[i]), int(g.position[i]), int(g.feature[i])] for i in nodes]
+        return {"id": sid, "name": f"group {sid}", "nodes": nodes, "members": members,
+                "influence": 1.0 / (1 + int(sid[1:])), "cohesion": 0.5,
+                "validation": validation}  # fmt: skip
+
+    absent = {"id": "s2", "name": "elsewhere", "nodes": [0, 1], "members": [[0, 99, 7], [1, 99, 8]]}
+    return [group("s0", feats[:2], {"agreement": 0.75, "effect_rank": 1.0}),
+            group("s1", feats[2:k]), absent]  # fmt: skip
+
+
+def test_graph_json_offers_stored_supernodes(world, tmp_path):
+    k = max(range(2), key=lambda j: world.graphs[j][0].count("feature"))  # the bigger circuit
+    (g, full), gid = world.graphs[k], world.ids[k]
+    sns = auto_supernodes(g)
+    assert len(sns[1]["nodes"]) == 2
+    world.store.add_supernodes(gid, sns[:2])
+    try:
+        _, doc = call(f"{world.url}/api/graphs/{gid}")
+        _, doc_full = call(f"{world.url}/api/graphs/{gid}?full=1")
+    finally:
+        world.store.add_supernodes(gid, [])
+    want = [
+        {"id": "s0", "name": "group s0", "members": [np_node_id(g, i) for i in sns[0]["nodes"]],
+         "agreement": 0.75, "effect_rank": 1.0},
+        {"id": "s1", "name": "group s1", "members": [np_node_id(g, i) for i in sns[1]["nodes"]],
+         "agreement": None, "effect_rank": None},
+    ]  # fmt: skip
+    assert doc["supernodes"] == want
+    # In the full graph the same features are other node indices: matched by identity.
+    for s in doc_full["supernodes"]:
+        for m in s["members"]:
+            i = doc_full["nodes"]["id"].index(m)
+            assert m == np_node_id(full, i)
+    assert [s["members"] for s in doc_full["supernodes"]] == [s["members"] for s in want]
+    # A folder graph offers the supernodes its file holds; members not in the graph drop out.
+    g.extra["supernodes"] = sns
+    try:
+        g.save(tmp_path / "a.parquet")
+        src = GraphSource(folder=tmp_path)
+        loaded, _ = src.load(graph_id(g))
+        got = supernode_suggestions(loaded, src.supernodes(graph_id(g), loaded))
+    finally:
+        del g.extra["supernodes"]
+    assert got == want  # s2 has no member in this graph
 
 
 def test_edge_cumulative_is_the_running_share_of_weight():

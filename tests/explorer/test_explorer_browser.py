@@ -232,6 +232,37 @@ def test_tour(world, browser):
     tab.close()
 
 
+def test_suggested_supernodes(world, browser):
+    """Automatic supernodes stored with the graph are offered in the subgraph pane; "use"
+    pins their members and groups them under the supernode's name."""
+    k = max(range(2), key=lambda j: world.graphs[j][0].count("feature"))  # the bigger circuit
+    g, gid = world.graphs[k][0], world.ids[k]
+    feats = top_features(g, 3)
+    assert len(feats) == 3
+    members = [[int(g.layer[i]), int(g.position[i]), int(g.feature[i])] for i in feats]
+    world.store.add_supernodes(gid, [{"id": "s0", "name": "→ Paris", "nodes": feats,
+                                      "members": members, "influence": 0.5,
+                                      "validation": {"agreement": 0.8125}}])  # fmt: skip
+    tab = Tab(browser, world.url)
+    page = tab.page
+    try:
+        tab.open(f"?graph={gid}")
+        page.click("#tabs button[data-tab=subgraph]")
+        item = page.locator("#suggested-list .suggested")
+        assert item.count() == 1
+        assert "→ Paris" in item.inner_text() and "agreement 0.81" in item.inner_text()
+        page.click("#suggested-list button.use-suggested")
+        ids = [np_node_id(g, i) for i in sorted(feats)]  # the store keeps members by index
+        assert page.locator("#pinned-list .pinned-item").count() == 3
+        assert page.locator("#supernode-list input.sn-label").input_value() == "→ Paris"
+        assert tab.js("window.__explorer.supernodes") == [{"label": "→ Paris", "members": ids}]
+        tab.shot("09-suggested-supernodes")
+        assert tab.errors == []
+    finally:
+        world.store.add_supernodes(gid, [])
+        tab.close()
+
+
 def g_index(g, node_id: str) -> int:
     return next(i for i in range(g.n_nodes) if np_node_id(g, i) == node_id)
 

@@ -45,7 +45,7 @@ from graphstore.errors import (
 from tracer.explorer.cypher import cypher_result
 from tracer.explorer.features import feature_panel
 from tracer.explorer.intervene import InterventionRequestError, InterventionService
-from tracer.explorer.payload import graph_payload
+from tracer.explorer.payload import graph_payload, supernode_suggestions
 from tracer.explorer.sources import GraphSource
 from tracer.features import FeatureBook
 from tracer.neuronpedia import NeuronpediaFormatError, read_subgraph, to_neuronpedia
@@ -165,6 +165,7 @@ def create_app(
         doc = graph_payload(graph, gid, where, features, decode)
         doc["full"] = full
         doc["can_save"] = source.has_store(gid)
+        doc["supernodes"] = supernode_suggestions(graph, source.supernodes(gid, graph))
         return doc
 
     def info(request: Request):

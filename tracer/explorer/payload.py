@@ -4,7 +4,9 @@ Node ids are Neuronpedia node ids (:func:`tracer.neuronpedia.np_node_id`), the i
 subgraphs use. Each node carries its display influence and the cumulative influence share the
 node-threshold slider compares against (as the Neuronpedia export); each edge carries the
 cumulative share of |weight| (edges sorted by |weight|, largest first) the edge slider compares
-against, so the page re-prunes without asking the server.
+against, so the page re-prunes without asking the server. Automatic supernodes
+(tracer.supernodes) found for the graph are listed by :func:`supernode_suggestions` for the
+page to offer as groups.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from tracer.annotate import display_influence, node_heading, node_text, visible, vocab_text
 from tracer.features import FeatureBook
-from tracer.graph import LOGIT, NODE_KINDS, Graph
+from tracer.graph import FEATURE, LOGIT, NODE_KINDS, Graph
 from tracer.neuronpedia import cumulative_influence, np_node_id
 
 
@@ -99,3 +101,27 @@ def scores_with_convention(scores: dict, params: dict) -> dict:
     if not scores:
         return {}
     return {**scores, "convention": params.get("convention") or "not recorded"}
+
+
+def supernode_suggestions(graph: Graph, supernodes: list[dict]) -> list[dict]:
+    """Automatic supernodes (dicts of ``tracer.supernodes.Supernode``) as the page offers them:
+    id, name, the perturbation check's agreement and effect rank, and ``members``: the node ids
+    of this graph's nodes of the group's (layer, position, feature) members (the graph shown
+    may be the full graph, whose node order differs from the circuit's). Groups with fewer than
+    two members here are left out."""
+    ids = {
+        (int(graph.layer[i]), int(graph.position[i]), int(graph.feature[i])): np_node_id(graph, i)
+        for i in np.flatnonzero(graph.kind == FEATURE)
+    }
+    out = []
+    for s in supernodes:
+        members = [ids[k] for k in (tuple(int(x) for x in m) for m in s.get("members", []))
+                   if k in ids]  # fmt: skip
+        if len(members) < 2:
+            continue
+        v = s.get("validation") or {}
+        out.append({
+            "id": s.get("id"), "name": s.get("name") or s.get("id"), "members": members,
+            "agreement": v.get("agreement"), "effect_rank": v.get("effect_rank"),
+        })  # fmt: skip
+    return out

@@ -197,6 +197,12 @@ class GraphSource:
         )
         return bool(res.rows[0][0])
 
+    def supernodes(self, gid: str, graph: Graph) -> list[dict]:
+        """The automatic supernodes of graph ``gid`` (``graph``, as loaded): those stored with
+        it in the store, else those its file holds (``extra['supernodes']``)."""
+        found = self.store.supernodes(gid) if self.store is not None else []
+        return found or list(graph.extra.get("supernodes") or [])
+
     # --- features ------------------------------------------------------------------------------
 
     def feature_graphs(self, transcoder: str, layer: int, index: int, limit: int = 50) -> list:

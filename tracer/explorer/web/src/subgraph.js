@@ -95,6 +95,7 @@ export function renderSubgraph(app) {
   el("supernode-list").innerHTML = app.supernodes.map((s, k) => `<div class="supernode" data-k="${k}">
       <input class="sn-label" data-k="${k}" value="${esc(s.label)}"> <button class="ungroup" data-k="${k}">ungroup</button>
       <div class="meta">${s.members.map((m) => esc(app.labels[m] || nodeTitle(g, index.get(m)))).join(" · ")}</div></div>`).join("");
+  renderSuggested(app);
   const box = el("tab-subgraph");
   for (const b of box.querySelectorAll("button.unpin")) b.addEventListener("click", () => app.togglePin(b.dataset.id));
   for (const inp of box.querySelectorAll("input.label")) inp.addEventListener("change", () => { app.labels[inp.dataset.id] = inp.value.trim(); renderSubgraph(app); });
@@ -109,6 +110,28 @@ export function renderSubgraph(app) {
   app.view.request(false);
   app.refreshTargets();
   drawMini(app, groupOf);
+}
+
+// Automatic supernodes found for this graph (circuit-atlas supernodes): "use" pins the members
+// and groups them under the supernode's name.
+function renderSuggested(app) {
+  const list = app.graph.supernodes || [];
+  const fmt = (x) => (x === null || x === undefined ? "–" : Number(x).toFixed(2));
+  el("suggested-list").innerHTML = list.length
+    ? "<h3>suggested supernodes</h3>" + list.map((s, k) => `<div class="suggested" data-k="${k}">
+        <b>${esc(s.id)}</b> ${esc(s.name)} · ${s.members.length} nodes · agreement ${fmt(s.agreement)} · effect rank ${fmt(s.effect_rank)}
+        <button class="use-suggested" data-k="${k}">use</button></div>`).join("")
+    : "";
+  for (const b of el("suggested-list").querySelectorAll("button.use-suggested")) {
+    b.addEventListener("click", () => {
+      const s = list[Number(b.dataset.k)];
+      for (const m of s.members) if (!app.pinned.includes(m)) app.pinned.push(m);
+      for (const g of app.supernodes) g.members = g.members.filter((m) => !s.members.includes(m));
+      app.supernodes = app.supernodes.filter((g) => g.members.length);
+      app.supernodes.push({ label: s.name, members: [...s.members] });
+      renderSubgraph(app);
+    });
+  }
 }
 
 // The pinned nodes as a small graph: supernodes drawn as one node (edges summed).
