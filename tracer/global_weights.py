@@ -153,17 +153,18 @@ def typical_norm_scales(
     steps = range(0, len(tokens), batch)
     for b in tqdm(steps, desc="norm scales", unit="batch", disable=not progress):
         run = rm.model.run(tokens[b : b + batch], record_sites=())
-        s = run.scales["mlp_norm"][:, :, 1:]  # [B, L, P-1]
-        total += s.float().sum((0, 2))
+        s = run.scales["mlp_norm"][:, :, 1:]  # [B, L, P-1], on the model's device
+        total += s.float().sum((0, 2)).cpu()
         n += s.shape[0] * s.shape[2]
     return total / max(n, 1)
 
 
 def cumulative_decoders(transcoder, target_layer: int) -> torch.Tensor:
     """Each source layer's decoder rows summed over the MLP outputs that reach the resid_mid of
-    ``target_layer`` (l_s <= l < target_layer): [target_layer, F, d]."""
+    ``target_layer`` (l_s <= l < target_layer): [target_layer, F, d], float32 on the
+    transcoder's device."""
     F, d = transcoder.cfg.n_features, transcoder.cfg.d_model
-    out = torch.zeros(target_layer, F, d)
+    out = torch.zeros(target_layer, F, d, device=transcoder.W_enc.device)
     for ls in range(target_layer):
         dec = transcoder.decoder(ls).detach().float()  # [F, T, d], T = outputs ls .. ls+T-1
         stop = min(dec.shape[1], target_layer - ls)
@@ -188,18 +189,21 @@ def global_weights(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     L, F = transcoder.cfg.n_layers, transcoder.cfg.n_features
     enc = effective_encoders(transcoder, model, norm_scales)
+    dev = enc.device  # the blocks are computed where the transcoder is; the pairs kept on the host
     # Outputs: a running top-k per source over all target layers (values, flat target ids).
-    out_v = torch.full((L * F, top_k), -1.0)
-    out_w = torch.zeros(L * F, top_k)
-    out_t = torch.full((L * F, top_k), -1, dtype=torch.long)
+    out_v = torch.full((L * F, top_k), -1.0, device=dev)
+    out_w = torch.zeros(L * F, top_k, device=dev)
+    out_t = torch.full((L * F, top_k), -1, dtype=torch.long, device=dev)
     pairs: dict[tuple[int, int], list] = {}  # (flat source, flat target) -> [w, rank_in, r_out]
     for lt in tqdm(range(1, L), desc="global weights", unit="layer", disable=not progress):
         W = global_weight_block(transcoder, enc, lt).reshape(lt * F, F)  # [sources, targets]
         k_in = min(top_k, lt * F)
         _, src = W.abs().topk(k_in, dim=0)  # [k, F] per target
+        w_in = W.gather(0, src).cpu().tolist()  # [k][F]: one copy to the host per layer
+        src_h = src.cpu().tolist()
         for t in range(F):
-            for r, s in enumerate(src[:, t].tolist()):
-                pairs[(s, lt * F + t)] = [float(W[s, t]), r, -1]
+            for r in range(k_in):
+                pairs[(src_h[r][t], lt * F + t)] = [w_in[r][t], r, -1]
         k_out = min(top_k, F)
         v, tgt = W.abs().topk(k_out, dim=1)  # [lt*F, k]
         cand_v = torch.cat([out_v[: lt * F], v], 1)
@@ -208,12 +212,13 @@ def global_weights(
         best_v, j = cand_v.topk(top_k, dim=1)
         out_v[: lt * F], out_w[: lt * F] = best_v, cand_w.gather(1, j)
         out_t[: lt * F] = cand_t.gather(1, j)
+    out_t_h, out_w_h = out_t.cpu().tolist(), out_w.cpu().tolist()
     for s in range(L * F):
         for r in range(top_k):
-            t = int(out_t[s, r])
+            t = out_t_h[s][r]
             if t < 0:
                 continue
-            entry = pairs.setdefault((s, t), [float(out_w[s, r]), -1, -1])
+            entry = pairs.setdefault((s, t), [out_w_h[s][r], -1, -1])
             entry[2] = r
     keys = sorted(pairs)
     src = np.array([k[0] for k in keys], dtype=np.int64)

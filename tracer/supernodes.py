@@ -120,7 +120,7 @@ def decoder_directions(transcoder, members: list[tuple[int, int, int]]) -> np.nd
     for layer in np.unique(layers).tolist():
         sel = np.where(layers == layer)[0]
         rows = transcoder.decoder_rows(layer, torch.as_tensor(feats[sel]))  # [n, T, d]
-        out[sel] = rows.sum(1).double().numpy()
+        out[sel] = rows.sum(1).double().cpu().numpy()
     return out
 
 
@@ -149,7 +149,8 @@ def corpus_activations(
     progress: bool = True,
 ) -> np.ndarray:  # fmt: skip
     """Activations of ``features`` ((layer, index) pairs) on corpus tokens [S, P] (start
-    token excluded: position 0 of every sequence is skipped). [S * (P - 1), n], float32.
+    token excluded: position 0 of every sequence is skipped). [S * (P - 1), n], float32 on the
+    host (the model and transcoder run on their device).
 
     Runs the real model (no interventions) and the transcoder's encoder at its input site."""
     tc, site = rm.transcoder, rm.input_site
@@ -168,7 +169,7 @@ def corpus_activations(
         for layer in np.unique(layers).tolist():
             sel = np.where(layers == layer)[0]
             acts = tc.activate(layer, tc.pre_activations(layer, x[:, layer].float()))
-            out[rows, sel] = acts[:, 1:, index[sel]].reshape(-1, len(sel)).numpy()
+            out[rows, sel] = acts[:, 1:, index[sel]].reshape(-1, len(sel)).float().cpu().numpy()
     return out
 
 
