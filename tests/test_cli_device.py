@@ -15,6 +15,9 @@ COMMANDS = {
     "model info": ["model", "info", "no-such-model"],
     "transcoders train": ["transcoders", "train", "--model", "no-such-model"],
     "demo": ["demo", "--out", "no-such-folder/demo"],
+    "supernodes": ["supernodes", "no-such-graph.parquet", "--transcoders", "no-such-clt"],
+    "weights": ["weights", "--transcoders", "no-such-clt"],
+    "swap": ["swap", "a.parquet", "b.parquet", "--remove", "s0", "--transcoders", "no-such-clt"],
 }
 
 
