@@ -12,10 +12,13 @@ Formats (``FORMATS``):
   parent folder of one such folder per layer. Read; written for per-layer transcoders.
 - ``gemmascope``: GemmaScope ``params.npz`` transcoders (a file, or a folder tree of them with
   ``layer_{i}`` in their paths). Read only.
+- ``sparsify``: EleutherAI sparsify TopK transcoders (optionally with skip connection), a
+  ``cfg.json`` + ``sae.safetensors`` folder per MLP hookpoint (``layers.{i}.mlp``), or the run
+  folder holding them. Read only.
 
-Per-layer sources (SAELens, GemmaScope) become a per-layer transcoder (kind ``plt``): stacked in
-model-layer order, or, given ``n_layers``, placed at their model layers with inert zero layers
-elsewhere (see ``transcoders.io_assemble.assemble_per_layer``).
+Per-layer sources (SAELens, GemmaScope, sparsify) become a per-layer transcoder (kind ``plt``):
+stacked in model-layer order, or, given ``n_layers``, placed at their model layers with inert
+zero layers elsewhere (see ``transcoders.io_assemble.assemble_per_layer``).
 
 With ``lazy=True`` only encoders are read when loading; each layer's decoder is read from disk
 on first use (and a sparse decode reads only the rows it needs).
@@ -51,8 +54,9 @@ from transcoders.io_saelens import (
     saelens_layer_folders,
     write_saelens,
 )
+from transcoders.io_sparsify import is_sparsify_folder, read_sparsify, sparsify_layer_folders
 
-FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens", "gemmascope")
+FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens", "gemmascope", "sparsify")
 WRITABLE_FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens")
 # Storage precisions: the one dtype table of transcoders.device.
 DTYPES = {name: DEVICE_DTYPES[name] for name in DTYPE_CHOICES}
@@ -79,8 +83,9 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_file():
         if p.suffix == ".npz":
             return "gemmascope"
-        if p.name in ("cfg.json", "sae_weights.safetensors"):
-            raise TranscoderFormatError(f"{p} is part of a SAELens folder: load {p.parent}")
+        if p.name in ("cfg.json", "sae_weights.safetensors", "sae.safetensors"):
+            kind = "sparsify" if (p.parent / "sae.safetensors").is_file() else "SAELens"
+            raise TranscoderFormatError(f"{p} is part of a {kind} folder: load {p.parent}")
         raise TranscoderFormatError(
             f"{p} is a single file; load the folder that holds the transcoder ({p.parent})"
         )
@@ -90,6 +95,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "circuit-tracer-plt"
     if is_saelens_folder(p) or saelens_layer_folders(p):
         return "saelens"
+    if is_sparsify_folder(p) or sparsify_layer_folders(p):
+        return "sparsify"
     if gemmascope_files(p):
         return "gemmascope"
     listed = (read_yaml(p) if (p / "config.yaml").is_file() else {}).get("transcoders")
@@ -101,7 +108,8 @@ def detect_format(path: str | os.PathLike) -> str:
     raise TranscoderFormatError(
         f"{p} holds no transcoder in a format we read: expected W_enc_0.safetensors "
         "(circuit-tracer CLT), layer_0.safetensors (circuit-tracer per-layer), cfg.json + "
-        "sae_weights.safetensors (SAELens) or params.npz (GemmaScope)"
+        "sae_weights.safetensors (SAELens), cfg.json + sae.safetensors (sparsify) or params.npz "
+        "(GemmaScope)"
     )
 
 
@@ -180,6 +188,7 @@ def load_transcoder(
             "circuit-tracer-plt": read_plt,
             "saelens": read_saelens,
             "gemmascope": read_gemmascope,
+            "sparsify": read_sparsify,
         }[fmt]
         clt = reader(p, n_layers=n_layers, layer=layer, **common)
     # The identity is computed on first use (it reads a few decoder rows, so a lazy load stays
