@@ -88,7 +88,8 @@ def setup_venv(venv: Path) -> None:
         capture_output=True,
         text=True,
     )
-    print(f"sparsify environment ready at {venv} (torch {out.stdout.strip()})")
+    version = out.stdout.strip().splitlines()[-1]  # sparsify's import prints a line of its own
+    print(f"sparsify environment ready at {venv} (torch {version})")
 
 
 # --- the token plan -------------------------------------------------------------------------------
