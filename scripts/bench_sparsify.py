@@ -58,6 +58,7 @@ from proc_stats import cpu_s  # noqa: E402
 SPARSIFY_VERSION = "1.3.3"
 TORCH_VERSION = "2.13.0"  # the CPU build on this machine's disk; a looser pin pulls CUDA builds
 RUNNER = ROOT / "scripts" / "bench_sparsify_runner.py"
+LOG = "log.jsonl"  # our trainer's log (transcoders.train.LOG)
 
 
 # --- the sparsify environment -------------------------------------------------------------------
@@ -240,6 +241,7 @@ def run_ours(args, model, plan: TokenPlan, layers, train_tokens, heldout, work: 
     wall = time.perf_counter() - t0
     m = result.metrics
     return {
+        **eval_curve(work / "ours" / LOG),
         "recipe": asdict(cfg),
         "steps": result.steps,
         "train_tokens": plan.tokens,
@@ -252,6 +254,21 @@ def run_ours(args, model, plan: TokenPlan, layers, train_tokens, heldout, work: 
         "device": args.device,
         "threads": torch.get_num_threads(),
         "weights": str(work / "ours" / "transcoder"),
+    }
+
+
+def eval_curve(log: Path) -> dict:
+    """Our trainer's held-out evaluations (same held-out tokens, BOS excluded): step 0 is the
+    ridge-regression skip fit alone, before any feature is trained."""
+    from transcoders.train import read_log
+
+    evals = [r for r in read_log(log) if r.get("event") == "eval"]
+    if not evals:
+        return {}
+    return {
+        "start_nmse": evals[0]["nmse"],
+        "start_nmse_per_layer": evals[0]["nmse_per_layer"],
+        "eval_curve": [[r["step"], r["nmse"]] for r in evals],
     }
 
 
@@ -380,6 +397,9 @@ def markdown(r: dict) -> str:
         f"**{theirs['nmse']:.3f}** |",
         f"| held-out NMSE, all positions | {mine['nmse_all_positions']:.3f} | "
         f"{theirs['nmse_all_positions']:.3f} |",
+        f"| held-out NMSE before training (ours: the ridge skip fit alone) | "
+        f"{o.get('start_nmse', float('nan')):.3f} | about 1 (decoder and skip start at zero, "
+        "b_dec at the mean) |",
         f"| L0 | {mine['l0']:.1f} | {theirs['l0']:.1f} |",
         f"| never fire on held-out | {mine['dead_heldout']:.1%} | {theirs['dead_heldout']:.1%} |",
         "",
@@ -393,13 +413,15 @@ def markdown(r: dict) -> str:
             "",
         ]
     lines += [
-        "| layer | NMSE ours | NMSE sparsify | all-pos ours | all-pos sparsify | L0 ours | "
-        "L0 sparsify |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | NMSE ours | NMSE sparsify | ours at step 0 | all-pos ours | all-pos sparsify | "
+        "L0 ours | L0 sparsify |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    start = o.get("start_nmse_per_layer") or [float("nan")] * len(r["layers"])
     for i, layer in enumerate(r["layers"]):
         lines.append(
             f"| {layer} | {mine['nmse_per_layer'][i]:.3f} | {theirs['nmse_per_layer'][i]:.3f} | "
+            f"{start[i]:.3f} | "
             f"{mine['nmse_all_positions_per_layer'][i]:.3f} | "
             f"{theirs['nmse_all_positions_per_layer'][i]:.3f} | {mine['l0_per_layer'][i]:.1f} | "
             f"{theirs['l0_per_layer'][i]:.1f} |"
