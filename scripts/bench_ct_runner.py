@@ -6,12 +6,22 @@ circuit-atlas never imports it. The main benchmark script starts it as a subproc
 peak memory is measured on its own:
 
     CT_VENV/bin/python scripts/bench_ct_runner.py --model-dir M --clt-dir C \
-        --tokens 1,504,... --out run.npz [--max-feature-nodes N] [--n-layers L]
+        --tokens 1,504,... --out run.npz [--max-feature-nodes N] [--n-layers L] \
+        [--prune 0.8:0.98,0.5:0.9]
 
 Writes ``run.npz``: the graph's nonzero edges (COO: target, source, weight; A[target, source]
 as circuit-tracer's adjacency, rows = targets), its node keys (kind, layer, position,
 feature-or-token), and a JSON string of timings (seconds), peak resident memory (MB) and
 counts.
+
+With ``--prune`` (node:edge threshold pairs; scripts/bench_conventions.py) it also applies
+circuit-tracer's own ``prune_graph`` and ``compute_graph_scores`` to that graph, once as
+shipped (float32) and once with torch's default dtype float64 (the same code, without float32
+rounding), and writes per dtype ``{dtype}_influence`` [N] (``compute_node_influence``),
+``{dtype}_replacement`` / ``{dtype}_completeness``, and per pair i ``{dtype}_node_mask_{i}``
+[N] and ``{dtype}_edge_mask_{i}`` [E] (the edge mask at the stored edges, both ends kept), with
+the node and edge cuts (``find_threshold``) and the kept entries the edge mask holds beyond
+those (zero entries, dropped ends) in the JSON.
 """
 
 from __future__ import annotations
@@ -74,6 +84,78 @@ def read_hooks(clt_dir: Path) -> tuple[str, str]:
     return cfg["feature_input_hook"], cfg["feature_output_hook"]
 
 
+def ct_prune(graph, pairs: list[tuple[float, float]], tgt, src) -> tuple[dict, dict]:
+    """circuit-tracer's ``prune_graph`` / ``compute_graph_scores`` on ``graph`` for each
+    (node, edge) threshold pair, in float32 (as shipped) and float64: (arrays, JSON facts).
+
+    The cuts are recomputed with circuit-tracer's ``find_threshold`` for the record (the
+    benchmark reports how far a differing node or edge lies from them); the masks are
+    ``prune_graph``'s own."""
+    import copy
+
+    import torch
+    from circuit_tracer.graph import (
+        compute_edge_influence,
+        compute_graph_scores,
+        compute_node_influence,
+        find_threshold,
+        prune_graph,
+    )
+
+    arrays, facts = {}, {}
+    n_tok, n_logit = len(graph.input_tokens), len(graph.logit_targets)
+    default = torch.get_default_dtype()
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        torch.set_default_dtype(dtype)  # prune_graph makes its logit weights in the default
+        try:
+            g = copy.copy(graph)
+            g.adjacency_matrix = graph.adjacency_matrix.to(dtype)
+            g.logit_probabilities = graph.logit_probabilities.to(dtype)
+            A = g.adjacency_matrix
+            w = torch.zeros(A.shape[0])
+            w[-n_logit:] = g.logit_probabilities
+            infl = compute_node_influence(A, w)
+            rep, comp = compute_graph_scores(g)
+            arrays[f"{name}_influence"] = infl.numpy()
+            arrays[f"{name}_replacement"] = rep
+            arrays[f"{name}_completeness"] = comp
+            runs = []
+            for i, (node_t, edge_t) in enumerate(pairs):
+                t0 = time.perf_counter()
+                res = prune_graph(g, node_threshold=node_t, edge_threshold=edge_t)
+                prune_s = time.perf_counter() - t0
+                nm, em = res.node_mask, res.edge_mask
+                ends = nm[:, None] & nm[None, :]
+                # The cuts as prune_graph finds them (before its clean-up).
+                node_cut = find_threshold(infl, node_t)
+                nm0 = infl >= node_cut
+                nm0[-n_logit - n_tok :] = True
+                pm = A.clone()
+                pm[~nm0] = 0
+                pm[:, ~nm0] = 0
+                escore = compute_edge_influence(pm, w)
+                edge_cut = find_threshold(escore.flatten(), edge_t)
+                arrays[f"{name}_node_mask_{i}"] = nm.numpy()
+                arrays[f"{name}_edge_mask_{i}"] = (em & ends)[tgt, src].numpy()
+                arrays[f"{name}_edge_score_{i}"] = escore[tgt, src].numpy()
+                runs.append({
+                    "node_threshold": node_t,
+                    "edge_threshold": edge_t,
+                    "node_cut": float(node_cut),
+                    "edge_cut": float(edge_cut),
+                    "nodes_kept": int(nm.sum()),
+                    "edges_kept": int((em & ends & (A != 0)).sum()),
+                    "mask_entries_on_zero_weights": int((em & (A == 0)).sum()),
+                    "mask_entries_with_a_dropped_end": int((em & ~ends & (A != 0)).sum()),
+                    "prune_s": round(prune_s, 3),
+                })  # fmt: skip
+            facts[name] = {"replacement": rep, "completeness": comp, "runs": runs}
+        finally:
+            torch.set_default_dtype(default)
+    return arrays, facts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", required=True, type=Path, help="local HF model folder")
@@ -84,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n-layers", type=int, default=None, help="keep only the first N layers")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--prune", default=None, help="node:edge threshold pairs, comma-separated")
     args = ap.parse_args()
 
     import circuit_tracer
@@ -180,6 +263,10 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_feature_nodes": args.max_feature_nodes,
     }
+    pruned: dict = {}
+    if args.prune:
+        pairs = [tuple(float(x) for x in p.split(":")) for p in args.prune.split(",")]
+        pruned, info["prune"] = ct_prune(graph, pairs, tgt, src)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         args.out,
@@ -189,7 +276,7 @@ def main() -> None:
         activation=graph.activation_values[graph.selected_features].numpy()
         if len(graph.activation_values) == len(graph.active_features)
         else graph.activation_values.numpy(),
-        info=json.dumps(info),
+        info=json.dumps(info), **pruned,
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(info))
