@@ -1,8 +1,8 @@
 """Influence, pruning and graph scores (after Ameisen et al., 2025), in two conventions.
 
-All of it works on |A| with each row normalised to sum to one, ``N``: a target's inputs as
-fractions (rows without inputs stay zero). Influence of a node on the logits sums over paths of
-every length,
+All of it works on |A| with each row normalised, ``N``: a target's inputs as fractions of its
+row sum (rows without inputs stay zero; circuit-tracer divides by max(row sum, 1e-10), below).
+Influence of a node on the logits sums over paths of every length,
 
     influence = w (N + N^2 + N^3 + ...)
 
@@ -17,6 +17,9 @@ Conventions (``convention=``; a graph records the one its scores use in
 ``compute_graph_scores``, rule for rule, so scores and circuits compare with circuit-tracer and
 Neuronpedia:
 
+- *row normalisation*: each row of |A| is divided by max(row sum, 1e-10)
+  (``ROW_SUM_FLOOR``), circuit-tracer's ``normalize_matrix``: a target whose |inputs| sum to
+  s < 1e-10 (in the graph's units) passes on only s / 1e-10 of its influence.
 - *start position*: the error nodes at the positions whose features are not nodes (position 0
   when ``params["exclude_bos"]``, the default) are constants: circuit-tracer zeroes those error
   vectors, so their edges count as zero (the graph keeps them: they are exact, and the atlas
@@ -38,6 +41,8 @@ Neuronpedia:
 ``"atlas"`` -- this project's earlier rules, kept for comparison with graphs scored before
 circuit-tracer's convention became the default. Each difference and why it was chosen:
 
+- every row with inputs is normalised to sum to one, however small: the rules then do not
+  depend on the units of the edges;
 - the start position's error nodes are ordinary error nodes: that position's MLP output (minus
   the decoder bias) is a real part of the model's computation, and treating it as a constant
   hides whatever it contributes;
@@ -109,17 +114,25 @@ def scoring_adjacency(graph: Graph, convention: str | None = None) -> sp.csr_mat
     return a
 
 
-def _row_normalized_abs(a: sp.spmatrix) -> sp.csr_matrix:
+# Row normalisation divides |A|'s rows by max(row sum, floor) (module doc).
+ROW_SUM_FLOOR: dict[str, float] = {"circuit-tracer": 1e-10, "atlas": 0.0}
+
+
+def _row_normalized_abs(a: sp.spmatrix, floor: float) -> sp.csr_matrix:
+    """|a| [N, N] float64 CSR with each row divided by max(its sum, ``floor``) (rows without
+    inputs stay zero)."""
     a = abs(sp.csr_matrix(a, dtype=np.float64, copy=True))  # copy: never touch the caller's
-    sums = np.asarray(a.sum(axis=1)).ravel()
+    sums = np.maximum(np.asarray(a.sum(axis=1)).ravel(), floor)
     inv = np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > 0)
     return (sp.diags(inv) @ a).tocsr()
 
 
 def normalized_abs_adjacency(graph: Graph, convention: str | None = None) -> sp.csr_matrix:
-    """|A| with rows scaled to sum to one (rows without inputs stay zero), float64 [N, N] CSR,
-    on the convention's adjacency (:func:`scoring_adjacency`)."""
-    return _row_normalized_abs(scoring_adjacency(graph, convention))
+    """|A| with rows scaled to sum to one (rows without inputs stay zero; circuit-tracer: rows
+    summing below ``ROW_SUM_FLOOR`` to less), float64 [N, N] CSR, on the convention's adjacency
+    (:func:`scoring_adjacency`)."""
+    conv = resolve_convention(graph, convention)
+    return _row_normalized_abs(scoring_adjacency(graph, conv), ROW_SUM_FLOOR[conv])
 
 
 def _influence(norm: sp.csr_matrix, weights: np.ndarray) -> np.ndarray:
@@ -228,7 +241,7 @@ def prune(
     """
     conv = resolve_convention(graph, convention)
     a = scoring_adjacency(graph, conv)
-    norm = _row_normalized_abs(a)
+    norm = _row_normalized_abs(a, ROW_SUM_FLOOR[conv])
     infl = _influence(norm, graph.logit_weights)
     if conv == "circuit-tracer":
         node_keep, edge_keep, shown = _prune_circuit_tracer(
@@ -251,11 +264,11 @@ def prune(
     return pruned
 
 
-def _edge_scores(a: sp.csr_matrix, keep: np.ndarray, weights: np.ndarray):
+def _edge_scores(a: sp.csr_matrix, keep: np.ndarray, weights: np.ndarray, floor: float):
     """Edge scores on the graph restricted to ``keep`` nodes: (coo of the normalised restricted
     |A|, score per stored entry, influence' per node)."""
     d = sp.diags(keep.astype(np.float64))
-    sub_norm = _row_normalized_abs(d @ a @ d)
+    sub_norm = _row_normalized_abs(d @ a @ d, floor)
     sub_norm.eliminate_zeros()
     sub_infl = _influence(sub_norm, weights)
     coo = sub_norm.tocoo()
@@ -274,7 +287,7 @@ def _prune_circuit_tracer(graph, a, infl, node_threshold, edge_threshold):
     w = graph.logit_weights.astype(np.float64)
     always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
     node_keep = (infl >= cumulative_cut(infl, node_threshold)) | always
-    coo, score, _ = _edge_scores(a, node_keep, w)
+    coo, score, _ = _edge_scores(a, node_keep, w, ROW_SUM_FLOOR["circuit-tracer"])
     n = graph.n_nodes
     cut = cumulative_cut(score, edge_threshold, n_total=n * n)
     if cut <= 0.0:  # every entry of the N x N matrix is kept: the clean-up finds nothing
@@ -301,7 +314,8 @@ def _prune_atlas(graph, a, infl, node_threshold, edge_threshold):
     is_feat = graph.kind == FEATURE
     node_keep = ~is_feat
     node_keep[np.where(is_feat)[0][cumulative_keep(infl[is_feat], node_threshold)]] = True
-    coo, score, sub_infl = _edge_scores(a, node_keep, graph.logit_weights.astype(np.float64))
+    w = graph.logit_weights.astype(np.float64)
+    coo, score, sub_infl = _edge_scores(a, node_keep, w, ROW_SUM_FLOOR["atlas"])
     edge_keep = _edge_mask(graph, coo, cumulative_keep(score, edge_threshold))
     prunable = is_feat | (graph.kind == ERROR)
     while True:  # drop nodes without an outgoing kept edge (they cannot reach a logit)

@@ -81,6 +81,37 @@ def test_start_position_error_is_a_constant_in_circuit_tracer_only():
     assert graph_scores(g, "circuit-tracer")["replacement"] == pytest.approx(0.4)
 
 
+def tiny_row_graph() -> Graph:
+    """0 feature B (L1), 1 error e (L0), 2 token t, 3 logit, all at position 1. Edges:
+    logit<-B 2, logit<-e 2, B<-t 2e-11, B<-e 2e-11 (B's inputs sum to 4e-11 < 1e-10)."""
+    edges = [(3, 0, 2.0), (3, 1, 2.0), (0, 2, 2e-11), (0, 1, 2e-11)]
+    return make_graph([0, 1, 2, 3], [1, 0, -1, 1], [1, 1, 1, 1], edges)
+
+
+def test_circuit_tracer_floors_the_row_sum_at_1e_10():
+    g = tiny_row_graph()
+    # circuit-tracer divides B's row by max(4e-11, 1e-10): t .2, e .2 (the logit row: B .5,
+    # e .5). Influence: B .5, e .5 + .5 x .2, t .5 x .2. (circuit-tracer 0.5.0's own
+    # compute_node_influence / compute_graph_scores / prune_graph on this adjacency: the same.)
+    np.testing.assert_allclose(
+        node_influence(g, convention="circuit-tracer"), [0.5, 0.6, 0.1, 0.0], rtol=1e-6
+    )
+    ct = graph_scores(g, "circuit-tracer")
+    assert ct["replacement"] == pytest.approx(0.1 / (0.1 + 0.6), rel=1e-6)
+    # logit (1 - .5) x 1, B (1 - .2) x .5, e 1 x .6, t 1 x .1 over 1 + .5 + .6 + .1.
+    assert ct["completeness"] == pytest.approx(1.6 / 2.2, rel=1e-6)
+    # atlas normalises every row with inputs to one: B's row t .5, e .5.
+    np.testing.assert_allclose(node_influence(g, convention="atlas"), [0.5, 0.75, 0.25, 0.0])
+    assert graph_scores(g, "atlas")["replacement"] == pytest.approx(0.25)
+    # Nodes by influence e .6, B .5, t .1 (shares .5 .917): B is the cut at .8, all stay.
+    # Edge scores logit<-B .5, logit<-e .5, B<-t .1, B<-e .1 (shares .417 .833 .917 1): at .8
+    # B's inputs go, so B (no incoming kept edge) goes, and logit<-B with it.
+    p = prune(g, 0.8, 0.8, convention="circuit-tracer")
+    assert ids(p) == ["e_0_1", "t_1", "l_3"] and edge_set(p) == {("l_3", "e_0_1")}
+    # At .9 the cut is .1 (both B inputs, a tie): everything stays.
+    assert prune(g, 0.8, 0.9, convention="circuit-tracer").n_edges == 4
+
+
 # --- the cumulative rules ----------------------------------------------------------------------
 
 
