@@ -13,7 +13,9 @@ our ``Graph``s (the same float32 weights, logit weights = its probabilities norm
 attribution writes them); ``tracer.prune.prune`` and ``graph_scores`` with
 ``convention="circuit-tracer"`` then run on it. So any difference is in pruning and scoring,
 not in attribution. Compared: node masks, edge masks (the stored edges with both ends kept),
-replacement and completeness (tolerance 1e-5), node influence. Each differing node or edge is
+replacement and completeness (tolerance 1e-5), node influence (ours times the logit
+probabilities' sum: circuit-tracer weights logits by the probabilities, we by them normalised,
+which no rule depends on). Each differing node or edge is
 listed with its score and circuit-tracer's cut, which tells float32 rounding at a cut from a
 rule that differs.
 
@@ -133,7 +135,9 @@ def compare_same_graph(d: dict, g, info: dict) -> dict:
     from tracer.prune import graph_scores, node_influence
 
     ours_scores = graph_scores(g, "circuit-tracer")
-    ours_infl = node_influence(g, convention="circuit-tracer")
+    # circuit-tracer weights the logits by their probabilities, we by those normalised: its
+    # influence is ours times the probabilities' sum.
+    ours_infl = node_influence(g, convention="circuit-tracer") * sum(info["logit_probabilities"])
     out = {"ours": {"scores": ours_scores}, "circuit_tracer": {}}
     masks = [our_masks(g, nt, et) for nt, et in THRESHOLDS]
     out["ours"]["runs"] = [
@@ -209,14 +213,22 @@ def markdown(doc: dict) -> str:
         f"# circuit-tracer convention vs circuit-tracer {CT_VERSION}'s own pruning and scores",
         "",
         f"Command: `{doc['command']}`. Machine: {doc['machine']['cpus']} CPUs, load average "
-        f"{doc['loadavg_start'][0]:.1f} at the start, {doc['loadavg_end'][0]:.1f} at the end.",
+        f"{doc['loadavg_start'][0]:.1f} at the start, {doc['loadavg_end'][0]:.1f} at the end"
+        + (
+            f" (attribution by `{r['command']}`: {r['wall_s']:.0f} s wall, load "
+            f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}; circuit-tracer "
+            f"attribution {sum(c['ct_attribution_cpu_s'] for c in doc['cases']):.0f} CPU s)."
+            if (r := doc.get("attribution_run"))
+            else "."
+        ),
         "Same adjacency on both sides (circuit-tracer's); ours = `tracer.prune` with "
         '`convention="circuit-tracer"`; circuit-tracer = `prune_graph` / '
         "`compute_graph_scores` in float64 (and, in brackets, as shipped in float32).",
         "",
         "| prompt | layers | nodes | edges | thresholds | nodes kept | edges kept "
-        "| node mask diffs | edge mask diffs | replacement | completeness | max score diff |",
-        "|---|---:|---:|---:|---|---:|---:|---|---|---:|---:|---|",
+        "| node mask diffs | edge mask diffs | replacement | completeness | max score diff "
+        "| max influence diff (rel.) |",
+        "|---|---:|---:|---:|---|---:|---:|---|---|---:|---:|---|---|",
     ]
     for c in doc["cases"]:
         s = c["same_graph"]
@@ -230,7 +242,9 @@ def markdown(doc: dict) -> str:
                 f"| {r64['edges_kept']} | {len(r64['node_differences'])} "
                 f"({len(r32['node_differences'])}) | {r64['edge_differences']['count']} "
                 f"({r32['edge_differences']['count']}) | {s['ours']['scores']['replacement']:.6f} "
-                f"| {s['ours']['scores']['completeness']:.6f} | {d64:.1e} ({d32:.1e}) |"
+                f"| {s['ours']['scores']['completeness']:.6f} | {d64:.1e} ({d32:.1e}) "
+                f"| {c64['influence_max_abs_diff_relative']:.1e} "
+                f"({c32['influence_max_abs_diff_relative']:.1e}) |"
             )
     e2e = [c for c in doc["cases"] if "end_to_end" in c]
     if e2e:
@@ -268,6 +282,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, both engines")
     ap.add_argument("--no-end-to-end", action="store_true", help="skip our own attribution")
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse attribution .npz files left in --work"
+    )
     args = ap.parse_args()
     ct_python = args.ct_venv / "bin" / "python"
     if not ct_python.exists():
@@ -305,8 +322,16 @@ def main() -> None:
                 "--model-dir", str(model_dir), "--batch-size", "64", "--prune", prune_arg,
                 "--out", str(ct_npz),
             ]  # fmt: skip
-            ct_info = run_worker(ct_cmd, base.with_suffix(".ct.log"))
+            if not (args.reuse and ct_npz.exists()):
+                run_worker(ct_cmd, base.with_suffix(".ct.log"))
             ct_d = dict(np.load(ct_npz))
+            ct_info = json.loads(str(ct_d["info"]))
+            ran = [
+                (r["node_threshold"], r["edge_threshold"])
+                for r in ct_info["prune"]["float64"]["runs"]
+            ]
+            if ran != list(THRESHOLDS):
+                raise SystemExit(f"{ct_npz} was pruned at {ran}, not {THRESHOLDS}: drop --reuse")
             n_layers = depth.n_layers or 30
             g = graph_from_npz(ct_d, n_layers, ids)
             t0 = time.perf_counter()
@@ -324,7 +349,8 @@ def main() -> None:
                     sys.executable, str(ROOT / "scripts" / "bench_attribution.py"), "--worker",
                     *common, "--model", "smollm2", "--worker-out", str(ours_npz),
                 ]  # fmt: skip
-                run_worker(ours_cmd, base.with_suffix(".ours.log"))
+                if not (args.reuse and ours_npz.exists()):
+                    run_worker(ours_cmd, base.with_suffix(".ours.log"))
                 ours_d = dict(np.load(ours_npz))
                 g_ours = graph_from_npz(ours_d, n_layers, ids)
                 entry["end_to_end"] = compare_end_to_end(ours_d, ct_d, g_ours, g)
@@ -354,6 +380,10 @@ def main() -> None:
         "command": "python scripts/bench_conventions.py " + " ".join(sys.argv[1:]),
         "cases": cases,
     }
+    if args.reuse and args.out.exists():  # keep the facts of the run that attributed
+        old = json.loads(args.out.read_text())
+        keys = ("command", "wall_s", "loadavg_start", "loadavg_end")
+        doc["attribution_run"] = old.get("attribution_run") or {k: old.get(k) for k in keys}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     md = markdown(doc)
