@@ -1,6 +1,10 @@
 """Transcoders: cross-layer and per-layer transcoder modules, their activation functions, and
 their weight formats (circuit-tracer, SAELens, GemmaScope; see ``transcoders.formats``).
 
+Training: ``transcoders.train(cfg, ...)`` with a :class:`TrainConfig` (the function is
+re-exported here, so ``transcoders.train`` names the function; its module is
+``sys.modules["transcoders.train"]``, and ``from transcoders.train import X`` works as usual).
+
 This package knows nothing of ``tracer`` or ``graphstore``."""
 
 from transcoders.activations import (
@@ -23,8 +27,12 @@ from transcoders.formats import (
     save_transcoder,
     transcoder_info,
 )
+from transcoders.train import TrainConfig, TrainResult, train  # noqa: E402  (after formats)
 
 __all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
     "CPU",
     "DeviceError",
     "DeviceSetting",

@@ -82,30 +82,21 @@ class ShuffleBuffer:
         ``on_batch(n_tokens, seconds)`` is called after each batch (progress, budget checks)."""
         device = None if device is None else parse_device(device)  # clear error: no such GPU
         S, P = tokens.shape
-        keep = P - int(skip_bos)
-        n = S * keep
+        n = S * (P - int(skip_bos))
         ins = outs = None
         t0 = time.perf_counter()
+        row = 0
         for b in range(0, S, batch):
             tb = time.perf_counter()
-            chunk = tokens[b : b + batch]
-            x, y = activations(chunk)
-            L, d = x.shape[0], x.shape[-1]
-            if x.shape[1] != chunk.numel() or y.shape != x.shape:
-                raise ValueError(
-                    f"activations() returned {tuple(x.shape)} and {tuple(y.shape)} for tokens "
-                    f"{tuple(chunk.shape)}: expected two [n_layers, {chunk.numel()}, d] tensors"
-                )
+            x, y = harvest_rows(activations, tokens[b : b + batch], skip_bos)
             if ins is None:
-                ins = torch.empty(n, L, d, dtype=dtype, device=device)
-                outs = torch.empty(n, L, d, dtype=dtype, device=device)
-            x = x.view(L, len(chunk), P, d)[:, :, int(skip_bos) :].reshape(L, -1, d)
-            y = y.view(L, len(chunk), P, d)[:, :, int(skip_bos) :].reshape(L, -1, d)
-            rows = slice(b * keep, b * keep + x.shape[1])
-            ins[rows] = x.transpose(0, 1).to(dtype)
-            outs[rows] = y.transpose(0, 1).to(dtype)
+                ins = torch.empty(n, *x.shape[1:], dtype=dtype, device=device)
+                outs = torch.empty(n, *x.shape[1:], dtype=dtype, device=device)
+            ins[row : row + len(x)] = x.to(dtype)
+            outs[row : row + len(x)] = y.to(dtype)
+            row += len(x)
             if on_batch is not None:
-                on_batch(x.shape[1], time.perf_counter() - tb)
+                on_batch(len(x), time.perf_counter() - tb)
         return cls(ins, outs, time.perf_counter() - t0)
 
     def order(self, seed: int, round_: int, shard: int, passes: int) -> torch.Tensor:
@@ -116,6 +107,27 @@ class ShuffleBuffer:
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``idx`` as float32 (inputs [L, n, d], outputs [L, n, d])."""
         return (self.inputs[idx].transpose(0, 1).float(), self.outputs[idx].transpose(0, 1).float())
+
+
+@torch.no_grad()
+def harvest_rows(
+    activations: ActivationFn, tokens: torch.Tensor, skip_bos: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``activations`` call on tokens [B, P] as token rows: inputs, outputs [B*keep, L, d]
+    (keep = P - skip_bos; row b*keep + j is sequence b, position j + skip_bos), on the device
+    ``activations`` returned them on, in its dtype. Shapes are checked (clear error)."""
+    x, y = activations(tokens)
+    B, P = tokens.shape
+    if x.dim() != 3 or x.shape[1] != tokens.numel() or y.shape != x.shape:
+        raise ValueError(
+            f"activations() returned {tuple(x.shape)} and {tuple(y.shape)} for tokens "
+            f"{tuple(tokens.shape)}: expected two [n_layers, {tokens.numel()}, d] tensors"
+        )
+    L, d = x.shape[0], x.shape[-1]
+    s = int(skip_bos)
+    x = x.view(L, B, P, d)[:, :, s:].reshape(L, -1, d).transpose(0, 1)
+    y = y.view(L, B, P, d)[:, :, s:].reshape(L, -1, d).transpose(0, 1)
+    return x, y
 
 
 def _mix(*xs: int) -> int:

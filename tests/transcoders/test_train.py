@@ -4,6 +4,7 @@ input (budget too small, failing checkpoint writes, broken configs)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -15,13 +16,15 @@ import pytest
 import torch
 
 from tests.transcoders import train_worker as tw
-from transcoders import train as train_mod
+from transcoders.planner import StepPlan, lr_at, sparsity_at
 from transcoders.train import (
     CHECKPOINT,
     BudgetError,
     CheckpointError,
     TrainConfig,
+    fit_skip,
     load_checkpoint,
+    read_log,
     save_checkpoint,
     train,
 )
@@ -115,8 +118,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     """Uninterrupted run vs. a run SIGKILLed after a checkpoint and resumed: same weights."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     ref = _run_worker(full)
-    victim = _run_worker(killed, "--sleep", "0.4")
-    _finish(ref)
+    victim = _run_worker(killed, "--sleep", "0.4")  # killed before the reference is awaited
     deadline = time.time() + 200
     step = 0
     while time.time() < deadline and victim.poll() is None:
@@ -131,6 +133,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     assert victim.returncode == -signal.SIGKILL
     assert not (killed / "final.pt").exists()
     assert 6 <= load_checkpoint(killed / CHECKPOINT)["step"] < tw.STEPS
+    _finish(ref)
     _finish(_run_worker(killed))  # same command: resumes from the checkpoint
     a = torch.load(full / "final.pt")
     b = torch.load(killed / "final.pt")
@@ -138,8 +141,39 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # The resumed log continues the interrupted one: one start event, steps in order.
-    steps = [r["step"] for r in train_mod.read_log(killed / "log.jsonl") if "loss" in r]
+    steps = [r["step"] for r in read_log(killed / "log.jsonl") if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == tw.STEPS and len(set(steps)) == len(steps)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_during_harvest_gives_identical_weights(tmp_path):
+    """A run SIGKILLed while harvesting (some cache chunks complete, no checkpoint yet) and run
+    again continues the harvest from its complete chunks, then trains to the same weights."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = _run_worker(full)
+    victim = _run_worker(killed, "--harvest-sleep", "0.4")
+    manifest = killed / "activations" / "manifest.json"
+    deadline, chunks = time.time() + 200, {}
+    while time.time() < deadline and victim.poll() is None:
+        if manifest.exists():
+            sets = json.loads(manifest.read_text())["sets"]
+            chunks = sets.get("train", {}).get("chunks", {})
+            if len(chunks) >= 2:
+                break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    kept = json.loads(manifest.read_text())["sets"]["train"]["chunks"]
+    assert 2 <= len(kept) < 10  # 38 sequences in chunks of 4: the harvest was cut short
+    assert not (killed / CHECKPOINT).exists()
+    _finish(ref)
+    _finish(_run_worker(killed))
+    after = json.loads(manifest.read_text())["sets"]["train"]["chunks"]
+    assert len(after) == 10 and all(after[k] == v for k, v in kept.items())  # not re-harvested
+    a, b = torch.load(full / "final.pt"), torch.load(killed / "final.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.slow
@@ -187,7 +221,7 @@ def _failing_save(monkeypatch, after: int = 0):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, f, *a, **k)
 
-    monkeypatch.setattr(train_mod.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
 
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
@@ -248,31 +282,70 @@ def test_bad_shapes_from_activations_are_named(tmp_path):
 
 
 def test_lr_and_sparsity_schedules():
-    cfg = TrainConfig(
-        lr=1.0, lr_warmup_frac=0.1, lr_final_frac=0.1, sparsity_coef=2.0, sparsity_warmup_frac=0.5
-    )
-    assert train_mod.lr_at(0, 100, cfg) == pytest.approx(0.1)
-    assert train_mod.lr_at(15, 100, cfg) == 1.0
-    assert train_mod.lr_at(100, 100, cfg) == pytest.approx(0.1)
-    assert train_mod.sparsity_at(0, 100, cfg) == 0.0
-    assert train_mod.sparsity_at(25, 100, cfg) == pytest.approx(1.0)
-    assert train_mod.sparsity_at(80, 100, cfg) == 2.0
+    """A plan of 100 steps (progress p = step / 99): warm-up linear in the progress after the
+    step up to 0.1, constant to p = 0.2, linear decay to the final fraction at the last step;
+    sparsity linear in p up to 0.5."""
+    plan = StepPlan(100)
+    assert lr_at(0, plan, 1.0, 0.1, 0.1) == pytest.approx((1 / 99) / 0.1)
+    assert lr_at(8, plan, 1.0, 0.1, 0.1) == pytest.approx((9 / 99) / 0.1)
+    assert lr_at(15, plan, 1.0, 0.1, 0.1) == 1.0
+    assert lr_at(60, plan, 1.0, 0.1, 0.1) == pytest.approx(1 - 0.9 * (60 / 99 - 0.2) / 0.8)
+    assert lr_at(99, plan, 1.0, 0.1, 0.1) == pytest.approx(0.1)  # the last step: final lr
+    assert sparsity_at(0, plan, 2.0, 0.5) == 0.0
+    assert sparsity_at(33, plan, 2.0, 0.5) == pytest.approx(2.0 * (33 / 99) / 0.5)
+    assert sparsity_at(80, plan, 2.0, 0.5) == 2.0
 
 
-@pytest.mark.slow
-def test_budget_stops_a_run_that_slows_down(tmp_path):
-    """Steps planned from fast probe steps, then each step slowed: the run stops within its
-    budget, exports what it has, and a rerun resumes the planned schedule."""
+def test_budget_run_whose_steps_slow_down_replans_and_finishes_its_schedule(tmp_path):
+    """A fake clock: every step costs 0.05 s for 30 steps, then 0.25 s (plus 1 ms per clock
+    reading, the only time that passes otherwise). The planner sized the
+    run from the fast probe; re-planning shrinks it so that the learning-rate schedule still
+    reaches its final value at the last step, inside the budget, with no emergency stop."""
+    cfg = tw.config()
+    cfg.steps, cfg.budget_minutes, cfg.reserve_seconds = None, 0.5, 3.0
+    cfg.replan_every, cfg.eval_every, cfg.log_every, cfg.checkpoint_every = 5, 1000, 1, 1000
+    offset = [0.0]
+
+    def clock() -> float:  # deterministic: 1 ms per reading plus the injected step times
+        offset[0] += 0.001
+        return offset[0]
+
+    def slow(done: int) -> None:
+        offset[0] += 0.05 if done <= 30 else 0.25
+
+    res = _tiny(tmp_path, cfg, on_step=slow, clock=clock)
+    start = next(r for r in res.log if r.get("event") == "start")
+    replans = [r for r in res.log if r.get("event") == "replan"]
+    steps = [r for r in res.log if "lr" in r]
+    assert not [r for r in res.log if r.get("event") == "budget_stop"]
+    assert replans and res.steps == replans[-1]["planned_steps"] < start["n_steps"]
+    assert steps[-1]["step"] == res.steps
+    assert steps[-1]["lr"] == pytest.approx(cfg.lr * cfg.lr_final_frac)
+    assert steps[-1]["elapsed_s"] <= 0.5 * 60
+    lrs = [r["lr"] for r in steps]
+    peak = lrs.index(cfg.lr)  # warm-up to the peak, then the decay never jumps back up
+    assert lrs[:peak] == sorted(lrs[:peak])
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+    assert res.clt.cfg.training["steps"] == res.steps
+
+
+def test_budget_stops_a_run_whose_step_stalls(tmp_path):
+    """One step stalls past the budget (fake clock): the run stops there, exports what it has,
+    checkpoints, and a rerun would resume the plan."""
     cfg = tw.config()
     cfg.steps, cfg.budget_minutes, cfg.reserve_seconds = None, 0.4, 5.0
-    res = _tiny(tmp_path, cfg, on_step=lambda s: time.sleep(0.5))
+    offset = [0.0]
+
+    def stall(done: int) -> None:
+        if done == 4:
+            offset[0] += 1000.0
+
+    res = _tiny(tmp_path, cfg, on_step=stall, clock=lambda: time.perf_counter() + offset[0])
     stop = [r for r in res.log if r.get("event") == "budget_stop"]
-    assert len(stop) == 1 and res.steps == stop[0]["step"] < stop[0]["planned_steps"]
-    # The trainer's own clock: it stopped once past budget minus reserve, before the budget.
+    assert len(stop) == 1 and res.steps == stop[0]["step"] == 4 < stop[0]["planned_steps"]
     assert stop[0]["budget_s"] == pytest.approx(0.4 * 60)
-    assert 0.4 * 60 - cfg.reserve_seconds < stop[0]["elapsed_s"] <= stop[0]["budget_s"]
-    assert res.clt.cfg.training["steps"] == res.steps
-    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == res.steps
+    assert res.clt.cfg.training["steps"] == 4
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 4
     assert (tmp_path / "transcoder" / "circuit_atlas.json").exists()
 
 
@@ -286,14 +359,14 @@ def test_fit_skip_matches_numpy_least_squares():
     y = torch.einsum("lnd,led->lne", x, torch.randn(L, d, d, generator=g)) + torch.randn(
         L, N, d, generator=g
     )
-    w, b = train_mod.fit_skip(x, y, ridge=0.0)
+    w, b = fit_skip(x, y, ridge=0.0)
     for l in range(L):
         design = np.concatenate([x[l].double().numpy(), np.ones((N, 1))], axis=1)
         sol = np.linalg.lstsq(design, y[l].double().numpy(), rcond=None)[0]  # [d + 1, d]
         np.testing.assert_allclose(w[l].numpy(), sol[:d].T, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b[l].numpy(), sol[d], rtol=1e-4, atol=1e-5)
     # A ridge shrinks the map towards zero.
-    w_r, _ = train_mod.fit_skip(x, y, ridge=10.0)
+    w_r, _ = fit_skip(x, y, ridge=10.0)
     assert w_r.norm() < w.norm()
 
 
@@ -308,7 +381,7 @@ def test_fit_skip_at_model_size_and_singular_inputs():
         g = torch.Generator().manual_seed(43)
         x = torch.randn(30, 1200, 576, generator=g)
         y = torch.randn(30, 1200, 576, generator=g)
-        w, b = train_mod.fit_skip(x, y, ridge=0.1)
+        w, b = fit_skip(x, y, ridge=0.1)
     finally:
         torch.set_num_threads(threads)
     # Layer 7 against numpy's solve of the same ridge system.
@@ -323,4 +396,4 @@ def test_fit_skip_at_model_size_and_singular_inputs():
     flat = torch.randn(2, 50, 8, generator=g)
     flat[1, :, 3] = 0.5  # layer 1: a constant input coordinate (zero variance)
     with pytest.raises(ValueError, match=r"layer\(s\) \[1\].*--buffer-tokens"):
-        train_mod.fit_skip(flat, torch.randn(2, 50, 8, generator=g), ridge=0.0)
+        fit_skip(flat, torch.randn(2, 50, 8, generator=g), ridge=0.0)

@@ -1,9 +1,12 @@
 """A tiny, deterministic training run used by the resume-after-kill and data-parallel tests.
 
-    python train_worker.py OUT_DIR [--sleep S] [--shards N]
+    python train_worker.py OUT_DIR [--sleep S] [--harvest-sleep S] [--shards N] [--cache DIR]
 
 Trains a CLT on a tiny random Llama (tests/conftest.py) and saves the exported weights to
-OUT_DIR/final.pt. Under torchrun (WORLD_SIZE > 1) it joins a gloo process group first.
+OUT_DIR/final.pt. ``--sleep`` waits after each step and ``--harvest-sleep`` after each forward
+pass of the harvest (so a test can kill it there). Its activation cache is OUT_DIR/activations
+unless ``--cache`` names one. Under torchrun (WORLD_SIZE > 1) it joins a gloo process group
+first.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def config(shards: int | None = None):
         checkpoint_every=3,
         n_heldout_seqs=2,
         harvest_batch=4,
+        chunk_sequences=4,
         data_shards=shards,
         dead_window_tokens=300,
         auxk=8,
@@ -54,7 +58,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--harvest-sleep", type=float, default=0.0)
     ap.add_argument("--shards", type=int)
+    ap.add_argument("--cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -68,9 +74,16 @@ def main() -> None:
 
     model = make_tiny_model("llama", n_layers=3)
     train_t, held_t = tokens()
+    acts = activation_fn(model)
+
+    def slow_acts(t):
+        time.sleep(args.harvest_sleep)
+        return acts(t)
+
     res = train(
         config(args.shards),
-        activations=activation_fn(model),
+        activations=slow_acts if args.harvest_sleep else acts,
+        cache=args.cache,
         train_tokens=train_t,
         heldout_tokens=held_t,
         n_layers=3,
