@@ -3,6 +3,13 @@ quality the default SmolLM2 recipe reaches in its time budget.
 
     .venv/bin/python scripts/bench_training.py [--budget-minutes 20] [--out DIR] [-- extra
         `transcoders train` options]
+    .venv/bin/python scripts/bench_training.py --widths 256,1024,2048 --budget-minutes 15
+        [--harvest-minutes M] [--results benchmarks/training_widths]
+
+With ``--widths`` it first harvests one shared activation cache (training tokens for
+``--harvest-minutes``, default the budget, plus the held-out tokens), then trains each width for
+``--budget-minutes`` from exactly those cached tokens (``--cache-tokens``), so the widths are
+compared at equal wall time on equal data; it writes one row per width.
 
 Trains with ``circuit-atlas transcoders train`` (default recipe), saves the CLT to
 ``$CIRCUIT_ATLAS_HOME/transcoders/smollm2-clt-default`` and writes
@@ -29,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = {"nmse": 0.25, "l0": 64, "dead": 0.05}
+RESULTS = ROOT / "benchmarks" / "training"  # .json / .md (with --widths: training_widths)
 
 
 def main() -> int:
@@ -37,15 +45,21 @@ def main() -> int:
     ap.add_argument(
         "--out", help="weights folder (default: <cache>/transcoders/smollm2-clt-default)"
     )
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "training"))
+    ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument(
         "--baseline-seqs",
         type=int,
         default=128,
         help="training sequences for the linear (ridge) baseline; 0 skips it",
     )
+    ap.add_argument("--widths", help="comma-separated features per layer, e.g. 256,1024,2048")
+    ap.add_argument(
+        "--harvest-minutes", type=float, help="with --widths: harvest time (default: budget)"
+    )
     ap.add_argument("extra", nargs="*", help="more `transcoders train` options (after --)")
     args = ap.parse_args()
+    if args.widths:
+        return bench_widths(args)
 
     from tracer.cli import build_parser
     from tracer.cli.train_cmd import run_training
@@ -105,6 +119,114 @@ def main() -> int:
     res.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def bench_widths(args) -> int:
+    """Harvest one shared cache, then train every width for the same budget from it."""
+    from tracer.cli import build_parser
+    from tracer.cli.train_cmd import run_training
+
+    widths = [int(w) for w in args.widths.split(",")]
+    base = ["transcoders", "train", "--model", "smollm2", "--corpus", "public", *args.extra]
+    cache, n_tokens, harvest_s = harvest_shared_cache(
+        build_parser().parse_args(base), 60 * (args.harvest_minutes or args.budget_minutes)
+    )
+    rows = []
+    for width in widths:
+        from tracer.fetch import cache_root
+
+        out = cache_root() / "transcoders" / f"smollm2-clt-{width}-bench"
+        argv = [
+            *base,
+            "--features-per-layer", str(width), "--budget-minutes", str(args.budget_minutes),
+            "--cache", str(cache), "--cache-tokens", str(n_tokens), "--out", str(out),
+            "--no-resume",
+        ]  # fmt: skip
+        load0 = os.getloadavg()
+        t0 = time.time()
+        result, _ = run_training(build_parser().parse_args(argv))
+        m = result.metrics
+        rows.append({
+            "features": width, "command": "circuit-atlas " + " ".join(argv),
+            "wall_seconds": round(time.time() - t0, 1), "load_average_start": load0,
+            **{k: m.get(k) for k in ("steps", "planned_steps", "replans", "cache_tokens",
+                                     "passes", "train_tokens_per_s", "nmse", "l0",
+                                     "dead_heldout", "nmse_per_layer")},
+            "spliced": m.get("spliced", {}),
+        })  # fmt: skip
+    import torch
+
+    report = {
+        "harvest": {"cache": str(cache), "tokens": n_tokens, "seconds": round(harvest_s, 1)},
+        "budget_minutes_per_width": args.budget_minutes,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "widths": rows,
+    }
+    res = Path(args.results if args.results != str(RESULTS) else str(RESULTS) + "_widths")
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    res.with_suffix(".md").write_text(widths_markdown(report))
+    print(widths_markdown(report))
+    return 0
+
+
+def harvest_shared_cache(targs, seconds: float):
+    """Harvest the default cache's training set chunk by chunk for ``seconds`` (plus the
+    held-out set); returns (cache folder, training tokens cached, harvest seconds)."""
+    import torch
+
+    from tracer.cli.train_cmd import cache_spec, default_threads, load_corpus, split_tokens
+    from tracer.fetch import cache_root
+    from tracer.model import LanguageModel
+    from tracer.splice import activation_fn
+    from transcoders.activation_cache import ActivationCache, heldout_set
+    from transcoders.device import setting_from_args
+    from transcoders.train import TrainConfig
+
+    setting = setting_from_args(targs)
+    torch.set_num_threads(targs.threads or default_threads())
+    model = LanguageModel.load(targs.model, device=setting)
+    corpus = load_corpus(targs.corpus, model)
+    train_tokens, eval_tokens, _ = split_tokens(corpus, targs)
+    cfg = TrainConfig(input_site=targs.input_site, cache_dtype=targs.cache_dtype)
+    spec = cache_spec(model, corpus, cfg, setting)
+    folder = Path(targs.cache) if targs.cache else cache_root() / "activations" / spec.folder_name()
+    cache = ActivationCache(folder, spec)
+    acts = activation_fn(model, cfg.input_site)
+    t0 = time.time()
+    cache.harvest(heldout_set(eval_tokens), eval_tokens, acts, chunk_sequences=cfg.chunk_sequences)
+    n = cache.complete_sequences("train", train_tokens)
+    while time.time() - t0 < seconds and n < len(train_tokens):
+        n = min(len(train_tokens), n + cfg.chunk_sequences)
+        cache.harvest("train", train_tokens, acts, n, chunk_sequences=cfg.chunk_sequences)
+        print(f"harvested {n} sequences, {time.time() - t0:.0f} s", file=sys.stderr)
+    keep = train_tokens.shape[1] - int(cfg.skip_bos)
+    return folder, n * keep, time.time() - t0
+
+
+def widths_markdown(r: dict) -> str:
+    h = r["harvest"]
+    lines = [
+        "## Transcoder width at equal wall time (one shared activation cache)",
+        "",
+        f"- harvest once: {h['tokens']} training tokens in {h['seconds'] / 60:.1f} min "
+        f"(cache `{h['cache']}`); each width then trains {r['budget_minutes_per_width']} min "
+        "from exactly those tokens",
+        f"- machine: {r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads",
+        "",
+        "| features/layer | steps | passes | train tok/s | held-out NMSE | L0 | dead | KL | top-1 "
+        "| load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in r["widths"]:
+        sp = w["spliced"]
+        lines.append(
+            f"| {w['features']} | {w['steps']} | {w['passes']} | {w['train_tokens_per_s'] or 0:.0f}"
+            f" | {w['nmse']:.3f} | {w['l0']:.1f} | {w['dead_heldout']:.1%} | "
+            f"{sp.get('kl', float('nan')):.3f} | {sp.get('top1', float('nan')):.1%} | "
+            f"{w['load_average_start'][0]:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def linear_baseline(targs, n_seqs: int, ridge: float = 1e-3) -> dict:

@@ -1,24 +1,17 @@
-"""Streaming MLP input/output activations from a model into a shuffling buffer.
+"""Harvesting MLP input/output activations from a model.
 
 The model is reached only through a callable ``activations(tokens [B, P]) -> (inputs [L, B*P, d],
-outputs [L, B*P, d])`` (the CLI builds it from the model; this package never imports one), so
-nothing but one buffer of activations is ever held: SmolLM2's inputs + outputs for all 30
-layers are about 138 KB per token in float32.
-
-Training proceeds in *rounds*. In round r each data shard (one per data-parallel rank, or
-several in one process) harvests its own block of corpus sequences into a :class:`ShuffleBuffer`,
-and training draws minibatches from a seeded permutation of that buffer, ``passes`` times over.
-Everything is a function of (seed, round, shard), so a run resumes exactly from a step number:
-the round's buffer is simply harvested again.
+outputs [L, B*P, d])`` (the CLI builds it from the model; this package never imports one).
+:func:`harvest_rows` turns one call into token rows (start token dropped when asked); the
+trainer writes them to the on-disk activation cache (:mod:`.activation_cache`), and
+:class:`ShuffleBuffer` holds them in memory (baselines, feature scans).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from transcoders.device import parse_device
@@ -26,29 +19,8 @@ from transcoders.device import parse_device
 ActivationFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
-class StreamPlan:
-    """seqs_per_shard sequences per data shard per round, harvested ``harvest_batch`` at a time;
-    ``skip_bos`` drops position 0 (the BOS token's MLP outputs are huge outliers that attention
-    sinks rely on; the splice keeps the model's own MLP there)."""
-
-    seqs_per_shard: int
-    n_shards: int = 1
-    harvest_batch: int = 8
-    skip_bos: bool = True
-    passes: int = 1
-
-    def shard_sequences(self, n_train: int, round_: int, shard: int) -> np.ndarray:
-        """Indices of the training sequences shard ``shard`` harvests in round ``round_``."""
-        start = (round_ * self.n_shards + shard) * self.seqs_per_shard
-        return (start + np.arange(self.seqs_per_shard)) % n_train
-
-    def tokens_per_shard(self, seq_len: int) -> int:
-        return self.seqs_per_shard * (seq_len - int(self.skip_bos))
-
-
 class ShuffleBuffer:
-    """One round's activations for one data shard: inputs, outputs [N, L, d] in ``dtype``."""
+    """Harvested activations in memory: inputs, outputs [N, L, d] in ``dtype``."""
 
     def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor, seconds: float = 0.0):
         self.inputs = inputs
@@ -99,11 +71,6 @@ class ShuffleBuffer:
                 on_batch(len(x), time.perf_counter() - tb)
         return cls(ins, outs, time.perf_counter() - t0)
 
-    def order(self, seed: int, round_: int, shard: int, passes: int) -> torch.Tensor:
-        """The buffer's shuffled visiting order: ``passes`` seeded permutations, concatenated."""
-        g = torch.Generator().manual_seed(_mix(seed, round_, shard))
-        return torch.cat([torch.randperm(len(self), generator=g) for _ in range(passes)])
-
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``idx`` as float32 (inputs [L, n, d], outputs [L, n, d])."""
         return (self.inputs[idx].transpose(0, 1).float(), self.outputs[idx].transpose(0, 1).float())
@@ -130,7 +97,7 @@ def harvest_rows(
     return x, y
 
 
-def _mix(*xs: int) -> int:
+def seed_mix(*xs: int) -> int:
     """A 63-bit seed from several integers (stable across runs and platforms)."""
     h = 1469598103934665603
     for x in xs:

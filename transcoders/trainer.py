@@ -51,7 +51,7 @@ from transcoders.normalize import Normalizer, from_mean_squares, mean_square_nor
 from transcoders.objective import evaluate, objective
 from transcoders.planner import BudgetError, BudgetPlanner, StepPlan, lr_at, sparsity_at
 from transcoders.skip_fit import fit_skip
-from transcoders.stream import ActivationFn, _mix
+from transcoders.stream import ActivationFn, seed_mix
 from transcoders.train_config import TrainConfig, TrainResult, check_config
 from transcoders.trainable import TrainableTranscoder
 
@@ -577,5 +577,5 @@ def stream_rows(seed: int, n_rows: int, lo: int, hi: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(seed: int, epoch: int, n_rows: int) -> np.ndarray:
-    g = torch.Generator().manual_seed(_mix(seed, epoch))
+    g = torch.Generator().manual_seed(seed_mix(seed, epoch))
     return torch.randperm(n_rows, generator=g).numpy()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from transcoders.stream import ShuffleBuffer, StreamPlan
+from transcoders.stream import ShuffleBuffer
 
 L, D = 2, 3
 
@@ -44,24 +44,6 @@ def test_buffer_dtype_float16():
     buf = ShuffleBuffer.harvest(fake_activations, tokens, dtype=torch.float16)
     assert buf.inputs.dtype == torch.float16
     assert buf.get(torch.arange(2))[0].dtype == torch.float32
-
-
-def test_order_is_seeded_and_covers_every_row_per_pass():
-    buf = ShuffleBuffer(torch.zeros(10, L, D), torch.zeros(10, L, D))
-    a = buf.order(seed=1, round_=2, shard=0, passes=3)
-    assert torch.equal(a, buf.order(seed=1, round_=2, shard=0, passes=3))
-    assert not torch.equal(a, buf.order(seed=1, round_=2, shard=1, passes=3))
-    assert not torch.equal(a, buf.order(seed=1, round_=3, shard=0, passes=3))
-    for p in range(3):
-        assert sorted(a[p * 10 : (p + 1) * 10].tolist()) == list(range(10))
-
-
-def test_plan_partitions_sequences_over_shards_and_rounds():
-    plan = StreamPlan(seqs_per_shard=3, n_shards=2)
-    seen = [plan.shard_sequences(100, r, s).tolist() for r in range(2) for s in range(2)]
-    assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    assert plan.shard_sequences(10, 1, 1).tolist() == [9, 0, 1]  # wraps into the next epoch
-    assert plan.tokens_per_shard(seq_len=128) == 3 * 127
 
 
 def test_activation_source_with_wrong_shape_is_named():

@@ -80,7 +80,28 @@ def register_subcommand(tsub) -> None:
     t.add_argument("--lr", type=float, default=d["lr"])
     t.add_argument("--sparsity", type=float, default=0.02, help="JumpReLU sparsity coefficient")
     t.add_argument("--buffer-tokens", type=int, default=d["buffer_tokens"])
-    t.add_argument("--passes", type=int, default=d["passes"], help="uses of each harvested token")
+    t.add_argument(
+        "--passes",
+        type=int,
+        default=d["passes"],
+        help="planned uses of each harvested token (sizes the harvest; a fuller cache is "
+        "used whole)",
+    )
+    t.add_argument(
+        "--cache",
+        help="activation cache folder (default: $CIRCUIT_ATLAS_HOME/activations/<model>-<site>-"
+        "<hash of model, corpus, sites, dtype>); recipes with the same model, corpus and sites "
+        "share it",
+    )
+    t.add_argument(
+        "--cache-tokens", type=int, help="distinct training tokens to cache (default: by budget)"
+    )
+    t.add_argument(
+        "--cache-dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default="float16",
+        help="dtype of cached activations (float16 holds SmolLM2's largest, 24,919)",
+    )
     t.add_argument(
         "--dead-window",
         type=int,
@@ -204,6 +225,37 @@ def unembed_for_contexts(model):
     return w
 
 
+def model_fingerprint(model, dtype) -> str:
+    """What identifies a model's activations beyond its name: a hash of its config and of
+    rows spread over every weight (as transcoder fingerprints do), plus the dtype it runs in."""
+    import hashlib
+
+    from transcoders.identity import _feed, _spread
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps(model.hf.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in model.hf.named_parameters():
+        h.update(name.encode())
+        _feed(h, p[_spread(p.shape[0], 8)] if p.dim() else p)
+    return f"{h.hexdigest()}-{dtype}"
+
+
+def cache_spec(model, corpus, cfg, setting):
+    """The activation-cache spec of a training run (model, its fingerprint, sites, corpus)."""
+    from transcoders.activation_cache import CacheSpec
+
+    return CacheSpec(
+        model=model.facts.name,
+        n_layers=model.facts.n_layers,
+        d_model=model.facts.d_model,
+        input_site=cfg.input_site,
+        skip_bos=cfg.skip_bos,
+        model_id=model_fingerprint(model, str(setting.dtype).replace("torch.", "")),
+        corpus=Path(corpus.path).name,
+        dtype=cfg.cache_dtype,
+    )
+
+
 def _train(args) -> int:
     result, out = run_training(args)
     m = result.metrics
@@ -258,6 +310,8 @@ def run_training(args):
         sparsity_coef=args.sparsity,
         buffer_tokens=args.buffer_tokens,
         passes=args.passes,
+        cache_tokens=args.cache_tokens,
+        cache_dtype=args.cache_dtype,
         eval_every=args.eval_every,
         n_heldout_seqs=args.heldout_seqs,
         dead_window_tokens=args.dead_window,
@@ -269,9 +323,15 @@ def run_training(args):
         + f", corpus {corpus.path} ({len(train_tokens)} sequences); checkpoints in {work}",
         file=sys.stderr,
     )
+    spec = cache_spec(model, corpus, cfg, setting)
+    cache = Path(args.cache) if args.cache else cache_root() / "activations" / spec.folder_name()
+    print(f"activation cache {cache}", file=sys.stderr)
     result = train(
         cfg,
         activations=activation_fn(model, cfg.input_site),
+        model_id=spec.model_id,
+        corpus=spec.corpus,
+        cache=cache,
         train_tokens=train_tokens,
         heldout_tokens=eval_tokens,
         n_layers=model.facts.n_layers,
