@@ -51,7 +51,8 @@ class TrainConfig:
     auxk_coef: float = 1 / 32
     dead_window_tokens: int = 50_000
     # Data: harvested once into an activation cache (see transcoders.activation_cache).
-    # The normaliser and the skip fit use the first buffer_tokens tokens of the cache.
+    # The normaliser and the skip fit use the first buffer_tokens tokens of the cache (at most
+    # cache_tokens).
     buffer_tokens: int = 8192
     # Distinct training tokens to hold in the cache. None: a step-count run holds
     # steps * batch_tokens / passes; a budgeted run sizes the harvest so that each token is

@@ -174,7 +174,8 @@ class Trainer:
     def start_fresh(self) -> int:
         """Normalise and initialise from the first buffer, size the run, harvest its tokens."""
         cfg = self.cfg
-        n_fit = min(len(self.train_tokens), math.ceil(cfg.buffer_tokens / self.keep))
+        fit_tokens = min(cfg.buffer_tokens, cfg.cache_tokens or cfg.buffer_tokens)
+        n_fit = min(len(self.train_tokens), math.ceil(fit_tokens / self.keep))
         self.harvest_training(n_fit, guard=True)
         xs, ys = self.cache.read(TRAIN_SET, n_fit).get(slice(None))  # raw [L, N, d]
         self.initialise(xs.to(self.dev), ys.to(self.dev))
