@@ -198,6 +198,8 @@ class Trainer:
         del xs, ys
         self.n_seqs = min(len(self.train_tokens), max(n_fit, n_seqs))
         self.harvest_training(self.n_seqs)
+        # The baseline evaluation (a spliced forward pass too) before the steps are sized.
+        baseline = self.eval_record(0) if self.main else {}
         if self.planner is not None:
             n_steps = int(self.dist.broadcast(self.planner.steps_that_fit(self.step_s)))
             if n_steps < 1:
@@ -214,7 +216,7 @@ class Trainer:
             trainlog.append(
                 self.log_path, {"step": 0, "event": "start", **self.meta(), "config": asdict(cfg)}
             )
-            trainlog.append(self.log_path, self.eval_record(0))  # baseline
+            trainlog.append(self.log_path, baseline)
         return 0
 
     def restore(self) -> int:
