@@ -125,6 +125,7 @@ def bench_widths(args) -> int:
     """Harvest one shared cache, then train every width for the same budget from it."""
     from tracer.cli import build_parser
     from tracer.cli.train_cmd import run_training
+    from transcoders.planner import BudgetError
 
     widths = [int(w) for w in args.widths.split(",")]
     base = ["transcoders", "train", "--model", "smollm2", "--corpus", "public", *args.extra]
@@ -144,7 +145,12 @@ def bench_widths(args) -> int:
         ]  # fmt: skip
         load0 = os.getloadavg()
         t0 = time.time()
-        result, _ = run_training(build_parser().parse_args(argv))
+        try:
+            result, _ = run_training(build_parser().parse_args(argv))
+        except BudgetError as err:  # this width does not fit the budget here: say so, go on
+            rows.append({"features": width, "command": "circuit-atlas " + " ".join(argv),
+                         "load_average_start": load0, "error": str(err)})  # fmt: skip
+            continue
         m = result.metrics
         rows.append({
             "features": width, "command": "circuit-atlas " + " ".join(argv),
@@ -219,6 +225,9 @@ def widths_markdown(r: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in r["widths"]:
+        if "error" in w:
+            lines.append(f"| {w['features']} | did not run: {w['error']} |||||||||")
+            continue
         sp = w["spliced"]
         lines.append(
             f"| {w['features']} | {w['steps']} | {w['passes']} | {w['train_tokens_per_s'] or 0:.0f}"
