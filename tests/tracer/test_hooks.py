@@ -28,7 +28,10 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 # Real models with a far larger residual stream: test_gemma3.py runs these tests on Gemma-3-270M
 # cut to 6 layers, whose residual elements reach 2.5e4, where one float32 ulp is 2^-9 = 1.95e-3
 # (measured: batched vs single runs differ by up to 5.5e-4 on a site element).
-REAL_TOL = {"gemma3-270m": {"atol": 2e-3, "rtol": 1e-4}}
+# SmolLM2 cut to 4 layers: logits reach about 20 (one float32 ulp there is 1.9e-6) and a
+# batched GEMM sums in another order than a single-row one; measured up to 1.43e-5 on a logit
+# element. A run that mixed batch rows differs by O(1), far above either bound.
+REAL_TOL = {"gemma3-270m": {"atol": 2e-3, "rtol": 1e-4}, "smollm2": {"atol": 5e-5, "rtol": 1e-5}}
 
 
 def tol(model, rtol: float | None = None) -> dict:
