@@ -37,10 +37,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from transcoders import losses
+from transcoders import losses, outliers
 from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
 from transcoders.device import DeviceSetting
-from transcoders.metrics import FireTracker, l0_per_layer, nmse_per_layer, summarize
+from transcoders.evaluation import Heldout, evaluate_heldout
+from transcoders.metrics import FireTracker, l0_per_layer, summarize
+from transcoders.metrics import fired_topk as _fired_topk
 from transcoders.normalize import Normalizer, fold, from_mean_squares, mean_square_norms
 from transcoders.stream import ActivationFn, ShuffleBuffer, StreamPlan
 from transcoders.trainable import TrainableTranscoder
@@ -100,7 +102,14 @@ class TrainConfig:
     skip_bos: bool = True
     buffer_dtype: Literal["float32", "float16"] = "float32"
     data_shards: int | None = None  # default: number of data-parallel ranks
-    n_heldout_seqs: int = 16
+    # Massive outputs (transcoders.outliers): positions whose MLP-output norm exceeds
+    # outlier_factor x the layer's median ("ratio"; or median + factor x MAD, "mad"), with
+    # thresholds fixed from round 0, get loss weight outlier_weight and are left out of the
+    # skip fit and the normalisation scales. "none" turns this off.
+    outlier_rule: Literal["none", "ratio", "mad"] = "ratio"
+    outlier_factor: float = 50.0
+    outlier_weight: float = 0.0
+    n_heldout_seqs: int = 32  # evaluation rows (transcoders.evaluation); the caller picks them
     # Bookkeeping
     eval_every: int = 50
     log_every: int = 5
@@ -205,15 +214,17 @@ def objective(
     cfg: TrainConfig,
     sparsity_coef: float,
     dead: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
 ) -> StepOut:
-    """The training loss on one normalised batch x, y [L, N, d]."""
+    """The training loss on one normalised batch x, y [L, N, d]; ``weight`` [L, N] weights each
+    position's reconstruction (and AuxK) term (0 at outliers, :mod:`transcoders.outliers`)."""
     pre = model.pre_activations(x)
     L, N, F = pre.shape
     parts: dict[str, torch.Tensor] = {}
     if cfg.activation == "topk":
         idx, vals = model.topk(pre, cfg.topk)
         recon = model.decode_sparse(idx, vals, x)
-        mse, per_layer = losses.reconstruction_loss(recon, y)
+        mse, per_layer = losses.reconstruction_loss(recon, y, weight)
         parts["mse"] = mse
         fired = _fired_topk(idx, vals, F)
         l0 = (vals > 0).float().sum(-1).mean(-1)
@@ -223,11 +234,15 @@ def objective(
             a_idx, a_vals = model.topk(pre.masked_fill(~dead[:, None, :], -1e30), k_aux)
             a_vals = a_vals * dead.gather(1, a_idx.reshape(L, -1)).view_as(a_vals)
             aux = model.decode_sparse(a_idx, a_vals, bias=False)
-            parts["auxk"] = cfg.auxk_coef * losses.auxk_loss((y - recon).detach(), aux)
+            resid = (y - recon).detach()
+            if weight is not None:
+                sw = weight.sqrt()[..., None]
+                resid, aux = resid * sw, aux * sw
+            parts["auxk"] = cfg.auxk_coef * losses.auxk_loss(resid, aux)
     else:
         acts = model.activate(pre, cfg.bandwidth)
         recon = model.decode_dense(acts, x)
-        mse, per_layer = losses.reconstruction_loss(recon, y)
+        mse, per_layer = losses.reconstruction_loss(recon, y, weight)
         norms = model.decoder_norms()
         parts["mse"] = mse
         parts["sparsity"] = sparsity_coef * losses.tanh_sparsity_loss(acts, norms, cfg.sparsity_c)
@@ -247,18 +262,31 @@ def objective(
 
 @torch.no_grad()
 def fit_skip(
-    x: torch.Tensor, y: torch.Tensor, ridge: float, dist: Dist | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ridge: float,
+    dist: Dist | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer ridge regression y ~ W x + b on x, y [L, N, d] (moments averaged over ranks).
+    """Per-layer ridge regression y ~ W x + b on x, y [L, N, d] (moments averaged over ranks),
+    each position weighted by ``weight`` [L, N] (0 leaves an outlier out, see
+    :mod:`transcoders.outliers`; None: all 1).
 
     Returns W [L, d_out, d_in] (the W_skip layout) and b [L, d]. The ridge is ``ridge`` times
     the mean input variance, which keeps near-constant input directions from blowing up W."""
     dist = dist or Dist()
     x64, y64 = x.double(), y.double()
     n = x.shape[1]
-    mx, my = dist.mean(x64.mean(1)), dist.mean(y64.mean(1))  # [L, d]
-    sxx = dist.mean(x64.transpose(1, 2) @ x64 / n)  # [L, d, d]
-    sxy = dist.mean(x64.transpose(1, 2) @ y64 / n)
+    if weight is None:
+        mw, xw, yw = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device), x64, y64
+    else:
+        w64 = weight.to(device=x.device, dtype=torch.float64)[..., None]
+        mw, xw, yw = dist.mean(w64.mean(1)), x64 * w64, y64 * w64  # mw [L, 1]
+    mx, my = dist.mean(xw.mean(1)) / mw, dist.mean(yw.mean(1)) / mw  # [L, d]
+    del yw
+    sxx = dist.mean(xw.transpose(1, 2) @ x64 / n) / mw[..., None]  # [L, d, d]
+    sxy = dist.mean(xw.transpose(1, 2) @ y64 / n) / mw[..., None]
+    del xw
     cxx = sxx - mx[:, :, None] * mx[:, None, :]
     cxy = sxy - mx[:, :, None] * my[:, None, :]
     d = x.shape[-1]
@@ -277,15 +305,6 @@ def fit_skip(
     w = torch.cholesky_solve(cxy, chol)  # [L, d_in, d_out]
     b = my - (mx[:, None, :] @ w)[:, 0]
     return w.transpose(1, 2).float().contiguous(), b.float()
-
-
-def _fired_topk(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
-    """[L, F] bool: features with a positive value among the top-k idx, vals [L, N, k]."""
-    L = idx.shape[0]
-    hits = torch.zeros(L, n_features, device=idx.device).scatter_add_(
-        1, idx.reshape(L, -1), (vals > 0).float().reshape(L, -1)
-    )
-    return hits > 0
 
 
 def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
@@ -330,43 +349,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-# --- evaluation ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model: TrainableTranscoder,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    chunk: int = 1024,
-) -> dict:
-    """NMSE and L0 per layer on normalised held-out activations x, y [L, N, d]."""
-    recons, l0s, fired = (
-        [],
-        [],
-        torch.zeros(model.cfg.n_layers, model.cfg.n_features, dtype=torch.bool, device=x.device),
-    )
-    for s in range(0, x.shape[1], chunk):
-        xc = x[:, s : s + chunk]
-        pre = model.pre_activations(xc)
-        if cfg.activation == "topk":
-            idx, vals = model.topk(pre, cfg.topk)
-            recons.append(model.decode_sparse(idx, vals, xc))
-            fired |= _fired_topk(idx, vals, model.cfg.n_features)
-            l0s.append((vals > 0).float().sum(-1))
-        else:
-            acts = model.activate(pre, cfg.bandwidth)
-            recons.append(model.decode_dense(acts, xc))
-            fired |= (acts > 0).any(1)
-            l0s.append((acts > 0).float().sum(-1))
-    return {
-        "nmse": nmse_per_layer(torch.cat(recons, 1), y),
-        "l0": torch.cat(l0s, 1).mean(-1),
-        "fired": fired,
-    }
 
 
 def export(model: TrainableTranscoder, norm: Normalizer, extra: dict | None = None):
@@ -488,10 +470,7 @@ def train(
 
     # Held-out activations for evaluation (rank 0 evaluates).
     if main:
-        hx, hy = ShuffleBuffer.harvest(
-            activations, heldout_tokens, batch=cfg.harvest_batch, skip_bos=cfg.skip_bos
-        ).get(slice(None))
-        hx, hy = hx.to(dev), hy.to(dev)
+        held = Heldout.harvest(activations, heldout_tokens, batch=cfg.harvest_batch, device=dev)
 
     clt_cfg = TranscoderConfig(
         n_layers=n_layers,
@@ -528,6 +507,7 @@ def train(
         start, n_steps = state["step"], state["n_steps"]
         harvest_rate, step_s = state["harvest_rate"], state["step_seconds"]
         torch.set_rng_state(state["torch_rng"])
+        thr = torch.tensor(state["outlier_thresholds"], device=dev)
         _truncate_log(log_path, start)
     else:
         # Round 0: harvest, normalise (scales averaged over all ranks), initialise b_dec.
@@ -535,18 +515,26 @@ def train(
         harvest_rate = sum(len(b) for b in bufs) / sum(b.seconds for b in bufs)
         xs = torch.cat([b.inputs for b in bufs]).transpose(0, 1).to(dev)
         ys = torch.cat([b.outputs for b in bufs]).transpose(0, 1).to(dev)
-        ms_in, ms_out = dist.mean(mean_square_norms(xs)), dist.mean(mean_square_norms(ys))
+        # Outliers (thresholds in raw units, from this round) count in neither the scales nor
+        # the skip fit nor b_dec: kept positions only, the same on any number of ranks.
+        thr = outliers.buffer_thresholds(
+            [b.outputs for b in bufs], cfg.outlier_rule, cfg.outlier_factor, dist.mean
+        ).to(dev)
+        keep = (~outliers.outlier_mask(ys, thr)).float()  # [L, N]
+        kept = dist.mean(keep.mean(1))  # [L] share kept
+        ms_in = dist.mean(mean_square_norms(xs * keep[..., None])) / kept
+        ms_out = dist.mean(mean_square_norms(ys * keep[..., None])) / kept
         norm = from_mean_squares(ms_in, ms_out, d_model)
         with torch.no_grad():
             y_norm = ys.float() * norm.out_scale[:, None, None]
             if clt.W_skip is not None and cfg.skip_init == "lstsq":
                 x_norm = xs.float() * norm.in_scale[:, None, None]
-                w, b = fit_skip(x_norm, y_norm, cfg.skip_ridge, dist)
+                w, b = fit_skip(x_norm, y_norm, cfg.skip_ridge, dist, weight=keep)
                 clt.W_skip.copy_(w)
                 clt.b_dec.copy_(b)
                 del x_norm
             else:
-                clt.b_dec.copy_(dist.mean(y_norm.mean(1)))
+                clt.b_dec.copy_(dist.mean((y_norm * keep[..., None]).mean(1)) / kept[:, None])
             del y_norm
             for w in clt.D:
                 w.mul_(cfg.decoder_init_scale)
@@ -582,7 +570,7 @@ def train(
     }
     if main and start == 0:
         _log(log_path, {"step": 0, "event": "start", **meta, "config": asdict(cfg)})
-        _log(log_path, _eval_record(clt, hx, hy, norm, fire, cfg, None, 0))  # baseline
+        _log(log_path, _eval_record(clt, held, norm, fire, cfg, None, 0))  # baseline
     bar = _progress(n_steps, start, progress and main)
     last_ckpt = time.perf_counter()
     last_eval: dict = {}
@@ -605,7 +593,8 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         lam = sparsity_at(step, n_steps, cfg)
-        res = objective(clt, x, y, cfg, lam, fire.dead_mask())
+        wt = outliers.batch_weights(y, thr * norm.out_scale, cfg.outlier_weight)
+        res = objective(clt, x, y, cfg, lam, fire.dead_mask(), wt)
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         for p in clt.parameters():
@@ -638,7 +627,7 @@ def train(
             }
             _log(log_path, rec)
         if main and (done % cfg.eval_every == 0 or done == n_steps):
-            last_eval = _eval_record(clt, hx, hy, norm, fire, cfg, spliced_eval, done)
+            last_eval = _eval_record(clt, held, norm, fire, cfg, spliced_eval, done)
             _log(log_path, last_eval)
         if main and bar is not None:
             bar.update(1)
@@ -650,7 +639,7 @@ def train(
             if main:
                 save_checkpoint(
                     ckpt_path,
-                    _state(clt, opt, fire, norm, cfg, done, n_steps, harvest_rate, step_s),
+                    _state(clt, opt, fire, norm, cfg, done, n_steps, harvest_rate, step_s, thr),
                 )
             dist.barrier()
             last_ckpt = time.perf_counter()
@@ -669,7 +658,7 @@ def train(
                 })  # fmt: skip
                 save_checkpoint(
                     ckpt_path,
-                    _state(clt, opt, fire, norm, cfg, done, n_steps, harvest_rate, step_s),
+                    _state(clt, opt, fire, norm, cfg, done, n_steps, harvest_rate, step_s, thr),
                 )
             break
     else:
@@ -691,13 +680,14 @@ def train(
     )
     if main and done == n_steps:
         save_checkpoint(
-            ckpt_path, _state(clt, opt, fire, norm, cfg, n_steps, n_steps, harvest_rate, step_s)
+            ckpt_path,
+            _state(clt, opt, fire, norm, cfg, n_steps, n_steps, harvest_rate, step_s, thr),
         )
     if main:
         final = (
             last_eval
             if last_eval.get("step") == done
-            else _eval_record(clt, hx, hy, norm, fire, cfg, spliced_eval, done)
+            else _eval_record(clt, held, norm, fire, cfg, spliced_eval, done)
         )
         result_metrics = {k: v for k, v in final.items() if k != "event"}
         exported.cfg.training["metrics"] = {
@@ -802,7 +792,7 @@ def _plan_steps(cfg, budget_s, t_start, step_s, steps_per_round, round_s, dist) 
     return int(n)
 
 
-def _state(clt, opt, fire, norm, cfg, step, n_steps, harvest_rate, step_s) -> dict:
+def _state(clt, opt, fire, norm, cfg, step, n_steps, harvest_rate, step_s, thr) -> dict:
     return {
         "model": clt.state_dict(),
         "optim": opt.state_dict(),
@@ -815,23 +805,19 @@ def _state(clt, opt, fire, norm, cfg, step, n_steps, harvest_rate, step_s) -> di
         "step_seconds": step_s,
         "torch_rng": torch.get_rng_state(),
         "clt_config": asdict(clt.cfg),
+        "outlier_thresholds": thr.tolist(),  # raw units, fixed at round 0
     }
 
 
-def _eval_record(clt, hx, hy, norm, fire, cfg, spliced_eval, step) -> dict:
-    ev = evaluate(clt, hx * norm.in_scale[:, None, None], hy * norm.out_scale[:, None, None], cfg)
-    rec = {
-        "step": step,
-        "event": "eval",
-        **summarize(
-            {
-                "nmse": ev["nmse"],
-                "l0": ev["l0"],
-                "dead": fire.dead_fraction(),
-                "dead_heldout": (~ev["fired"]).float().mean(-1),
-            }
-        ),
-    }
+def _eval_record(clt, held, norm, fire, cfg, spliced_eval, step) -> dict:
+    """An eval record (transcoders.evaluation): NMSE over all / non-start / inlier held-out
+    positions, outlier share, L0, dead (training window and held-out), and the spliced run."""
+    ev = evaluate_heldout(
+        clt, held, norm.in_scale, norm.out_scale, cfg.activation, cfg.topk, cfg.bandwidth
+    )
+    fired = ev.pop("fired")
+    per_layer = {**ev, "dead": fire.dead_fraction(), "dead_heldout": (~fired).float().mean(-1)}
+    rec = {"step": step, "event": "eval", **summarize(per_layer)}
     if spliced_eval is not None:
         with torch.no_grad():
             # On the device the transcoder trains on (the export itself is a CPU copy).
