@@ -51,7 +51,7 @@ OutlierRule = Literal["none", "ratio", "mad"]
 def norm_thresholds(norms: torch.Tensor, rule: OutlierRule, factor: float) -> torch.Tensor:
     """Per-layer outlier thresholds [L] (units of ``norms``) from norms [L, N]: ``factor`` x the
     median (``ratio``), the median + ``factor`` x the median absolute deviation (``mad``), or
-    +inf (``none``)."""
+    +inf (``none``). Medians are torch's: the lower middle value of an even count."""
     if rule == "none":
         return torch.full(norms.shape[:1], float("inf"), dtype=torch.float32, device=norms.device)
     med = norms.float().median(dim=1).values
