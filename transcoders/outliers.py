@@ -100,7 +100,11 @@ def position_stats(y: torch.Tensor, positions: torch.Tensor, factor: float = 50.
     token's and first token's median ratios, the share of the squared norm held by the top 1% of
     non-start positions, and the fraction of non-start positions above ``factor`` x median.
     Lists of length L (what ``scripts/measure_outliers.py`` prints)."""
-    n = output_norms(y)
+    return norm_stats(output_norms(y), positions, factor)
+
+
+def norm_stats(n: torch.Tensor, positions: torch.Tensor, factor: float = 50.0) -> dict:
+    """:func:`position_stats` from output norms n [L, N]."""
     inner = positions > 0
     med = n[:, inner].median(dim=1).values
     r = n / med[:, None]
