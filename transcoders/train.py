@@ -278,12 +278,14 @@ def fit_skip(
     x64, y64 = x.double(), y.double()
     n = x.shape[1]
     if weight is None:
-        mw, xw, yw = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device), x64, y64
+        mw, xw = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device), x64
+        mx, my = dist.mean(x64.mean(1)), dist.mean(y64.mean(1))  # [L, d]
     else:
-        w64 = weight.to(device=x.device, dtype=torch.float64)[..., None]
-        mw, xw, yw = dist.mean(w64.mean(1)), x64 * w64, y64 * w64  # mw [L, 1]
-    mx, my = dist.mean(xw.mean(1)) / mw, dist.mean(yw.mean(1)) / mw  # [L, d]
-    del yw
+        w64 = weight.to(device=x.device, dtype=torch.float64)  # [L, N]
+        mw = dist.mean(w64.mean(1))[:, None]  # [L, 1]
+        mx = dist.mean(torch.einsum("ln,lnd->ld", w64, x64) / n) / mw
+        my = dist.mean(torch.einsum("ln,lnd->ld", w64, y64) / n) / mw
+        xw = x64 * w64[..., None]
     sxx = dist.mean(xw.transpose(1, 2) @ x64 / n) / mw[..., None]  # [L, d, d]
     sxy = dist.mean(xw.transpose(1, 2) @ y64 / n) / mw[..., None]
     del xw
