@@ -97,19 +97,19 @@ def register_subcommand(tsub) -> None:
     t.add_argument(
         "--heldout-seqs",
         type=int,
-        default=32,
+        default=d["heldout_seqs"],
         help="held-out sequences for the metrics (transcoders.evaluation; default 32)",
     )
     t.add_argument(
         "--outlier-rule",
         choices=["ratio", "mad", "none"],
-        default="ratio",
+        default=d["outlier_rule"],
         help="massive MLP outputs left out of the loss, skip fit and scales (transcoders.outliers)",
     )
     t.add_argument(
         "--outlier-factor",
         type=float,
-        default=50.0,
+        default=d["outlier_factor"],
         help="outlier threshold: this many times the layer's median output norm (ratio rule)",
     )
     t.add_argument(
