@@ -14,8 +14,12 @@ compared at equal wall time on equal data; it writes one row per width.
 Trains with ``circuit-atlas transcoders train`` (default recipe), saves the CLT to
 ``$CIRCUIT_ATLAS_HOME/transcoders/smollm2-clt-default`` and writes
 ``benchmarks/training.json`` and ``benchmarks/training.md`` (per-layer NMSE, L0, dead fraction;
-spliced KL, top-1 agreement, CE loss recovered; tokens/s). Goal for the default recipe: mean
-NMSE <= 0.25, mean L0 <= 64, dead fraction <= 5%.
+spliced KL, top-1 agreement, CE loss recovered; tokens/s). NMSE is reported over the held-out
+positions without the start token (the headline), over all of them, and without the start token
+and the outlier positions (``transcoders.evaluation`` defines each). With ``--graph-scores``
+(default) it also attributes the demo prompts with the trained CLT and reports their replacement
+and completeness scores (circuit-tracer convention). Goal for the default recipe: mean NMSE <=
+0.25, mean L0 <= 64, dead fraction <= 5%, demo replacement score >= 0.55.
 
 After training (outside the timed budget) it also measures a reference point: the best
 *linear* map per layer (ridge regression of MLP outputs on MLP inputs, fitted on
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GOAL = {"nmse": 0.25, "l0": 64, "dead": 0.05}
+GOAL = {"nmse": 0.25, "l0": 64, "dead": 0.05, "replacement": 0.55}
 RESULTS = ROOT / "benchmarks" / "training"  # .json / .md (with --widths: training_widths)
 
 
@@ -55,6 +59,12 @@ def main() -> int:
     ap.add_argument("--widths", help="comma-separated features per layer, e.g. 256,1024,2048")
     ap.add_argument(
         "--harvest-minutes", type=float, help="with --widths: harvest time (default: budget)"
+    )
+    ap.add_argument(
+        "--graph-scores",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="attribute the demo prompts after training for their replacement/completeness",
     )
     ap.add_argument("extra", nargs="*", help="more `transcoders train` options (after --)")
     args = ap.parse_args()
@@ -77,6 +87,7 @@ def main() -> int:
         str(args.budget_minutes),
         "--out",
         str(out),
+        *(["--graph-scores"] if args.graph_scores else []),
         *args.extra,
     ]
     targs = build_parser().parse_args(argv)
@@ -109,6 +120,11 @@ def main() -> int:
             "nmse": m["nmse"] <= GOAL["nmse"],
             "l0": m["l0"] <= GOAL["l0"],
             "dead": m["dead_heldout"] <= GOAL["dead"],
+            **(
+                {"replacement": m["graph_scores"]["replacement"] >= GOAL["replacement"]}
+                if "graph_scores" in m
+                else {}
+            ),
         },
     }
     if args.baseline_seqs > 0:
@@ -240,13 +256,17 @@ def widths_markdown(r: dict) -> str:
 
 def linear_baseline(targs, n_seqs: int, ridge: float = 1e-3) -> dict:
     """Held-out NMSE per layer of the ridge fit y ~ W x + b per layer (MLP out on MLP in),
-    on ``n_seqs`` training sequences and the held-out sequences the trainer evaluates on.
-    (The ridge is smaller than the trainer's skip_ridge, which is sized for its 8,192-token
-    first buffer; with 16k tokens it hardly matters: 0.507 at 1e-3, 0.501 at 0.03.)"""
+    on the non-start positions of ``n_seqs`` training sequences without their outliers (the
+    trainer's rule and factor), scored on the held-out sequences the trainer evaluates on, over
+    the same three position sets. (The ridge is smaller than the trainer's skip_ridge, which is
+    sized for its 8,192-token first buffer; with 16k tokens it hardly matters: 0.507 at 1e-3,
+    0.501 at 0.03.)"""
 
     from tracer.cli.train_cmd import load_corpus, split_tokens
     from tracer.model import LanguageModel
     from tracer.splice import activation_fn
+    from transcoders import outliers
+    from transcoders.evaluation import Heldout
     from transcoders.metrics import nmse_per_layer
     from transcoders.stream import ShuffleBuffer
     from transcoders.train import fit_skip
@@ -256,17 +276,24 @@ def linear_baseline(targs, n_seqs: int, ridge: float = 1e-3) -> dict:
     fit_tokens = train_tokens[:n_seqs]
     acts = activation_fn(model, targs.input_site)
     x, y = ShuffleBuffer.harvest(acts, fit_tokens).get(slice(None))  # [L, N, d]
-    hx, hy = ShuffleBuffer.harvest(acts, eval_tokens).get(slice(None))
-    w, b = fit_skip(x, y, ridge)  # w [L, d_out, d_in], b [L, d]
-    pred = hx @ w.transpose(1, 2) + b[:, None, :]
-    nmse = nmse_per_layer(pred, hy)
-    return {
+    thr = outliers.norm_thresholds(
+        outliers.output_norms(y), targs.outlier_rule, targs.outlier_factor
+    )
+    keep = ~outliers.outlier_mask(y, thr)
+    held = Heldout.harvest(acts, eval_tokens)
+    w, b = fit_skip(x, y, ridge, weight=keep.float())  # w [L, d_out, d_in], b [L, d]
+    pred = held.x @ w.transpose(1, 2) + b[:, None, :]
+    out = {
         "fit_tokens": x.shape[1],
-        "heldout_tokens": hx.shape[1],
+        "fit_outliers_excluded": int((~keep).sum()),
+        "heldout_tokens": held.x.shape[1],
         "ridge": ridge,
-        "nmse": round(float(nmse.mean()), 6),
-        "nmse_per_layer": [round(float(v), 6) for v in nmse],
     }
+    for name, mask in held.masks().items():
+        nmse = nmse_per_layer(pred, held.y, mask)
+        out[name] = round(float(nmse.mean()), 6)
+        out[name + "_per_layer"] = [round(float(v), 6) for v in nmse]
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -274,6 +301,8 @@ def markdown(r: dict) -> str:
     sp = m.get("spliced", {})
     rec = r["recipe"] or {}
     base = r.get("linear_baseline")
+    gs = m.get("graph_scores")
+    nan = float("nan")
     lines = [
         "## Transcoder training benchmark (default SmolLM2 recipe)",
         "",
@@ -283,38 +312,70 @@ def markdown(r: dict) -> str:
         f"{rec.get('activation')} k={rec.get('topk')}, "
         f"{rec.get('n_features')} features/layer, batch {rec.get('batch_tokens')} tokens, "
         f"lr {rec.get('lr')}, buffer {rec.get('buffer_tokens')} tokens x "
-        f"{rec.get('passes')} passes",
+        f"{rec.get('passes')} passes; outliers: {rec.get('outlier_rule')} rule, factor "
+        f"{rec.get('outlier_factor')}",
         f"- machine: {r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads, "
         f"load average at start {r['machine']['load_average_start'][0]:.1f} (shared machine)",
         f"- wall time {r['wall_seconds'] / 60:.1f} min, {r['steps']} steps; harvest "
         f"{r['harvest_tokens_per_s']:.0f} tokens/s, training {r['train_tokens_per_s'] or 0:.0f} "
         "tokens/s",
-        f"- held-out: mean NMSE **{m['nmse']:.3f}**, mean L0 **{m['l0']:.1f}**, dead (never "
-        f"fired on held-out) **{m['dead_heldout']:.1%}**",
-        f"- spliced (all 30 MLPs replaced, BOS kept): KL **{sp.get('kl', float('nan')):.3f}** "
-        f"nats, top-1 agreement **{sp.get('top1', float('nan')):.1%}**, CE clean "
-        f"{sp.get('ce_clean', float('nan')):.3f} / spliced {sp.get('ce_spliced', float('nan')):.3f}"
-        f" / MLPs zeroed {sp.get('ce_ablated', float('nan')):.3f}, CE loss recovered "
-        f"{sp.get('ce_recovered', float('nan')):.1%}",
-        f"- goal (NMSE <= {GOAL['nmse']}, L0 <= {GOAL['l0']}, dead <= {GOAL['dead']:.0%}): "
-        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["goal_met"].items()),
+        f"- held-out ({rec.get('n_heldout_seqs')} sequences): mean NMSE **{m['nmse']:.3f}** "
+        f"without the start token, {m.get('nmse_all', nan):.3f} over all positions, "
+        f"{m.get('nmse_inliers', nan):.3f} without the start token and outliers "
+        f"({m.get('outlier_frac', nan):.2%} of positions, mean over layers); mean L0 "
+        f"**{m['l0']:.1f}**, dead (never fired on held-out) **{m['dead_heldout']:.1%}**",
+        f"- spliced (all 30 MLPs replaced, BOS kept): KL **{sp.get('kl', nan):.3f}** "
+        f"nats, top-1 agreement **{sp.get('top1', nan):.1%}**, CE clean "
+        f"{sp.get('ce_clean', nan):.3f} / spliced {sp.get('ce_spliced', nan):.3f}"
+        f" / MLPs zeroed {sp.get('ce_ablated', nan):.3f}, CE loss recovered "
+        f"{sp.get('ce_recovered', nan):.1%}",
     ]
+    if gs:
+        lines.append(
+            f"- demo prompts' graphs ({gs['convention']} convention, {gs['max_feature_nodes']} "
+            f"feature nodes): mean replacement **{gs['replacement']:.3f}**, completeness "
+            f"**{gs['completeness']:.3f}** ("
+            + "; ".join(
+                f"{p['prompt']!r} {p['replacement']:.2f} / {p['completeness']:.2f}"
+                for p in gs["prompts"]
+            )
+            + f"; {gs['seconds']:.0f} s)"
+        )
+    lines.append(
+        f"- goal (NMSE <= {GOAL['nmse']} without the start token, L0 <= {GOAL['l0']}, dead <= "
+        f"{GOAL['dead']:.0%}, replacement >= {GOAL['replacement']}): "
+        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["goal_met"].items())
+    )
     if base:
         lines.append(
-            f"- linear baseline (ridge per layer, {base['fit_tokens']} training tokens, same "
-            f"held-out tokens): mean NMSE **{base['nmse']:.3f}**"
+            f"- linear baseline (ridge per layer, {base['fit_tokens']} training tokens without "
+            f"{base.get('fit_outliers_excluded', 0)} outlier (layer, position) pairs, same "
+            f"held-out tokens): mean NMSE **{base['nmse']:.3f}** without the start token, "
+            f"{base.get('nmse_all', nan):.3f} all, {base.get('nmse_inliers', nan):.3f} inliers"
         )
     lines += [
         "",
-        "| layer | NMSE | L0 | dead (held-out) |" + (" linear NMSE |" if base else ""),
-        "|---:|---:|---:|---:|" + ("---:|" if base else ""),
+        "NMSE per layer over held-out positions: without the start token / all / without the "
+        "start token and outliers (transcoders.evaluation).",
+        "",
+        "| layer | NMSE | NMSE all | NMSE inliers | outliers | L0 | dead (held-out) |"
+        + (" linear NMSE | linear inliers |" if base else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if base else ""),
     ]
-    lin = base["nmse_per_layer"] if base else [None] * len(m["nmse_per_layer"])
-    for i, (n, l0, d, ln) in enumerate(
-        zip(m["nmse_per_layer"], m["l0_per_layer"], m["dead_heldout_per_layer"], lin, strict=True)
-    ):
-        row = f"| {i} | {n:.3f} | {l0:.1f} | {d:.1%} |"
-        lines.append(row + (f" {ln:.3f} |" if ln is not None else ""))
+    n_l = len(m["nmse_per_layer"])
+
+    def col(d, k):
+        return d.get(k + "_per_layer", [nan] * n_l) if d else [None] * n_l
+
+    for i in range(n_l):
+        row = (
+            f"| {i} | {m['nmse_per_layer'][i]:.3f} | {col(m, 'nmse_all')[i]:.3f} | "
+            f"{col(m, 'nmse_inliers')[i]:.3f} | {col(m, 'outlier_frac')[i]:.2%} | "
+            f"{m['l0_per_layer'][i]:.1f} | {m['dead_heldout_per_layer'][i]:.1%} |"
+        )
+        if base:
+            row += f" {col(base, 'nmse')[i]:.3f} | {col(base, 'nmse_inliers')[i]:.3f} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

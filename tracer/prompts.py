@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+# The demo's five prompts (also the prompt set of the training metric tracer.prompt_scores).
+DEMO_PROMPTS = (
+    "The capital of the state containing Dallas is",  # two-hop fact
+    "The capital of France is",  # fact recall
+    "The opposite of hot is",  # antonym
+    "def add(a, b):\n    return a",  # code completion
+    "Twinkle, twinkle, little star, how I wonder what you",  # rhyme / memorised text
+)
+
 
 class PromptFileError(ValueError):
     """A prompt file that cannot be read."""

@@ -21,13 +21,18 @@ def decoder_norms(w_dec: list[torch.Tensor]) -> torch.Tensor:
 
 
 def reconstruction_loss(
-    pred: torch.Tensor, target: torch.Tensor
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE summed over layers. pred, target [L, N, d] -> (total, per_layer [L]).
 
     per_layer[l] = mean over tokens of ||pred - target||^2 / d (about the layer's NMSE when the
-    target is normalised to E||y||^2 = d)."""
-    per_layer = (pred - target).pow(2).sum(-1).mean(-1) / pred.shape[-1]
+    target is normalised to E||y||^2 = d). ``weight`` [L, N] (e.g. 0 at outlier positions,
+    :mod:`transcoders.outliers`) multiplies each token's term; the mean still divides by N, so
+    equal-sized shards still average to the global loss."""
+    sq = (pred - target).pow(2).sum(-1)
+    if weight is not None:
+        sq = sq * weight
+    per_layer = sq.mean(-1) / pred.shape[-1]
     return per_layer.sum(), per_layer
 
 

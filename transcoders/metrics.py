@@ -9,11 +9,30 @@ from __future__ import annotations
 import torch
 
 
-def nmse_per_layer(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """pred, target [L, N, d] -> [L] fraction of variance unexplained."""
-    err = (pred - target).pow(2).sum((1, 2))
-    var = (target - target.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+def nmse_per_layer(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """pred, target [L, N, d] -> [L] fraction of variance unexplained; with ``mask`` [L, N]
+    (or [N]) bool, over the selected positions only (their own mean in the denominator)."""
+    if mask is None:
+        err = (pred - target).pow(2).sum((1, 2))
+        var = (target - target.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+        return err / var
+    m = (mask if mask.dim() == 2 else mask[None].expand(target.shape[0], -1)).to(target.dtype)
+    n = m.sum(1).clamp_min(1)[:, None]
+    mean = (target * m[..., None]).sum(1) / n  # [L, d]
+    err = ((pred - target).pow(2).sum(-1) * m).sum(1)
+    var = ((target - mean[:, None]).pow(2).sum(-1) * m).sum(1).clamp_min(1e-12)
     return err / var
+
+
+def fired_topk(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
+    """[L, F] bool: features with a positive value among the top-k idx, vals [L, N, k]."""
+    L = idx.shape[0]
+    hits = torch.zeros(L, n_features, device=idx.device).scatter_add_(
+        1, idx.reshape(L, -1), (vals > 0).float().reshape(L, -1)
+    )
+    return hits > 0
 
 
 def l0_per_layer(acts: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The training objective and the held-out evaluation of a trainable transcoder, on normalised
+"""The training objective of a trainable transcoder, on normalised
 activations x, y [L, N, d] (per-token means, summed over layers; see :mod:`.losses`).
 
 - JumpReLU: MSE + lambda(t) * tanh sparsity weighted by decoder norms + pre-activation loss.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from transcoders import losses
-from transcoders.metrics import l0_per_layer, nmse_per_layer
+from transcoders.metrics import fired_topk, l0_per_layer
 from transcoders.train_config import TrainConfig
 from transcoders.trainable import TrainableTranscoder
 
@@ -37,15 +37,17 @@ def objective(
     cfg: TrainConfig,
     sparsity_coef: float,
     dead: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
 ) -> StepOut:
-    """The training loss on one normalised batch x, y [L, N, d]."""
+    """The training loss on one normalised batch x, y [L, N, d]; ``weight`` [L, N] weights each
+    position's reconstruction (and AuxK) term (0 at outliers, :mod:`transcoders.outliers`)."""
     pre = model.pre_activations(x)
     L, N, F = pre.shape
     parts: dict[str, torch.Tensor] = {}
     if cfg.activation == "topk":
         idx, vals = model.topk(pre, cfg.topk)
         recon = model.decode_sparse(idx, vals, x)
-        mse, per_layer = losses.reconstruction_loss(recon, y)
+        mse, per_layer = losses.reconstruction_loss(recon, y, weight)
         parts["mse"] = mse
         fired = fired_topk(idx, vals, F)
         l0 = (vals > 0).float().sum(-1).mean(-1)
@@ -55,11 +57,15 @@ def objective(
             a_idx, a_vals = model.topk(pre.masked_fill(~dead[:, None, :], -1e30), k_aux)
             a_vals = a_vals * dead.gather(1, a_idx.reshape(L, -1)).view_as(a_vals)
             aux = model.decode_sparse(a_idx, a_vals, bias=False)
-            parts["auxk"] = cfg.auxk_coef * losses.auxk_loss((y - recon).detach(), aux)
+            resid = (y - recon).detach()
+            if weight is not None:
+                sw = weight.sqrt()[..., None]
+                resid, aux = resid * sw, aux * sw
+            parts["auxk"] = cfg.auxk_coef * losses.auxk_loss(resid, aux)
     else:
         acts = model.activate(pre, cfg.bandwidth)
         recon = model.decode_dense(acts, x)
-        mse, per_layer = losses.reconstruction_loss(recon, y)
+        mse, per_layer = losses.reconstruction_loss(recon, y, weight)
         norms = model.decoder_norms()
         parts["mse"] = mse
         parts["sparsity"] = sparsity_coef * losses.tanh_sparsity_loss(acts, norms, cfg.sparsity_c)
@@ -75,46 +81,3 @@ def objective(
         fired,
         recon.detach(),
     )
-
-
-def fired_topk(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
-    """[L, F] bool: features with a positive value among the top-k idx, vals [L, N, k]."""
-    L = idx.shape[0]
-    hits = torch.zeros(L, n_features, device=idx.device).scatter_add_(
-        1, idx.reshape(L, -1), (vals > 0).float().reshape(L, -1)
-    )
-    return hits > 0
-
-
-@torch.no_grad()
-def evaluate(
-    model: TrainableTranscoder,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    chunk: int = 1024,
-) -> dict:
-    """NMSE and L0 per layer on normalised held-out activations x, y [L, N, d]."""
-    recons, l0s, fired = (
-        [],
-        [],
-        torch.zeros(model.cfg.n_layers, model.cfg.n_features, dtype=torch.bool, device=x.device),
-    )
-    for s in range(0, x.shape[1], chunk):
-        xc = x[:, s : s + chunk]
-        pre = model.pre_activations(xc)
-        if cfg.activation == "topk":
-            idx, vals = model.topk(pre, cfg.topk)
-            recons.append(model.decode_sparse(idx, vals, xc))
-            fired |= fired_topk(idx, vals, model.cfg.n_features)
-            l0s.append((vals > 0).float().sum(-1))
-        else:
-            acts = model.activate(pre, cfg.bandwidth)
-            recons.append(model.decode_dense(acts, xc))
-            fired |= (acts > 0).any(1)
-            l0s.append((acts > 0).float().sum(-1))
-    return {
-        "nmse": nmse_per_layer(torch.cat(recons, 1), y),
-        "l0": torch.cat(l0s, 1).mean(-1),
-        "fired": fired,
-    }

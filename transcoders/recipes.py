@@ -26,4 +26,8 @@ DEFAULT_RECIPE = {
     "budget_minutes": 20.0,
     "dead_window_tokens": 4096,
     "eval_every": 100,
+    # Massive MLP outputs out of the loss, skip fit and scales (transcoders.outliers).
+    "outlier_rule": "ratio",
+    "outlier_factor": 50.0,
+    "heldout_seqs": 32,
 }

@@ -27,7 +27,7 @@ from transcoders.clt import CrossLayerTranscoder
 from transcoders.device import DeviceSetting
 from transcoders.distributed import Dist, init_distributed
 from transcoders.export import export, save_export
-from transcoders.objective import StepOut, evaluate, objective
+from transcoders.objective import StepOut, objective
 from transcoders.planner import BudgetError, StepPlan, lr_at, sparsity_at
 from transcoders.skip_fit import fit_skip
 from transcoders.stream import ActivationFn
@@ -46,7 +46,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
-    "evaluate",
     "export",
     "fit_skip",
     "init_distributed",

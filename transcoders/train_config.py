@@ -64,7 +64,14 @@ class TrainConfig:
     cache_dtype: CacheDtype = "float16"
     skip_bos: bool = True
     data_shards: int | None = None  # default: number of data-parallel ranks
-    n_heldout_seqs: int = 16
+    # Massive outputs (transcoders.outliers): positions whose MLP-output norm exceeds
+    # outlier_factor x the layer's median ("ratio"; or median + factor x MAD, "mad"), with
+    # thresholds fixed from round 0, get loss weight outlier_weight and are left out of the
+    # skip fit and the normalisation scales. "none" turns this off.
+    outlier_rule: Literal["none", "ratio", "mad"] = "ratio"
+    outlier_factor: float = 50.0
+    outlier_weight: float = 0.0
+    n_heldout_seqs: int = 32  # evaluation rows (transcoders.evaluation); the caller picks them
     # Bookkeeping
     eval_every: int = 50
     log_every: int = 5

@@ -39,16 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transcoders import trainlog
-from transcoders.activation_cache import ActivationCache, CacheSpec, check_spec, heldout_set
+from transcoders import outliers, trainlog
+from transcoders.activation_cache import ActivationCache, CacheSpec, check_spec
 from transcoders.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
 from transcoders.device import DeviceSetting
 from transcoders.distributed import Dist
+from transcoders.evaluation import Heldout, evaluate_heldout
 from transcoders.export import export, save_export
 from transcoders.metrics import FireTracker, summarize
 from transcoders.normalize import Normalizer, from_mean_squares, mean_square_norms
-from transcoders.objective import evaluate, objective
+from transcoders.objective import objective
 from transcoders.planner import BudgetError, BudgetPlanner, StepPlan, lr_at, sparsity_at
 from transcoders.skip_fit import fit_skip
 from transcoders.stream import ActivationFn, seed_mix
@@ -141,7 +142,7 @@ class Trainer:
             if self.budget_s is not None and cfg.steps is None
             else None
         )
-        self.hx, self.hy = self.heldout_activations()
+        self.held = self.heldout_activations()
         # Initialised on the CPU (the same random start on every device), then moved.
         self.clt = TrainableTranscoder.from_clt(CrossLayerTranscoder(self.clt_config()))
         self.clt = self.clt.to(self.dev)
@@ -156,20 +157,14 @@ class Trainer:
         done = self.loop(start)
         return self.finish(done)
 
-    def heldout_activations(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Raw held-out activations [L, N, d] on the device (rank 0, which evaluates)."""
+    def heldout_activations(self) -> Heldout | None:
+        """Raw held-out activations with every position, start token included (rank 0, which
+        evaluates; :class:`transcoders.evaluation.Heldout`), on the device."""
         if not self.main:
-            return None, None
-        name = heldout_set(self.heldout_tokens)
-        self.cache.harvest(
-            name,
-            self.heldout_tokens,
-            self.activations,
-            chunk_sequences=self.cfg.chunk_sequences,
-            batch=self.cfg.harvest_batch,
+            return None
+        return Heldout.harvest(
+            self.activations, self.heldout_tokens, batch=self.cfg.harvest_batch, device=self.dev
         )
-        hx, hy = self.cache.read(name, len(self.heldout_tokens)).get(slice(None))
-        return hx.to(self.dev), hy.to(self.dev)
 
     def start_fresh(self) -> int:
         """Normalise and initialise from the first buffer, size the run, harvest its tokens."""
@@ -231,6 +226,7 @@ class Trainer:
         self.opt.load_state_dict(state["optim"])
         self.fire.load_state_dict(state["fire"])
         norm = Normalizer.from_dict(state["normalizer"])
+        self.thr = torch.tensor(state["outlier_thresholds"], device=self.dev)
         self.norm = Normalizer(norm.in_scale.to(self.dev), norm.out_scale.to(self.dev))
         self.plan = StepPlan.from_dict(state["plan"])
         self.n_seqs = state["n_sequences"]
@@ -258,7 +254,8 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = lr
             lam = sparsity_at(step, plan, cfg.sparsity_coef, cfg.sparsity_warmup_frac)
-            res = objective(self.clt, x, y, cfg, lam, self.fire.dead_mask())
+            wt = outliers.batch_weights(y, self.thr * self.norm.out_scale, cfg.outlier_weight)
+            res = objective(self.clt, x, y, cfg, lam, self.fire.dead_mask(), wt)
             self.opt.zero_grad(set_to_none=True)
             res.loss.backward()
             for p in self.clt.parameters():
@@ -434,15 +431,28 @@ class Trainer:
         """Normaliser, skip fit (or b_dec at the mean output), small decoders, thresholds from
         raw activations xs, ys [L, N, d] (every rank reads the same cached rows)."""
         cfg, clt = self.cfg, self.clt
-        self.norm = from_mean_squares(mean_square_norms(xs), mean_square_norms(ys), self.d_model)
+        # Outlier thresholds (raw units; transcoders.outliers) averaged over the data shards of
+        # these rows, so any number of ranks gets the same; outliers count in neither the
+        # scales nor the skip fit nor b_dec.
+        shards = cfg.data_shards or self.dist.world
+        self.thr = outliers.buffer_thresholds(
+            [c.transpose(0, 1) for c in ys.chunk(shards, dim=1)],
+            cfg.outlier_rule,
+            cfg.outlier_factor,
+        ).to(self.dev)
+        keep = (~outliers.outlier_mask(ys, self.thr)).float()  # [L, N]
+        kept = keep.mean(1)  # [L] share kept
+        ms_in = mean_square_norms(xs * keep[..., None]) / kept
+        ms_out = mean_square_norms(ys * keep[..., None]) / kept
+        self.norm = from_mean_squares(ms_in, ms_out, self.d_model)
         y_norm = ys.float() * self.norm.out_scale[:, None, None]
         if clt.W_skip is not None and cfg.skip_init == "lstsq":
             x_norm = xs.float() * self.norm.in_scale[:, None, None]
-            w, b = fit_skip(x_norm, y_norm, cfg.skip_ridge)
+            w, b = fit_skip(x_norm, y_norm, cfg.skip_ridge, weight=keep)
             clt.W_skip.copy_(w)
             clt.b_dec.copy_(b)
         else:
-            clt.b_dec.copy_(y_norm.mean(1))
+            clt.b_dec.copy_((y_norm * keep[..., None]).mean(1) / kept[:, None])
         for w in clt.D:
             w.mul_(cfg.decoder_init_scale)
         if cfg.activation == "jumprelu":
@@ -517,6 +527,7 @@ class Trainer:
             "step_seconds": self.step_s,
             "torch_rng": torch.get_rng_state(),
             "clt_config": asdict(self.clt.cfg),
+            "outlier_thresholds": self.thr.tolist(),  # raw units, fixed at initialisation
         }
 
     def meta(self) -> dict:
@@ -545,20 +556,25 @@ class Trainer:
         }
 
     def eval_record(self, step: int) -> dict:
-        hx, hy = self.normalised(self.hx, self.hy)
-        ev = evaluate(self.clt, hx, hy, self.cfg)
-        rec = {
-            "step": step,
-            "event": "eval",
-            **summarize(
-                {
-                    "nmse": ev["nmse"],
-                    "l0": ev["l0"],
-                    "dead": self.fire.dead_fraction(),
-                    "dead_heldout": (~ev["fired"]).float().mean(-1),
-                }
-            ),
+        """An eval record (transcoders.evaluation): NMSE over all / non-start / inlier held-out
+        positions, outlier share, L0, dead (training window and held-out), spliced run."""
+        cfg = self.cfg
+        ev = evaluate_heldout(
+            self.clt,
+            self.held,
+            self.norm.in_scale,
+            self.norm.out_scale,
+            cfg.activation,
+            cfg.topk,
+            cfg.bandwidth,
+        )
+        fired = ev.pop("fired")
+        per_layer = {
+            **ev,
+            "dead": self.fire.dead_fraction(),
+            "dead_heldout": (~fired).float().mean(-1),
         }
+        rec = {"step": step, "event": "eval", **summarize(per_layer)}
         if self.spliced_eval is not None:
             with torch.no_grad():
                 # On the device the transcoder trains on (the export itself is a CPU copy).

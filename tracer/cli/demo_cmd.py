@@ -18,15 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from tracer.prompts import DEMO_PROMPTS
 from transcoders.device import add_device_arguments, setting_from_args
-
-DEMO_PROMPTS = (
-    "The capital of the state containing Dallas is",  # two-hop fact
-    "The capital of France is",  # fact recall
-    "The opposite of hot is",  # antonym
-    "def add(a, b):\n    return a",  # code completion
-    "Twinkle, twinkle, little star, how I wonder what you",  # rhyme / memorised text
-)
 
 
 def register(sub) -> None:

@@ -115,7 +115,30 @@ def register_subcommand(tsub) -> None:
         help="steps between held-out evaluations (each one includes a spliced forward pass)",
     )
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--heldout-seqs", type=int, default=8, help="held-out sequences for metrics")
+    t.add_argument(
+        "--heldout-seqs",
+        type=int,
+        default=d["heldout_seqs"],
+        help="held-out sequences for the metrics (transcoders.evaluation; default 32)",
+    )
+    t.add_argument(
+        "--outlier-rule",
+        choices=["ratio", "mad", "none"],
+        default=d["outlier_rule"],
+        help="massive MLP outputs left out of the loss, skip fit and scales (transcoders.outliers)",
+    )
+    t.add_argument(
+        "--outlier-factor",
+        type=float,
+        default=d["outlier_factor"],
+        help="outlier threshold: this many times the layer's median output norm (ratio rule)",
+    )
+    t.add_argument(
+        "--graph-scores",
+        action="store_true",
+        help="after training, attribute the demo prompts and record their replacement and "
+        "completeness scores (circuit-tracer convention; about a minute per prompt on a CPU)",
+    )
     t.add_argument(
         "--context-seqs",
         type=int,
@@ -259,8 +282,13 @@ def cache_spec(model, corpus, cfg, setting):
 def _train(args) -> int:
     result, out = run_training(args)
     m = result.metrics
-    summary = {k: m[k] for k in ("nmse", "l0", "dead", "dead_heldout") if k in m}
+    keys = ("nmse", "nmse_all", "nmse_inliers", "l0", "dead", "dead_heldout")
+    summary = {k: m[k] for k in keys if k in m}
     summary.update(m.get("spliced", {}))
+    if "graph_scores" in m:
+        summary.update(
+            {f"graph_{k}": m["graph_scores"][k] for k in ("replacement", "completeness")}
+        )
     print(json.dumps({"weights": str(out), **summary}, indent=2))
     return 0
 
@@ -315,6 +343,8 @@ def run_training(args):
         eval_every=args.eval_every,
         n_heldout_seqs=args.heldout_seqs,
         dead_window_tokens=args.dead_window,
+        outlier_rule=args.outlier_rule,
+        outlier_factor=args.outlier_factor,
     )
     print(
         f"training {cfg.kind} ({cfg.activation}, {cfg.n_features} features/layer) on "
@@ -342,6 +372,12 @@ def run_training(args):
         resume=not args.no_resume,
         device=setting,
     )
+    if args.graph_scores:
+        from tracer.prompt_scores import prompt_graph_scores
+
+        print("[train] attributing the demo prompts for graph scores", file=sys.stderr)
+        result.metrics["graph_scores"] = prompt_graph_scores(model, result.clt.to(model.device))
+        (work / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     # Weights (normalisation folded in), training record and feature contexts are assembled in
     # a temporary sibling folder and renamed into `out`, so `out` is never half-written.
     tmp = out.with_name(out.name + ".writing")
