@@ -169,7 +169,7 @@ def test_training_leaves_planted_outliers_out(tmp_path):
     cfg = TrainConfig(
         n_features=16, topk=4, skip=True, steps=1, lr=0.0, batch_tokens=24,
         buffer_tokens=24 * 9, passes=1, eval_every=1, log_every=1, harvest_batch=4, auxk=4,
-        n_heldout_seqs=6,
+        n_heldout_seqs=6, cache_dtype="float32",  # float16 would round the fit's inputs
     )  # fmt: skip
     res = train(
         cfg, activations=planted, train_tokens=tr, heldout_tokens=held, n_layers=2,
