@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -158,34 +160,41 @@ def test_pathological_query_is_stopped_on_the_server(backend):
     assert store.query("recurring-features", min_prompts=1, limit=5) == expected
 
 
+# A user's Ctrl-C: a separate interpreter (as the CLI is) runs the unbounded query and gets a
+# real SIGINT, so no signal handling left behind by other tests in this process can interfere.
+CTRL_C_CLIENT = """
+import sys
+from graphstore import GraphStore
+uri, user, password, database = sys.argv[1:5]
+with GraphStore(uri, user, password, database, archive_dir=sys.argv[5]) as s:
+    print("ready", flush=True)
+    try:
+        s.cypher(sys.argv[6], timeout=0)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+sys.exit(0)
+"""
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_the_query_on_the_server(store):
+def test_ctrl_c_stops_the_query_on_the_server(store, server_auth, tmp_path):
     """Ctrl-C while an unbounded query runs: the query is terminated on the server too."""
     store.add(small_graph(SEEDS[0]))
-    main_thread = threading.main_thread().ident
-
-    seen = threading.Event()
-
-    def probe():
-        # On a loaded machine the busy server can answer the probe late (or not before its
-        # own ceiling), so the probe runs apart and Ctrl-C goes out after 30 s regardless.
-        def check() -> bool:
-            try:
-                return bool(running(store, FRAGMENT))
-            except Exception:  # a busy server may refuse the probe: try again
-                return False
-
-        if wait_until(check, 30.0):
-            seen.set()
-
-    def interrupt():
-        seen.wait(30.0)
-        signal.pthread_kill(main_thread, signal.SIGINT)
-
-    threading.Thread(target=probe, daemon=True).start()
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        store.cypher(PATHOLOGICAL, timeout=0)
+    assert wait_until(lambda: not running(store, FRAGMENT), 30.0), "an earlier query still runs"
+    a = server_auth
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_CLIENT, a["uri"], a["user"], a["password"],
+         a["database"], str(tmp_path / "client"), PATHOLOGICAL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: bool(running(store, FRAGMENT)), 60.0), "query never started"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in out, (proc.returncode, out, err[-2000:])
     assert wait_until(lambda: not running(store, FRAGMENT), 10.0), "still running on the server"
 
 
