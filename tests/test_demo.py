@@ -77,7 +77,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, smollm2_full):
     prompts.write_text("The capital of France is\nThe opposite of hot is\n")
     out = tmp_path / "demo"
     args = ["demo", "--model", str(tmp_path / "model"), "--corpus", str(corpus),
-            "--features-per-layer", "64", "--train-minutes", "0.75", "--prompts", str(prompts),
+            "--features-per-layer", "64", "--train-minutes", "1.5", "--prompts", str(prompts),
             "--out", str(out), "--max-feature-nodes", "300", "--validate-samples", "8"]  # fmt: skip
     try:
         assert main(args) == 0
