@@ -163,7 +163,8 @@ def test_pathological_query_is_stopped_on_the_server(backend):
 # A user's Ctrl-C: a separate interpreter (as the CLI is) runs the unbounded query and gets a
 # real SIGINT, so no signal handling left behind by other tests in this process can interfere.
 CTRL_C_CLIENT = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
 from graphstore import GraphStore
 uri, user, password, database = sys.argv[1:5]
 with GraphStore(uri, user, password, database, archive_dir=sys.argv[5]) as s:
