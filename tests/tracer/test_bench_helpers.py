@@ -3,27 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_scripts import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load("bench_attribution")
-runner = _load("bench_ct_runner")
+bench = load_script("bench_attribution")
+runner = load_script("bench_ct_runner")
 
 F, E, T, LG = 0, 1, 2, 3
 

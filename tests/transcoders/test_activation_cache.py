@@ -186,20 +186,19 @@ def test_another_model_site_or_corpus_is_refused(tmp_path, model):
         cache.harvest(TRAIN_SET, shuffled, activation_fn(model), 8, chunk_sequences=4)
 
 
+def _train_kwargs(activations, tokens, held, tmp_path) -> dict:
+    """train()'s arguments for the tiny model with one cache folder under ``tmp_path``."""
+    return dict(
+        activations=activations, train_tokens=tokens, heldout_tokens=held, n_layers=L,
+        d_model=D, cache=tmp_path / "cache", progress=False, plot=False,
+    )  # fmt: skip
+
+
 def test_training_with_an_incompatible_cache_is_refused(tmp_path, model):
     tokens, held = tw.tokens()
     cfg = tw.config()
     cfg.steps = 2
-    kw = dict(
-        activations=activation_fn(model),
-        train_tokens=tokens,
-        heldout_tokens=held,
-        n_layers=L,
-        d_model=D,
-        cache=tmp_path / "cache",
-        progress=False,
-        plot=False,
-    )
+    kw = _train_kwargs(activation_fn(model), tokens, held, tmp_path)
     train(cfg, out_dir=tmp_path / "a", model_name="tiny-llama", **kw)
     with pytest.raises(CacheMismatch, match="model 'tiny-llama' \\(this run: 'other'\\)"):
         train(cfg, out_dir=tmp_path / "b", model_name="other", **kw)
@@ -209,8 +208,8 @@ def test_training_with_an_incompatible_cache_is_refused(tmp_path, model):
 
 
 def test_two_recipes_share_one_harvest(tmp_path, model):
-    """The second recipe (another width) harvests nothing: every training and held-out token
-    comes from the first recipe's cache."""
+    """The second recipe (another width) harvests no training token: they all come from the
+    first recipe's cache (only the held-out rows are harvested again)."""
     tokens, held = tw.tokens()
     acts = activation_fn(model)
     seen: list[int] = []
@@ -221,16 +220,7 @@ def test_two_recipes_share_one_harvest(tmp_path, model):
 
     cfg = tw.config()
     cfg.steps = 4
-    kw = dict(
-        activations=counting,
-        train_tokens=tokens,
-        heldout_tokens=held,
-        n_layers=L,
-        d_model=D,
-        cache=tmp_path / "cache",
-        progress=False,
-        plot=False,
-    )
+    kw = _train_kwargs(counting, tokens, held, tmp_path)
     a = train(cfg, out_dir=tmp_path / "a", **kw)
     assert sum(seen) == a.metrics["cache_tokens"] // 15 + len(held)  # 16 sequences + held-out
     seen.clear()

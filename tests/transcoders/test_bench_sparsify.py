@@ -4,27 +4,13 @@ given) and trains on steps x batch = passes x tokens."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_scripts import load_script
 
 from transcoders.train import TrainConfig, train
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load("bench_sparsify")
+bench = load_script("bench_sparsify")
 P, D = 5, 4  # sequence length (4 tokens after BOS), d_model
 
 
