@@ -188,10 +188,26 @@ def part_swap(rm, book, corpus, args, graphs: dict) -> dict:
         sel = [i for i in np.where(graph.kind == FEATURE)[0] if int(graph.position[i]) in pos]
         return [(int(graph.layer[i]), int(graph.position[i]), int(graph.feature[i])) for i in sel]
 
+    def active_at(prompt, pos):
+        st = rm.record(rm.model.tokenize(prompt))
+        return [(int(l), int(p), int(f)) for l, p, f in zip(st.feat_layer, st.feat_pos,
+                st.feat_index, strict=True) if int(p) in pos]  # fmt: skip
+
     out = {"prompt": a, "other_prompt": b, "positions": diff, "experiments": []}
-    direct = swap(rm, a, at(ga[1], diff), at(gb[1], diff), b, max_new_tokens=8)
-    out["experiments"].append({"what": "circuit features at the concept position",
-                               **direct.to_dict()})  # fmt: skip
+    last = [len(ta) - 1]
+    # From the narrowest edit to the widest: the circuit's features at the concept position,
+    # every active feature there (all layers), the circuit's features at the last position
+    # (where the answer is said), and the last two together.
+    sets = [
+        ("circuit features at the concept position", at(ga[1], diff), at(gb[1], diff)),
+        ("every active feature at the concept position", active_at(a, diff), active_at(b, diff)),
+        ("circuit features at the last position", at(ga[1], last), at(gb[1], last)),
+        ("every active feature at the concept position + circuit features at the last",
+         active_at(a, diff) + at(ga[1], last), active_at(b, diff) + at(gb[1], last)),
+    ]  # fmt: skip
+    for what, remove, insert in sets:
+        res = swap(rm, a, remove, insert, b, max_new_tokens=8)
+        out["experiments"].append({"what": what, **res.to_dict()})
     for g in (ga[1], gb[1]):
         if "supernodes" not in g.extra:  # as in part 1: all three signals
             feats = np.where(g.kind == FEATURE)[0]
@@ -371,19 +387,21 @@ def main(argv=None) -> int:
         "load_start": load_avg(),
     }
     graphs: dict = {}
-    if "supernodes" in parts:
-        res["supernodes"] = part_supernodes(rm, book, corpus, args, graphs)
-    if "swap" in parts:
-        res["swap"] = part_swap(rm, book, corpus, args, graphs)
-    if "contrast" in parts:
-        res["contrast"] = part_contrast(rm, args, graphs)
-    if "weights" in parts:
-        res["weights"] = part_weights(rm, corpus, args, graphs)
-    res["load_end"] = load_avg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(res))
+    runs = {
+        "supernodes": lambda: part_supernodes(rm, book, corpus, args, graphs),
+        "swap": lambda: part_swap(rm, book, corpus, args, graphs),
+        "contrast": lambda: part_contrast(rm, args, graphs),
+        "weights": lambda: part_weights(rm, corpus, args, graphs),
+    }
+    for name, run in runs.items():
+        if name in parts:
+            res[name] = run()
+            res["load_end"] = load_avg()
+            # Written after every part, so a later part's failure keeps the earlier results.
+            out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+            out.with_suffix(".md").write_text(markdown(res))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 

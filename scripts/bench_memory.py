@@ -116,7 +116,11 @@ def worker(args: argparse.Namespace) -> None:
         "estimate_s": round(est_s, 2),
         "predicted_peak_mb": round(est.peak_host_bytes / 2**20, 1),
         "predicted_row_store_mb": round(est.row_store_bytes / 2**20, 1),
+        "row_store_buffer_mb": round(est.row_store_buffer_bytes / 2**20, 1),
         "row_store_placement": est.row_store_placement,
+        # The causal rows actually stored, and their share of the full-width buffer.
+        "row_store_used_mb": round(g.extra["row_store_bytes"] / 2**20, 1),
+        "row_store_used_share": round(g.extra["row_store_bytes"] / est.row_store_buffer_bytes, 3),
         "measured_peak_mb": round(peak, 1),
         "predicted_over_measured": round(est.peak_host_bytes / 2**20 / peak, 3),
         "peak_above_model_mb": round(peak - rss_model, 1),

@@ -157,7 +157,7 @@ def bench_widths(args) -> int:
             *base,
             "--features-per-layer", str(width), "--budget-minutes", str(args.budget_minutes),
             "--cache", str(cache), "--cache-tokens", str(n_tokens), "--out", str(out),
-            "--no-resume",
+            "--no-resume", *(["--graph-scores"] if args.graph_scores else []),
         ]  # fmt: skip
         load0 = os.getloadavg()
         t0 = time.time()
@@ -172,8 +172,9 @@ def bench_widths(args) -> int:
             "features": width, "command": "circuit-atlas " + " ".join(argv),
             "wall_seconds": round(time.time() - t0, 1), "load_average_start": load0,
             **{k: m.get(k) for k in ("steps", "planned_steps", "replans", "cache_tokens",
-                                     "passes", "train_tokens_per_s", "nmse", "l0",
-                                     "dead_heldout", "nmse_per_layer")},
+                                     "passes", "train_tokens_per_s", "nmse", "nmse_all",
+                                     "nmse_inliers", "l0", "dead_heldout", "nmse_per_layer",
+                                     "graph_scores")},
             "spliced": m.get("spliced", {}),
         })  # fmt: skip
     import torch
@@ -236,20 +237,25 @@ def widths_markdown(r: dict) -> str:
         "from exactly those tokens",
         f"- machine: {r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads",
         "",
+        "NMSE: held-out, start token excluded (all positions / outliers also excluded in "
+        "brackets); replacement: mean over the demo prompts, circuit-tracer convention.",
+        "",
         "| features/layer | steps | passes | train tok/s | held-out NMSE | L0 | dead | KL | top-1 "
-        "| load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| replacement | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in r["widths"]:
         if "error" in w:
-            lines.append(f"| {w['features']} | did not run: {w['error']} |||||||||")
+            lines.append(f"| {w['features']} | did not run: {w['error']} ||||||||||")
             continue
-        sp = w["spliced"]
+        sp, nan = w["spliced"], float("nan")
+        gs = w.get("graph_scores") or {}
         lines.append(
             f"| {w['features']} | {w['steps']} | {w['passes']} | {w['train_tokens_per_s'] or 0:.0f}"
-            f" | {w['nmse']:.3f} | {w['l0']:.1f} | {w['dead_heldout']:.1%} | "
-            f"{sp.get('kl', float('nan')):.3f} | {sp.get('top1', float('nan')):.1%} | "
-            f"{w['load_average_start'][0]:.1f} |"
+            f" | {w['nmse']:.3f} ({w.get('nmse_all') or nan:.3f} / "
+            f"{w.get('nmse_inliers') or nan:.3f}) | {w['l0']:.1f} | {w['dead_heldout']:.1%} | "
+            f"{sp.get('kl', nan):.3f} | {sp.get('top1', nan):.1%} | "
+            f"{gs.get('replacement', nan):.3f} | {w['load_average_start'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

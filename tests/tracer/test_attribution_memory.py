@@ -14,10 +14,12 @@ from model_fixtures import make_random_clt, make_tiny_model
 from tracer.attribution import (
     AttributionMemoryError,
     FrozenLinearModel,
+    RowStore,
     attribute,
     estimate_memory,
     plan_memory,
 )
+from tracer.attribution.memory import CAUSAL_SHARE
 from tracer.replacement import ReplacementModel
 from transcoders.formats import load_transcoder, save_transcoder
 
@@ -97,6 +99,74 @@ def test_row_store_placements_and_position_split_agree(lazy_setup, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the spill file is gone
 
 
+def dense_influence(A: np.ndarray, node: np.ndarray, logit_w: np.ndarray, n_feat: int):
+    """Influence of every feature column, computed densely in float64: rows normalised by
+    their |row| sums, logit weights propagated through the feature rows' targets."""
+    N = np.abs(A) / np.maximum(np.abs(A).sum(1, keepdims=True), 1e-300)
+    N[np.abs(A).sum(1) == 0] = 0
+    x = np.where(node < 0, logit_w[np.maximum(-1 - node, 0)], 0.0)
+    total = np.zeros(len(node))
+    feat_rows = np.flatnonzero(node >= 0)
+    while x.sum() > 1e-12:
+        total += x
+        y = np.zeros(len(node))
+        y[feat_rows] = N[:, node[feat_rows]].T @ x
+        x = y
+    return N[:, :n_feat].T @ total
+
+
+@pytest.mark.parametrize("placement", ["device", "disk"])
+def test_row_store_packs_rows_causally(placement, tmp_path):
+    """Rows cut to their causal widths read back exactly as the dense rows (any columns, any
+    order), take only their widths' bytes, and give the dense influence."""
+    gen = torch.Generator().manual_seed(0)
+    n_feat, n_rest, widths = 40, 7, torch.tensor([40, 40, 0, 13, 25, 40, 5, 31])
+    node = torch.tensor([-1, -2, 3, 17, 0, 30, 8, 22])
+    dense = torch.randn(len(widths), n_feat + n_rest, generator=gen)
+    for r, w in enumerate(widths.tolist()):
+        dense[r, w:n_feat] = 0.0  # causally zero
+    store = RowStore(10, n_feat + n_rest, n_feat=n_feat, device=torch.device("cpu"),
+                     placement=placement, spill_dir=tmp_path)  # fmt: skip
+    for lo, hi in ((0, 3), (3, 8)):
+        store.add(node[lo:hi], lambda buf, lo=lo, hi=hi: buf.copy_(dense[lo:hi]),
+                  widths=widths[lo:hi])  # fmt: skip
+    assert store.used_bytes == int((widths + n_rest).sum()) * 4 < store.nbytes
+    cols = torch.tensor([46, 0, 39, 12, 40, 24, 5])
+    order = torch.tensor([5, 2, 7, 0, 1, 3, 6, 4])
+    got = torch.cat([block for _, block in store.chunks(cols, order=order)])
+    torch.testing.assert_close(got, dense[order][:, cols], rtol=0, atol=0)
+    got = torch.cat([block for _, block in store.chunks()])
+    torch.testing.assert_close(got, dense, rtol=0, atol=0)
+    lw = np.array([0.7, 0.3])
+    want = dense_influence(dense.double().numpy(), node.numpy(), lw, n_feat)
+    got = store.influence(torch.tensor(lw), n_feat).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="row widths must be 1 values within 0 .. 40"):
+        store.add(node[:1], lambda buf: None, widths=torch.tensor([41]))
+    with pytest.raises(ValueError, match="row store full"):
+        store.add(node[:3], lambda buf: None)
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attribution_stores_rows_causally(lazy_setup):
+    """Attribution keeps each feature row's features at its own position or before: the
+    stored bytes are the causal widths, well under the full-width buffer."""
+    model, path = lazy_setup
+    rm = ReplacementModel(model, load_transcoder(path))
+    g = attribute(rm, TOKENS, progress=False)  # no budget: a row for every active feature
+    state = rm.record(TOKENS)
+    lin = FrozenLinearModel(rm, state)
+    pos = state.feat_pos.cpu()
+    # Features at positions <= p, counted independently of the pm numbering.
+    width = (pos[None, :] <= pos[:, None]).sum(1)
+    n_logit = g.count("logit")
+    want = (int(width.sum()) + n_logit * lin.n_feat + (len(pos) + n_logit) * (lin.n_cols -
+            lin.n_feat)) * 4  # fmt: skip
+    assert g.extra["row_store_bytes"] == want
+    assert want < 0.75 * (len(pos) + n_logit) * lin.n_cols * 4
+
+
 def test_memory_plan_counts_what_attribution_holds(lazy_setup):
     model, path = lazy_setup
     tc = load_transcoder(path)
@@ -108,7 +178,11 @@ def test_memory_plan_counts_what_attribution_holds(lazy_setup):
     lin = FrozenLinearModel(rm, state)
     assert est.decoder_bytes == lin.decoders.nbytes
     assert est.n_cols == lin.n_cols
-    assert est.row_store_bytes == (20 + 10) * lin.n_cols * 4
+    assert est.row_store_buffer_bytes == (20 + 10) * lin.n_cols * 4
+    # Host pages are taken as rows are written: logit rows full width, feature rows causal.
+    n_rest = lin.n_cols - lin.n_feat
+    causal = 10 * lin.n_cols + 20 * (CAUSAL_SHARE * lin.n_feat + n_rest)
+    assert est.row_store_bytes == int(causal * 4)
     # The suggested budget is the largest that fits the memory given to the plan (here a
     # 256-token prompt with 160k active features on 30 layers, 3 GB available).
     big = replace(est.workload, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_head=64,
@@ -126,7 +200,7 @@ def test_memory_plan_counts_what_attribution_holds(lazy_setup):
     assert not plan_memory(big, 8192, baseline_host_bytes=0, available_host_bytes=1e9).fits
     # Rows dominate: peak memory grows with budget x active features.
     p1, p2 = (plan_memory(big, b, **kw).peak_host_bytes for b in (1000, 2000))
-    assert p2 - p1 == pytest.approx(1000 * (160_000 + 31 * 256) * 4, rel=0.1)
+    assert p2 - p1 == pytest.approx(1000 * (CAUSAL_SHARE * 160_000 + 31 * 256) * 4, rel=0.1)
     # From a token count: the transcoder's recorded L0 (none recorded here: a clear error).
     with pytest.raises(ValueError, match="give the prompt"):
         estimate_memory(model, tc, 10, 20)

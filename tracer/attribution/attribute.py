@@ -133,7 +133,7 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
     n_logit = len(targets.tokens)
     t_record = time.perf_counter() - t0
     where = est.row_store_placement  # device, host or disk
-    store = RowStore(n_logit + budget, lin.n_cols, device=dev, placement=where,
+    store = RowStore(n_logit + budget, lin.n_cols, n_feat=n_feat, device=dev, placement=where,
                      spill_dir=cfg.spill_dir)  # fmt: skip
     cap = cfg.sweep_memory_mb * 2**20
     tol = cfg.edge_tolerance
@@ -163,7 +163,7 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
             def fill(buf, sub=sub):
                 lin.sweep_into(buf, lin.feat_layer[sub], lin.feat_pos[sub], lin.feature_rows(sub))
 
-            store.add(lin.pm_of[sub], fill, tol)
+            store.add(lin.pm_of[sub], fill, tol, widths=lin.causal_width(lin.feat_pos[sub]))
             bar.update(len(sub))
         visited[pick] = True
         n_done += len(pick)
@@ -173,6 +173,7 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
     graph.extra["timing_s"] = {"record": round(t_record, 4),
                                "total": round(time.perf_counter() - t0, 4)}  # fmt: skip
     graph.extra["memory_plan"] = est.summary()
+    graph.extra["row_store_bytes"] = store.used_bytes  # the causal rows actually stored
     return graph
 
 

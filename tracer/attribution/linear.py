@@ -81,6 +81,11 @@ class FrozenLinearModel:
         self._cache_writers = writer_bytes < cache_bytes
         self._writer_cache: dict[tuple[int, int], list] = {}
 
+    def causal_width(self, pos: torch.Tensor) -> torch.Tensor:
+        """Feature columns (pm order) a target at each position can receive from: the features
+        at positions <= its own, a prefix of the pm columns. pos [n] -> [n] (long, CPU)."""
+        return self._stop[:, -1][pos.cpu().long()] if self.L else torch.zeros_like(pos.cpu())
+
     def logit_rows(self, directions: torch.Tensor) -> torch.Tensor:
         """Gradient at the final residual (last position) of each de-meaned logit. [n, d]."""
         v = self.view

@@ -8,8 +8,11 @@ up what attribution holds at its peak:
 - the recorded prompt state (residual sites, attention patterns, logits, pre-activations,
   reconstruction and errors) and the record pass's own transient peak;
 - the active features' decoder rows (one copy of each distinct active feature's rows);
-- the row store: (logits + feature budget) x (active features + error + token columns) float32,
-  placed on the device, else in host memory, else in a memory-mapped file;
+- the row store: (logits + feature budget) rows of float32 over the active features, error and
+  token columns, each feature row cut to the features at its own position or before (see
+  :mod:`~tracer.attribution.rows`), placed on the device, else in host memory, else in a
+  memory-mapped file. Host pages are taken as rows are written, so the host share is the
+  causal rows (``CAUSAL_SHARE``); a CUDA buffer is allocated whole, full width;
 - the largest of: one sweep's working memory (bounded by ``sweep_memory_mb``), the influence
   re-ranking's [rows, rows] block, and assembling the graph's edges.
 
@@ -38,6 +41,11 @@ EDGE_BYTES = 12 * 3
 # Share of a feature row's kept columns that carry an edge: a target sees only sources at its
 # own position or before and at lower layers (half x half); logit rows see all of them.
 FEATURE_ROW_DENSITY = 0.25
+# Share of the feature columns a budgeted feature row keeps in the causal row store (the
+# features at its position or before). Features picked uniformly over positions would keep
+# about half; influence favours late positions. Measured by scripts/bench_memory.py
+# (``row_store_used_share``, benchmarks/memory.json) on SmolLM2 at 256 tokens.
+CAUSAL_SHARE = 0.5
 
 
 class AttributionMemoryError(RuntimeError):
@@ -80,7 +88,8 @@ class MemoryEstimate:
     max_feature_nodes: int
     n_rows: int
     n_cols: int
-    row_store_bytes: int
+    row_store_bytes: int  # what the rows take where they live (causal rows; CUDA: the buffer)
+    row_store_buffer_bytes: int  # the buffer's full size (every row full width)
     row_store_placement: str
     state_bytes: int
     record_peak_bytes: int
@@ -262,17 +271,22 @@ def _parts(w: Workload, budget: int, n_logits: int, batch_size: int, sweep_cap: 
     decoders = w.unique_row_elems * c
     writer_all = w.active_targets * d * c
     writers = writer_all if writer_all < cache_bytes else min(writer_all, 2 * WRITER_CHUNK_BYTES)
-    store = n_rows * n_cols * c
+    store = n_rows * n_cols * c  # the buffer: every row full width
+    n_rest = L * P + P
+    store_used = (n_logits * n_cols + budget * (CAUSAL_SHARE * w.n_active + n_rest)) * c
     chunk = min(CHUNK_BYTES, store)  # rows scanned at once
     R = min(batch_size, max(n_rows, 1))
     sweep = min(4 * R * P * d * c, max(sweep_cap, 4 * P * d * c))
+    # A sweep's rows are written full width first, then packed into the store.
+    sweep += max(1, sweep // (4 * P * d * c)) * n_cols * c
     influence = n_rows * budget * c + 2 * chunk + 3 * n_cols * 8
     kept = budget + L * P + P
     n_edges = budget * kept * FEATURE_ROW_DENSITY + n_logits * kept
     assembly = int(n_edges * EDGE_BYTES) + 2 * chunk
     return dict(
         n_rows=n_rows, n_cols=n_cols, state=state, record_peak=record_peak, view=view,
-        decoders=decoders, writers=writers, store=store, sweep=sweep, influence=influence,
+        decoders=decoders, writers=writers, store=store, store_used=int(store_used), sweep=sweep,
+        influence=influence,
         assembly=assembly,
     )  # fmt: skip
 
@@ -309,8 +323,9 @@ def plan_memory(
         p = _parts(w, budget, n_logits, batch_size, sweep_cap, cache_bytes)
         on_dev = p["state"] + p["view"] + p["decoders"] + p["writers"]
         work = max(p["sweep"], p["influence"], p["assembly"] if not cuda else 0)
-        store_dev = p["store"] if where == "device" else 0
-        store_host = p["store"] if where == "host" else 0
+        # On CUDA the device buffer is allocated whole; host pages only as rows are written.
+        store_dev = (p["store"] if cuda else p["store_used"]) if where == "device" else 0
+        store_host = p["store_used"] if where == "host" else 0
         if cuda:
             dev_peak = max(p["record_peak"], on_dev + store_dev + max(p["sweep"], p["influence"]))
             host_extra = store_host + p["assembly"]
@@ -356,7 +371,8 @@ def plan_memory(
         max_feature_nodes=budget,
         n_rows=p["n_rows"],
         n_cols=p["n_cols"],
-        row_store_bytes=p["store"],
+        row_store_bytes=p["store"] if cuda and where == "device" else p["store_used"],
+        row_store_buffer_bytes=p["store"],
         row_store_placement="host" if where == "device" and not cuda else where,
         state_bytes=p["state"],
         record_peak_bytes=p["record_peak"],
