@@ -108,6 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     )  # fmt: skip
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     peak = hwm_mb() if reset else float("nan")
+    share = causal_share(rm, tokens, g)
     info = {
         "rss_start_mb": round(rss0, 1),
         "rss_after_model_mb": round(rss_model, 1),
@@ -120,6 +121,7 @@ def worker(args: argparse.Namespace) -> None:
         "row_store_placement": est.row_store_placement,
         # The causal rows actually stored, and their share of the full-width buffer.
         "row_store_used_mb": round(g.extra["row_store_bytes"] / 2**20, 1),
+        "feature_row_causal_share": round(share, 3),  # memory.CAUSAL_SHARE's measurement
         "row_store_used_share": round(g.extra["row_store_bytes"] / est.row_store_buffer_bytes, 3),
         "measured_peak_mb": round(peak, 1),
         "predicted_over_measured": round(est.peak_host_bytes / 2**20 / peak, 3),
@@ -139,6 +141,20 @@ def worker(args: argparse.Namespace) -> None:
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(info))
+
+
+def causal_share(rm, tokens, g) -> float:
+    """Mean share of the active features that a kept feature's row can receive from (earlier
+    or same position, lower layer): what ``CAUSAL_SHARE`` in the memory plan stands for."""
+    import numpy as np
+
+    from tracer.graph import FEATURE
+
+    state = rm.record(tokens)
+    pos, lay = state.feat_pos.cpu().numpy(), state.feat_layer.cpu().numpy()
+    feats = np.where(g.kind == FEATURE)[0]
+    kept = [int(((pos <= g.position[i]) & (lay < g.layer[i])).sum()) for i in feats]
+    return float(np.mean(kept)) / len(pos) if kept else 0.0
 
 
 def _count_rows(clt):

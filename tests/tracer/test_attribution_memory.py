@@ -13,6 +13,7 @@ from model_fixtures import make_random_clt, make_tiny_model
 
 from tracer.attribution import (
     AttributionMemoryError,
+    CausalColumns,
     FrozenLinearModel,
     RowStore,
     attribute,
@@ -117,20 +118,30 @@ def dense_influence(A: np.ndarray, node: np.ndarray, logit_w: np.ndarray, n_feat
 
 @pytest.mark.parametrize("placement", ["device", "disk"])
 def test_row_store_packs_rows_causally(placement, tmp_path):
-    """Rows cut to their causal widths read back exactly as the dense rows (any columns, any
-    order), take only their widths' bytes, and give the dense influence."""
+    """Rows cut to the columns their targets can receive from (earlier or same position, lower
+    layer) read back exactly as the dense rows (any columns, any order), take only those
+    columns' bytes, and give the dense influence."""
     gen = torch.Generator().manual_seed(0)
-    n_feat, n_rest, widths = 40, 7, torch.tensor([40, 40, 0, 13, 25, 40, 5, 31])
+    L, P, n_rest = 3, 4, 7
+    # Feature columns in pm order: sorted by position, then layer.
+    pos = torch.tensor([0] * 5 + [1] * 9 + [2] * 12 + [3] * 14)
+    layer = torch.cat([torch.sort(torch.randint(0, L, (n,), generator=gen)).values
+                       for n in (5, 9, 12, 14)])  # fmt: skip
+    n_feat = len(pos)
+    causal = CausalColumns(pos, layer, L, P)
+    t_layer = torch.tensor([L, L, 0, 1, 2, 2, 1, 2])  # two logit rows, then feature rows
+    t_pos = torch.tensor([P - 1, P - 1, 3, 1, 2, 3, 0, 1])
     node = torch.tensor([-1, -2, 3, 17, 0, 30, 8, 22])
-    dense = torch.randn(len(widths), n_feat + n_rest, generator=gen)
-    for r, w in enumerate(widths.tolist()):
-        dense[r, w:n_feat] = 0.0  # causally zero
-    store = RowStore(10, n_feat + n_rest, n_feat=n_feat, device=torch.device("cpu"),
+    dense = torch.randn(len(node), n_feat + n_rest, generator=gen)
+    keep = (pos[None, :] <= t_pos[:, None]) & (layer[None, :] < t_layer[:, None])
+    dense[:, :n_feat][~keep] = 0.0  # causally zero
+    cpu = torch.device("cpu")
+    store = RowStore(10, n_feat + n_rest, n_feat=n_feat, causal=causal, device=cpu,
                      placement=placement, spill_dir=tmp_path)  # fmt: skip
     for lo, hi in ((0, 3), (3, 8)):
         store.add(node[lo:hi], lambda buf, lo=lo, hi=hi: buf.copy_(dense[lo:hi]),
-                  widths=widths[lo:hi])  # fmt: skip
-    assert store.used_bytes == int((widths + n_rest).sum()) * 4 < store.nbytes
+                  layer=t_layer[lo:hi], pos=t_pos[lo:hi])  # fmt: skip
+    assert store.used_bytes == int(keep.sum() + len(node) * n_rest) * 4 < store.nbytes
     cols = torch.tensor([46, 0, 39, 12, 40, 24, 5])
     order = torch.tensor([5, 2, 7, 0, 1, 3, 6, 4])
     got = torch.cat([block for _, block in store.chunks(cols, order=order)])
@@ -141,30 +152,31 @@ def test_row_store_packs_rows_causally(placement, tmp_path):
     want = dense_influence(dense.double().numpy(), node.numpy(), lw, n_feat)
     got = store.influence(torch.tensor(lw), n_feat).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
-    with pytest.raises(ValueError, match="row widths must be 1 values within 0 .. 40"):
-        store.add(node[:1], lambda buf: None, widths=torch.tensor([41]))
+    with pytest.raises(ValueError, match="needs each row's target layer and position"):
+        store.add(node[:1], lambda buf: None)
     with pytest.raises(ValueError, match="row store full"):
-        store.add(node[:3], lambda buf: None)
+        store.add(node[:3], lambda buf: None, layer=t_layer[:3], pos=t_pos[:3])
     store.close()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_attribution_stores_rows_causally(lazy_setup):
-    """Attribution keeps each feature row's features at its own position or before: the
-    stored bytes are the causal widths, well under the full-width buffer."""
+    """Attribution keeps, for each feature row, the features at its position or before and at
+    lower layers: the stored bytes are exactly those, well under the full-width buffer, and
+    the graph equals the one a full-width store gives."""
     model, path = lazy_setup
     rm = ReplacementModel(model, load_transcoder(path))
     g = attribute(rm, TOKENS, progress=False)  # no budget: a row for every active feature
     state = rm.record(TOKENS)
     lin = FrozenLinearModel(rm, state)
-    pos = state.feat_pos.cpu()
-    # Features at positions <= p, counted independently of the pm numbering.
-    width = (pos[None, :] <= pos[:, None]).sum(1)
+    pos, lay = state.feat_pos.cpu(), state.feat_layer.cpu()
+    # Features each target can receive from, counted independently of the pm numbering.
+    width = ((pos[None, :] <= pos[:, None]) & (lay[None, :] < lay[:, None])).sum(1)
     n_logit = g.count("logit")
-    want = (int(width.sum()) + n_logit * lin.n_feat + (len(pos) + n_logit) * (lin.n_cols -
-            lin.n_feat)) * 4  # fmt: skip
+    n_rest = lin.n_cols - lin.n_feat
+    want = (int(width.sum()) + n_logit * lin.n_feat + (len(pos) + n_logit) * n_rest) * 4
     assert g.extra["row_store_bytes"] == want
-    assert want < 0.75 * (len(pos) + n_logit) * lin.n_cols * 4
+    assert want < 0.5 * (len(pos) + n_logit) * lin.n_cols * 4
 
 
 def test_memory_plan_counts_what_attribution_holds(lazy_setup):

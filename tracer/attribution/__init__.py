@@ -21,7 +21,7 @@ from tracer.attribution.memory import (
     estimate_memory,
     plan_memory,
 )
-from tracer.attribution.rows import RowStore
+from tracer.attribution.rows import CausalColumns, RowStore
 from tracer.attribution.targets import LogitTargets, select_logit_targets
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "FrozenView",
     "LogitTargets",
     "MemoryEstimate",
+    "CausalColumns",
     "RowStore",
     "attribute",
     "estimate_memory",

@@ -133,17 +133,18 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
     n_logit = len(targets.tokens)
     t_record = time.perf_counter() - t0
     where = est.row_store_placement  # device, host or disk
-    store = RowStore(n_logit + budget, lin.n_cols, n_feat=n_feat, device=dev, placement=where,
-                     spill_dir=cfg.spill_dir)  # fmt: skip
+    store = RowStore(n_logit + budget, lin.n_cols, n_feat=n_feat, causal=lin.causal_columns(),
+                     device=dev, placement=where, spill_dir=cfg.spill_dir)  # fmt: skip
     cap = cfg.sweep_memory_mb * 2**20
     tol = cfg.edge_tolerance
 
     # Logit rows first: they rank the features when there is a budget.
     dirs = lin.logit_rows(targets.directions)
     logit_nodes = -1 - torch.arange(n_logit, device=dev)
-    store.add(logit_nodes, lambda buf: lin.sweep_into(
-        buf, torch.full((n_logit,), L, device=dev), torch.full((n_logit,), P - 1, device=dev),
-        dirs), tol)  # fmt: skip
+    logit_layer = torch.full((n_logit,), L, device=dev)
+    logit_pos = torch.full((n_logit,), P - 1, device=dev)
+    store.add(logit_nodes, lambda buf: lin.sweep_into(buf, logit_layer, logit_pos, dirs), tol,
+              logit_layer, logit_pos)  # fmt: skip
 
     visited = torch.zeros(n_feat, dtype=torch.bool, device=dev)
     n_done = 0
@@ -163,7 +164,7 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
             def fill(buf, sub=sub):
                 lin.sweep_into(buf, lin.feat_layer[sub], lin.feat_pos[sub], lin.feature_rows(sub))
 
-            store.add(lin.pm_of[sub], fill, tol, widths=lin.causal_width(lin.feat_pos[sub]))
+            store.add(lin.pm_of[sub], fill, tol, lin.feat_layer[sub], lin.feat_pos[sub])
             bar.update(len(sub))
         visited[pick] = True
         n_done += len(pick)

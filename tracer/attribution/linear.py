@@ -19,6 +19,7 @@ import torch
 
 from tracer.attribution.decoders import ActiveDecoders
 from tracer.attribution.frozen_view import gather_view
+from tracer.attribution.rows import CausalColumns
 from tracer.replacement import PromptState, ReplacementModel
 
 # Writer vectors of one layer are formed in position chunks of at most this many bytes.
@@ -81,10 +82,11 @@ class FrozenLinearModel:
         self._cache_writers = writer_bytes < cache_bytes
         self._writer_cache: dict[tuple[int, int], list] = {}
 
-    def causal_width(self, pos: torch.Tensor) -> torch.Tensor:
-        """Feature columns (pm order) a target at each position can receive from: the features
-        at positions <= its own, a prefix of the pm columns. pos [n] -> [n] (long, CPU)."""
-        return self._stop[:, -1][pos.cpu().long()] if self.L else torch.zeros_like(pos.cpu())
+    def causal_columns(self) -> CausalColumns:
+        """Which pm feature columns can reach a target at (layer, position): those at its
+        position or before and at layers below (see :class:`~tracer.attribution.rows.RowStore`)."""
+        return CausalColumns(self.feat_pos[self.pm_order], self.feat_layer[self.pm_order],
+                             self.L, self.P)  # fmt: skip
 
     def logit_rows(self, directions: torch.Tensor) -> torch.Tensor:
         """Gradient at the final residual (last position) of each de-meaned logit. [n, d]."""
