@@ -41,11 +41,11 @@ EDGE_BYTES = 12 * 3
 # Share of a feature row's kept columns that carry an edge: a target sees only sources at its
 # own position or before and at lower layers (half x half); logit rows see all of them.
 FEATURE_ROW_DENSITY = 0.25
-# Share of the feature columns a budgeted feature row keeps in the causal row store (the
-# features at its position or before). Features picked uniformly over positions would keep
-# about half; influence favours late positions. Measured by scripts/bench_memory.py
-# (``row_store_used_share``, benchmarks/memory.json) on SmolLM2 at 256 tokens.
-CAUSAL_SHARE = 0.5
+# Share of the active features a budgeted feature row keeps in the causal row store (those at
+# its position or before and at lower layers). Picked uniformly, about a quarter; measured 0.18
+# on SmolLM2 at 256 tokens, budget 4,096 (scripts/bench_memory.py, case long256,
+# ``feature_row_causal_share`` in benchmarks/memory.json); rounded up to plan with a margin.
+CAUSAL_SHARE = 0.2
 
 
 class AttributionMemoryError(RuntimeError):
