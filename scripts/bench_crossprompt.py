@@ -195,15 +195,16 @@ def part_swap(rm, book, corpus, args, graphs: dict) -> dict:
 
     out = {"prompt": a, "other_prompt": b, "positions": diff, "experiments": []}
     last = [len(ta) - 1]
+    all_a, all_b = active_at(a, diff), active_at(b, diff)  # one record of each prompt
     # From the narrowest edit to the widest: the circuit's features at the concept position,
     # every active feature there (all layers), the circuit's features at the last position
     # (where the answer is said), and the last two together.
     sets = [
         ("circuit features at the concept position", at(ga[1], diff), at(gb[1], diff)),
-        ("every active feature at the concept position", active_at(a, diff), active_at(b, diff)),
+        ("every active feature at the concept position", all_a, all_b),
         ("circuit features at the last position", at(ga[1], last), at(gb[1], last)),
         ("every active feature at the concept position + circuit features at the last",
-         active_at(a, diff) + at(ga[1], last), active_at(b, diff) + at(gb[1], last)),
+         all_a + at(ga[1], last), all_b + at(gb[1], last)),
     ]  # fmt: skip
     for what, remove, insert in sets:
         res = swap(rm, a, remove, insert, b, max_new_tokens=8)

@@ -9,10 +9,11 @@ up what attribution holds at its peak:
   reconstruction and errors) and the record pass's own transient peak;
 - the active features' decoder rows (one copy of each distinct active feature's rows);
 - the row store: (logits + feature budget) rows of float32 over the active features, error and
-  token columns, each feature row cut to the features at its own position or before (see
-  :mod:`~tracer.attribution.rows`), placed on the device, else in host memory, else in a
-  memory-mapped file. Host pages are taken as rows are written, so the host share is the
-  causal rows (``CAUSAL_SHARE``); a CUDA buffer is allocated whole, full width;
+  token columns, each feature row cut to the features at its own position or before and at
+  lower layers (see :mod:`~tracer.attribution.rows`), placed on the device, else in host
+  memory, else in a memory-mapped file. Host pages are taken as rows are written, so the
+  host share is the causal rows (``CAUSAL_SHARE``); a CUDA buffer is allocated whole, full
+  width;
 - the largest of: one sweep's working memory (bounded by ``sweep_memory_mb``), the influence
   re-ranking's [rows, rows] block, and assembling the graph's edges.
 

@@ -58,10 +58,6 @@ class CausalColumns:
                                     below[:, -1].cumsum(0)])  # fmt: skip  # [P + 1]
         self.rank = torch.arange(len(self.pos), device=dev) - self.pos_start[self.pos]
 
-    def widths(self, layer: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Kept feature columns of targets at (layer, pos). [n] long."""
-        return self.cum[layer.long(), pos.long() + 1]
-
     def mask(self, layer: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor | None = None):
         """[n, len(cols)] bool: column kept by each target (cols default: every column)."""
         cp, cl = (self.pos, self.layer) if cols is None else (self.pos[cols], self.layer[cols])
