@@ -17,8 +17,9 @@ Cases (each one attribution in its own subprocess, so that its peak is its own):
 
 Recorded per case: resident memory after the model load and after the transcoder load, the
 estimator's predicted peak (``estimate_memory`` with the prompt: one encoder pass), the measured
-peak of the attribution (VmHWM, reset just before it), their ratio, wall and CPU seconds, nodes,
-edges, and the transcoder's decoder rows read. Writes ``benchmarks/memory.json`` (cases run
+peak of the attribution (VmHWM, reset at each of its phases: ``memory_phases``, beside the plan's
+parts in ``plan_parts_mb``), their ratio, wall and CPU seconds, nodes, edges, and the
+transcoder's decoder rows read. Writes ``benchmarks/memory.json`` (cases run
 separately are merged) and prints a markdown table. The load average is recorded with each case.
 """
 
@@ -71,6 +72,11 @@ def prompt_ids(n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
+# The memory plan's parts (MemoryEstimate.<part>_bytes), recorded beside the measured phases.
+PLAN_PARTS = ("state", "record_peak", "decoder", "writer", "row_store", "sweep", "influence",
+              "assembly", "baseline_host")  # fmt: skip
+
+
 def worker(args: argparse.Namespace) -> None:
     """One attribution: model and transcoder loaded, estimate, measured peak."""
     import torch
@@ -104,10 +110,13 @@ def worker(args: argparse.Namespace) -> None:
     c0, t0 = cpu_s(), time.perf_counter()
     g = attribute(
         rm, tokens, max_feature_nodes=budget, batch_size=args.batch_size, progress=False,
-        memory_limit_gb=args.limit_gb,
+        memory_limit_gb=args.limit_gb, profile_memory=True,
     )  # fmt: skip
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-    peak = hwm_mb() if reset else float("nan")
+    phases = g.extra.get("memory_phases") or []
+    # Each phase's peak (the high-water mark is reset at every phase boundary); the run's peak
+    # is the largest of them.
+    peak = max((ph["host_peak_mb"] for ph in phases), default=hwm_mb() if reset else float("nan"))
     share = causal_share(rm, tokens, g)
     info = {
         "rss_start_mb": round(rss0, 1),
@@ -138,6 +147,8 @@ def worker(args: argparse.Namespace) -> None:
         "whole_decoders_read": counts["whole_decoders"],
         "decoder_rows_total": int(clt.cfg.n_features * clt.cfg.n_layers),
         "memory_plan": g.extra.get("memory_plan"),
+        "memory_phases": phases,
+        "plan_parts_mb": {k: round(getattr(est, f"{k}_bytes") / 2**20, 1) for k in PLAN_PARTS},
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(info))

@@ -347,6 +347,19 @@ def markdown(r: dict) -> str:
             )
             + f"; {gs['seconds']:.0f} s)"
         )
+        tops = [p for p in gs["prompts"] if p.get("error_shares")]
+        if tops:  # where the unexplained influence sits: the largest error nodes
+            lines.append(
+                "- largest error nodes (share of token + error influence, layer @ position): "
+                + "; ".join(
+                    f"{p['prompt'][:24]!r} "
+                    + ", ".join(
+                        f"L{t['layer']}@{t['position']} {t['share']:.2f}"
+                        for t in p["error_shares"]["top"][:3]
+                    )
+                    for p in tops
+                )
+            )
     lines.append(
         f"- goal (NMSE <= {GOAL['nmse']} without the start token, L0 <= {GOAL['l0']}, dead <= "
         f"{GOAL['dead']:.0%}, replacement >= {GOAL['replacement']}): "

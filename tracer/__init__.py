@@ -25,7 +25,7 @@ from tracer.interventions import (
     intervene_batch,
 )
 from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers
-from tracer.prune import graph_scores, node_influence, prune
+from tracer.prune import error_influence_shares, graph_scores, node_influence, prune
 from tracer.replacement import PromptState, ReplacementModel
 from tracer.steer import generate
 from tracer.validate import ValidationReport, validate  # tracer.validate(rm, graph) -> report
@@ -55,6 +55,7 @@ __all__ = [
     "architecture_for",
     "attribute",
     "fetch_model",
+    "error_influence_shares",
     "generate",
     "graph_scores",
     "intervene",

@@ -36,10 +36,11 @@ def prompt_graph_scores(model, clt, cfg: PromptScoreConfig | None = None, progre
     ``model``: a :class:`~tracer.model.LanguageModel`; ``clt``: a transcoder on the model's
     device. Returns {``convention``, ``max_feature_nodes``, ``replacement`` and ``completeness``
     (means over prompts), ``prompts``: [{``prompt``, ``replacement``, ``completeness``,
-    ``n_features``}], ``seconds``}."""
+    ``n_features``, ``error_shares``: where the unexplained part sits, see
+    :func:`tracer.prune.error_influence_shares`}], ``seconds``}."""
     from tracer.attribution import attribute
     from tracer.graph import FEATURE
-    from tracer.prune import graph_scores
+    from tracer.prune import error_influence_shares, graph_scores
     from tracer.replacement import ReplacementModel
 
     cfg = cfg or PromptScoreConfig()
@@ -57,7 +58,8 @@ def prompt_graph_scores(model, clt, cfg: PromptScoreConfig | None = None, progre
             progress=progress,
         )
         s = graph_scores(graph, cfg.convention)
-        rows.append({"prompt": prompt, **s, "n_features": int((graph.kind == FEATURE).sum())})
+        rows.append({"prompt": prompt, **s, "n_features": int((graph.kind == FEATURE).sum()),
+                     "error_shares": error_influence_shares(graph, cfg.convention)})  # fmt: skip
     n = max(1, len(rows))
     return {
         **{k: v for k, v in asdict(cfg).items() if k != "prompts"},

@@ -224,6 +224,31 @@ def graph_scores(graph: Graph, convention: str | None = None) -> dict[str, float
     }
 
 
+def error_influence_shares(graph: Graph, convention: str | None = None, top: int = 5) -> dict:
+    """Where the unexplained part of a graph sits: each error node's influence as a share of
+    the token + error influence (the denominator of the replacement score, so the shares sum
+    to 1 - replacement). Returns {``by_layer``: [n_layers], ``by_position``: [n_pos] (floats),
+    ``top``: the ``top`` error nodes as [{``layer``, ``position``, ``share``}], largest first}.
+    Under the circuit-tracer convention the start position's error nodes are constants with
+    zero influence (:func:`constant_error_nodes`)."""
+    conv = resolve_convention(graph, convention)
+    infl = node_influence(graph, convention=conv)
+    err = graph.kind == ERROR
+    denom = infl[err].sum() + infl[graph.kind == TOKEN].sum()
+    share = infl[err] / denom if denom > 0 else np.zeros(int(err.sum()))
+    layer, pos = graph.layer[err], graph.position[err]
+    n_pos = len(graph.tokens)
+    order = np.argsort(-share, kind="stable")[:top]
+    return {
+        "by_layer": np.bincount(layer, weights=share, minlength=graph.n_layers).tolist(),
+        "by_position": np.bincount(pos, weights=share, minlength=n_pos).tolist(),
+        "top": [
+            {"layer": int(layer[i]), "position": int(pos[i]), "share": float(share[i])}
+            for i in order
+        ],
+    }
+
+
 def prune(
     graph: Graph,
     node_threshold: float = 0.8,

@@ -4,6 +4,7 @@ and budgets that cannot fit are refused with the budget that would."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import numpy as np
@@ -24,6 +25,8 @@ from tracer.attribution.memory import CAUSAL_SHARE
 from tracer.replacement import ReplacementModel
 from transcoders.formats import load_transcoder, save_transcoder
 
+# The module (its name is shadowed by the function in tracer.attribution).
+attribute_mod = importlib.import_module("tracer.attribution.attribute")
 TOKENS = torch.tensor([1, 5, 9, 22, 40, 7, 13, 60, 3, 8])
 
 
@@ -247,3 +250,36 @@ def test_out_of_memory_names_the_estimate(lazy_setup, monkeypatch):
     monkeypatch.setattr(rows.RowStore, "add", no_memory)
     with pytest.raises(AttributionMemoryError, match=r"plan was: .*--max-feature-nodes \d+"):
         attribute(rm, TOKENS, progress=False, max_feature_nodes=10)
+
+
+def test_memory_phases_are_measured_without_changing_the_graph(lazy_setup, monkeypatch):
+    """With ``profile_memory`` each phase's peak is recorded, in order; a phase that holds a
+    known block shows it in its own peak only; the graph is the unprofiled one."""
+    from tracer.attribution import phases as phases_mod
+
+    if not phases_mod.reset_host_peak():
+        pytest.skip("this kernel does not allow resetting the resident high-water mark")
+    model, path = lazy_setup
+    rm = ReplacementModel(model, load_transcoder(path))
+    base = attribute(rm, TOKENS, progress=False, max_feature_nodes=20, batch_size=8)
+    assert "memory_phases" not in base.extra
+    block = 256 * 2**20  # held only while the graph's scores are computed
+    real_scores = attribute_mod.graph_scores
+
+    def scores_holding_a_block(graph):
+        held = np.ones(block // 8)  # every page written: resident
+        out = real_scores(graph)
+        del held
+        return out
+
+    monkeypatch.setattr(attribute_mod, "graph_scores", scores_holding_a_block)
+    g = attribute(rm, TOKENS, progress=False, max_feature_nodes=20, batch_size=8,
+                  profile_memory=True)  # fmt: skip
+    same_graph(g, base)
+    assert "profile_memory" not in g.params  # how to run, not what was computed
+    names = [p["phase"] for p in g.extra["memory_phases"]]
+    assert names == ["record", "view and targets", "logit rows", "feature rows", "edges",
+                     "scores"]  # fmt: skip
+    peak = {p["phase"]: p["host_peak_mb"] for p in g.extra["memory_phases"]}
+    others = max(v for k, v in peak.items() if k != "scores")
+    assert peak["scores"] - others > 0.9 * block / 2**20

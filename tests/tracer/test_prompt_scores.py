@@ -33,5 +33,8 @@ def test_prompt_scores_are_the_demo_graphs_scores(convention):
         assert row["completeness"] == pytest.approx(ref["completeness"], rel=1e-9)
         assert row["n_features"] == int((graph.kind == FEATURE).sum()) <= 20
         assert 0.0 <= row["replacement"] <= 1.0 and 0.0 <= row["completeness"] <= 1.0
+        # The error shares account for exactly what the replacement score leaves out.
+        unexplained = sum(row["error_shares"]["by_position"])
+        assert unexplained == pytest.approx(1 - row["replacement"], rel=1e-9)
     for k in ("replacement", "completeness"):
         assert got[k] == pytest.approx(sum(r[k] for r in got["prompts"]) / 2)

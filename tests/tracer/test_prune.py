@@ -13,6 +13,7 @@ from tracer.prune import (
     cumulative_cut,
     cumulative_keep,
     cumulative_share,
+    error_influence_shares,
     graph_scores,
     node_influence,
     prune,
@@ -79,6 +80,24 @@ def test_start_position_error_is_a_constant_in_circuit_tracer_only():
     # With the start token's features kept as nodes, its error node is an ordinary one.
     g.params["exclude_bos"] = False
     assert graph_scores(g, "circuit-tracer")["replacement"] == pytest.approx(0.4)
+
+
+def test_error_influence_shares_by_hand():
+    """Where the unexplained part sits (start_graph's influences above): shares of token +
+    error influence, so they sum to 1 - replacement."""
+    g = start_graph()
+    at = error_influence_shares(g, "atlas")  # e0 (L0 @0) .4, e1 (L0 @1) .2 of 1.0
+    assert len(at["by_position"]) == len(g.tokens) and len(at["by_layer"]) == g.n_layers
+    np.testing.assert_allclose(at["by_position"][:2], [0.4, 0.2])
+    np.testing.assert_allclose(at["by_layer"][0], 0.6)
+    assert [(t["layer"], t["position"]) for t in at["top"]] == [(0, 0), (0, 1)]
+    assert at["top"][0]["share"] == pytest.approx(0.4)
+    ct = error_influence_shares(g, "circuit-tracer", top=1)  # e0 is a constant: e1 .25 of 1.0
+    np.testing.assert_allclose(ct["by_position"][:2], [0.0, 0.25])
+    assert ct["top"] == [{"layer": 0, "position": 1, "share": pytest.approx(0.25)}]
+    for conv, shares in (("atlas", at), ("circuit-tracer", ct)):
+        total = sum(shares["by_position"])
+        assert total == pytest.approx(1 - graph_scores(g, conv)["replacement"])
 
 
 def tiny_row_graph() -> Graph:

@@ -36,6 +36,7 @@ from tracer.attribution.memory import (
     suggested_budget_line,
     workload_from_state,
 )
+from tracer.attribution.phases import PhaseMemory
 from tracer.attribution.rows import RowStore
 from tracer.attribution.targets import select_logit_targets
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
@@ -92,7 +93,9 @@ def attribute(
             f"prompt is {len(tokens)} tokens, longer than the model's context "
             f"({model.facts.max_positions}): shorten it"
         )
+    phases = PhaseMemory(model.device, enabled=cfg.profile_memory)
     state = rm.record(tokens)
+    phases.mark("record")
     n_feat = state.n_active
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
     limit = None if cfg.memory_limit_gb is None else int(cfg.memory_limit_gb * GB)
@@ -115,7 +118,7 @@ def attribute(
         cfg.max_feature_nodes = budget
         est = plan(budget)
     try:
-        return _attribute(rm, prompt, tokens, state, cfg, budget, est, t0)
+        return _attribute(rm, prompt, tokens, state, cfg, budget, est, t0, phases)
     except Exception as err:
         if _is_oom(err):
             raise AttributionMemoryError(
@@ -126,9 +129,11 @@ def attribute(
         raise
 
 
-def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate, t0: float):
+def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate, t0: float,
+               phases: PhaseMemory):  # fmt: skip
     lin = FrozenLinearModel(rm, state)
     targets = select_logit_targets(rm, state, cfg, lin.view)
+    phases.mark("view and targets")
     P, L, n_feat, dev = lin.P, lin.L, lin.n_feat, lin.device
     n_logit = len(targets.tokens)
     t_record = time.perf_counter() - t0
@@ -145,6 +150,7 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
     logit_pos = torch.full((n_logit,), P - 1, device=dev)
     store.add(logit_nodes, lambda buf: lin.sweep_into(buf, logit_layer, logit_pos, dirs), tol,
               logit_layer, logit_pos)  # fmt: skip
+    phases.mark("logit rows")
 
     visited = torch.zeros(n_feat, dtype=torch.bool, device=dev)
     n_done = 0
@@ -169,16 +175,19 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
         visited[pick] = True
         n_done += len(pick)
     bar.close()
-    graph = _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets)
+    phases.mark("feature rows")
+    graph = _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets, phases)
     store.close()
     graph.extra["timing_s"] = {"record": round(t_record, 4),
                                "total": round(time.perf_counter() - t0, 4)}  # fmt: skip
     graph.extra["memory_plan"] = est.summary()
     graph.extra["row_store_bytes"] = store.used_bytes  # the causal rows actually stored
+    if phases.phases:
+        graph.extra["memory_phases"] = phases.phases
     return graph
 
 
-def _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets) -> Graph:
+def _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets, phases) -> Graph:
     """The graph of the stored rows: kept features, all error nodes, all tokens, logits. Edges
     sorted by (target, source); tensors become numpy here."""
     model = rm.model
@@ -263,7 +272,9 @@ def _assemble(rm, prompt, tokens, state, cfg, lin, store, visited, targets) -> G
             "n_active_features": n_feat,
         },
     )
+    phases.mark("edges")
     graph.scores = graph_scores(graph)
+    phases.mark("scores")
     # Text of the logit tokens, for summaries, reports and exports (graphs carry no tokenizer).
     graph.extra["token_text"] = {str(t): model.decode([t]) for t in targets.tokens}
     return graph

@@ -11,7 +11,7 @@ from tracer.prune import DEFAULT_CONVENTION
 DEFAULT_MAX_FEATURE_NODES = 8192
 # Fields that say how to run, not what to compute: left out of the graph's parameters.
 RUN_ONLY_FIELDS = ("progress", "sweep_memory_mb", "row_store", "spill_dir", "check_memory",
-                   "memory_limit_gb", "fit_budget")  # fmt: skip
+                   "memory_limit_gb", "fit_budget", "profile_memory")  # fmt: skip
 
 
 @dataclass
@@ -33,7 +33,9 @@ class AttributionConfig:
     (:class:`~tracer.attribution.memory.AttributionMemoryError`), or with ``fit_budget`` lower
     it to the plan's suggestion (the graph's ``max_feature_nodes`` then records the budget
     used); ``memory_limit_gb``: plan for at most this much memory (default: what the machine
-    has available).
+    has available); ``profile_memory``: measure each phase's peak memory
+    (:mod:`~tracer.attribution.phases`; resets the process's high-water mark) into
+    ``graph.extra["memory_phases"]``.
     """
 
     max_n_logits: int = 10
@@ -53,6 +55,7 @@ class AttributionConfig:
     check_memory: bool = True
     memory_limit_gb: float | None = None
     fit_budget: bool = False
+    profile_memory: bool = False
 
     def graph_params(self) -> dict:
         """The fields that determine the graph (saved in its parameters)."""
