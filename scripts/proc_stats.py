@@ -5,30 +5,34 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's resident-memory high-water mark (Linux >= 4.0: writing 5 to
-    /proc/self/clear_refs), so that the next reading is the peak of what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _load_phases():
+    """tracer/attribution/phases.py, loaded by path: the one implementation of the high-water
+    mark helpers (stdlib only at import), usable where circuit-atlas is not installed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tracer" / "attribution" / "phases.py"
+    spec = importlib.util.spec_from_file_location("_atlas_phases", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_phases = _load_phases()
+# Reset this process's resident high-water mark (True if the kernel allows it).
+reset_peak_rss = _phases.reset_host_peak
 
 
 def hwm_mb() -> float:
-    """Resident-memory high-water mark (VmHWM) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """Resident-memory high-water mark (VmHWM) in MB (nan off Linux)."""
+    peak = _phases.host_peak_bytes()
+    return float("nan") if peak is None else peak / 2**20
 
 
 def rss_mb() -> float:

@@ -10,9 +10,7 @@ same way. Resetting the high-water mark is process-wide, so profiling is off by 
 
 from __future__ import annotations
 
-import torch
-
-MB = 2**20
+MB = 2**20  # stdlib only at import: scripts/proc_stats.py loads this file in other venvs
 
 
 def reset_host_peak() -> bool:
@@ -44,7 +42,9 @@ class PhaseMemory:
     only)}], in order. Disabled (``enabled=False``, or the kernel refuses the reset) it
     records nothing and costs nothing."""
 
-    def __init__(self, device: torch.device, enabled: bool = True):
+    def __init__(self, device, enabled: bool = True):
+        import torch
+
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.phases: list[dict] = []
@@ -55,6 +55,8 @@ class PhaseMemory:
     def mark(self, phase: str) -> None:
         if not self.enabled:
             return
+        import torch
+
         row: dict = {"phase": phase}
         peak = host_peak_bytes()
         if peak is not None:
