@@ -23,24 +23,30 @@ def reset_host_peak() -> bool:
         return False
 
 
-def host_peak_bytes() -> int | None:
-    """This process's resident high-water mark (VmHWM) in bytes, or None off Linux."""
+def _status_bytes(key: str) -> int | None:
+    """A ``/proc/self/status`` memory line (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def host_peak_bytes() -> int | None:
+    """This process's resident high-water mark (VmHWM) in bytes, or None off Linux."""
+    return _status_bytes("VmHWM")
+
+
 class PhaseMemory:
     """Per-phase peaks: ``mark(name)`` closes the phase that ran since the previous mark.
 
-    ``phases`` after the run: [{``phase``, ``host_peak_mb``, ``device_peak_mb`` (CUDA
-    only)}], in order. Disabled (``enabled=False``, or the kernel refuses the reset) it
-    records nothing and costs nothing."""
+    ``phases`` after the run: [{``phase``, ``host_peak_mb`` (the phase's peak),
+    ``host_rss_mb`` (resident at its end: what it left behind, freed memory the allocator kept
+    included), ``device_peak_mb`` (CUDA only)}], in order. Disabled (``enabled=False``, or
+    the kernel refuses the reset) it records nothing and costs nothing."""
 
     def __init__(self, device, enabled: bool = True):
         import torch
@@ -61,6 +67,7 @@ class PhaseMemory:
         peak = host_peak_bytes()
         if peak is not None:
             row["host_peak_mb"] = round(peak / MB, 1)
+            row["host_rss_mb"] = round((_status_bytes("VmRSS") or 0) / MB, 1)
         if self.cuda:
             row["device_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
             torch.cuda.reset_peak_memory_stats(self.device)
