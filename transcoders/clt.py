@@ -32,6 +32,9 @@ from torch import nn
 
 from transcoders.activations import ActivationKind, apply_activation
 
+# Decoded vectors built at once by decode_sparse ([active features, targets, d] chunks).
+DECODE_CHUNK_BYTES = 64 * 2**20
+
 InputSite = Literal["resid_mid", "mlp_in"]
 
 
@@ -297,17 +300,24 @@ class CrossLayerTranscoder(nn.Module):
         returns the summed decoded vectors [L, n_pos, d]."""
         L, d = self.cfg.n_layers, self.cfg.d_model
         out = torch.zeros(L, n_pos, d, dtype=values.dtype, device=values.device)
+        flat_out = out.view(L * n_pos, d)
         for i in torch.unique(layers).tolist():
-            sel = layers == i
+            sel = (layers == i).nonzero().squeeze(1)
             # Read each distinct feature's decoder row once, even if it fires at many positions.
             uniq, inv = torch.unique(features[sel], return_inverse=True)
-            w = self.decoder_rows(i, uniq).to(values.dtype)[inv]  # [n, T, d]
-            vecs = w * values[sel, None, None]
-            T = w.shape[1]
-            # out[i + t, pos] += vecs[:, t], as one scatter into out viewed as [L * n_pos, d].
+            rows = self.decoder_rows(i, uniq).to(values.dtype)  # [n_unique, T, d]
+            T = rows.shape[1]
             targets = torch.arange(i, i + T, device=out.device)[None, :] * n_pos
-            flat = (targets + positions[sel][:, None]).reshape(-1)
-            out.view(L * n_pos, d).index_add_(0, flat, vecs.reshape(-1, d))
+            # Chunks of active features: [chunk, T, d] stays under DECODE_CHUNK_BYTES (a 1,024-
+            # token prompt has ~23k active features per layer: 1.6 GB unchunked at layer 0).
+            # index_add_ adds in index order, so chunking leaves the sums unchanged.
+            step = max(1, DECODE_CHUNK_BYTES // (T * d * values.element_size()))
+            for c0 in range(0, len(sel), step):
+                s = sel[c0 : c0 + step]
+                vecs = rows[inv[c0 : c0 + step]].mul_(values[s, None, None])  # [chunk, T, d]
+                # out[i + t, pos] += vecs[:, t], as one scatter into out as [L * n_pos, d].
+                flat = (targets + positions[s][:, None]).reshape(-1)
+                flat_out.index_add_(0, flat, vecs.reshape(-1, d))
         return out
 
     def check_model(self, n_layers: int, d_model: int, model_name: str = "the model") -> None:

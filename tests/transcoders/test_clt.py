@@ -84,6 +84,22 @@ def test_decode_sparse_matches_dense_decode(kind):
     assert two[0].abs().sum() == 0 and two[:, [1, 2]].abs().sum() == 0
 
 
+def test_decode_sparse_in_chunks_is_bit_identical(monkeypatch):
+    """Long prompts decode their active features in bounded chunks; the sums are unchanged."""
+    import transcoders.clt as clt_mod
+
+    clt = make_random_clt(L, D, F, kind="clt", seed=6)
+    acts = clt.encode(torch.randn(L, 40, D))
+    layer, pos, feat = acts.nonzero(as_tuple=True)
+    args = (layer, pos, feat, acts[layer, pos, feat])
+    whole = clt.decode_sparse(*args, n_pos=40)
+    monkeypatch.setattr(clt_mod, "DECODE_CHUNK_BYTES", 3 * L * D * 4)  # about 3 features a chunk
+    assert (layer == 0).sum() > 10  # so layer 0 takes several chunks
+    assert torch.equal(clt.decode_sparse(*args, n_pos=40), whole)
+    without_bias = clt.decode(acts) - clt.b_dec[:, None, :]
+    torch.testing.assert_close(whole, without_bias, rtol=1e-5, atol=1e-6)
+
+
 class CountingSource:
     """A lazy decoder source that counts full reads and row reads."""
 

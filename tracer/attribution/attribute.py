@@ -37,7 +37,7 @@ from tracer.attribution.memory import (
     workload_from_state,
 )
 from tracer.attribution.phases import PhaseMemory
-from tracer.attribution.rows import RowStore
+from tracer.attribution.rows import ADD_BYTES, RowStore
 from tracer.attribution.targets import select_logit_targets
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 from tracer.model import PromptError
@@ -53,15 +53,23 @@ def _is_oom(err: BaseException) -> bool:
 
 def _position_batches(lin: FrozenLinearModel, pick: torch.Tensor, cap_bytes: float):
     """Split the picked features into sweeps over position ranges: sorted by position, each
-    sweep's working memory (rows x positions x d) within ``cap_bytes``, and inside a sweep
-    sorted by layer, highest first (as :meth:`FrozenLinearModel.sweep_into` needs)."""
+    sweep's working memory (rows x positions x d) within ``cap_bytes``, and so are its rows
+    while they are added to the store (rows x columns x ``ADD_BYTES``: at early positions the
+    working memory allows many rows, but each is written full width first). Inside a sweep
+    the rows are sorted by layer, highest first (as :meth:`FrozenLinearModel.sweep_into`
+    needs)."""
     pos = lin.feat_pos[pick]
     order = torch.argsort(pos, stable=True)
     pick, pos = pick[order], pos[order].cpu().tolist()
+    max_rows = max(1, int(cap_bytes // (lin.n_cols * ADD_BYTES)))
     i = 0
     while i < len(pick):
         j = i + 1
-        while j < len(pick) and lin.sweep_bytes(j + 1 - i, pos[j] + 1, lin.d) <= cap_bytes:
+        while (
+            j < len(pick)
+            and j + 1 - i <= max_rows
+            and lin.sweep_bytes(j + 1 - i, pos[j] + 1, lin.d) <= cap_bytes
+        ):
             j += 1
         sub = pick[i:j]
         yield sub[torch.argsort(lin.feat_layer[sub], descending=True, stable=True)]

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tracer.attribution.linear import WRITER_CHUNK_BYTES
-from tracer.attribution.rows import CHUNK_BYTES
+from tracer.attribution.rows import ADD_BYTES, CHUNK_BYTES
 
 GB = 1e9
 # The memory a plan may use: this share of what is available (the rest is headroom for the
@@ -278,8 +278,9 @@ def _parts(w: Workload, budget: int, n_logits: int, batch_size: int, sweep_cap: 
     chunk = min(CHUNK_BYTES, store)  # rows scanned at once
     R = min(batch_size, max(n_rows, 1))
     sweep = min(4 * R * P * d * c, max(sweep_cap, 4 * P * d * c))
-    # A sweep's rows are written full width first, then packed into the store.
-    sweep += max(1, sweep // (4 * P * d * c)) * n_cols * c
+    # A sweep's rows are written full width first, then packed into the store (ADD_BYTES an
+    # element); attribution caps those rows at the same working memory (at least one row).
+    sweep += max(1, min(R, sweep_cap // (n_cols * ADD_BYTES))) * n_cols * ADD_BYTES
     influence = n_rows * budget * c + 2 * chunk + 3 * n_cols * 8
     kept = budget + L * P + P
     n_edges = budget * kept * FEATURE_ROW_DENSITY + n_logits * kept

@@ -32,6 +32,9 @@ CHUNK_BYTES = 64 * 2**20  # rows moved or scanned at once when the store is read
 # Bytes a gathered chunk element costs while it is read back: five int64 index temporaries,
 # two masks and the value itself.
 _GATHER_BYTES = 5 * 8 + 2 + 4
+# Bytes an element of the rows being added costs in RowStore.add: the full-width float32 buffer
+# the sweep fills, its absolute values (row sums), the keep masks (bool) and the packed copy.
+ADD_BYTES = 4 + 4 + 1 + 1 + 4
 
 
 class CausalColumns:
