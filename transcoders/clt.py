@@ -309,7 +309,7 @@ class CrossLayerTranscoder(nn.Module):
             T = rows.shape[1]
             targets = torch.arange(i, i + T, device=out.device)[None, :] * n_pos
             # Chunks of active features: [chunk, T, d] stays under DECODE_CHUNK_BYTES (a 1,024-
-            # token prompt has ~23k active features per layer: 1.6 GB unchunked at layer 0).
+            # token prompt has ~23k active features per layer: 1.5 GiB unchunked at layer 0).
             # index_add_ adds in index order, so chunking leaves the sums unchanged.
             step = max(1, DECODE_CHUNK_BYTES // (T * d * values.element_size()))
             for c0 in range(0, len(sel), step):

@@ -277,10 +277,12 @@ def _parts(w: Workload, budget: int, n_logits: int, batch_size: int, sweep_cap: 
     store_used = (n_logits * n_cols + budget * (CAUSAL_SHARE * w.n_active + n_rest)) * c
     chunk = min(CHUNK_BYTES, store)  # rows scanned at once
     R = min(batch_size, max(n_rows, 1))
-    sweep = min(4 * R * P * d * c, max(sweep_cap, 4 * P * d * c))
-    # A sweep's rows are written full width first, then packed into the store (ADD_BYTES an
-    # element); attribution caps those rows at the same working memory (at least one row).
-    sweep += max(1, min(R, sweep_cap // (n_cols * ADD_BYTES))) * n_cols * ADD_BYTES
+    work = min(4 * R * P * d * c, max(sweep_cap, 4 * P * d * c))
+    # A sweep fills its rows full width (float32) beside its working memory, then packs them
+    # into the store (ADD_BYTES an element, the working memory freed); attribution caps those
+    # rows at the same working memory (at least one row).
+    add = max(1, min(R, sweep_cap // (n_cols * ADD_BYTES))) * n_cols
+    sweep = max(work + add * c, add * ADD_BYTES)
     influence = n_rows * budget * c + 2 * chunk + 3 * n_cols * 8
     kept = budget + L * P + P
     n_edges = budget * kept * FEATURE_ROW_DENSITY + n_logits * kept
