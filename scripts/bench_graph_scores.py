@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "graph_scores"
 
 
-def outlier_positions(model, clt, prompt: str, factor: float) -> list[tuple[int, int]]:
+def outlier_positions(model, prompt: str, factor: float) -> list[tuple[int, int]]:
     """(layer, position) pairs, start token excluded, whose MLP-output norm exceeds ``factor``
     x that layer's median over the prompt's non-start positions."""
     import torch
@@ -74,7 +74,7 @@ def main() -> int:
         scores = prompt_graph_scores(model, clt, cfg, progress=False)
         for row in scores["prompts"]:
             sh = row["error_shares"]
-            out = outlier_positions(model, clt, row["prompt"], factor)
+            out = outlier_positions(model, row["prompt"], factor)
             by_node = {(t["layer"], t["position"]): t["share"] for t in sh["top"]}
             row["outliers"] = [list(o) for o in out]
             row["first_token_share"] = sh["by_position"][1] if len(sh["by_position"]) > 1 else 0

@@ -3,7 +3,6 @@ separate circuit-tracer virtual environment). Linux: /proc and ru_maxrss in KiB.
 
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
@@ -36,8 +35,7 @@ def hwm_mb() -> float:
 
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return _phases.process_rss_bytes() / 2**20
 
 
 def cpu_s() -> float:

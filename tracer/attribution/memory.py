@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tracer.attribution.linear import WRITER_CHUNK_BYTES
+from tracer.attribution.phases import process_rss_bytes
 from tracer.attribution.rows import ADD_BYTES, CHUNK_BYTES
 
 GB = 1e9
@@ -167,17 +168,6 @@ def host_available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def process_rss_bytes() -> int:
-    """This process's resident memory now."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def device_available_bytes(device: torch.device) -> int:

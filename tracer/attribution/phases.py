@@ -10,6 +10,8 @@ same way. Resetting the high-water mark is process-wide, so profiling is off by 
 
 from __future__ import annotations
 
+import os
+
 MB = 2**20  # stdlib only at import: scripts/proc_stats.py loads this file in other venvs
 
 
@@ -23,21 +25,27 @@ def reset_host_peak() -> bool:
         return False
 
 
-def _status_bytes(key: str) -> int | None:
-    """A ``/proc/self/status`` memory line (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
+def host_peak_bytes() -> int | None:
+    """This process's resident high-water mark (VmHWM) in bytes, or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
+                if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
-def host_peak_bytes() -> int | None:
-    """This process's resident high-water mark (VmHWM) in bytes, or None off Linux."""
-    return _status_bytes("VmHWM")
+def process_rss_bytes() -> int:
+    """This process's resident memory now (off Linux: its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PhaseMemory:
@@ -67,7 +75,7 @@ class PhaseMemory:
         peak = host_peak_bytes()
         if peak is not None:
             row["host_peak_mb"] = round(peak / MB, 1)
-            row["host_rss_mb"] = round((_status_bytes("VmRSS") or 0) / MB, 1)
+            row["host_rss_mb"] = round(process_rss_bytes() / MB, 1)
         if self.cuda:
             row["device_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
             torch.cuda.reset_peak_memory_stats(self.device)
