@@ -7,9 +7,15 @@ quality the default SmolLM2 recipe reaches in its time budget.
         [--harvest-minutes M] [--results benchmarks/training_widths]
 
 With ``--widths`` it first harvests one shared activation cache (training tokens for
-``--harvest-minutes``, default the budget, plus the held-out tokens), then trains each width for
-``--budget-minutes`` from exactly those cached tokens (``--cache-tokens``), so the widths are
-compared at equal wall time on equal data; it writes one row per width.
+``--harvest-minutes``, default the budget, or up to ``--harvest-tokens``, plus the held-out
+tokens), then trains each width for ``--budget-minutes`` from exactly those cached tokens
+(``--cache-tokens``), so the widths are compared at equal wall time on equal data; it writes one
+row per width. ``--variant NAME='OPTIONS'`` (repeatable) does the same for any recipe changes,
+e.g. where the outlier rule acts::
+
+    .venv/bin/python scripts/bench_training.py --harvest-tokens 109474 \
+        --variant all='--outlier-uses loss,skip,scales' --variant none='--outlier-rule none' \
+        --results benchmarks/training_outlier_parts -- --steps 600 --threads 1
 
 Trains with ``circuit-atlas transcoders train`` (default recipe), saves the CLT to
 ``$CIRCUIT_ATLAS_HOME/transcoders/smollm2-clt-default`` and writes
@@ -58,7 +64,21 @@ def main() -> int:
     )
     ap.add_argument("--widths", help="comma-separated features per layer, e.g. 256,1024,2048")
     ap.add_argument(
-        "--harvest-minutes", type=float, help="with --widths: harvest time (default: budget)"
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="a recipe variant: `transcoders train` options added to the extra ones (repeatable)",
+    )
+    ap.add_argument(
+        "--harvest-minutes",
+        type=float,
+        help="with --widths/--variant: harvest time (default: budget)",
+    )
+    ap.add_argument(
+        "--harvest-tokens",
+        type=int,
+        help="with --widths/--variant: stop the harvest at this many training tokens",
     )
     ap.add_argument(
         "--graph-scores",
@@ -68,8 +88,8 @@ def main() -> int:
     )
     ap.add_argument("extra", nargs="*", help="more `transcoders train` options (after --)")
     args = ap.parse_args()
-    if args.widths:
-        return bench_widths(args)
+    if args.widths or args.variant:
+        return bench_variants(args)
 
     from tracer.cli import build_parser
     from tracer.cli.train_cmd import run_training
@@ -137,39 +157,58 @@ def main() -> int:
     return 0
 
 
-def bench_widths(args) -> int:
-    """Harvest one shared cache, then train every width for the same budget from it."""
+def variants_from_args(args) -> list[tuple[str, list[str]]]:
+    """(name, extra `transcoders train` options) per width and per ``--variant``."""
+    import shlex
+
+    out = [(w, ["--features-per-layer", w]) for w in (args.widths or "").split(",") if w]
+    for v in args.variant:
+        name, sep, opts = v.partition("=")
+        if not sep or not name:
+            raise SystemExit(
+                f"--variant {v!r}: write NAME='OPTIONS', e.g. none='--outlier-rule none'"
+            )
+        out.append((name, shlex.split(opts)))
+    return out
+
+
+def bench_variants(args) -> int:
+    """Harvest one shared cache, then train every variant (a width, or other recipe options)
+    for the same budget (or the same --steps) from it."""
     from tracer.cli import build_parser
     from tracer.cli.train_cmd import run_training
+    from tracer.fetch import cache_root
     from transcoders.planner import BudgetError
 
-    widths = [int(w) for w in args.widths.split(",")]
+    variants = variants_from_args(args)
     base = ["transcoders", "train", "--model", "smollm2", "--corpus", "public", *args.extra]
     cache, n_tokens, harvest_s = harvest_shared_cache(
-        build_parser().parse_args(base), 60 * (args.harvest_minutes or args.budget_minutes)
+        build_parser().parse_args(base),
+        60 * (args.harvest_minutes or args.budget_minutes),
+        args.harvest_tokens,
     )
     rows = []
-    for width in widths:
-        from tracer.fetch import cache_root
-
-        out = cache_root() / "transcoders" / f"smollm2-clt-{width}-bench"
+    for name, opts in variants:
+        out = cache_root() / "transcoders" / f"smollm2-clt-{name}-bench"
         argv = [
-            *base,
-            "--features-per-layer", str(width), "--budget-minutes", str(args.budget_minutes),
+            *base, "--budget-minutes", str(args.budget_minutes), *opts,
             "--cache", str(cache), "--cache-tokens", str(n_tokens), "--out", str(out),
             "--no-resume", *(["--graph-scores"] if args.graph_scores else []),
         ]  # fmt: skip
         load0 = os.getloadavg()
         t0 = time.time()
+        targs = build_parser().parse_args(argv)
         try:
-            result, _ = run_training(build_parser().parse_args(argv))
-        except BudgetError as err:  # this width does not fit the budget here: say so, go on
-            rows.append({"features": width, "command": "circuit-atlas " + " ".join(argv),
+            result, _ = run_training(targs)
+        except BudgetError as err:  # this variant does not fit the budget here: say so, go on
+            rows.append({"variant": name, "features": targs.features_per_layer,
+                         "command": "circuit-atlas " + " ".join(argv),
                          "load_average_start": load0, "error": str(err)})  # fmt: skip
             continue
         m = result.metrics
         rows.append({
-            "features": width, "command": "circuit-atlas " + " ".join(argv),
+            "variant": name, "features": targs.features_per_layer,
+            "command": "circuit-atlas " + " ".join(argv),
             "wall_seconds": round(time.time() - t0, 1), "load_average_start": load0,
             **{k: m.get(k) for k in ("steps", "planned_steps", "replans", "cache_tokens",
                                      "passes", "train_tokens_per_s", "nmse", "nmse_all",
@@ -177,25 +216,32 @@ def bench_widths(args) -> int:
                                      "graph_scores")},
             "spliced": m.get("spliced", {}),
         })  # fmt: skip
+        write_variants(args, cache, n_tokens, harvest_s, rows)  # a later failure keeps these
+    print(variants_markdown(write_variants(args, cache, n_tokens, harvest_s, rows)))
+    return 0
+
+
+def write_variants(args, cache, n_tokens: int, harvest_s: float, rows: list[dict]) -> dict:
     import torch
 
     report = {
         "harvest": {"cache": str(cache), "tokens": n_tokens, "seconds": round(harvest_s, 1)},
-        "budget_minutes_per_width": args.budget_minutes,
+        "budget_minutes_per_variant": args.budget_minutes,
+        "extra_options": args.extra,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "widths": rows,
+        "variants": rows,
     }
     res = Path(args.results if args.results != str(RESULTS) else str(RESULTS) + "_widths")
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    res.with_suffix(".md").write_text(widths_markdown(report))
-    print(widths_markdown(report))
-    return 0
+    res.with_suffix(".md").write_text(variants_markdown(report))
+    return report
 
 
-def harvest_shared_cache(targs, seconds: float):
-    """Harvest the default cache's training set chunk by chunk for ``seconds`` (plus the
-    held-out set); returns (cache folder, training tokens cached, harvest seconds)."""
+def harvest_shared_cache(targs, seconds: float, max_tokens: int | None = None):
+    """Harvest the default cache's training set chunk by chunk for ``seconds`` or up to
+    ``max_tokens`` training tokens, whichever comes first (plus the held-out set); returns
+    (cache folder, training tokens cached, harvest seconds)."""
     import torch
 
     from tracer.cli.train_cmd import cache_spec, default_threads, load_corpus, split_tokens
@@ -218,44 +264,52 @@ def harvest_shared_cache(targs, seconds: float):
     acts = activation_fn(model, cfg.input_site)
     t0 = time.time()
     cache.harvest(heldout_set(eval_tokens), eval_tokens, acts, chunk_sequences=cfg.chunk_sequences)
+    keep = train_tokens.shape[1] - int(cfg.skip_bos)
+    limit = len(train_tokens) if max_tokens is None else min(len(train_tokens), max_tokens // keep)
     n = cache.complete_sequences("train", train_tokens)
-    while time.time() - t0 < seconds and n < len(train_tokens):
-        n = min(len(train_tokens), n + cfg.chunk_sequences)
+    while time.time() - t0 < seconds and n < limit:
+        n = min(limit, n + cfg.chunk_sequences)
         cache.harvest("train", train_tokens, acts, n, chunk_sequences=cfg.chunk_sequences)
         print(f"harvested {n} sequences, {time.time() - t0:.0f} s", file=sys.stderr)
-    keep = train_tokens.shape[1] - int(cfg.skip_bos)
+    n = min(n, limit)  # a cache harvested earlier may hold more: use the first `limit` rows
     return folder, n * keep, time.time() - t0
 
 
-def widths_markdown(r: dict) -> str:
+def variants_markdown(r: dict) -> str:
     h = r["harvest"]
     lines = [
-        "## Transcoder width at equal wall time (one shared activation cache)",
+        "## Recipe variants at equal wall time or steps (one shared activation cache)",
         "",
         f"- harvest once: {h['tokens']} training tokens in {h['seconds'] / 60:.1f} min "
-        f"(cache `{h['cache']}`); each width then trains {r['budget_minutes_per_width']} min "
-        "from exactly those tokens",
+        f"(cache `{h['cache']}`); each variant then trains "
+        f"{r.get('budget_minutes_per_variant', r.get('budget_minutes_per_width'))} min (unless "
+        f"the options give --steps) from exactly those tokens; options for all: "
+        f"`{' '.join(r.get('extra_options') or [])}`",
         f"- machine: {r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads",
         "",
         "NMSE: held-out, start token excluded (all positions / outliers also excluded in "
-        "brackets); replacement: mean over the demo prompts, circuit-tracer convention.",
+        "brackets); replacement and completeness: mean over the demo prompts, circuit-tracer "
+        "convention.",
         "",
-        "| features/layer | steps | passes | train tok/s | held-out NMSE | L0 | dead | KL | top-1 "
-        "| replacement | load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | features/layer | steps | passes | train tok/s | held-out NMSE | L0 | dead "
+        "| KL | top-1 | replacement | completeness | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for w in r["widths"]:
+    for w in r.get("variants", r.get("widths", [])):
+        name = w.get("variant", w["features"])
         if "error" in w:
-            lines.append(f"| {w['features']} | did not run: {w['error']} ||||||||||")
+            lines.append(f"| {name} | {w['features']} | did not run: {w['error']} ||||||||||")
             continue
         sp, nan = w["spliced"], float("nan")
         gs = w.get("graph_scores") or {}
         lines.append(
-            f"| {w['features']} | {w['steps']} | {w['passes']} | {w['train_tokens_per_s'] or 0:.0f}"
+            f"| {name} | {w['features']} | {w['steps']} | {w['passes']} "
+            f"| {w['train_tokens_per_s'] or 0:.0f}"
             f" | {w['nmse']:.3f} ({w.get('nmse_all') or nan:.3f} / "
             f"{w.get('nmse_inliers') or nan:.3f}) | {w['l0']:.1f} | {w['dead_heldout']:.1%} | "
             f"{sp.get('kl', nan):.3f} | {sp.get('top1', nan):.1%} | "
-            f"{gs.get('replacement', nan):.3f} | {w['load_average_start'][0]:.1f} |"
+            f"{gs.get('replacement', nan):.3f} | {gs.get('completeness', nan):.3f} "
+            f"| {w['load_average_start'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

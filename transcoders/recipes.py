@@ -29,5 +29,6 @@ DEFAULT_RECIPE = {
     # Massive MLP outputs out of the loss, skip fit and scales (transcoders.outliers).
     "outlier_rule": "ratio",
     "outlier_factor": 50.0,
+    "outlier_uses": "loss,skip,scales",
     "heldout_seqs": 32,
 }

@@ -13,6 +13,9 @@ from transcoders.activation_cache import CacheDtype
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.planner import BudgetError
 
+OutlierUse = Literal["loss", "skip", "scales"]
+OUTLIER_USES: tuple[OutlierUse, ...] = ("loss", "skip", "scales")
+
 
 @dataclass
 class TrainConfig:
@@ -71,6 +74,9 @@ class TrainConfig:
     outlier_rule: Literal["none", "ratio", "mad"] = "ratio"
     outlier_factor: float = 50.0
     outlier_weight: float = 0.0
+    # Where the rule acts (any of "loss", "skip", "scales"): the loss weight (and AuxK), the
+    # ridge fit that starts the skip connection (and b_dec), the normalisation scales.
+    outlier_uses: tuple[OutlierUse, ...] = OUTLIER_USES
     n_heldout_seqs: int = 32  # evaluation rows (transcoders.evaluation); the caller picks them
     # Bookkeeping
     eval_every: int = 50
@@ -79,6 +85,19 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     reserve_seconds: float = 15.0  # kept free at the end of a budget for final eval + export
     replan_every: int = 25  # a budgeted run re-sizes its plan from recent step times this often
+
+
+def parse_outlier_uses(text: str) -> tuple[OutlierUse, ...]:
+    """ "loss,skip" -> ("loss", "skip") (empty text: the rule acts nowhere); unknown names
+    raise one clear ValueError."""
+    uses = tuple(u.strip() for u in text.split(",") if u.strip())
+    unknown = sorted(set(uses) - set(OUTLIER_USES))
+    if unknown:
+        raise ValueError(
+            f"--outlier-uses {','.join(unknown)} is not a place the outlier rule acts: give a "
+            f"comma-separated subset of {','.join(OUTLIER_USES)}"
+        )
+    return uses  # type: ignore[return-value]
 
 
 @dataclass
@@ -107,5 +126,6 @@ def check_config(cfg: TrainConfig, world: int, tokens: torch.Tensor) -> None:
         raise ValueError(
             f"train tokens must be [n_seq >= 1, seq_len >= 2], got {tuple(tokens.shape)}"
         )
+    parse_outlier_uses(",".join(cfg.outlier_uses))
     if cfg.activation == "topk" and not 0 < cfg.topk <= cfg.n_features:
         raise ValueError(f"topk {cfg.topk} must be in 1..n_features ({cfg.n_features})")

@@ -254,7 +254,11 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = lr
             lam = sparsity_at(step, plan, cfg.sparsity_coef, cfg.sparsity_warmup_frac)
-            wt = outliers.batch_weights(y, self.thr * self.norm.out_scale, cfg.outlier_weight)
+            wt = (
+                outliers.batch_weights(y, self.thr * self.norm.out_scale, cfg.outlier_weight)
+                if "loss" in cfg.outlier_uses
+                else None
+            )
             res = objective(self.clt, x, y, cfg, lam, self.fire.dead_mask(), wt)
             self.opt.zero_grad(set_to_none=True)
             res.loss.backward()
@@ -433,26 +437,29 @@ class Trainer:
         cfg, clt = self.cfg, self.clt
         # Outlier thresholds (raw units; transcoders.outliers) averaged over the data shards of
         # these rows, so any number of ranks gets the same; outliers count in neither the
-        # scales nor the skip fit nor b_dec.
+        # scales nor the skip fit nor b_dec (each where cfg.outlier_uses names it).
         shards = cfg.data_shards or self.dist.world
         self.thr = outliers.buffer_thresholds(
             [c.transpose(0, 1) for c in ys.chunk(shards, dim=1)],
             cfg.outlier_rule,
             cfg.outlier_factor,
         ).to(self.dev)
-        keep = (~outliers.outlier_mask(ys, self.thr)).float()  # [L, N]
+        inlier = (~outliers.outlier_mask(ys, self.thr)).float()  # [L, N]
+        everyone = torch.ones_like(inlier)
+        keep = inlier if "scales" in cfg.outlier_uses else everyone
         kept = keep.mean(1)  # [L] share kept
         ms_in = mean_square_norms(xs * keep[..., None]) / kept
         ms_out = mean_square_norms(ys * keep[..., None]) / kept
         self.norm = from_mean_squares(ms_in, ms_out, self.d_model)
         y_norm = ys.float() * self.norm.out_scale[:, None, None]
+        keep = inlier if "skip" in cfg.outlier_uses else everyone
         if clt.W_skip is not None and cfg.skip_init == "lstsq":
             x_norm = xs.float() * self.norm.in_scale[:, None, None]
             w, b = fit_skip(x_norm, y_norm, cfg.skip_ridge, weight=keep)
             clt.W_skip.copy_(w)
             clt.b_dec.copy_(b)
         else:
-            clt.b_dec.copy_((y_norm * keep[..., None]).mean(1) / kept[:, None])
+            clt.b_dec.copy_((y_norm * keep[..., None]).mean(1) / keep.mean(1)[:, None])
         for w in clt.D:
             w.mul_(cfg.decoder_init_scale)
         if cfg.activation == "jumprelu":

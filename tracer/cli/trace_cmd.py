@@ -175,6 +175,7 @@ class TraceJob:
     @property
     def setting(self) -> DeviceSetting:
         return DeviceSetting.parse(self.device, self.dtype)
+
     convention: str = "circuit-tracer"
 
     def key(self, prompt: str) -> str:

@@ -134,6 +134,12 @@ def register_subcommand(tsub) -> None:
         help="outlier threshold: this many times the layer's median output norm (ratio rule)",
     )
     t.add_argument(
+        "--outlier-uses",
+        default=d["outlier_uses"],
+        help="where the outlier rule acts, comma-separated: loss (weight 0 in the loss and "
+        "AuxK), skip (left out of the ridge skip fit), scales (left out of the normalisation)",
+    )
+    t.add_argument(
         "--graph-scores",
         action="store_true",
         help="after training, attribute the demo prompts and record their replacement and "
@@ -302,8 +308,10 @@ def run_training(args):
     from tracer.splice import activation_fn, spliced_eval_fn
     from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
     from transcoders.train import TrainConfig, init_distributed, train
+    from transcoders.train_config import parse_outlier_uses
 
     setting = setting_from_args(args)  # a bad --device/--dtype fails before any loading
+    outlier_uses = parse_outlier_uses(args.outlier_uses)  # so does a bad --outlier-uses
     torch.set_num_threads(args.threads or default_threads())
     backend = init_distributed(setting)  # under torchrun: NCCL on CUDA, gloo on the CPU
     model = LanguageModel.load(args.model, device=setting)
@@ -345,6 +353,7 @@ def run_training(args):
         dead_window_tokens=args.dead_window,
         outlier_rule=args.outlier_rule,
         outlier_factor=args.outlier_factor,
+        outlier_uses=outlier_uses,
     )
     print(
         f"training {cfg.kind} ({cfg.activation}, {cfg.n_features} features/layer) on "
