@@ -269,7 +269,10 @@ def main() -> None:
             "predicted_peak_mb", "measured_peak_mb", "predicted_over_measured", "wall_s",
             "max_feature_nodes")}), flush=True)  # fmt: skip
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
-    kept = [r for r in old.get("cases", []) if r["case"] not in names]
+    # A case is replaced by a new run of itself under the same memory limit (long1024 is
+    # recorded once per --long-limit-gb).
+    new_keys = {(r["case"], r.get("limit_gb")) for r in rows}
+    kept = [r for r in old.get("cases", []) if (r["case"], r.get("limit_gb")) not in new_keys]
     doc = {
         "what": "attribution memory plan against measured peak RSS, SmolLM2-135M, random CLTs",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},

@@ -15,12 +15,16 @@ The buffer is allocated once for the whole run (``n_logits + max_feature_nodes``
 rows at most) where the memory plan puts it: on the compute device, in host memory, or in a
 memory-mapped file on disk when the host is short too (the role of circuit-tracer's
 ``offload`` option). Host and disk pages are taken only as rows are written, so resident memory
-follows the rows actually stored, not the worst case. Influence and the graph read the rows back
-in chunks on the compute device: no re-concatenation of all rows.
+follows the rows actually stored, not the worst case. On disk the process lets go of the pages
+as soon as it has written or read them (``madvise(MADV_DONTNEED)``: the data stays in the file
+and the page cache, which the kernel may evict), so the spilled rows do not count in its
+resident memory. Influence and the graph read the rows back in chunks on the compute device: no
+re-concatenation of all rows.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 
@@ -105,13 +109,16 @@ class RowStore:
         self.device, self.dtype, self.placement = device, dtype, placement
         self._file = None
         size = max(capacity * n_cols, 1)  # the worst case: every row full width
+        self._map: mmap.mmap | None = None
         if placement == "disk":
             # An unlinked, sparse temporary file: its pages go back to the disk, not to swap,
             # only written pages take disk space, and the file disappears with the mapping.
             self._file = tempfile.TemporaryFile(dir=spill_dir, prefix="circuit-atlas-rows-")
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            os.ftruncate(self._file.fileno(), size * itemsize)
+            self._map = mmap.mmap(self._file.fileno(), size * itemsize)
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-            self.flat = torch.from_numpy(np.memmap(self._file, dtype=np_dtype, mode="w+",
-                                                   shape=(size,)))  # fmt: skip
+            self.flat = torch.from_numpy(np.frombuffer(self._map, dtype=np_dtype, count=size))
         else:
             # torch.empty: on the host, pages become resident only when a row is written.
             where = device if placement == "device" else torch.device("cpu")
@@ -179,10 +186,29 @@ class RowStore:
         packed = buf[keep]  # row by row: its kept feature columns, then its error/token columns
         end = self.used + len(packed)
         self.flat[self.used : end].copy_(packed)
+        self._release(self.used, end)
         self.offset[r0:r1], self.width[r0:r1] = offsets, widths
         self.t_layer[r0:r1], self.t_pos[r0:r1] = layer, pos
         self.node[r0:r1] = nodes.to(dev)
         self.n, self.used = r1, end
+
+    def _release(self, start: int, end: int) -> None:
+        """Disk placement: drop this process's pages of elements [start, end) of ``flat``
+        (written back to the file first where dirty; read again from the page cache or the
+        file when next touched). Elsewhere a no-op."""
+        if self._map is None or end <= start:
+            return
+        isz = self.flat.element_size()
+        lo = start * isz // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, lo, end * isz - lo)
+
+    def _release_rows(self, idx: torch.Tensor) -> None:
+        """Disk placement: drop the pages of rows ``idx`` (the span from the first to the end
+        of the last of them)."""
+        if self._map is None or len(idx) == 0:
+            return
+        off, width = self.offset[idx], self.width[idx] + self.n_rest
+        self._release(int(off.min()), int((off + width).max()))
 
     def _gather(self, idx: torch.Tensor, cols: torch.Tensor, is_rest: torch.Tensor):
         """Rows ``idx`` at columns ``cols`` as a dense block [len(idx), len(cols)] on the
@@ -200,6 +226,7 @@ class RowStore:
             at, valid = rest_at, is_rest[None, :].expand(len(idx), -1)
         flat_idx = torch.where(valid, self.offset[idx][:, None] + at, 0)
         block = self.flat[flat_idx.to(self.flat.device)].to(self.device)
+        self._release_rows(idx)
         return block.masked_fill_(~valid, 0.0)
 
     def chunks(self, cols: torch.Tensor | slice | None = None, order: torch.Tensor | None = None):
@@ -267,11 +294,18 @@ class RowStore:
             for r in range(r0, r1):
                 o = offsets[r]
                 block[r - r0][kept[r - r0]] = self.flat[o : o + widths[r]].to(dev)
+            self._release(offsets[r0], offsets[r1 - 1] + widths[r1 - 1] + self.n_rest)
             total += (block[: r1 - r0].abs().T @ w[r0:r1]).double()
         return total
 
     def close(self) -> None:
         self.flat = torch.empty(0)
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view of the rows is still alive: the GC unmaps it later
+                pass
+            self._map = None
         if self._file is not None:
             self._file.close()
             self._file = None
