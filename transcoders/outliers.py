@@ -26,20 +26,26 @@ absolute deviation) is the alternative; ``"none"`` turns the handling off. The f
 outliers are rare (7 of 24,384 non-start training positions, at layers 11 and 28 only), so
 the loss loses almost nothing else.
 
-What is done with outliers (the thresholds are fixed from the first harvested buffer, in raw
-units, saved in the checkpoint):
+What can be done with outliers (the thresholds are fixed from the first harvested buffer, in
+raw units, saved in the checkpoint); ``TrainConfig.outlier_uses`` names which, the loss alone by
+default. Measured on SmolLM2 (``scripts/bench_training.py --variant``, README "Training
+transcoders", ``benchmarks/training_outlier_parts.md``: one 109k-token cache, 600 steps each),
+the robust skip fit costs the demo graphs' replacement score 0.13-0.15 (0.454 with it alone,
+0.600 with the loss alone, 0.588 with no handling), while the loss weight and the scales cost
+nothing there:
 
-- excluded from the reconstruction loss (weight ``outlier_weight``, default 0) and from the
-  AuxK residual: one 500x position has the squared-error weight of 250,000 ordinary tokens;
-- excluded from the ridge fit that starts the skip connection (a weighted fit): on layers 11
-  and 28 the held-out NMSE over inlier positions of the fit from all 24,384 non-start training
-  positions was 4.29 and 0.68, of the fit without the 7 and 6 outlier positions 0.48 and 0.41.
-  The price: over all non-start held-out positions (the one 445x position included) the robust
-  fit scores 0.97 and 0.70 against 0.67 and 0.52, since it no longer chases that one position;
-  no other layer has an outlier at factor 50, so no other layer changes;
-- excluded from the per-layer normalisation scales: the outliers among the first 8,192 training
-  positions inflate layer 11's mean squared output norm 13-fold (layer 28: 1.7-fold), so that
-  layer's ordinary positions would count 1/13 as much as other layers' in the summed loss.
+- ``loss``: excluded from the reconstruction loss (weight ``outlier_weight``, default 0) and from
+  the AuxK residual: one 500x position has the squared-error weight of 250,000 ordinary tokens;
+- ``skip``: excluded from the ridge fit that starts the skip connection (a weighted fit): on
+  layers 11 and 28 the held-out NMSE over inlier positions of the fit from all 24,384 non-start
+  training positions was 4.29 and 0.68, of the fit without the 7 and 6 outlier positions 0.48
+  and 0.41. The price: over all non-start held-out positions (the one 445x position included)
+  the robust fit scores 0.97 and 0.70 against 0.67 and 0.52, since it no longer chases that one
+  position; no other layer has an outlier at factor 50, so no other layer changes;
+- ``scales``: excluded from the per-layer normalisation scales: the outliers among the first
+  8,192 training positions inflate layer 11's mean squared output norm 13-fold (layer 28:
+  1.7-fold), so that layer's ordinary positions count 1/13 as much as other layers' in the
+  summed loss.
 
 Shapes: L layers, N positions, d = d_model. Everything runs on the tensors' device.
 """

@@ -74,9 +74,10 @@ class TrainConfig:
     outlier_rule: Literal["none", "ratio", "mad"] = "ratio"
     outlier_factor: float = 50.0
     outlier_weight: float = 0.0
-    # Where the rule acts (any of "loss", "skip", "scales"): the loss weight (and AuxK), the
-    # ridge fit that starts the skip connection (and b_dec), the normalisation scales.
-    outlier_uses: tuple[OutlierUse, ...] = OUTLIER_USES
+    # Where the rule acts (any of OUTLIER_USES): the loss weight (and AuxK), the ridge fit that
+    # starts the skip connection (and b_dec), the normalisation scales. The loss alone by
+    # default: measured in transcoders.outliers (module doc).
+    outlier_uses: tuple[OutlierUse, ...] = ("loss",)
     n_heldout_seqs: int = 32  # evaluation rows (transcoders.evaluation); the caller picks them
     # Bookkeeping
     eval_every: int = 50

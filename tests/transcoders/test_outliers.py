@@ -213,7 +213,7 @@ def test_training_leaves_planted_outliers_out(tmp_path):
     report all / non-start / inlier NMSE."""
     from transcoders.train import CHECKPOINT, load_checkpoint
 
-    res, cfg, x, y, out, thr = _planted_run(tmp_path)
+    res, cfg, x, y, out, thr = _planted_run(tmp_path, outlier_uses=("loss", "skip", "scales"))
     assert out.any() and int(out.sum()) < 20
     keep = ~out[0]
     assert torch.equal(out[0], out[1])
