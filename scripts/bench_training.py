@@ -373,7 +373,8 @@ def markdown(r: dict) -> str:
         f"{rec.get('n_features')} features/layer, batch {rec.get('batch_tokens')} tokens, "
         f"lr {rec.get('lr')}, buffer {rec.get('buffer_tokens')} tokens x "
         f"{rec.get('passes')} passes; outliers: {rec.get('outlier_rule')} rule, factor "
-        f"{rec.get('outlier_factor')}",
+        f"{rec.get('outlier_factor')}"
+        + (f", acting in: {', '.join(rec['outlier_uses'])}" if rec.get("outlier_uses") else ""),
         f"- machine: {r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads, "
         f"load average at start {r['machine']['load_average_start'][0]:.1f} (shared machine)",
         f"- wall time {r['wall_seconds'] / 60:.1f} min, {r['steps']} steps; harvest "
