@@ -16,7 +16,10 @@ Cases (each one attribution in its own subprocess, so that its peak is its own):
   the memory limit given by ``--long-limit-gb`` (default: what the machine has available).
 
 Recorded per case: resident memory after the model load and after the transcoder load, the
-estimator's predicted peak (``estimate_memory`` with the prompt: one encoder pass), the measured
+predicted peak of the plan the attribution followed (``graph.extra["memory_estimate"]``; the
+estimate made before the run with ``estimate_memory`` and the prompt, what ``trace --estimate``
+shows, is kept as ``estimate_before_run``: at a budget on the edge of what fits it can place the
+rows elsewhere, since it sees the memory available before the prompt is recorded), the measured
 peak of the attribution (VmHWM, reset at each of its phases: ``memory_phases``, beside the plan's
 parts in ``plan_parts_mb``), their ratio, wall and CPU seconds, nodes, edges, and the
 transcoder's decoder rows read. Writes ``benchmarks/memory.json`` (cases run
@@ -118,22 +121,29 @@ def worker(args: argparse.Namespace) -> None:
     # is the largest of them.
     peak = max((ph["host_peak_mb"] for ph in phases), default=hwm_mb() if reset else float("nan"))
     share = causal_share(rm, tokens, g)
+    # The prediction is the plan the run followed: at a budget on the edge of what fits, the
+    # estimate above (made before the prompt was recorded) may place the rows elsewhere.
+    ran = g.extra["memory_estimate"]
     info = {
         "rss_start_mb": round(rss0, 1),
         "rss_after_model_mb": round(rss_model, 1),
         "rss_after_transcoder_mb": round(rss_clt, 1),
         "rss_before_attribution_mb": round(rss_before, 1),
         "estimate_s": round(est_s, 2),
-        "predicted_peak_mb": round(est.peak_host_bytes / 2**20, 1),
-        "predicted_row_store_mb": round(est.row_store_bytes / 2**20, 1),
+        "predicted_peak_mb": round(ran["peak_host_bytes"] / 2**20, 1),
+        "predicted_row_store_mb": round(ran["row_store_bytes"] / 2**20, 1),
         "row_store_buffer_mb": round(est.row_store_buffer_bytes / 2**20, 1),
-        "row_store_placement": est.row_store_placement,
+        "row_store_placement": ran["row_store_placement"],
+        "estimate_before_run": {
+            "peak_mb": round(est.peak_host_bytes / 2**20, 1),
+            "row_store_placement": est.row_store_placement,
+        },
         # The causal rows actually stored, and their share of the full-width buffer.
         "row_store_used_mb": round(g.extra["row_store_bytes"] / 2**20, 1),
         "feature_row_causal_share": round(share, 3),  # memory.CAUSAL_SHARE's measurement
         "row_store_used_share": round(g.extra["row_store_bytes"] / est.row_store_buffer_bytes, 3),
         "measured_peak_mb": round(peak, 1),
-        "predicted_over_measured": round(est.peak_host_bytes / 2**20 / peak, 3),
+        "predicted_over_measured": round(ran["peak_host_bytes"] / 2**20 / peak, 3),
         "peak_above_model_mb": round(peak - rss_model, 1),
         "suggested_max_feature_nodes": est.suggested_max_feature_nodes,
         "max_feature_nodes": budget,

@@ -97,6 +97,11 @@ def test_row_store_placements_and_position_split_agree(lazy_setup, tmp_path):
                       sweep_memory_mb=1e-6)  # fmt: skip
     same_graph(base, disk)
     assert base.count("feature") == 30
+    # Each graph records the plan it followed, with where its rows lived.
+    assert base.extra["memory_estimate"]["row_store_placement"] == "host"
+    assert disk.extra["memory_estimate"]["row_store_placement"] == "disk"
+    assert disk.extra["memory_estimate"]["max_feature_nodes"] == 30
+    assert f"on {disk.extra['memory_estimate']['row_store_placement']}" in disk.extra["memory_plan"]
     # A different split changes only float summation order inside the BLAS calls.
     assert np.array_equal(split.target, base.target) and np.array_equal(split.source, base.source)
     np.testing.assert_allclose(split.weight, base.weight, rtol=1e-5, atol=1e-6)

@@ -189,6 +189,16 @@ def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate,
     graph.extra["timing_s"] = {"record": round(t_record, 4),
                                "total": round(time.perf_counter() - t0, 4)}  # fmt: skip
     graph.extra["memory_plan"] = est.summary()
+    # The plan this run followed, in numbers (an estimate made earlier, e.g. by
+    # ``trace --estimate``, saw the memory available then and may have placed the rows elsewhere).
+    graph.extra["memory_estimate"] = {
+        "max_feature_nodes": est.max_feature_nodes,
+        "peak_host_bytes": est.peak_host_bytes,
+        "peak_device_bytes": est.peak_device_bytes,
+        "baseline_host_bytes": est.baseline_host_bytes,
+        "row_store_placement": store.placement,
+        "row_store_bytes": est.row_store_bytes,
+    }
     graph.extra["row_store_bytes"] = store.used_bytes  # the causal rows actually stored
     if phases.phases:
         graph.extra["memory_phases"] = phases.phases
