@@ -15,20 +15,26 @@ Routes::
     POST /api/interventions                 queue an intervention; GET /api/jobs/{id} polls it
     POST /api/cypher                        read-only Cypher (GraphStore.cypher)
 
-Every error is JSON ``{"error": "one line naming the problem and the fix"}`` with a 4xx/5xx
-status; the server keeps serving. With a token (required off loopback) every request must
-carry it (``?token=``, the ``X-Explorer-Token`` header or the cookie the page gets).
+Each route is a module-level handler reading the app's :class:`Explorer` state
+(``request.app.state.explorer``); :data:`API_ROUTES` lists them, :func:`create_app` adds the page
+and its assets. Every error is JSON ``{"error": "one line naming the problem and the fix"}``
+with a 4xx/5xx status; the server keeps serving. With a token (required off loopback) every
+request must carry it (``?token=``, the ``X-Explorer-Token`` header or the cookie the page gets).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
+import inspect
 import json
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -48,7 +54,12 @@ from tracer.explorer.intervene import InterventionRequestError, InterventionServ
 from tracer.explorer.payload import graph_payload, supernode_suggestions
 from tracer.explorer.sources import GraphSource
 from tracer.features import FeatureBook
-from tracer.neuronpedia import NeuronpediaFormatError, read_subgraph, to_neuronpedia
+from tracer.neuronpedia import (
+    NeuronpediaFormatError,
+    np_node_id,
+    read_subgraph,
+    to_neuronpedia,
+)
 from tracer.subgraph import Subgraph, SubgraphError
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -76,6 +87,33 @@ class ExplorerConfig:
     token: str | None = None
     max_rows: int = 1000
     dist: Path = DIST_DIR
+
+
+@dataclass
+class Explorer:
+    """What the handlers read (``request.app.state.explorer``): the graphs, the feature book,
+    the intervention service, the settings, the page, and ``decode(token_id) -> text`` for logit
+    tokens a graph's own token table lacks."""
+
+    source: GraphSource
+    features: FeatureBook | None
+    interventions: InterventionService
+    config: ExplorerConfig
+    index: Path
+    decode: Callable[[int], str] | None = None
+
+    def payload(self, gid: str, full: bool) -> dict:
+        """The graph view's JSON of graph ``gid`` (pruned, or the full archive)."""
+        graph, where = self.source.load(gid, full)
+        doc = graph_payload(graph, gid, where, self.features, self.decode)
+        doc["full"] = full
+        doc["can_save"] = self.source.has_store(gid)
+        doc["supernodes"] = supernode_suggestions(graph, self.source.supernodes(gid, graph))
+        return doc
+
+
+def explorer(request: Request) -> Explorer:
+    return request.app.state.explorer
 
 
 def check_built(dist: Path = DIST_DIR) -> Path:
@@ -121,11 +159,16 @@ class _Headers(BaseHTTPMiddleware):
         return response
 
 
+# --- errors -----------------------------------------------------------------------------------
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
 def _status_of(err: Exception) -> int:
+    if isinstance(err, NeuronpediaFormatError | SubgraphError | InterventionRequestError):
+        return 400
     if isinstance(err, GraphNotFoundError | SubgraphNotFoundError | FileNotFoundError):
         return 404
     if isinstance(err, ReadOnlyViolation):
@@ -137,7 +180,38 @@ def _status_of(err: Exception) -> int:
     return 500
 
 
-async def _json_body(request: Request):
+def _failure(err: Exception) -> JSONResponse:
+    status = _status_of(err)
+    if status == 500:
+        traceback.print_exc()
+    return _error(status, str(err) or type(err).__name__)
+
+
+def api(fn):
+    """A route handler whose errors answer as one-line JSON messages (the server keeps
+    serving); a plain function runs on the thread pool (it may block on the store)."""
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def handler(request):
+            try:
+                return await fn(request)
+            except Exception as err:
+                return _failure(err)
+    else:
+
+        @functools.wraps(fn)
+        async def handler(request):
+            try:
+                return await run_in_threadpool(fn, request)
+            except Exception as err:
+                return _failure(err)
+
+    return handler
+
+
+async def json_body(request: Request):
+    """The request's JSON body (ValueError names what is wrong with it)."""
     raw = await request.body()
     if len(raw) > MAX_BODY:
         raise ValueError(f"request body of {len(raw)} bytes: at most {MAX_BODY}")
@@ -145,6 +219,172 @@ async def _json_body(request: Request):
         return json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"the request body is not JSON: {err}") from None
+
+
+# --- the handlers -----------------------------------------------------------------------------
+
+
+@api
+def info(request: Request):
+    ex = explorer(request)
+    return JSONResponse({
+        "store": ex.source.store is not None,
+        "store_uri": getattr(ex.source.store, "uri", None),
+        "folder": str(ex.source.folder) if ex.source.folder else None,
+        "interventions": ex.interventions.available,
+        "features": ex.features is not None and len(ex.features) > 0,
+        "max_rows": ex.config.max_rows,
+    })  # fmt: skip
+
+
+@api
+def graphs(request: Request):
+    q, feat = request.query_params.get("q"), request.query_params.get("feature")
+    return JSONResponse({"graphs": explorer(request).source.list(q=q, feature=feat)})
+
+
+@api
+def graph(request: Request):
+    gid = request.path_params["gid"]
+    full = request.query_params.get("full") in ("1", "true")
+    return JSONResponse(explorer(request).payload(gid, full))
+
+
+@api
+def subgraph_list(request: Request):
+    source = explorer(request).source
+    gid = request.path_params["gid"]
+    if not source.has_store(gid):
+        return JSONResponse({"subgraphs": [], "can_save": False})
+    return JSONResponse({"subgraphs": source.store.subgraphs(gid), "can_save": True})
+
+
+@api
+def subgraph_get(request: Request):
+    source = explorer(request).source
+    gid, name = request.path_params["gid"], request.path_params["name"]
+    if not source.has_store(gid):
+        raise SubgraphNotFoundError(f"graph {gid} is not in the store: it has no subgraphs")
+    return JSONResponse(source.store.load_subgraph(gid, name).to_dict())
+
+
+@api
+async def subgraph_save(request: Request):
+    source = explorer(request).source
+    gid = request.path_params["gid"]
+    sub = Subgraph.from_dict(await json_body(request))
+
+    def save():
+        source.load(gid)  # an unknown id is a 404 before anything else
+        if not source.has_store(gid):
+            raise SubgraphError(
+                f"graph {gid} is not in the graph store, so its subgraphs cannot be saved: "
+                "store it with `circuit-atlas store add FILE` and open it from the store"
+            )
+        source.store.save_subgraph(gid, sub)
+        return source.store.subgraphs(gid)
+
+    saved = await run_in_threadpool(save)
+    return JSONResponse({"saved": sub.name, "subgraphs": saved})
+
+
+@api
+def neuronpedia(request: Request):
+    ex = explorer(request)
+    gid = request.path_params["gid"]
+    graph, _ = ex.source.load(gid)
+    name = request.query_params.get("subgraph")
+    has = name and ex.source.has_store(gid)
+    sub = ex.source.store.load_subgraph(gid, name) if has else None
+    doc = to_neuronpedia(graph, features=ex.features, subgraph=sub, decode=ex.decode)
+    return Response(
+        json.dumps(doc, ensure_ascii=False),
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{gid}.json"'},
+    )
+
+
+@api
+async def qparams(request: Request):
+    gid = request.path_params["gid"]
+    body = await json_body(request)
+    graph, _ = await run_in_threadpool(explorer(request).source.load, gid)
+    ids = [np_node_id(graph, i) for i in range(graph.n_nodes)]
+    if isinstance(body, dict) and "qParams" in body:
+        sub = read_subgraph(body, name=body.get("name") or None)
+    else:
+        sub = Subgraph.from_qparams(body if isinstance(body, dict) else {}, "imported")
+    return JSONResponse(sub.check(ids).to_dict())
+
+
+@api
+def feature(request: Request):
+    ex = explorer(request)
+    layer, index = int(request.path_params["layer"]), int(request.path_params["index"])
+    tc = request.query_params.get("transcoder")
+    if not tc:
+        raise ValueError("name the feature's transcoder: ?transcoder=NAME")
+    return JSONResponse(feature_panel(ex.features, ex.source, tc, layer, index))
+
+
+@api
+async def intervention(request: Request):
+    ex = explorer(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("graph"), str):
+        raise InterventionRequestError("the request needs 'graph': a graph id")
+    graph, _ = await run_in_threadpool(ex.source.load, body["graph"])
+    job = ex.interventions.submit(graph, body["graph"], body)
+    return JSONResponse(job.to_dict(), status_code=202)
+
+
+@api
+def job(request: Request):
+    j = explorer(request).interventions.job(request.path_params["jid"])
+    if j is None:
+        return _error(404, f"no intervention job {request.path_params['jid']!r}")
+    return JSONResponse(j.to_dict())
+
+
+@api
+async def cypher(request: Request):
+    ex = explorer(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+        raise ValueError('send {"query": "MATCH ... RETURN ..."}')
+    store = ex.source.store
+    if store is None:
+        raise ValueError("the Cypher console needs a graph store: restart with --store")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError("'params' must be an object")
+    max_rows = ex.config.max_rows
+    res = await run_in_threadpool(lambda: store.cypher(body["query"], params, max_rows=max_rows))
+    return JSONResponse(cypher_result(res, max_rows))
+
+
+def page(request: Request):
+    return FileResponse(explorer(request).index)
+
+
+async def not_found(request: Request, exc):
+    return _error(exc.status_code, f"{request.url.path}: {exc.detail}")
+
+
+API_ROUTES = [
+    Route("/api/info", info),
+    Route("/api/graphs", graphs),
+    Route("/api/graphs/{gid}", graph),
+    Route("/api/graphs/{gid}/subgraphs", subgraph_list),
+    Route("/api/graphs/{gid}/subgraphs", subgraph_save, methods=["POST"]),
+    Route("/api/graphs/{gid}/subgraphs/{name}", subgraph_get),
+    Route("/api/graphs/{gid}/neuronpedia", neuronpedia),
+    Route("/api/graphs/{gid}/qparams", qparams, methods=["POST"]),
+    Route("/api/features/{layer:int}/{index:int}", feature),
+    Route("/api/interventions", intervention, methods=["POST"]),
+    Route("/api/jobs/{jid}", job),
+    Route("/api/cypher", cypher, methods=["POST"]),
+]
 
 
 def create_app(
@@ -157,190 +397,27 @@ def create_app(
     """The explorer as an ASGI app. ``decode(token_id) -> text`` names logit tokens that a
     graph's own token table lacks (the model's tokenizer when the engine is loaded)."""
     config = config or ExplorerConfig()
-    index = check_built(config.dist)
-    interventions = interventions or InterventionService()
-
-    def payload(gid: str, full: bool) -> dict:
-        graph, where = source.load(gid, full)
-        doc = graph_payload(graph, gid, where, features, decode)
-        doc["full"] = full
-        doc["can_save"] = source.has_store(gid)
-        doc["supernodes"] = supernode_suggestions(graph, source.supernodes(gid, graph))
-        return doc
-
-    def info(request: Request):
-        return JSONResponse({
-            "store": source.store is not None,
-            "store_uri": getattr(source.store, "uri", None),
-            "folder": str(source.folder) if source.folder else None,
-            "interventions": interventions.available,
-            "features": features is not None and len(features) > 0,
-            "max_rows": config.max_rows,
-        })  # fmt: skip
-
-    def graphs(request: Request):
-        q, feat = request.query_params.get("q"), request.query_params.get("feature")
-        return JSONResponse({"graphs": source.list(q=q, feature=feat)})
-
-    def graph(request: Request):
-        gid = request.path_params["gid"]
-        return JSONResponse(payload(gid, request.query_params.get("full") in ("1", "true")))
-
-    def subgraph_list(request: Request):
-        gid = request.path_params["gid"]
-        if not source.has_store(gid):
-            return JSONResponse({"subgraphs": [], "can_save": False})
-        return JSONResponse({"subgraphs": source.store.subgraphs(gid), "can_save": True})
-
-    def subgraph_get(request: Request):
-        gid, name = request.path_params["gid"], request.path_params["name"]
-        if not source.has_store(gid):
-            raise SubgraphNotFoundError(f"graph {gid} is not in the store: it has no subgraphs")
-        return JSONResponse(source.store.load_subgraph(gid, name).to_dict())
-
-    async def subgraph_save(request: Request):
-        gid = request.path_params["gid"]
-        body = await _json_body(request)
-        sub = Subgraph.from_dict(body)
-
-        def save():
-            source.load(gid)  # an unknown id is a 404 before anything else
-            if not source.has_store(gid):
-                raise SubgraphError(
-                    f"graph {gid} is not in the graph store, so its subgraphs cannot be saved: "
-                    "store it with `circuit-atlas store add FILE` and open it from the store"
-                )
-            source.store.save_subgraph(gid, sub)
-            return source.store.subgraphs(gid)
-
-        from starlette.concurrency import run_in_threadpool
-
-        saved = await run_in_threadpool(save)
-        return JSONResponse({"saved": sub.name, "subgraphs": saved})
-
-    def neuronpedia(request: Request):
-        gid = request.path_params["gid"]
-        graph, _ = source.load(gid)
-        name = request.query_params.get("subgraph")
-        sub = source.store.load_subgraph(gid, name) if name and source.has_store(gid) else None
-        doc = to_neuronpedia(graph, features=features, subgraph=sub, decode=decode)
-        return Response(
-            json.dumps(doc, ensure_ascii=False),
-            media_type="application/json",
-            headers={"Content-Disposition": f'attachment; filename="{gid}.json"'},
-        )
-
-    async def qparams(request: Request):
-        gid = request.path_params["gid"]
-        body = await _json_body(request)
-        graph, _ = source.load(gid)
-        from tracer.neuronpedia import np_node_id
-
-        ids = [np_node_id(graph, i) for i in range(graph.n_nodes)]
-        if isinstance(body, dict) and "qParams" in body:
-            sub = read_subgraph(body, name=body.get("name") or None)
-        else:
-            sub = Subgraph.from_qparams(body if isinstance(body, dict) else {}, "imported")
-        return JSONResponse(sub.check(ids).to_dict())
-
-    def feature(request: Request):
-        layer, index = int(request.path_params["layer"]), int(request.path_params["index"])
-        tc = request.query_params.get("transcoder")
-        if not tc:
-            raise ValueError("name the feature's transcoder: ?transcoder=NAME")
-        return JSONResponse(feature_panel(features, source, tc, layer, index))
-
-    async def intervention(request: Request):
-        body = await _json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("graph"), str):
-            raise InterventionRequestError("the request needs 'graph': a graph id")
-        from starlette.concurrency import run_in_threadpool
-
-        graph, _ = await run_in_threadpool(source.load, body["graph"])
-        job = interventions.submit(graph, body["graph"], body)
-        return JSONResponse(job.to_dict(), status_code=202)
-
-    def job(request: Request):
-        j = interventions.job(request.path_params["jid"])
-        if j is None:
-            return _error(404, f"no intervention job {request.path_params['jid']!r}")
-        return JSONResponse(j.to_dict())
-
-    async def cypher(request: Request):
-        body = await _json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
-            raise ValueError('send {"query": "MATCH ... RETURN ..."}')
-        if source.store is None:
-            raise ValueError("the Cypher console needs a graph store: restart with --store")
-        params = body.get("params") or {}
-        if not isinstance(params, dict):
-            raise ValueError("'params' must be an object")
-        from starlette.concurrency import run_in_threadpool
-
-        res = await run_in_threadpool(
-            lambda: source.store.cypher(body["query"], params, max_rows=config.max_rows)
-        )
-        return JSONResponse(cypher_result(res, config.max_rows))
-
-    def page(request: Request):
-        return FileResponse(index)
-
-    def wrap(fn):
-        """Errors as one-line JSON messages (the server keeps serving)."""
-        import inspect
-
-        if inspect.iscoroutinefunction(fn):
-
-            async def handler(request):
-                try:
-                    return await fn(request)
-                except Exception as err:
-                    return _failure(err)
-        else:
-            from starlette.concurrency import run_in_threadpool
-
-            async def handler(request):
-                try:
-                    return await run_in_threadpool(fn, request)
-                except Exception as err:
-                    return _failure(err)
-
-        return handler
-
+    state = Explorer(
+        source=source,
+        features=features,
+        interventions=interventions or InterventionService(),
+        config=config,
+        index=check_built(config.dist),
+        decode=decode,
+    )
     routes = [
         Route("/", page),
-        Route("/api/info", wrap(info)),
-        Route("/api/graphs", wrap(graphs)),
-        Route("/api/graphs/{gid}", wrap(graph)),
-        Route("/api/graphs/{gid}/subgraphs", wrap(subgraph_list)),
-        Route("/api/graphs/{gid}/subgraphs", wrap(subgraph_save), methods=["POST"]),
-        Route("/api/graphs/{gid}/subgraphs/{name}", wrap(subgraph_get)),
-        Route("/api/graphs/{gid}/neuronpedia", wrap(neuronpedia)),
-        Route("/api/graphs/{gid}/qparams", wrap(qparams), methods=["POST"]),
-        Route("/api/features/{layer:int}/{index:int}", wrap(feature)),
-        Route("/api/interventions", wrap(intervention), methods=["POST"]),
-        Route("/api/jobs/{jid}", wrap(job)),
-        Route("/api/cypher", wrap(cypher), methods=["POST"]),
+        *API_ROUTES,
         Mount("/assets", StaticFiles(directory=Path(config.dist) / "assets"), name="assets"),
     ]
     middleware = [Middleware(_Headers)]
     if config.token:
         middleware.append(Middleware(_Token, token=config.token))
-    app = Starlette(routes=routes, middleware=middleware)
-
-    async def not_found(request, exc):
-        return _error(exc.status_code, f"{request.url.path}: {exc.detail}")
-
-    app.add_exception_handler(404, not_found)
-    app.add_exception_handler(405, not_found)
-    app.state.interventions = interventions
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={404: not_found, 405: not_found},
+    )
+    app.state.explorer = state
+    app.state.interventions = state.interventions
     return app
-
-
-def _failure(err: Exception) -> JSONResponse:
-    status = _status_of(err)
-    if status == 500:
-        traceback.print_exc()
-    if isinstance(err, NeuronpediaFormatError | SubgraphError | InterventionRequestError):
-        status = 400
-    return _error(status, str(err) or type(err).__name__)
