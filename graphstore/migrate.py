@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphstore.errors import StoreError
+from transcoders.names import is_identity
 
 _LIST = "MATCH (t:Transcoder) RETURN t.name AS name, t.model AS model"
 _FEATURE_KEYS = "MATCH (f:Feature {transcoder: $old}) RETURN f.key AS key"
@@ -34,13 +35,6 @@ RETURN count(f) AS n
 """
 _RENAME_GRAPHS = "MATCH (g:Graph {transcoder: $old}) SET g.transcoder = $new RETURN count(g) AS n"
 _BATCH = 5000
-
-
-def is_identity(name: str | None) -> bool:
-    """``name@fingerprint`` (the same rule as ``transcoders.identity.is_identity``; repeated
-    here in one line so that ``import graphstore`` needs no torch)."""
-    head, sep, tail = str(name or "").rpartition("@")
-    return bool(sep and head and tail)
 
 
 def legacy_transcoders(session) -> dict[str, str | None]:

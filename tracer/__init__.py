@@ -9,60 +9,106 @@ interventions. Typical use::
     graph = attribute(rm, "The capital of the state containing Dallas is")
     circuit = prune(graph)
     report = validate(rm, graph)  # perturbation checks, also in graph.extra["validation"]
+
+The public names are given lazily (PEP 562): ``import tracer`` loads nothing heavy, and
+``tracer.graph`` / ``tracer.subgraph`` (the graph type, numpy and pyarrow only) never load torch,
+so ``graphstore`` (which reads graphs) stays light. A name loads its module on first use.
+
+What this package may import: ``transcoders`` (the engine reads transcoders) but never
+``graphstore``, except in the apps (``tracer.cli``, ``tracer.explorer``), which wire all three.
 """
 
-from tracer.architectures import ARCHITECTURES, Architecture, architecture_for
-from tracer.attribution import AttributionConfig, attribute
-from tracer.fetch import BUILTIN_MODELS, BuiltinModel, fetch_model
-from tracer.graph import Graph, GraphFormatError
-from tracer.hooks import Freeze, run_hooked
-from tracer.interventions import (
-    FeatureEdit,
-    FeatureSwap,
-    KeepOnly,
-    VectorEdit,
-    intervene,
-    intervene_batch,
-)
-from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers
-from tracer.prune import error_influence_shares, graph_scores, node_influence, prune
-from tracer.replacement import PromptState, ReplacementModel
-from tracer.steer import generate
-from tracer.validate import ValidationReport, validate  # tracer.validate(rm, graph) -> report
-from transcoders.device import DeviceError, DeviceSetting  # the one device/dtype setting
+from __future__ import annotations
 
-__all__ = [
-    "ARCHITECTURES",
-    "Architecture",
-    "AttributionConfig",
-    "BUILTIN_MODELS",
-    "BuiltinModel",
-    "DeviceError",
-    "DeviceSetting",
-    "FeatureEdit",
-    "FeatureSwap",
-    "Freeze",
-    "Graph",
-    "GraphFormatError",
-    "KeepOnly",
-    "LanguageModel",
-    "ModelLoadError",
-    "PromptError",
-    "PromptState",
-    "ReplacementModel",
-    "ValidationReport",
-    "VectorEdit",
-    "architecture_for",
-    "attribute",
-    "fetch_model",
-    "error_influence_shares",
-    "generate",
-    "graph_scores",
-    "intervene",
-    "intervene_batch",
-    "node_influence",
-    "prune",
-    "run_hooked",
-    "truncate_layers",
-    "validate",
-]
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+# public name -> the module that holds it
+_EXPORTS: dict[str, str] = {
+    "ARCHITECTURES": "tracer.architectures",
+    "Architecture": "tracer.architectures",
+    "architecture_for": "tracer.architectures",
+    "AttributionConfig": "tracer.attribution",
+    "attribute": "tracer.attribution",
+    "BUILTIN_MODELS": "tracer.fetch",
+    "BuiltinModel": "tracer.fetch",
+    "fetch_model": "tracer.fetch",
+    "Graph": "tracer.graph",
+    "GraphFormatError": "tracer.graph",
+    "Freeze": "tracer.hooks",
+    "run_hooked": "tracer.hooks",
+    "FeatureEdit": "tracer.interventions",
+    "FeatureSwap": "tracer.interventions",
+    "KeepOnly": "tracer.interventions",
+    "VectorEdit": "tracer.interventions",
+    "intervene": "tracer.interventions",
+    "intervene_batch": "tracer.interventions",
+    "LanguageModel": "tracer.model",
+    "ModelLoadError": "tracer.model",
+    "PromptError": "tracer.model",
+    "truncate_layers": "tracer.model",
+    "error_influence_shares": "tracer.prune",
+    "graph_scores": "tracer.prune",
+    "node_influence": "tracer.prune",
+    "prune": "tracer.prune",
+    "PromptState": "tracer.replacement",
+    "ReplacementModel": "tracer.replacement",
+    "generate": "tracer.steer",
+    "ValidationReport": "tracer.validate",
+    "validate": "tracer.validate",  # tracer.validate(rm, graph) -> report
+    "DeviceError": "transcoders.device",  # the one device/dtype setting
+    "DeviceSetting": "transcoders.device",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cached: later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """``tracer.prune`` and ``tracer.validate`` name the functions, as they always have, even
+    though their modules have the same names: importing such a submodule must not replace the
+    function with the module (``from tracer.prune import X`` still finds the module)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at run time
+    from tracer.architectures import ARCHITECTURES, Architecture, architecture_for  # noqa: F401
+    from tracer.attribution import AttributionConfig, attribute  # noqa: F401
+    from tracer.fetch import BUILTIN_MODELS, BuiltinModel, fetch_model  # noqa: F401
+    from tracer.graph import Graph, GraphFormatError  # noqa: F401
+    from tracer.hooks import Freeze, run_hooked  # noqa: F401
+    from tracer.interventions import (  # noqa: F401
+        FeatureEdit,
+        FeatureSwap,
+        KeepOnly,
+        VectorEdit,
+        intervene,
+        intervene_batch,
+    )
+    from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers  # noqa: F401
+    from tracer.prune import error_influence_shares, graph_scores, node_influence, prune  # noqa: F401
+    from tracer.replacement import PromptState, ReplacementModel  # noqa: F401
+    from tracer.steer import generate  # noqa: F401
+    from tracer.validate import ValidationReport, validate  # noqa: F401
+    from transcoders.device import DeviceError, DeviceSetting  # noqa: F401

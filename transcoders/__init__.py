@@ -1,58 +1,103 @@
 """Transcoders: cross-layer and per-layer transcoder modules, their activation functions, and
 their weight formats (circuit-tracer, SAELens, GemmaScope; see ``transcoders.formats``).
 
-Training: ``transcoders.train(cfg, ...)`` with a :class:`TrainConfig` (the function is
-re-exported here, so ``transcoders.train`` names the function; its module is
-``sys.modules["transcoders.train"]``, and ``from transcoders.train import X`` works as usual).
+Training: ``transcoders.train(cfg, ...)`` with a :class:`TrainConfig` (``transcoders.train``
+names the function; ``from transcoders.train import X`` finds its module as usual).
+
+The public names are given lazily (PEP 562): ``import transcoders`` loads no torch until a name
+is used, so torch-free helpers (``transcoders.names``) stay light for the graph store.
 
 This package knows nothing of ``tracer`` or ``graphstore``."""
 
-from transcoders.activations import (
-    ActivationKind,
-    apply_activation,
-    jumprelu,
-    step,
-    topk,
-)
-from transcoders.clt import CrossLayerTranscoder, InputSite, TranscoderConfig
-from transcoders.device import CPU, DeviceError, DeviceSetting, parse_device, parse_dtype
-from transcoders.formats import (
-    FORMATS,
-    WRITABLE_FORMATS,
-    TranscoderFormatError,
-    TranscoderInfo,
-    convert_transcoder,
-    detect_format,
-    load_transcoder,
-    save_transcoder,
-    transcoder_info,
-)
-from transcoders.train import TrainConfig, TrainResult, train  # noqa: E402  (after formats)
+from __future__ import annotations
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "train",
-    "CPU",
-    "DeviceError",
-    "DeviceSetting",
-    "parse_device",
-    "parse_dtype",
-    "FORMATS",
-    "WRITABLE_FORMATS",
-    "ActivationKind",
-    "CrossLayerTranscoder",
-    "InputSite",
-    "TranscoderConfig",
-    "TranscoderFormatError",
-    "TranscoderInfo",
-    "apply_activation",
-    "convert_transcoder",
-    "detect_format",
-    "jumprelu",
-    "load_transcoder",
-    "save_transcoder",
-    "step",
-    "topk",
-    "transcoder_info",
-]
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+# public name -> the module that holds it
+_EXPORTS: dict[str, str] = {
+    "ActivationKind": "transcoders.activations",
+    "apply_activation": "transcoders.activations",
+    "jumprelu": "transcoders.activations",
+    "step": "transcoders.activations",
+    "topk": "transcoders.activations",
+    "CrossLayerTranscoder": "transcoders.clt",
+    "InputSite": "transcoders.clt",
+    "TranscoderConfig": "transcoders.clt",
+    "CPU": "transcoders.device",
+    "DeviceError": "transcoders.device",
+    "DeviceSetting": "transcoders.device",
+    "parse_device": "transcoders.device",
+    "parse_dtype": "transcoders.device",
+    "FORMATS": "transcoders.formats",
+    "WRITABLE_FORMATS": "transcoders.formats",
+    "TranscoderFormatError": "transcoders.formats",
+    "TranscoderInfo": "transcoders.formats",
+    "convert_transcoder": "transcoders.formats",
+    "detect_format": "transcoders.formats",
+    "load_transcoder": "transcoders.formats",
+    "save_transcoder": "transcoders.formats",
+    "transcoder_info": "transcoders.formats",
+    "TrainConfig": "transcoders.train",
+    "TrainResult": "transcoders.train",
+    "train": "transcoders.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transcoders' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cached: later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """``transcoders.train`` names the function even though its module has the same name:
+    importing the submodule must not replace the function with the module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at run time
+    from transcoders.activations import (  # noqa: F401
+        ActivationKind,
+        apply_activation,
+        jumprelu,
+        step,
+        topk,
+    )
+    from transcoders.clt import CrossLayerTranscoder, InputSite, TranscoderConfig  # noqa: F401
+    from transcoders.device import (  # noqa: F401
+        CPU,
+        DeviceError,
+        DeviceSetting,
+        parse_device,
+        parse_dtype,
+    )
+    from transcoders.formats import (  # noqa: F401
+        FORMATS,
+        WRITABLE_FORMATS,
+        TranscoderFormatError,
+        TranscoderInfo,
+        convert_transcoder,
+        detect_format,
+        load_transcoder,
+        save_transcoder,
+        transcoder_info,
+    )
+    from transcoders.train import TrainConfig, TrainResult, train  # noqa: F401

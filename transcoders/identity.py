@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from transcoders.names import is_identity  # noqa: F401  (re-exported: one rule)
+
 FINGERPRINT_CHARS = 16
 ENCODER_ROWS = 256
 DECODER_ROWS = 64
@@ -87,14 +89,6 @@ class TranscoderIdentity:
                 "`circuit-atlas store migrate`"
             )
         return cls(name, fp)
-
-
-def is_identity(text: str | None) -> bool:
-    """Whether ``text`` has the ``name@fingerprint`` form."""
-    if not text:
-        return False
-    name, sep, fp = str(text).rpartition("@")
-    return bool(sep and name and fp)
 
 
 def clean_name(name: str) -> str:
