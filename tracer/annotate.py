@@ -56,6 +56,12 @@ def visible(text: str) -> str:
     return text.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "")
 
 
+def visible_token(text: str) -> str:
+    """One token's text with its spaces shown as ``␣`` as well (``" Paris"`` -> ``"␣Paris"``),
+    so tokens that differ only by a leading space look different."""
+    return visible(text).replace(" ", "␣")
+
+
 def vocab_text(graph: Graph, vocab_id: int, decode: Callable[[int], str] | None = None) -> str:
     """The text of vocabulary item ``vocab_id``: from the graph's own token-text table
     (``graph.extra['token_text']``, {id: text}), else a prompt token with that id, else

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "tracer.cli.contrast_cmd",
     "tracer.cli.weights_cmd",
     "tracer.cli.swap_cmd",
+    "tracer.cli.paths_cmd",
 ]
 
 # command -> the module that registers it (the rest are found by building the whole parser)
@@ -46,6 +47,7 @@ COMMANDS = {
     "contrast": "tracer.cli.contrast_cmd",
     "weights": "tracer.cli.weights_cmd",
     "swap": "tracer.cli.swap_cmd",
+    "paths": "tracer.cli.paths_cmd",
 }
 
 
