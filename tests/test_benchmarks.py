@@ -46,5 +46,6 @@ def test_index_rows_name_command_machine_date_and_commit():
 
 
 def test_the_path_check_catches_a_machine_path():
-    assert MACHINE_PATH.findall('{"out": "/work/clt60", "tool": "/usr/bin/time"}') == ["/work/clt60\","]
+    text = '{"out": "/work/clt60", "tool": "/usr/bin/time"}'
+    assert MACHINE_PATH.findall(text) == ['/work/clt60",']
     assert MACHINE_PATH.findall("$CIRCUIT_ATLAS_HOME/x <scratch>/y runs/z") == []
