@@ -4,6 +4,7 @@ server), full graphs in a Parquet archive, canned cross-prompt queries, read-onl
 from graphstore.archive import Archive
 from graphstore.bounded import QueryLimits
 from graphstore.errors import (
+    ArchiveWriteError,
     GraphNotFoundError,
     IdentityError,
     LegacyStoreError,
@@ -27,6 +28,7 @@ from graphstore.store import GraphStore
 __all__ = [
     "CANNED",
     "Archive",
+    "ArchiveWriteError",
     "CannedQuery",
     "GraphNotFoundError",
     "GraphStore",

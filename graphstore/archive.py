@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from graphstore.errors import ArchiveWriteError
 from tracer.graph import Graph
 
 
@@ -29,8 +30,19 @@ class Archive:
         return self.root / f"{graph_id}.parquet"
 
     def save(self, graph: Graph, graph_id: str) -> Path:
-        """Write ``graph`` (atomically) as the archive file of ``graph_id``; returns its path."""
-        return graph.save(self.path_for(graph_id)).resolve()
+        """Write ``graph`` (atomically) as the archive file of ``graph_id``; returns its path.
+        ArchiveWriteError, naming the file and folder, when it cannot be written (a full disk,
+        a read-only folder); no partial file is left."""
+        path = self.path_for(graph_id)
+        try:
+            return graph.save(path).resolve()
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise ArchiveWriteError(
+                f"cannot write the graph archive file {path} in folder {self.root} ({reason}): "
+                "free space there or make it writable, or choose another archive folder "
+                "(GraphStore(archive_dir=...), or $CIRCUIT_ATLAS_HOME); nothing was stored"
+            ) from err
 
     def load(self, graph_id: str) -> Graph:
         path = self.path_for(graph_id)

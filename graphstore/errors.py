@@ -27,6 +27,11 @@ class StoreWriteError(StoreError):
     """Writing a graph to the database failed (the graph is still archived in Parquet)."""
 
 
+class ArchiveWriteError(StoreError):
+    """The Parquet archive file of a graph could not be written (full disk, read-only folder);
+    the message names the file and its folder. Nothing was stored in the database."""
+
+
 class GraphNotFoundError(StoreError, KeyError):
     """No complete graph with the given id is stored."""
 

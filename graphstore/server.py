@@ -3,17 +3,23 @@ child process with its Bolt plugin on a loopback port.
 
 The wheel bundles a Java runtime and the server jars; we start
 ``java -cp <jars> com.arcadedb.server.ArcadeDBServer`` in its own session so it outlives the
-command that started it. Layout under the store home (default ``$CIRCUIT_ATLAS_HOME/store``,
+command that started it. One server per home, however many commands start it at once: start
+and stop hold a lock on the home, and a running server of the home is adopted (found by its
+root path in the process list, also when ``server.json`` is missing).
+
+Layout under the store home (default ``$CIRCUIT_ATLAS_HOME/store``,
 ``~/.cache/circuit-atlas/store`` when unset)::
 
     password      root password, generated on first start, mode 0600
     server.json   pid, ports, database of the running server (removed by stop)
+    start.lock    held (fcntl) by the command starting or stopping the server
     server.log    server output
     databases/    ArcadeDB data; config/ users and groups
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -21,6 +27,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +59,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when the server could bind ``port`` now: bound as the server binds it, with
+    SO_REUSEADDR (Java's server sockets set it), so a port whose last connections linger in
+    TIME_WAIT after a stop or kill counts as free; one that something listens on does not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -99,6 +110,7 @@ class ServerInfo:
     home: str
     started_at: float
     command_timeout: float | None = None  # seconds; 0: none; None: unknown (an older server)
+    ready: bool = True  # False from the launch until its database has opened once
 
     @property
     def uri(self) -> str:
@@ -108,8 +120,9 @@ class ServerInfo:
 class LocalServer:
     """Start, stop and inspect the managed ArcadeDB server under ``home``.
 
-    ``heap`` is the Java maximum heap (``-Xmx``); ``bolt_port`` the preferred Bolt port
-    (default 7687, or any free port when that one is taken); ``command_timeout`` the ceiling in
+    ``heap`` is the Java maximum heap (``-Xmx``); ``bolt_port`` the Bolt port (an asked-for
+    port that is taken is an error, never replaced; when none is asked: 7687, or any free port
+    when that one is taken); ``command_timeout`` the ceiling in
     seconds on every command the server runs (default ``$CIRCUIT_ATLAS_SERVER_TIMEOUT``, else
     300; 0: none), applied when the server starts.
     """
@@ -122,11 +135,13 @@ class LocalServer:
         heap: str = "2g",
         command_timeout: float | None = None,
     ):
-        self.home = Path(home) if home is not None else default_home()
+        # Absolute: the process list names the home by its root path (adoption, below).
+        self.home = (Path(home) if home is not None else default_home()).expanduser().resolve()
         self.preferred_port = bolt_port
         self.database = database
         self.heap = heap
         self.command_timeout = _command_timeout(command_timeout)
+        self.launched = False  # whether the last start() launched the server (else found it)
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -141,6 +156,38 @@ class LocalServer:
     @property
     def log_file(self) -> Path:
         return self.home / "server.log"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.home / "start.lock"
+
+    @contextmanager
+    def _locked(self, timeout: float):
+        """Hold the home's start lock (an fcntl lock: released when this process dies too)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ServerStartError(
+                            f"another command has been starting or stopping the graph server "
+                            f"of {self.home} for over {timeout:.0f} s (it holds "
+                            f"{self.lock_file}): wait for it to finish, then retry"
+                        ) from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write_state(self, info: ServerInfo) -> None:
+        tmp = self.state_file.with_name(f"server.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info.__dict__, indent=1))
+        tmp.replace(self.state_file)
 
     def password(self) -> str:
         """The root password, generated (and saved with mode 0600) on first use."""
@@ -157,17 +204,26 @@ class LocalServer:
     # --- state ---------------------------------------------------------------------------------
 
     def info(self) -> ServerInfo | None:
-        """The running server's info, or None when it is not running (stale files removed)."""
-        if not self.state_file.exists():
+        """The running server's info, or None when it is not running. A server of this home that
+        runs without ``server.json`` (its starter died, or the file was removed) is adopted:
+        found in the process list by its root path, and its ``server.json`` rewritten."""
+        info = None
+        if self.state_file.exists():
+            try:
+                info = ServerInfo(**json.loads(self.state_file.read_text()))
+            except (ValueError, TypeError, OSError):
+                info = None
+            if info is not None and _is_our_server(info.pid, self.home):
+                return info
+            self.state_file.unlink(missing_ok=True)  # stale
+        found = find_servers(self.home)
+        if not found:
             return None
+        info = found[0]
         try:
-            info = ServerInfo(**json.loads(self.state_file.read_text()))
-        except (ValueError, TypeError):
-            self.state_file.unlink(missing_ok=True)
-            return None
-        if not _is_our_server(info.pid, self.home):
-            self.state_file.unlink(missing_ok=True)
-            return None
+            self._write_state(info)
+        except OSError:  # a read-only home: still reported
+            pass
         return info
 
     def status(self) -> dict:
@@ -176,6 +232,7 @@ class LocalServer:
         if info is not None:
             out.update(
                 pid=info.pid,
+                ready=info.ready,
                 uri=info.uri,
                 bolt_port=info.bolt_port,
                 http_port=info.http_port,
@@ -189,15 +246,43 @@ class LocalServer:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self, timeout: float = 90.0) -> ServerInfo:
-        """Start the server unless it is already running; return once Bolt answers.
+        """Start the server unless it is already running; return once its database answers.
 
-        Idempotent: a running server is returned as is. The child process runs in its own
-        session, so it survives the Python process that started it.
+        Idempotent and safe to call from many processes at once: the home's lock is held
+        throughout, and a running server of the home (recorded in ``server.json`` or found in
+        the process list) is returned as is, unless it listens on another port than the one
+        asked for (ServerStartError). The child process runs in its own session, so it
+        survives the Python process that started it; it is recorded in ``server.json`` as soon
+        as it is launched, so it is never an orphan.
         """
-        running = self.info()
-        if running is not None:
-            _wait_for_bolt(running.bolt_port, timeout, None, self.log_file)
-            return running
+        # Waits for a concurrent start (which itself waits up to ``timeout``) before its own.
+        with self._locked(2 * timeout + 30):
+            running = self.info()
+            self.launched = running is None
+            if running is not None:
+                self._check_asked_port(running)
+                return self._await_ready(running, None, timeout)
+            return self._launch(timeout)
+
+    def _check_asked_port(self, running: ServerInfo) -> None:
+        if self.preferred_port is not None and running.bolt_port != self.preferred_port:
+            raise ServerStartError(
+                f"the graph server of {self.home} already runs on Bolt port {running.bolt_port} "
+                f"(pid {running.pid}), not on the asked-for port {self.preferred_port}: use "
+                f"{running.uri}, or stop it first (`circuit-atlas store stop`) to restart it on "
+                f"port {self.preferred_port}"
+            )
+
+    def _await_ready(self, info: ServerInfo, proc, timeout: float) -> ServerInfo:
+        """Wait for Bolt (and, for a server not yet ready, its database); record it ready."""
+        _wait_for_bolt(info.bolt_port, timeout, proc, self.log_file)
+        if not info.ready:
+            _wait_for_database(info, self.password(), timeout, self.log_file)
+            info.ready = True
+            self._write_state(info)
+        return info
+
+    def _launch(self, timeout: float) -> ServerInfo:
         java, classpath = java_command()
         password = self.password()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -205,8 +290,8 @@ class LocalServer:
         if not port_is_free(bolt_port):
             if self.preferred_port is not None:
                 raise ServerStartError(
-                    f"Bolt port {bolt_port} on 127.0.0.1 is in use: stop what listens there "
-                    "or choose another port"
+                    f"Bolt port {bolt_port} on 127.0.0.1 is in use by another program: stop "
+                    f"what listens there, or choose another port (--port)"
                 )
             bolt_port = free_port()
         http_port = free_port()
@@ -265,28 +350,30 @@ class LocalServer:
             home=str(self.home),
             started_at=time.time(),
             command_timeout=self.command_timeout,
+            ready=False,
         )
+        self._write_state(info)  # recorded at once: a starter killed now leaves no orphan
         try:
-            _wait_for_bolt(bolt_port, timeout, proc, self.log_file)
-            _wait_for_database(info, password, timeout, self.log_file)
-        except ServerStartError:
+            return self._await_ready(info, proc, timeout)
+        except BaseException:
             _terminate(proc.pid, 10.0)
+            self.state_file.unlink(missing_ok=True)
             raise
         finally:
             argfile.unlink(missing_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info.__dict__, indent=1))
-        tmp.replace(self.state_file)
-        return info
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout``); False if none ran."""
-        info = self.info()
-        if info is None:
-            return False
-        _terminate(info.pid, timeout)
-        self.state_file.unlink(missing_ok=True)
-        return True
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``), every process of this home
+        if several run; False if none ran."""
+        with self._locked(timeout + 200):
+            info = self.info()
+            if info is None:
+                return False
+            pids = {info.pid} | {s.pid for s in find_servers(self.home)}
+            for pid in sorted(pids):
+                _terminate(pid, timeout)
+            self.state_file.unlink(missing_ok=True)
+            return True
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system, seconds) the running server process has used; None when
@@ -321,19 +408,101 @@ def _command_timeout(value: float | None) -> float:
     return float(value)
 
 
+SERVER_CLASS = "com.arcadedb.server.ArcadeDBServer"
+
+
+def _server_properties(pid: int) -> dict[str, str] | None:
+    """The ``-Dname=value`` properties of process ``pid`` when it is an ArcadeDB server (None
+    otherwise, or when it is gone); raises OSError when /proc is missing."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    args = raw.decode(errors="replace").split("\0")
+    if SERVER_CLASS not in args:
+        return None
+    props = {}
+    for a in args:
+        if a.startswith("-D") and "=" in a:
+            k, _, v = a[2:].partition("=")
+            props[k] = v
+    return props
+
+
+def _same_home(props: dict[str, str], home: Path) -> bool:
+    root = props.get("arcadedb.server.rootPath")
+    if root is None:
+        return False
+    try:
+        return Path(root).resolve() == Path(home).resolve()
+    except OSError:  # pragma: no cover - an unresolvable path
+        return False
+
+
 def _is_our_server(pid: int, home: Path) -> bool:
     """True when ``pid`` is alive and is an ArcadeDB server rooted at ``home`` (not a reused
     pid of some other process)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    if not Path("/proc/self/cmdline").exists():
         try:
             os.kill(pid, 0)
         except OSError:
             return False
         return True  # no /proc (macOS): trust the pid file
-    want = f"-Darcadedb.server.rootPath={home}".encode()
-    return b"com.arcadedb.server.ArcadeDBServer" in cmdline and want in cmdline
+    props = _server_properties(pid)
+    return props is not None and _same_home(props, home) and not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def find_servers(home: str | Path) -> list[ServerInfo]:
+    """Every ArcadeDB server process rooted at ``home``, oldest first, from the process list
+    (/proc; [] where there is none), with the ports and database its command line names."""
+    home = Path(home).expanduser().resolve()
+    if not Path("/proc/self/cmdline").exists():
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        props = _server_properties(pid)
+        if props is None or not _same_home(props, home) or _is_zombie(pid):
+            continue
+        try:
+            timeout_ms = float(props.get("arcadedb.command.timeout", "nan"))
+            info = ServerInfo(
+                pid=pid,
+                bolt_port=int(props["arcadedb.bolt.port"]),
+                http_port=int(props.get("arcadedb.server.httpIncomingPort", "0")),
+                database=props.get("arcadedb.bolt.defaultDatabase", DEFAULT_DATABASE),
+                home=str(home),
+                started_at=_process_start_time(pid),
+                command_timeout=None if timeout_ms != timeout_ms else timeout_ms / 1000,
+                ready=False,  # unknown: start() waits for its database
+            )
+        except (KeyError, ValueError):
+            continue  # not one we launched (no Bolt port on its command line)
+        found.append(info)
+    return sorted(found, key=lambda i: (i.started_at, i.pid))
+
+
+def _process_start_time(pid: int) -> float:
+    """When process ``pid`` started (seconds since the epoch), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.time()
 
 
 def _bolt_answers(port: int) -> bool:

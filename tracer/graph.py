@@ -196,16 +196,24 @@ class Graph:
         columns["source"] = col(self.source, np.int32, False)
         columns["weight"] = col(self.weight, np.float32, False)
         table = pa.table(columns)
-        meta = {b"circuit_atlas": json.dumps(self.header(), default=_json_default).encode()}
+        head = {**self.header(), "n_nodes": n, "n_edges": e}  # checked by load
+        meta = {b"circuit_atlas": json.dumps(head, default=_json_default).encode()}
         table = table.replace_schema_metadata(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(path)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Graph:
+        """Read a graph file, validated: GraphFormatError (one line naming the file and what is
+        wrong) for a file that is not a graph, lacks a column or metadata key, has an index out
+        of range, a non-finite value, or node/edge counts that disagree with its metadata."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"graph file {path} does not exist")
@@ -213,37 +221,7 @@ class Graph:
             table = pq.read_table(path)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise GraphFormatError(f"{path} is not a readable Parquet graph file: {err}") from err
-        raw = (table.schema.metadata or {}).get(b"circuit_atlas")
-        if raw is None:
-            raise GraphFormatError(f"{path} is Parquet but not a circuit-atlas graph file")
-        head = json.loads(raw)
-        version = head.get("format_version", 0)
-        if version > FORMAT_VERSION:
-            raise GraphFormatError(
-                f"{path} uses graph format version {version}, newer than this circuit-atlas "
-                f"reads ({FORMAT_VERSION}): upgrade circuit-atlas to read it"
-            )
-        is_edge = table.column("row").to_numpy(zero_copy_only=False).astype(str) == "edge"
-
-        def take(name, dtype, rows):
-            return np.asarray(table.column(name).to_numpy(zero_copy_only=False)[rows], dtype=dtype)
-
-        nodes = {name: take(name, dt, ~is_edge) for name, dt in _NODE_FIELDS.items()}
-        return cls(
-            prompt=head["prompt"],
-            tokens=head["tokens"],
-            token_strings=head["token_strings"],
-            model_name=head["model_name"],
-            transcoder_name=head["transcoder_name"],
-            n_layers=head["n_layers"],
-            **nodes,
-            target=take("target", np.int32, is_edge),
-            source=take("source", np.int32, is_edge),
-            weight=take("weight", np.float32, is_edge),
-            params=head.get("params", {}),
-            scores=head.get("scores", {}),
-            extra=head.get("extra", {}),
-        )
+        return _from_table(table, path)
 
     # --- networkx ------------------------------------------------------------------------------
 
@@ -290,3 +268,151 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"cannot store {type(o).__name__} in graph metadata")
+
+
+# --- reading and validating a graph file ---------------------------------------------------
+
+# Metadata keys every graph file has (Graph.header); params, scores, extra default to {}.
+REQUIRED_KEYS = ("prompt", "tokens", "token_strings", "model_name", "transcoder_name", "n_layers")
+_EDGE_FIELDS = {"target": np.int32, "source": np.int32, "weight": np.float32}
+_FLOAT_FIELDS = ("activation", "probability", "logit_weights", "weight")
+_RESAVE = "re-create it (trace again, or Graph.save from the source)"
+
+
+def _bad(path: Path, what: str) -> GraphFormatError:
+    return GraphFormatError(f"{path}: {what}; the file is damaged or not written by circuit-atlas: "
+                            f"{_RESAVE}")  # fmt: skip
+
+
+def _header(table: pa.Table, path: Path) -> dict:
+    raw = (table.schema.metadata or {}).get(b"circuit_atlas")
+    if raw is None:
+        raise GraphFormatError(f"{path} is Parquet but not a circuit-atlas graph file")
+    try:
+        head = json.loads(raw)
+    except ValueError as err:
+        raise _bad(path, f"its metadata is not valid JSON ({err})") from None
+    if not isinstance(head, dict):
+        raise _bad(path, "its metadata is not a JSON object")
+    version = head.get("format_version", 0)
+    if not isinstance(version, int):
+        raise _bad(path, f"metadata format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise GraphFormatError(
+            f"{path} uses graph format version {version}, newer than this circuit-atlas "
+            f"reads ({FORMAT_VERSION}): upgrade circuit-atlas to read it"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in head]
+    if missing:
+        raise _bad(path, f"metadata lacks key(s) {', '.join(map(repr, missing))}")
+    checks = (
+        ("prompt", str, "a string"),
+        ("model_name", str, "a string"),
+        ("transcoder_name", str, "a string"),
+        ("params", dict, "an object"),
+        ("scores", dict, "an object"),
+        ("extra", dict, "an object"),
+    )
+    for key, typ, what in checks:
+        if key in head and not isinstance(head[key], typ):
+            raise _bad(path, f"metadata {key!r} is not {what}")
+    n_layers = head["n_layers"]
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 0:
+        raise _bad(path, f"metadata n_layers {n_layers!r} is not an integer >= 0")
+    tokens, strings = head["tokens"], head["token_strings"]
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        raise _bad(path, "metadata 'tokens' is not a list of integers")
+    if not isinstance(strings, list) or not all(isinstance(t, str) for t in strings):
+        raise _bad(path, "metadata 'token_strings' is not a list of strings")
+    if len(tokens) != len(strings):
+        raise _bad(path, f"metadata has {len(tokens)} tokens but {len(strings)} token strings")
+    return head
+
+
+def _column(table: pa.Table, name: str, dtype, rows: np.ndarray, what: str, path: Path):
+    """Column ``name`` at ``rows`` as ``dtype``; GraphFormatError for a null or a value the dtype
+    cannot hold exactly (integers) or at all."""
+    col = table.column(name)
+    typ = col.type
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    want_int = np.issubdtype(dtype, np.integer)
+    if not (pa.types.is_integer(typ) or (not want_int and pa.types.is_floating(typ))):
+        kind = "an integer" if want_int else "a number"
+        raise _bad(path, f"column {name!r} has type {col.type}, not {kind}")
+    picked = col.filter(pa.array(rows))
+    if picked.null_count:
+        raise _bad(path, f"column {name!r} has nulls in {what} rows")
+    values = picked.to_numpy()
+    if want_int and len(values):
+        info = np.iinfo(dtype)
+        lo, hi = values.min(), values.max()
+        if lo < info.min or hi > info.max:
+            raise _bad(
+                path, f"column {name!r} holds {lo if lo < info.min else hi}, outside {dtype}"
+            )
+    return np.asarray(values, dtype=dtype)
+
+
+def _from_table(table: pa.Table, path: Path) -> Graph:
+    """A Graph from the table of a graph file, every part checked (see Graph.load)."""
+    head = _header(table, path)
+    names = set(table.column_names)
+    needed = ["row", *_NODE_FIELDS, *_EDGE_FIELDS]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise _bad(path, f"the table lacks column(s) {', '.join(map(repr, missing))}")
+    if table.column("row").null_count:
+        raise _bad(path, "column 'row' has nulls")
+    row = table.column("row").to_numpy(zero_copy_only=False).astype(str)
+    unknown = sorted(set(np.unique(row).tolist()) - {"node", "edge"})
+    if unknown:
+        raise _bad(path, f"column 'row' holds {unknown[0]!r} (only 'node' and 'edge')")
+    is_edge = row == "edge"
+    nodes = {k: _column(table, k, dt, ~is_edge, "node", path) for k, dt in _NODE_FIELDS.items()}
+    edges = {k: _column(table, k, dt, is_edge, "edge", path) for k, dt in _EDGE_FIELDS.items()}
+    n, e = int((~is_edge).sum()), int(is_edge.sum())
+    for key, got in (("n_nodes", n), ("n_edges", e)):
+        want = head.get(key)
+        if want is not None and want != got:
+            raise _bad(path, f"metadata says {key} = {want} but the table holds {got}")
+    kind = nodes["kind"]
+    if n and (kind.min() < 0 or kind.max() >= len(NODE_KINDS)):
+        bad = int(kind[(kind < 0) | (kind >= len(NODE_KINDS))][0])
+        raise _bad(path, f"node kind {bad} is not one of 0..{len(NODE_KINDS) - 1}")
+    for end in ("source", "target"):
+        idx = edges[end]
+        out = (idx < 0) | (idx >= n)
+        if out.any():
+            k = int(np.flatnonzero(out)[0])
+            raise _bad(
+                path, f"edge {k} has {end} {int(idx[k])}, outside the {n} nodes (0..{n - 1})"
+            )
+    for name in _FLOAT_FIELDS:
+        values = edges[name] if name in edges else nodes[name]
+        bad = ~np.isfinite(values)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            where = "edge" if name in edges else "node"
+            raise _bad(path, f"{where} {k} has {name} {values[k]} (not finite)")
+    positioned = np.isin(kind, (TOKEN, LOGIT))
+    pos = nodes["position"][positioned]
+    if len(pos) and (pos.min() < 0 or pos.max() >= len(head["tokens"])):
+        bad = int(pos[(pos < 0) | (pos >= len(head["tokens"]))][0])
+        raise _bad(path, f"a token or logit node has position {bad}, outside the "
+                         f"{len(head['tokens'])} tokens")  # fmt: skip
+    return Graph(
+        prompt=head["prompt"],
+        tokens=head["tokens"],
+        token_strings=head["token_strings"],
+        model_name=head["model_name"],
+        transcoder_name=head["transcoder_name"],
+        n_layers=head["n_layers"],
+        **nodes,
+        **edges,
+        params=head.get("params", {}),
+        scores=head.get("scores", {}),
+        extra=head.get("extra", {}),
+    )

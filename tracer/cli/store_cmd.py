@@ -147,9 +147,8 @@ def _server(args):
 
 def _start(args) -> int:
     srv = _server(args)
-    was = srv.info()
     info = srv.start()
-    state = "already running" if was is not None else "started"
+    state = "started" if srv.launched else "already running"
     print(f"graph store {state}: {info.uri} database {info.database} (pid {info.pid})")
     if info.command_timeout is not None:
         ceiling = f"{info.command_timeout:g} s" if info.command_timeout else "none"
@@ -189,10 +188,17 @@ def _add(args) -> int:
     fulls = args.full or []
     if fulls and len(fulls) != len(args.files):
         raise ValueError(f"--full names {len(fulls)} files for {len(args.files)} graphs")
+    # Every file is read and checked before any is stored (a bad one stores nothing). Pruned
+    # graphs are small and kept; full graphs are read again when stored (they can be large).
+    graphs = [Graph.load(path) for path in tqdm(args.files, unit="file", desc="checking",
+                                                  disable=len(args.files) < 2)]  # fmt: skip
+    for path in fulls:
+        Graph.load(path)
     with _open(args) as store:
         for i, path in enumerate(tqdm(args.files, unit="graph", disable=len(args.files) < 2)):
             full = Graph.load(fulls[i]) if fulls else None
-            r = store.add(Graph.load(path), full)
+            r = store.add(graphs[i], full)
+            graphs[i] = None  # released once stored
             what = "stored" if r.written else "already stored"
             print(f"{r.graph_id} {what}: {r.n_nodes} nodes, {r.n_edges} edges ({path})")
     return 0
