@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
@@ -38,16 +39,34 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class _AttnState:
     frozen: torch.Tensor | None = None  # [H, q, k] or [B, H, q, k]
+    # Or a frozen pattern fetched when the layer runs (one layer's pattern held at a time).
+    frozen_at: Callable[[], torch.Tensor] | None = None
     pattern: torch.Tensor | None = None  # recorded [B, H, q, k]
+    sink: Callable[[torch.Tensor], None] | None = None  # takes the recorded pattern instead
+
+
+class PatternSource(Protocol):
+    """Frozen attention patterns of one prompt, read one layer at a time: ``shape`` is
+    (n_layers, n_heads, n_pos, n_pos) and ``pattern(l)`` is layer l's [n_heads, n_pos, n_pos]
+    (e.g. :class:`tracer.replacement.PatternStore`, which may keep them on disk)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def pattern(self, layer: int) -> torch.Tensor: ...
 
 
 def _atlas_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """Eager attention that records its pattern, or applies a frozen one."""
     state: _AttnState | None = getattr(module, "_atlas_state", None)
-    if state is not None and state.frozen is not None:
+    frozen = None
+    if state is not None:
+        frozen = state.frozen if state.frozen_at is None else state.frozen_at()
+    if frozen is not None:
         groups = query.shape[1] // value.shape[1]
         v = value.repeat_interleave(groups, dim=1) if groups > 1 else value  # [B, H, k, dh]
-        pattern = state.frozen.to(device=value.device, dtype=value.dtype)
+        pattern = frozen.to(device=value.device, dtype=value.dtype)
+        del frozen
         if pattern.shape[-2:] != (query.shape[2], value.shape[2]):
             raise ValueError(
                 f"frozen attention pattern covers {tuple(pattern.shape[-2:])} positions but the "
@@ -63,7 +82,9 @@ def _atlas_attention(module, query, key, value, attention_mask, *args, **kwargs)
     else:
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, weights = eager(module, query, key, value, attention_mask, *args, **kwargs)
-    if state is not None:
+    if state is not None and state.sink is not None:
+        state.sink(weights.detach())
+    elif state is not None:
         state.pattern = weights.detach()
     return out, weights
 
@@ -76,11 +97,12 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
 class Freeze:
     """Quantities held fixed during a hooked run (from an earlier record of the same prompt).
 
-    patterns: [n_layers, n_heads, n_pos, n_pos]; scales: norm name -> [n_layers(, +1), n_pos]
+    patterns: [n_layers, n_heads, n_pos, n_pos], a tensor or a :class:`PatternSource` (read one
+    layer at a time, as each layer runs); scales: norm name -> [n_layers(, +1), n_pos]
     (``final_norm`` is [n_pos]). Absent entries stay live.
     """
 
-    patterns: torch.Tensor | None = None
+    patterns: torch.Tensor | PatternSource | None = None
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -108,7 +130,7 @@ def _check_freeze(freeze: Freeze, n_layers: int, n_pos: int) -> None:
     """Shapes of frozen quantities, checked up front so a mismatch is a clear error rather than
     a broadcasting failure (or a silent broadcast) deep inside the forward pass."""
     pat = freeze.patterns
-    if pat is not None and (pat.dim() not in (4, 5) or pat.shape[0] != n_layers):
+    if pat is not None and (len(pat.shape) not in (4, 5) or pat.shape[0] != n_layers):
         raise ValueError(
             f"frozen patterns have shape {tuple(pat.shape)}, expected [n_layers={n_layers}, "
             "n_heads, n_pos, n_pos]: pass one prompt's record, e.g. run.patterns[0]"
@@ -137,6 +159,8 @@ def run_hooked(
     freeze: Freeze | None = None,
     record: bool = True,
     record_sites: tuple[str, ...] = SITES,
+    pattern_sink: Callable[[int, torch.Tensor], None] | None = None,
+    logits_to_keep: int = 0,
 ) -> HookedRun:
     """One forward pass of ``hf_model`` on ``input_ids`` [B, n_pos] with hooks in place.
 
@@ -145,6 +169,11 @@ def run_hooked(
     dtype, so a float32 edit fits a bfloat16 model). ``freeze`` holds attention patterns and norm
     denominators fixed. Gradients flow unless the caller disables them. ``input_ids`` must be on
     the model's device (:meth:`LanguageModel.run` moves them).
+
+    ``pattern_sink(layer, pattern [B, H, q, k])``: recorded attention patterns go here as each
+    layer computes them, instead of being stacked into ``HookedRun.patterns`` (None then), so a
+    long prompt never holds every layer's pattern at once. ``logits_to_keep``: compute logits
+    for only the last that many positions (0: all; ``transformers``' argument).
     """
     edits = dict(edits or {})
     freeze = freeze or Freeze()
@@ -232,7 +261,13 @@ def run_hooked(
                 if path:
                     add(get_module(layer, path).register_forward_hook(norm_hook(name, l)))
             attn = get_module(layer, arch.attn)
-            state = _AttnState(frozen=None if freeze.patterns is None else freeze.patterns[l])
+            state = _AttnState()
+            if isinstance(freeze.patterns, torch.Tensor):
+                state.frozen = freeze.patterns[l]
+            elif freeze.patterns is not None:
+                state.frozen_at = lambda src=freeze.patterns, l=l: src.pattern(l)
+            if record and pattern_sink is not None:
+                state.sink = lambda p, l=l: pattern_sink(l, p)
             attn._atlas_state = state
             attn_states.append(state)
             stack.callback(setattr, attn, "_atlas_state", None)
@@ -247,7 +282,8 @@ def run_hooked(
         final = get_module(hf_model, arch.final_norm)
         add(final.register_forward_pre_hook(pre_hook("resid_final", n_layers), with_kwargs=True))
         add(final.register_forward_hook(norm_hook("final_norm", n_layers)))
-        logits = hf_model(input_ids=input_ids, use_cache=False).logits
+        kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        logits = hf_model(input_ids=input_ids, use_cache=False, **kw).logits
 
     sites = {}
     for s, vals in got.items():

@@ -420,7 +420,7 @@ def intervene_batch(
     elif mode == "live":
         freeze = None
     else:
-        freeze = Freeze(patterns=state.patterns)
+        freeze = Freeze(patterns=state.pattern_store)
     with torch.no_grad():
         run = model.run(
             tokens,

@@ -13,25 +13,163 @@ replaced by (features x decoders + error), the model is linear in the node value
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from tracer.hooks import Freeze, HookedRun
-from tracer.model import LanguageModel
+from tracer.hooks import Freeze, run_hooked
+from tracer.model import LanguageModel, PromptError
 from transcoders.clt import CrossLayerTranscoder, compute_dtype
 from transcoders.device import DeviceError, DeviceSetting
+
+PATTERN_PLACEMENTS = ("memory", "disk")
+
+
+class PatternStore:
+    """The frozen attention patterns of one prompt, ``[L, H, P, P]`` in all, kept one layer at a
+    time: nothing ever stacks them, and :meth:`pattern` is the one way to read them.
+
+    ``placement``: ``memory`` (each layer's tensor on ``device``, as recorded) or ``disk`` (an
+    unlinked, memory-mapped temporary file in ``spill_dir``; :meth:`pattern` copies one layer
+    out onto ``device`` and hands the file's pages back to the kernel, so a long prompt's
+    patterns, which grow with the square of its length, never sit in resident memory beyond the
+    layer in use). Both are exact: the stored values are the recorded ones, in ``dtype`` (the
+    compute dtype).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        n_pos: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        placement: str = "memory",
+        spill_dir: str | os.PathLike | None = None,
+    ):
+        if placement not in PATTERN_PLACEMENTS:
+            raise ValueError(
+                f"unknown attention pattern placement {placement!r}: use {PATTERN_PLACEMENTS}"
+            )
+        self.shape = (n_layers, n_heads, n_pos, n_pos)
+        self.device, self.dtype, self.placement = torch.device(device), dtype, placement
+        self._layers: list[torch.Tensor | None] = [None] * n_layers
+        self._file = self._map = self._flat = None
+        self._itemsize = torch.empty(0, dtype=dtype).element_size()
+        if placement == "disk":
+            self._file = tempfile.TemporaryFile(dir=spill_dir, prefix="circuit-atlas-patterns-")
+            size = max(1, self.nbytes)
+            os.ftruncate(self._file.fileno(), size)
+            self._map = mmap.mmap(self._file.fileno(), size)
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            self._flat = np.frombuffer(self._map, dtype=np_dtype, count=self.numel)
+        self._stored = [False] * n_layers
+
+    @property
+    def numel(self) -> int:
+        L, H, P, _ = self.shape
+        return L * H * P * P
+
+    @property
+    def nbytes(self) -> int:
+        """All layers' patterns, in bytes (where they live: memory or the spill file)."""
+        return self.numel * self._itemsize
+
+    @property
+    def layer_bytes(self) -> int:
+        """One layer's pattern [H, P, P] in bytes: what :meth:`pattern` holds at once."""
+        return self.nbytes // max(1, self.shape[0])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _span(self, layer: int) -> tuple[int, int]:
+        n = self.numel // max(1, self.shape[0])
+        return layer * n, (layer + 1) * n
+
+    def _release(self, layer: int) -> None:
+        lo, hi = (x * self._itemsize for x in self._span(layer))
+        lo = lo // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def put(self, layer: int, pattern: torch.Tensor) -> None:
+        """Store layer ``layer``'s pattern [H, P, P] (or [1, H, P, P]), cast to ``dtype``."""
+        pattern = pattern.detach()
+        if pattern.dim() == 4:
+            pattern = pattern[0]
+        if tuple(pattern.shape) != self.shape[1:]:
+            raise ValueError(
+                f"pattern of layer {layer} has shape {tuple(pattern.shape)}, expected "
+                f"{self.shape[1:]}"
+            )
+        pattern = pattern.to(self.dtype)
+        if self.placement == "memory":
+            self._layers[layer] = pattern.to(self.device)
+        else:
+            a, b = self._span(layer)
+            view = torch.from_numpy(self._flat[a:b]).view(self.shape[1:])
+            view.copy_(pattern.cpu())
+            del view
+            self._release(layer)
+        self._stored[layer] = True
+
+    def pattern(self, layer: int, n_pos: int | None = None) -> torch.Tensor:
+        """Layer ``layer``'s frozen pattern [H, P, P] (queries x keys) on ``device`` in the
+        compute dtype; ``n_pos``: only the first n_pos queries and keys ([H, n_pos, n_pos],
+        all a causal sweep over those positions needs). In memory: a view, no copy; on disk:
+        a copy (the file's pages are released)."""
+        if not self._stored[layer]:
+            raise ValueError(f"no attention pattern was recorded for layer {layer}")
+        n = self.shape[-1] if n_pos is None else int(n_pos)
+        if self.placement == "memory":
+            t = self._layers[layer]
+            return t if n == self.shape[-1] else t[:, :n, :n]
+        a, b = self._span(layer)
+        whole = self._flat[a:b].reshape(self.shape[1:])
+        out = torch.from_numpy(np.ascontiguousarray(whole[:, :n, :n]))
+        del whole
+        self._release(layer)
+        return out.to(self.device)
+
+    def whole(self) -> torch.Tensor:
+        """Every layer stacked, [L, H, P, P] (L x H x P x P values at once: short prompts and
+        tests only)."""
+        return torch.stack([self.pattern(l) for l in range(self.shape[0])])
+
+    def close(self) -> None:
+        """Drop the patterns (and the spill file)."""
+        self._layers = [None] * self.shape[0]
+        self._stored = [False] * self.shape[0]
+        self._flat = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive: the GC unmaps it later
+                pass
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 @dataclass
 class PromptState:
     """What one prompt's run leaves behind. Unbatched; P = n_pos, L = n_layers.
 
-    tokens [P]; logits [P, vocab]; sites: site -> [L, P, d] (resid_final: [P, d]);
-    patterns [L, H, P, P]; scales: norm -> [L, P] (final_norm: [P]);
-    inputs [L, P, d] (transcoder input site); pre [L, P, F] pre-activations;
-    active features as parallel [n_active] arrays (sorted by layer, position, feature);
-    recon / errors [L, P, d].
+    tokens [P]; logits [P, vocab] (or [1, vocab], the last position's, when recorded with
+    ``all_logits=False``); sites: site -> [L, P, d] (resid_final: [P, d]);
+    pattern_store: the frozen attention patterns [L, H, P, P], read one layer at a time with
+    :meth:`pattern` (in memory or spilled to disk: :class:`PatternStore`);
+    scales: norm -> [L, P] (final_norm: [P]); inputs [L, P, d] (transcoder input site);
+    pre [L, P, F] pre-activations (None when recorded with ``keep_pre=False``: attribution
+    does not read them); active features as parallel [n_active] arrays (sorted by layer,
+    position, feature); recon / errors [L, P, d].
 
     Device and dtype: every tensor but ``tokens`` (CPU ids) is on the model's device. Floating
     tensors are in the compute dtype (float32; float64 for a float64 model) whatever the
@@ -42,10 +180,10 @@ class PromptState:
     tokens: torch.Tensor
     logits: torch.Tensor
     sites: dict[str, torch.Tensor]
-    patterns: torch.Tensor
+    pattern_store: PatternStore
     scales: dict[str, torch.Tensor]
     inputs: torch.Tensor
-    pre: torch.Tensor
+    pre: torch.Tensor | None
     feat_layer: torch.Tensor
     feat_pos: torch.Tensor
     feat_index: torch.Tensor
@@ -61,9 +199,23 @@ class PromptState:
     def n_active(self) -> int:
         return int(self.feat_layer.shape[0])
 
-    def freeze(self) -> Freeze:
-        """Attention patterns and every norm denominator, fixed at this prompt's values."""
-        return Freeze(patterns=self.patterns, scales=dict(self.scales))
+    def pattern(self, layer: int, n_pos: int | None = None) -> torch.Tensor:
+        """The frozen attention pattern of ``layer``: [H, P, P] (queries x keys), on the model's
+        device, in the compute dtype. The one way code outside the recording reads patterns
+        (they may live on disk; see :class:`PatternStore`). ``n_pos``: only the first n_pos
+        queries and keys."""
+        return self.pattern_store.pattern(layer, n_pos)
+
+    @property
+    def patterns(self) -> torch.Tensor:
+        """Every layer's pattern stacked, [L, H, P, P]: L x H x P^2 values at once, for short
+        prompts and tests; long-prompt code reads :meth:`pattern` per layer."""
+        return self.pattern_store.whole()
+
+    def freeze(self, norms: bool = True) -> Freeze:
+        """Attention patterns (read one layer at a time as each layer runs) and, with ``norms``,
+        every norm denominator, fixed at this prompt's values."""
+        return Freeze(patterns=self.pattern_store, scales=dict(self.scales) if norms else {})
 
 
 class ReplacementModel:
@@ -118,42 +270,83 @@ class ReplacementModel:
         return mask
 
     @torch.no_grad()
-    def record(self, tokens: torch.Tensor) -> PromptState:
+    def record(
+        self,
+        tokens: torch.Tensor,
+        *,
+        patterns: str = "memory",
+        spill_dir: str | os.PathLike | None = None,
+        keep_pre: bool = True,
+        all_logits: bool = True,
+    ) -> PromptState:
         """Run the real model on tokens [P] and keep everything attribution freezes (on the
-        model's device, in the compute dtype: see :class:`PromptState`)."""
+        model's device, in the compute dtype: see :class:`PromptState`).
+
+        ``patterns``: where the attention patterns go as each layer computes them (``memory``
+        or ``disk``: :class:`PatternStore`; never all layers stacked). ``keep_pre``: keep the
+        pre-activations [L, P, F] (attribution does not need them). ``all_logits``: keep the
+        logits of every position (else the last position's only, [1, vocab]).
+        """
         tokens = torch.as_tensor(tokens).long().cpu()
-        run: HookedRun = self.model.run(tokens)
+        if tokens.dim() != 1 or len(tokens) == 0:
+            raise PromptError("token ids must be a non-empty 1-D tensor [n_pos]")
+        self.model._check_tokens(tokens)  # the context length and the vocabulary
+        f = self.model.facts
         cd = compute_dtype(self.model.dtype)
+        P = len(tokens)
+        store = PatternStore(f.n_layers, f.n_heads, P, device=self.model.device, dtype=cd,
+                             placement=patterns, spill_dir=spill_dir)  # fmt: skip
+        run = run_hooked(
+            self.model.hf, self.model.arch, tokens[None].to(self.model.device),
+            pattern_sink=store.put, logits_to_keep=0 if all_logits else 1,
+        )  # fmt: skip
 
         def c(t: torch.Tensor) -> torch.Tensor:
             return t.to(cd)  # a no-op for a float32 model
 
         sites = {k: c(v[0]) for k, v in run.sites.items()}
         scales = {k: c(v[0]) for k, v in run.scales.items()}
+        logits = c(run.logits[0])
+        del run
         inputs = sites[self.input_site]  # [L, P, d]
         tc = self.transcoder
-        L = self.model.facts.n_layers
-        pre = torch.stack([tc.pre_activations(l, inputs[l]) for l in range(L)])  # [L, P, F]
-        acts = torch.stack([tc.activate(l, pre[l]) for l in range(L)])
-        acts[:, ~self.feature_mask(len(tokens))] = 0.0
-        nz = acts.nonzero(as_tuple=False)  # sorted by (layer, pos, feature)
-        value = acts[nz[:, 0], nz[:, 1], nz[:, 2]]
+        L = f.n_layers
+        mask = self.feature_mask(P).to(inputs.device)
+        pre = [] if keep_pre else None
+        found = []
+        for l in range(L):  # one layer's [P, F] at a time
+            pre_l = tc.pre_activations(l, inputs[l])
+            acts = tc.activate(l, pre_l)
+            acts[~mask] = 0.0
+            nz = acts.nonzero(as_tuple=False)  # sorted by (pos, feature)
+            found.append((nz, acts[nz[:, 0], nz[:, 1]]))
+            if keep_pre:
+                pre.append(pre_l)
+            del pre_l, acts
+        counts = [len(nz) for nz, _ in found]
+        feat_layer = torch.repeat_interleave(
+            torch.arange(L, device=inputs.device), torch.tensor(counts, device=inputs.device)
+        )  # sorted by (layer, pos, feature)
+        feat_pos = torch.cat([nz[:, 0] for nz, _ in found])
+        feat_index = torch.cat([nz[:, 1] for nz, _ in found])
+        value = torch.cat([v for _, v in found])
+        del found
         # Only the active features' decoder rows are read (a lazy transcoder loads no others).
-        recon = tc.affine((len(tokens),), inputs) + tc.decode_sparse(
-            nz[:, 0], nz[:, 1], nz[:, 2], value, n_pos=len(tokens)
+        recon = tc.affine((P,), inputs) + tc.decode_sparse(
+            feat_layer, feat_pos, feat_index, value, n_pos=P
         )  # [L, P, d]
         errors = sites["mlp_out"] - recon
         return PromptState(
             tokens=tokens.clone(),
-            logits=c(run.logits[0]),
+            logits=logits,
             sites=sites,
-            patterns=c(run.patterns[0]),
+            pattern_store=store,
             scales=scales,
             inputs=inputs,
-            pre=pre,
-            feat_layer=nz[:, 0],
-            feat_pos=nz[:, 1],
-            feat_index=nz[:, 2],
+            pre=torch.stack(pre) if keep_pre else None,
+            feat_layer=feat_layer,
+            feat_pos=feat_pos,
+            feat_index=feat_index,
             feat_value=value,
             recon=recon,
             errors=errors,

@@ -8,8 +8,9 @@ model is a linear function of the node values. The backward sweep needs only the
   (and after attention, for Gemma-2/3) [d];
 - the final norm's gain [d] and the unembedding ``W_U`` [vocab, d];
 - the transcoder's skip matrices ``W_skip`` [L, d, d] (skip transcoders only);
-- the prompt's frozen values: attention patterns [L, H, P, P] (read transposed), norm
-  denominators [L, P], error vectors [L, P, d] and what the embedding writes [P, d].
+- the prompt's frozen values: attention patterns (one layer at a time, through
+  :meth:`~tracer.replacement.PromptState.pattern`: they may live on disk), norm denominators
+  [L, P], error vectors [L, P, d] and what the embedding writes [P, d].
 
 :func:`gather_view` is the one place that reads them from the ``LanguageModel`` (through its
 architecture row), the transcoder and the recorded :class:`~tracer.replacement.PromptState`.
@@ -34,9 +35,11 @@ class FrozenView:
     Shapes (L layers, P positions, d = d_model, H heads, n_kv key/value heads, d_head):
     W_V[l] [n_kv * d_head, d]; W_O[l] [d, H * d_head]; g_attn[l], g_mlp[l], g_post[l] [d]
     (g_post[l] is None without a post-attention norm); g_final [d]; W_U [vocab, d];
-    W_skip [L, d, d] or None; patterns_T [L, H, k, q] (a transposed view: patterns_T[l, h, k, q]
-    = pattern[l, h, q, k]); scales: norm name -> [L, P] (final_norm: [P]); errors [L, P, d];
-    embed [P, d] (the residual stream before layer 0: what the token nodes write).
+    W_skip [L, d, d] or None; ``pattern_T(l, n)`` [H, k, q] (layer l's frozen pattern over the
+    first n positions, transposed: pattern_T(l)[h, k, q] = pattern[l, h, q, k]; read through
+    the prompt state, one layer at a time); scales: norm name -> [L, P] (final_norm: [P]);
+    errors [L, P, d]; embed [P, d] (the residual stream before layer 0: what the token nodes
+    write).
     """
 
     kind: NormKind
@@ -53,7 +56,7 @@ class FrozenView:
     g_final: torch.Tensor
     W_U: torch.Tensor
     W_skip: torch.Tensor | None
-    patterns_T: torch.Tensor
+    state: object  # the PromptState whose patterns pattern_T reads
     scales: dict[str, torch.Tensor]
     errors: torch.Tensor
     embed: torch.Tensor
@@ -64,6 +67,12 @@ class FrozenView:
         """Transpose of a norm with its denominator frozen: grad_x = C(g * grad_y) * s.
         gain [d], scale [...], grad [..., d] -> [..., d]."""
         return norm_center(self.kind, grad * gain) * scale[..., None]
+
+    def pattern_T(self, layer: int, n_pos: int | None = None) -> torch.Tensor:
+        """Layer ``layer``'s frozen pattern transposed, [H, k, q], over the first ``n_pos``
+        positions (default all), on the view's device in its dtype (a transposed view: bmm
+        reads it as a transposed operand; no copy when the pattern is already there)."""
+        return _to(self.state.pattern(layer, n_pos), self.device, self.dtype).transpose(-1, -2)
 
     def logit_vectors(self, tokens: list[int]) -> torch.Tensor:
         """De-meaned unembedding directions of ``tokens``: W_U[t] - mean_v W_U[v]. [n, d]."""
@@ -113,8 +122,7 @@ def gather_view(rm, state, *, device=None, dtype: torch.dtype = torch.float32) -
         g_final=g_final,
         W_U=W_U,
         W_skip=None if tc.W_skip is None else _to(tc.W_skip, dev, dtype),
-        # A transposed view, not a copy: bmm reads it as a transposed operand.
-        patterns_T=_to(state.patterns, dev, dtype).transpose(-1, -2),
+        state=state,
         scales={k: _to(v, dev, dtype) for k, v in state.scales.items()},
         errors=_to(state.errors, dev, dtype),
         embed=_to(state.sites["resid_pre"][0], dev, dtype),
