@@ -50,6 +50,11 @@ class TrainConfig:
     decoder_init_scale: float = 0.1  # small random decoders: the start adds little noise
     bandwidth: float = 0.1
     # TopK objective
+    # Row-sparse updates (TopK only; transcoders.sparse_adam): the encoder's and decoders'
+    # gradients name only the features selected in the batch and a lazy Adam (a step count per
+    # row) updates those rows alone, so a step's cost follows the active features, not the
+    # width. False: dense gradients and torch.optim.Adam over every weight.
+    sparse_updates: bool = True
     auxk: int = 64
     auxk_coef: float = 1 / 32
     dead_window_tokens: int = 50_000

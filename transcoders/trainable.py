@@ -18,6 +18,7 @@ from torch import nn
 
 from transcoders.activations import jumprelu
 from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
+from transcoders.sparse_adam import SparseEncoderGrad, group_by_row, row_sparse
 
 
 class TrainableTranscoder(nn.Module):
@@ -88,6 +89,12 @@ class TrainableTranscoder(nn.Module):
         vals, idx = pre.topk(min(k, pre.shape[-1]), dim=-1)
         return idx, torch.relu(vals)
 
+    def selected_pre(self, pre: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """pre [L, N, F] (computed without autograd), inputs x [L, N, d], idx [L, N, k] ->
+        pre.gather(-1, idx) whose gradient reaches the encoder as row-sparse COO tensors (only
+        the (layer, feature) rows in idx; :class:`transcoders.sparse_adam.SparseEncoderGrad`)."""
+        return SparseEncoderGrad.apply(pre, x, self.W_enc, self.b_enc, idx)
+
     def _skip(self, x: torch.Tensor | None) -> torch.Tensor | int:
         if self.W_skip is None:
             return 0
@@ -111,11 +118,14 @@ class TrainableTranscoder(nn.Module):
         vals: torch.Tensor,
         x: torch.Tensor | None = None,
         bias: bool = True,
+        sparse_grad: bool = False,
     ) -> torch.Tensor:
         """idx, vals [L, N, k] (active features per layer) -> [L, N, d]; reads only the active
         decoder rows, one (source, target) block at a time (see :class:`BlockSparseDecode`).
-        ``bias=False`` gives the features' part alone (no output bias, no skip term)."""
-        rec = BlockSparseDecode.apply(idx, vals, self.cfg.kind, *self.D)
+        ``bias=False`` gives the features' part alone (no output bias, no skip term).
+        ``sparse_grad``: the decoders' gradients are row-sparse COO tensors naming only the rows
+        of features in ``idx`` (for :class:`transcoders.sparse_adam.SparseRowAdam`)."""
+        rec = BlockSparseDecode.apply(idx, vals, self.cfg.kind, sparse_grad, *self.D)
         if not bias:
             return rec
         return rec + self.b_dec[:, None, :] + self._skip(x)
@@ -143,11 +153,12 @@ class BlockSparseDecode(torch.autograd.Function):
     Forward, decoder gradient and value gradient each cost N*k*d per block.
 
     Inputs: idx (long) and vals [L, N, k]; kind "clt" (sources 0..l) or "plt" (source l);
-    D[l] [(n_sources(l) * F), d]. Output [L, N, d] (no bias, no skip).
+    sparse (bool: decoder gradients as row-sparse COO tensors over the rows of the features in
+    idx, else dense); D[l] [(n_sources(l) * F), d]. Output [L, N, d] (no bias, no skip).
     """
 
     @staticmethod
-    def forward(ctx, idx, vals, kind, *D):
+    def forward(ctx, idx, vals, kind, sparse, *D):
         L, N, _ = idx.shape
         F = D[0].shape[0]  # target 0 has exactly one source
         rec = vals.new_zeros(L, N, D[0].shape[1])
@@ -156,7 +167,7 @@ class BlockSparseDecode(torch.autograd.Function):
                 w = D[l][j * F : (j + 1) * F]
                 rec[l] += Fn.embedding_bag(idx[i], w, per_sample_weights=vals[i], mode="sum")
         ctx.save_for_backward(idx, vals, *D)
-        ctx.kind = kind
+        ctx.kind, ctx.sparse = kind, sparse
         return rec
 
     @staticmethod
@@ -166,14 +177,19 @@ class BlockSparseDecode(torch.autograd.Function):
         L, N, k = idx.shape
         F = D[0].shape[0]
         grad = grad.contiguous()
-        want_vals, want_d = ctx.needs_input_grad[1], any(ctx.needs_input_grad[3:])
+        want_vals, want_d = ctx.needs_input_grad[1], any(ctx.needs_input_grad[4:])
+        sparse = want_d and ctx.sparse
         g_vals = torch.zeros_like(vals) if want_vals else None
-        g_d = [torch.zeros_like(w) for w in D] if want_d else None
+        g_d = [torch.zeros_like(w) for w in D] if want_d and not sparse else None
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in D]
         bag_starts = torch.arange(0, N * k, k, device=idx.device)
         bag_of_row = torch.arange(N, device=idx.device).repeat_interleave(k)
         for i in range(L):
             flat = idx[i].reshape(-1)
-            if want_d:
+            if sparse:
+                # Only the features in idx: one bag each, rows named in a sparse gradient.
+                feats, tokens, weights, starts = group_by_row(flat, vals[i].reshape(-1), bag_of_row)
+            elif want_d:
                 # Group the N*k (token, value) pairs by feature: feature f's gradient row is
                 # the vals-weighted sum of grad rows of the tokens it fired on.
                 order = torch.argsort(flat, stable=True)
@@ -184,12 +200,23 @@ class BlockSparseDecode(torch.autograd.Function):
                 j = i - _sources(kind, l).start
                 rows = slice(j * F, (j + 1) * F)
                 if want_d:
-                    g_d[l][rows] = Fn.embedding_bag(
+                    g = Fn.embedding_bag(
                         tokens, grad[l], starts, per_sample_weights=weights, mode="sum"
                     )
+                    if sparse:
+                        parts[l].append((feats + j * F, g))
+                    else:
+                        g_d[l][rows] = g
                 if want_vals:
                     g_vals[i] += _row_dots(grad[l], D[l][rows], flat, bag_starts, bag_of_row)
-        return None, g_vals, None, *(g_d if want_d else [None] * len(D))
+        if sparse:  # sources j ascending, features sorted within: the rows come sorted
+            g_d = [
+                row_sparse(
+                    torch.cat([r for r, _ in p])[None], torch.cat([g for _, g in p]), w.shape
+                )
+                for p, w in zip(parts, D, strict=True)
+            ]
+        return None, g_vals, None, None, *(g_d if want_d else [None] * len(D))
 
 
 def _sources(kind: str, target: int) -> range:

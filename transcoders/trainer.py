@@ -47,11 +47,13 @@ from transcoders.device import DeviceSetting
 from transcoders.distributed import Dist
 from transcoders.evaluation import Heldout, evaluate_heldout
 from transcoders.export import export, save_export
+from transcoders.frequency import firing_counts, frequency_report, frequency_summary
 from transcoders.metrics import FireTracker, summarize
 from transcoders.normalize import Normalizer, from_mean_squares, mean_square_norms
 from transcoders.objective import objective
 from transcoders.planner import BudgetError, BudgetPlanner, StepPlan, lr_at, sparsity_at
 from transcoders.skip_fit import fit_skip
+from transcoders.sparse_adam import SparseRowAdam, densify_mean
 from transcoders.stream import ActivationFn, seed_mix
 from transcoders.train_config import TrainConfig, TrainResult, check_config
 from transcoders.trainable import TrainableTranscoder
@@ -146,7 +148,7 @@ class Trainer:
         # Initialised on the CPU (the same random start on every device), then moved.
         self.clt = TrainableTranscoder.from_clt(CrossLayerTranscoder(self.clt_config()))
         self.clt = self.clt.to(self.dev)
-        self.opt = torch.optim.Adam(self.clt.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.opt = make_optimizer(self.clt, cfg)
         self.fire = FireTracker(
             self.n_layers, cfg.n_features, cfg.dead_window_tokens, device=self.dev
         )
@@ -262,9 +264,7 @@ class Trainer:
             res = objective(self.clt, x, y, cfg, lam, self.fire.dead_mask(), wt)
             self.opt.zero_grad(set_to_none=True)
             res.loss.backward()
-            for p in self.clt.parameters():
-                if p.grad is not None:
-                    dist.mean(p.grad)
+            mean_grads(self.clt, dist)
             self.opt.step()
             if cfg.activation == "jumprelu":
                 with torch.no_grad():
@@ -331,9 +331,11 @@ class Trainer:
         if self.main:
             final = self.last_eval if self.last_eval.get("step") == done else self.eval_record(done)
             metrics = {k: v for k, v in final.items() if k != "event"}
+            metrics["frequency"] = self.frequency()
             exported.cfg.training["metrics"] = {
                 k: v for k, v in metrics.items() if not k.endswith("_per_layer")
             }
+            exported.cfg.training["metrics"]["frequency"] = frequency_summary(metrics["frequency"])
             save_export(exported, self.out / "transcoder")
             metrics.update(
                 harvest_tokens_per_s=self.harvest_rate,
@@ -358,6 +360,16 @@ class Trainer:
             train_rate,
             trainlog.read_log(self.log_path) if self.main else [],
         )
+
+    def frequency(self) -> dict:
+        """Firing frequency of every feature on the held-out positions (start token excluded):
+        :func:`transcoders.frequency.frequency_report`."""
+        cfg = self.cfg
+        with torch.no_grad():
+            counts, n = firing_counts(
+                self.clt, self.held, self.norm.in_scale, cfg.activation, cfg.topk, cfg.bandwidth
+            )
+        return frequency_report(counts.cpu(), n)
 
     # --- data --------------------------------------------------------------------------------
 
@@ -471,16 +483,14 @@ class Trainer:
         rows = torch.arange(n) % xs.shape[1]
         x, y = self.normalised(xs[:, rows], ys[:, rows])
         probe = copy.deepcopy(self.clt)
-        opt = torch.optim.Adam(probe.parameters(), lr=0.0)
+        opt = make_optimizer(probe, self.cfg, lr=0.0)
         times = []
         for _ in range(3):
             t = self.clock()
             res = objective(probe, x, y, self.cfg, 0.0, self.fire.dead_mask())
             opt.zero_grad()
             res.loss.backward()
-            for p in probe.parameters():
-                if p.grad is not None:
-                    self.dist.mean(p.grad)
+            mean_grads(probe, self.dist)
             opt.step()
             if self.dist.device.type == "cuda":
                 torch.cuda.synchronize(self.dist.device)  # GPU work is asynchronous
@@ -587,6 +597,25 @@ class Trainer:
                 # On the device the transcoder trains on (the export itself is a CPU copy).
                 rec["spliced"] = self.spliced_eval(export(self.clt, self.norm).to(self.dev))
         return rec
+
+
+def make_optimizer(
+    model: TrainableTranscoder, cfg: TrainConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """Adam over the model's parameters: the lazy row-sparse one (:mod:`.sparse_adam`) when
+    the recipe asks for sparse updates (TopK), else ``torch.optim.Adam``."""
+    lr = cfg.lr if lr is None else lr
+    if cfg.activation == "topk" and cfg.sparse_updates:
+        return SparseRowAdam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+
+
+def mean_grads(model: TrainableTranscoder, dist: Dist) -> None:
+    """Average every gradient over the data-parallel ranks (sparse ones over the union of the
+    rows the ranks touched; a no-op for one process)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = densify_mean(dist, p.grad)
 
 
 def stream_rows(seed: int, n_rows: int, lo: int, hi: int) -> np.ndarray:
