@@ -46,9 +46,25 @@ def test_readme_walkthrough_runs(tmp_path, monkeypatch, smollm2_full):
     )  # fmt: skip
     save_contexts(table, clt_path)
     monkeypatch.chdir(tmp_path)
+    ns: dict = {}
     try:
-        exec(compile(walkthrough(), str(README), "exec"), {})
+        exec(compile(walkthrough(), str(README), "exec"), ns)
+        # What the walkthrough claims: a pruned circuit of the full graph, stored with its
+        # scores (read back from the store), and a report page of that circuit.
+        from graphstore import GraphStore
+
+        graph, circuit = ns["graph"], ns["circuit"]
+        assert 0 < circuit.n_nodes < graph.n_nodes and 0 < circuit.n_edges < graph.n_edges
+        with GraphStore() as store:
+            rows = store.cypher(
+                "MATCH (g:Graph) RETURN g.prompt AS p, g.score_replacement AS r, "
+                "g.validation_spearman AS s"
+            ).rows
+        assert len(rows) == 1 and rows[0][0] == graph.prompt
+        assert rows[0][1] == pytest.approx(circuit.scores["replacement"], rel=1e-6)
+        assert rows[0][2] == pytest.approx(ns["report"].spearman, rel=1e-6)
     finally:
         LocalServer(home / "store").stop()
-    html = next((tmp_path / "runs" / "walkthrough").glob("*.html"))
-    assert "Dallas" in html.read_text(encoding="utf-8")
+    html = Path(ns["files"].html).read_text(encoding="utf-8")
+    assert "The capital of the state containing Dallas is" in html
+    assert html.count("<tr") > circuit.count("feature")  # the node table lists the circuit
