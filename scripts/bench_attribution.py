@@ -46,8 +46,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: shared proc_stats
 from proc_stats import cpu_s, hwm_mb, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,59 +95,6 @@ CASES = {
     "gemma3": Case("gemma3", "dallas", None, None, 1024, False, model="gemma3-270m"),
 }
 DEFAULT_CASES = "dallas,long33,long256"
-
-
-# --- the random CLT ---------------------------------------------------------------------------
-
-
-def make_clt(
-    out: Path, n_layers: int | None, seed: int, n_features: int, active: float,
-    model: str = "smollm2",
-) -> Path:  # fmt: skip
-    """A random CLT for ``model`` in circuit-tracer layout, thresholds set for about ``active``
-    active features per layer and token (calibrated on one prompt). Written once per settings.
-    """
-    import torch
-
-    from tracer.model import LanguageModel, truncate_layers
-    from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
-    from transcoders.formats import save_transcoder
-
-    if (out / "config.yaml").exists():
-        return out
-    m = LanguageModel.load(model)
-    if n_layers:
-        m = truncate_layers(m, n_layers)
-    L, d, F = m.facts.n_layers, m.facts.d_model, n_features
-    gen = torch.Generator().manual_seed(seed)
-    cfg = TranscoderConfig(
-        n_layers=L, d_model=d, n_features=F, input_site="mlp_in", model_name=f"{model}-random"
-    )
-    clt = CrossLayerTranscoder(cfg)
-    with torch.no_grad():
-        clt.W_enc.copy_(torch.randn(clt.W_enc.shape, generator=gen) / d**0.5)
-        clt.b_enc.zero_()
-        clt.b_dec.zero_()
-        for w in clt.W_dec:
-            w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
-        toks = m.tokenize(
-            "The capital of the state containing Dallas is, in a quiet voice, the thing we know."
-        )
-        x = m.run(toks).sites["mlp_in"][0]  # [L, P, d]
-        for l in range(L):
-            pre = x[l, 1:] @ clt.W_enc[l].T  # [P-1, F], start token left out
-            clt.threshold[l] = torch.quantile(pre, 1 - active / F, dim=1).mean()
-    save_transcoder(clt, out, format="circuit-tracer")
-    # Our writer names the MLP input 'ln2.hook_normalized'. In TransformerLens (fold_ln=False,
-    # as circuit-tracer loads models) that hook is x / rms(x) BEFORE the norm's gain, not the
-    # MLP's input; 'mlp.hook_in' (circuit-tracer's MLP wrapper) is the MLP's actual input, the
-    # same quantity as our site 'mlp_in'. Both loaders accept that name.
-    yaml_path = out / "config.yaml"
-    text = yaml_path.read_text().replace(
-        "feature_input_hook: ln2.hook_normalized", "feature_input_hook: mlp.hook_in"
-    )
-    yaml_path.write_text(text)
-    return out
 
 
 # --- our engine (worker subprocess) -----------------------------------------------------------
@@ -427,6 +372,7 @@ def main() -> None:
         )
 
     from tracer.fetch import fetch_model
+    from tracer.random_clt import write_random_clt
 
     tag = f"L{args.n_layers or 'all'}-F{args.features}-a{args.active:g}-s{args.seed}"
     load0 = os.getloadavg()
@@ -436,7 +382,7 @@ def main() -> None:
         model_dir = fetch_model(case.model, verbose=False)  # the cached folder (built once)
         # SmolLM2's CLT keeps its old folder name; other models' CLTs are named after them.
         prefix = "clt" if case.model == "smollm2" else f"clt-{case.model}"
-        clt_dir = make_clt(args.work / f"{prefix}-{tag}", args.n_layers, args.seed,
+        clt_dir = write_random_clt(args.work / f"{prefix}-{tag}", args.n_layers, args.seed,
                            args.features, args.active, case.model)  # fmt: skip
         ids = prompt_tokens(case)
         tok_arg = ",".join(map(str, ids))
@@ -526,5 +472,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

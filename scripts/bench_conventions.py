@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_attribution import CT_VERSION, node_keys, run_worker  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/
-from bench_attribution import CT_VERSION, make_clt, node_keys, run_worker  # noqa: E402
+from tracer.random_clt import write_random_clt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = {
@@ -303,7 +303,7 @@ def main() -> None:
     for depth in (DEPTHS[x.strip()] for x in args.depths.split(",")):
         # The CLT of scripts/bench_attribution.py, in the same folder (built once per settings).
         tag = f"L{depth.n_layers or 'all'}-F{args.features}-a{args.active:g}-s{args.seed}"
-        clt_dir = make_clt(
+        clt_dir = write_random_clt(
             args.work / f"clt-{tag}", depth.n_layers, args.seed, args.features, args.active
         )
         for name in (x.strip() for x in args.prompts.split(",")):
@@ -393,5 +393,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # One pair per category: prompts of the shipped set that differ in one concept.
 PAIRS = {

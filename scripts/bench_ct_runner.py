@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: shared proc_stats
 from proc_stats import cpu_s, hwm_mb, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 # Nothing may be downloaded: the model folder and the CLT are local.

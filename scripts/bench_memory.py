@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: shared helpers
 from proc_stats import cpu_s, hwm_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 
@@ -198,7 +197,7 @@ def _count_rows(clt):
 
 
 def run_case(case: Case, args, work: Path) -> dict:
-    from bench_attribution import make_clt
+    from tracer.random_clt import write_random_clt as make_clt
 
     clt_dir = make_clt(
         work / f"clt-Lall-F{case.features}-a20-s0", None, 0, case.features, 20.0, "smollm2"
@@ -297,5 +296,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -52,7 +52,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 from proc_stats import cpu_s  # noqa: E402
 
 SPARSIFY_VERSION = "1.3.3"
@@ -559,5 +558,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

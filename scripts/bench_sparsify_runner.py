@@ -32,7 +32,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: shared proc_stats
 from proc_stats import cpu_s, peak_rss_mb  # noqa: E402
 
 # Nothing may be downloaded: the model folder and the tokens are local.

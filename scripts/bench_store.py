@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from graphstore import GraphStore, LocalServer, graph_id  # noqa: E402
 from graphstore.server import ROOT_USER, free_port  # noqa: E402
 from graphstore.synthetic import synthetic_graph  # noqa: E402

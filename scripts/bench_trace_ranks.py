@@ -11,7 +11,7 @@ one thread: what each worker and each rank gets on 2 cores), ``workers2`` (``--w
 Trace part: the first ``--prompts`` prompts of ``tracer/data/prompts.jsonl`` traced on
 SmolLM2-135M-Instruct with the trained default CLT when it is cached
 (``tracer.fetch.default_transcoder_path``), else the benchmarks' random CLT
-(``scripts/bench_attribution.make_clt``: 256 features per layer, ~20 active per layer and
+(``tracer.random_clt.write_random_clt``: 256 features per layer, ~20 active per layer and
 token), ``--max-feature-nodes`` as given, ``--store`` into one managed ArcadeDB server
 (started before the timings; emptied before each run). Each run is the real command in a
 subprocess; recorded: wall seconds of the whole command (interpreter start, model load, server
@@ -40,8 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from graphstore import GraphStore, LocalServer  # noqa: E402
 from graphstore.server import ROOT_USER, free_port  # noqa: E402
@@ -56,9 +54,9 @@ def pick_clt(work: Path) -> tuple[Path, str]:
     trained = default_transcoder_path("smollm2", 256)  # the demo's CLT, when it has trained one
     if (trained / "circuit_atlas.json").exists() or (trained / "config.yaml").exists():
         return trained, f"trained default CLT ({trained})"
-    from bench_attribution import make_clt  # one random-CLT recipe for all benchmarks
+    from tracer.random_clt import write_random_clt  # one random-CLT recipe for all benchmarks
 
-    path = make_clt(work / "clt-Lall-F256-a20-s0", None, 0, 256, 20.0)
+    path = write_random_clt(work / "clt-Lall-F256-a20-s0", None, 0, 256, 20.0)
     return path, "random CLT (256 features/layer, ~20 active per layer and token, seed 0)"
 
 

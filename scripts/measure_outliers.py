@@ -166,5 +166,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -46,8 +45,7 @@ def load(args):
     from transcoders.formats import load_transcoder
 
     if args.random_clt:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from bench_attribution import make_clt  # one random-CLT recipe for all benchmarks
+        from tracer.random_clt import write_random_clt as make_clt  # one recipe for all
 
         name = f"clt-Lall-F{args.features}-a20-s{args.seed}"  # shared with bench_attribution
         path = make_clt(ROOT / "artifacts" / "bench" / "attribution" / name, None, args.seed,

@@ -71,27 +71,18 @@ def make_tiny_model(model_type: str, n_layers: int = 3, seed: int = 0):
 
 def make_random_clt(n_layers, d_model, n_features=16, kind="clt", seed=0, skip=False,
                     input_site="mlp_in", activation="jumprelu"):  # fmt: skip
-    """A random CLT whose thresholds leave a fair share of features active."""
-    from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
+    """A random CLT whose thresholds leave a fair share of features active
+    (``transcoders.random_init``; drawn from torch's default generator seeded with ``seed``,
+    so the tests' later draws follow from it as they always have)."""
+    from transcoders.clt import TranscoderConfig
+    from transcoders.random_init import random_transcoder
 
-    torch.manual_seed(seed)
     cfg = TranscoderConfig(
         n_layers=n_layers, d_model=d_model, n_features=n_features, kind=kind, skip=skip,
         input_site=input_site, activation=activation, topk=4 if activation == "topk" else None,
     )  # fmt: skip
-    clt = CrossLayerTranscoder(cfg)
-    with torch.no_grad():
-        clt.W_enc.normal_(0, 1.0 / d_model**0.5)
-        clt.b_enc.normal_(0, 0.1)
-        clt.threshold.uniform_(0.0, 0.3)
-        clt.b_dec.normal_(0, 0.05)
-        for w in clt.W_dec:
-            w.normal_(0, 0.2 / d_model**0.5)
-        if skip:
-            clt.W_skip.normal_(0, 0.02)
-    for p in clt.parameters():
-        p.requires_grad_(False)
-    return clt
+    torch.manual_seed(seed)
+    return random_transcoder(cfg, generator=torch.default_generator)
 
 
 def keyed_edges(graph) -> tuple[set, dict]:
