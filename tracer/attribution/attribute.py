@@ -78,7 +78,7 @@ def _position_batches(lin: FrozenLinearModel, pick: torch.Tensor, cap_bytes: flo
 
 def attribute(
     rm: ReplacementModel, prompt: str | torch.Tensor, config: AttributionConfig | None = None,
-    **overrides,
+    *, head_loadings: bool = False, **overrides,
 ) -> Graph:  # fmt: skip
     """Attribution graph of ``prompt`` (text, or token ids [P] with the start token).
 
@@ -87,6 +87,9 @@ def attribute(
     raises :class:`~tracer.attribution.memory.AttributionMemoryError` before the rows are
     allocated (and an out-of-memory error during the run is re-raised as one, naming the
     estimate and the budget that fits).
+
+    ``head_loadings``: also split each edge of the default circuit by the attention heads
+    carrying it, into ``graph.extra["head_loadings"]`` (:func:`tracer.attention.add_head_loadings`).
     """
     cfg = AttributionConfig(**{**asdict(config or AttributionConfig()), **overrides})
     resolve_convention(None, cfg.convention)  # an unknown convention fails before the work
@@ -126,7 +129,7 @@ def attribute(
         cfg.max_feature_nodes = budget
         est = plan(budget)
     try:
-        return _attribute(rm, prompt, tokens, state, cfg, budget, est, t0, phases)
+        graph = _attribute(rm, prompt, tokens, state, cfg, budget, est, t0, phases)
     except Exception as err:
         if _is_oom(err):
             raise AttributionMemoryError(
@@ -135,6 +138,11 @@ def attribute(
                 "or fewer (max_feature_nodes=...), or a shorter prompt"
             ) from err
         raise
+    if head_loadings:  # which heads carry each edge of the default circuit (tracer.attention)
+        from tracer.attention import add_head_loadings
+
+        add_head_loadings(rm, graph, state=state, progress=cfg.progress)
+    return graph
 
 
 def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate, t0: float,

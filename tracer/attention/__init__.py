@@ -1,0 +1,31 @@
+"""Attention circuits: which heads carry each edge (head loadings) and why a head attends from
+a query to a key (QK attributions), exact in the frozen linear model, for cross-layer and
+per-layer transcoders on every architecture of the table.
+
+- :mod:`~tracer.attention.frozen`: shared pieces (frozen patterns, target gradients, the
+  forward of graph sources through the frozen model);
+- :mod:`~tracer.attention.loadings`: head loadings (``add_head_loadings``, ``edge_head_parts``);
+- :mod:`~tracer.attention.qk`: QK attributions (``qk_attribution``).
+"""
+
+from tracer.attention.frozen import HeadAnalysisError
+from tracer.attention.loadings import (
+    HEAD_LOADINGS_KEY,
+    EdgeHeads,
+    HeadParts,
+    add_head_loadings,
+    edge_head_parts,
+    read_head_loadings,
+    top_heads,
+)
+
+__all__ = [
+    "HEAD_LOADINGS_KEY",
+    "EdgeHeads",
+    "HeadAnalysisError",
+    "HeadParts",
+    "add_head_loadings",
+    "edge_head_parts",
+    "read_head_loadings",
+    "top_heads",
+]
