@@ -275,47 +275,30 @@ def eval_curve(log: Path) -> dict:
 
 
 def heldout_activations(model, layers, heldout, batch: int = 8):
-    """Held-out MLP inputs/outputs of the chosen layers, BOS included: x, y [L, H*P, d] and a
-    mask [H*P] of the non-BOS positions."""
-    import torch
+    """Held-out MLP inputs/outputs of the chosen layers, every position (a
+    :class:`transcoders.evaluation.Heldout`)."""
+    from transcoders.evaluation import Heldout
 
-    from transcoders.stream import ShuffleBuffer
-
-    fn = selected_activations(model, layers)
-    x, y = ShuffleBuffer.harvest(fn, heldout, batch=batch, skip_bos=False).get(slice(None))
-    pos = torch.arange(x.shape[1]) % heldout.shape[1]
-    return x, y, pos != 0
+    return Heldout.harvest(selected_activations(model, layers), heldout, batch=batch)
 
 
-def score(tc, x, y, not_bos) -> dict:
-    """NMSE per layer (without BOS positions, and over all), L0 and held-out dead fraction,
-    from the transcoder's own encode/decode, in chunks of tokens."""
-    import torch
+def score(tc, held) -> dict:
+    """NMSE per layer (without the start token, over all positions, without outliers), L0 and
+    the held-out dead fraction: ``transcoders.evaluation.evaluate_transcoder``, the library's one
+    evaluator of exported transcoders."""
+    from transcoders.evaluation import evaluate_transcoder
+    from transcoders.metrics import summarize
 
-    from transcoders.metrics import l0_per_layer, nmse_per_layer, summarize
-
-    L, N, _ = x.shape
-    F = tc.cfg.n_features
-    chunk = max(1, 2**26 // (L * F))
-    recon, l0, fired = [], [], torch.zeros(L, F, dtype=torch.bool)
-    with torch.no_grad():
-        for s in range(0, N, chunk):
-            xc = x[:, s : s + chunk].to(tc.device)
-            acts = tc.encode(xc)
-            recon.append(tc.decode(acts, xc).cpu())
-            keep = not_bos[s : s + chunk]
-            l0.append(l0_per_layer(acts[:, keep.to(acts.device)]).cpu() * int(keep.sum()))
-            fired |= (acts[:, keep.to(acts.device)] > 0).any(1).cpu()
-    recon = torch.cat(recon, 1)
-    out = summarize(
+    ev = evaluate_transcoder(tc, held)
+    return summarize(
         {
-            "nmse": nmse_per_layer(recon[:, not_bos], y[:, not_bos]),
-            "nmse_all_positions": nmse_per_layer(recon, y),
-            "l0": torch.stack(l0).sum(0) / int(not_bos.sum()),
-            "dead_heldout": (~fired).float().mean(-1),
+            "nmse": ev["nmse"],
+            "nmse_all_positions": ev["nmse_all"],
+            "nmse_inliers": ev["nmse_inliers"],
+            "l0": ev["l0"],
+            "dead_heldout": (~ev["fired"]).float().mean(-1),
         }
     )
-    return out
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -509,7 +492,7 @@ def main() -> int:
     else:
         ours = run_ours(args, model, plan, layers, train_tokens, heldout, work)
 
-    x, y, not_bos = heldout_activations(model, layers, heldout)
+    held = heldout_activations(model, layers, heldout)
     tcs = {
         "ours": load_transcoder(ours["weights"], device=args.device),
         "sparsify": load_transcoder(sp["run"], format="sparsify", device=args.device),
@@ -521,7 +504,7 @@ def main() -> int:
     got = tcs["sparsify"].cfg.model_layers or list(range(tcs["sparsify"].cfg.n_layers))
     if got != layers:
         raise SystemExit(f"{sp['run']} covers model layers {got}, not {layers}")
-    scores = {name: score(tc, x, y, not_bos) for name, tc in tcs.items()}
+    scores = {name: score(tc, held) for name, tc in tcs.items()}
     report = {
         "command": "python scripts/bench_sparsify.py " + " ".join(sys.argv[1:]),
         "model": model.facts.name,
@@ -537,7 +520,7 @@ def main() -> int:
             "exact": plan.exact,
         },  # fmt: skip
         "heldout_seqs": len(heldout),
-        "heldout_tokens": int(not_bos.sum()),
+        "heldout_tokens": int((held.positions > 0).sum()),
         "machine": machine(),
         "load_average_start": load0,
         "load_average_end": os.getloadavg(),

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from transcoders.evaluation import EVAL_OUTLIER_FACTOR, Heldout, NMSESums, evaluate_heldout
+from transcoders.evaluation import (
+    EVAL_OUTLIER_FACTOR,
+    Heldout,
+    NMSESums,
+    evaluate_heldout,
+    evaluate_transcoder,
+)
 from transcoders.metrics import nmse_per_layer
 from transcoders.trainable import TrainableTranscoder
 
@@ -83,6 +89,22 @@ def test_heldout_metrics_match_numpy(activation, chunk):
     assert ref["outlier_frac"][0] == 0 and ref["outlier_frac"][1] == pytest.approx(1 / 32)
     assert abs(ref["nmse_all"][0] - ref["nmse"][0]) > 1e-3
     assert abs(ref["nmse"][1] - ref["nmse_inliers"][1]) > 1e-3
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("chunk", [5, None])
+def test_exported_transcoder_metrics_match_numpy(activation, chunk):
+    """The evaluator of exported transcoders (the sparsify comparison's) gives the numbers by
+    hand too: one implementation of NMSE, L0 and dead features for both kinds."""
+    from model_fixtures import make_random_clt
+
+    clt = make_random_clt(L, D, n_features=F, seed=4, activation=activation, skip=True)
+    held = _held()
+    ev = evaluate_transcoder(clt, held, chunk=chunk)
+    ref, fired = _by_hand(clt, held, activation)
+    for k, v in ref.items():
+        np.testing.assert_allclose(ev[k].numpy(), np.array(v), rtol=2e-5, atol=1e-7, err_msg=k)
+    assert np.array_equal(ev["fired"].numpy(), fired)
 
 
 def test_scales_leave_nmse_unchanged():
