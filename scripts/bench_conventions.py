@@ -72,38 +72,22 @@ def graph_from_npz(d: dict, n_layers: int, tokens: list[int]):
 
     info = json.loads(str(d["info"]))
     kind = d["kind"].astype(np.int8)
-    n = len(kind)
-    probs = np.zeros(n, np.float32)
+    probs = np.zeros(len(kind), np.float32)
     probs[kind == LOGIT] = info["logit_probabilities"]
-    lw = np.zeros(n, np.float32)
-    lw[kind == LOGIT] = np.asarray(info["logit_probabilities"], np.float64) / sum(
-        info["logit_probabilities"]
-    )
-    return Graph(
-        prompt="", tokens=list(tokens), token_strings=[str(t) for t in tokens],
-        model_name="smollm2", transcoder_name="random", n_layers=n_layers, kind=kind,
-        layer=d["layer"].astype(np.int32), position=d["position"].astype(np.int32),
-        feature=d["feature"].astype(np.int64), activation=np.zeros(n, np.float32),
-        probability=probs, target=d["target"].astype(np.int32),
-        source=d["source"].astype(np.int32), weight=d["weight"].astype(np.float32),
-        logit_weights=lw, params={"exclude_bos": True},
+    return Graph.from_coo(
+        kind=kind, layer=d["layer"], position=d["position"], feature=d["feature"],
+        target=d["target"], source=d["source"], weight=d["weight"], tokens=tokens,
+        n_layers=n_layers, probability=probs, model_name="smollm2", transcoder_name="random",
+        params={"exclude_bos": True},
     )  # fmt: skip
 
 
 def our_masks(g, node_t: float, edge_t: float) -> tuple[np.ndarray, np.ndarray]:
-    """([n_nodes], [n_edges]) bool masks of ``tracer.prune.prune`` (circuit-tracer convention)
-    on ``g``, mapped back from the pruned graph to ``g``'s nodes and edges."""
-    from tracer.prune import prune
+    """([n_nodes], [n_edges]) bool masks of ``tracer.prune.prune`` (circuit-tracer
+    convention) on ``g``."""
+    from tracer.prune import prune_masks
 
-    p = prune(g, node_t, edge_t, convention="circuit-tracer")
-    full = {g.node_id(i): i for i in range(g.n_nodes)}
-    kept = np.array([full[p.node_id(i)] for i in range(p.n_nodes)], dtype=np.int64)
-    node_mask = np.zeros(g.n_nodes, dtype=bool)
-    node_mask[kept] = True
-    n = np.int64(g.n_nodes)
-    keys = kept[p.target] * n + kept[p.source]
-    edge_mask = np.isin(g.target.astype(np.int64) * n + g.source, keys)
-    return node_mask, edge_mask
+    return prune_masks(g, node_t, edge_t, convention="circuit-tracer")
 
 
 def diff_nodes(g, ours: np.ndarray, theirs: np.ndarray, infl: np.ndarray, cut: float) -> list:

@@ -64,6 +64,63 @@ class Graph:
     scores: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # e.g. validation results
 
+    @classmethod
+    def from_coo(
+        cls,
+        *,
+        kind: np.ndarray,
+        layer: np.ndarray,
+        position: np.ndarray,
+        feature: np.ndarray,
+        target: np.ndarray,
+        source: np.ndarray,
+        weight: np.ndarray,
+        tokens: list[int],
+        n_layers: int,
+        probability: np.ndarray | None = None,
+        activation: np.ndarray | None = None,
+        logit_weights: np.ndarray | None = None,
+        prompt: str = "",
+        token_strings: list[str] | None = None,
+        model_name: str = "",
+        transcoder_name: str = "",
+        params: dict | None = None,
+    ) -> Graph:
+        """A graph from node arrays [n_nodes] and COO edges [n_edges] (``weight[e]`` =
+        A[target[e], source[e]]), cast to the stored dtypes. Defaults: activations 0,
+        probabilities 0, logit weights = the logit nodes' probabilities normalised to sum to 1
+        (uniform over logits when no probability is given), token strings the ids."""
+        kind = np.asarray(kind, dtype=np.int8)
+        n = len(kind)
+        prob = np.zeros(n, np.float32) if probability is None else np.asarray(probability)
+        if logit_weights is None:
+            is_logit = kind == LOGIT
+            w = prob.astype(np.float64) * is_logit
+            if w.sum() <= 0:
+                w = is_logit.astype(np.float64)
+            logit_weights = w / max(w.sum(), 1e-300)
+        return cls(
+            prompt=prompt,
+            tokens=[int(t) for t in tokens],
+            token_strings=list(token_strings or [str(int(t)) for t in tokens]),
+            model_name=model_name,
+            transcoder_name=transcoder_name,
+            n_layers=int(n_layers),
+            kind=kind,
+            layer=np.asarray(layer, dtype=np.int32),
+            position=np.asarray(position, dtype=np.int32),
+            feature=np.asarray(feature, dtype=np.int64),
+            activation=np.zeros(n, np.float32)
+            if activation is None
+            else np.asarray(activation, dtype=np.float32),
+            probability=prob.astype(np.float32),
+            target=np.asarray(target, dtype=np.int32),
+            source=np.asarray(source, dtype=np.int32),
+            weight=np.asarray(weight, dtype=np.float32),
+            logit_weights=np.asarray(logit_weights, dtype=np.float32),
+            params=dict(params or {}),
+        )
+
     # --- basic views ---------------------------------------------------------------------------
 
     @property

@@ -265,15 +265,7 @@ def prune(
     exported to Neuronpedia) and ``extra["full_graph"]`` sizes.
     """
     conv = resolve_convention(graph, convention)
-    a = scoring_adjacency(graph, conv)
-    norm = _row_normalized_abs(a, ROW_SUM_FLOOR[conv])
-    infl = _influence(norm, graph.logit_weights)
-    if conv == "circuit-tracer":
-        node_keep, edge_keep, shown = _prune_circuit_tracer(
-            graph, a, infl, node_threshold, edge_threshold
-        )
-    else:
-        node_keep, edge_keep, shown = _prune_atlas(graph, a, infl, node_threshold, edge_threshold)
+    node_keep, edge_keep, shown, infl = _prune_parts(graph, node_threshold, edge_threshold, conv)
     pruned = graph.subgraph(node_keep, edge_keep)
     pruned.extra["influence"] = shown[node_keep].tolist()
     pruned.extra["cumulative_influence"] = cumulative_share(infl)[node_keep].tolist()
@@ -287,6 +279,35 @@ def prune(
     pruned.scores = {**graph.scores, **graph_scores(graph, conv)}
     pruned.extra["full_graph"] = {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges}
     return pruned
+
+
+def prune_masks(
+    graph: Graph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    convention: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`prune` keeps, as masks over ``graph`` itself: node_mask [n_nodes] and
+    edge_mask [n_edges] (bool; a kept edge has both ends kept), e.g. to compare two pruning
+    implementations on one graph."""
+    conv = resolve_convention(graph, convention)
+    node_keep, edge_keep, _, _ = _prune_parts(graph, node_threshold, edge_threshold, conv)
+    edge_keep = edge_keep & node_keep[graph.target] & node_keep[graph.source]
+    return node_keep, edge_keep
+
+
+def _prune_parts(graph: Graph, node_threshold: float, edge_threshold: float, conv: Convention):
+    """(node_keep [n_nodes], edge_keep [n_edges], influence shown per node, influence)."""
+    a = scoring_adjacency(graph, conv)
+    norm = _row_normalized_abs(a, ROW_SUM_FLOOR[conv])
+    infl = _influence(norm, graph.logit_weights)
+    if conv == "circuit-tracer":
+        node_keep, edge_keep, shown = _prune_circuit_tracer(
+            graph, a, infl, node_threshold, edge_threshold
+        )
+    else:
+        node_keep, edge_keep, shown = _prune_atlas(graph, a, infl, node_threshold, edge_threshold)
+    return node_keep, edge_keep, shown, infl
 
 
 def _edge_scores(a: sp.csr_matrix, keep: np.ndarray, weights: np.ndarray, floor: float):
