@@ -1,51 +1,23 @@
-"""Massive MLP outputs: which positions they are, and how training handles them.
+"""Massive MLP outputs: which positions count as outliers, and where training leaves them out.
 
-What SmolLM2-135M-Instruct does (``scripts/measure_outliers.py``: 192 training and 32 held-out
-sequences of the public corpus, 128 tokens, each row starting with the start token; norms are
-``||mlp_out||`` per (layer, position), as a ratio to the layer's median over non-start positions):
+Some positions get MLP outputs hundreds of times the typical norm (on SmolLM2: the start token,
+sometimes the first real token, a second attention sink). One such position outweighs
+thousands of ordinary tokens in a squared-error loss, so the trainer can leave them out.
 
-- **The start token** (position 0): 813x the median at layer 11, 74x at layer 28, 17-28x at
-  layers 1, 2 and 9. The trainer already drops it (``TrainConfig.skip_bos``); the spliced model
-  keeps the model's own MLP there.
-- **The first real token** (position 1), sometimes: in 7 of 192 training rows its layer-11
-  output is 146-585x the median (' solemn', ' hath', ' rod', ...), and those rows' first tokens
-  are 40-70x at layer 28 too; in the 32 held-out rows one is 445x (' speak', 67x at layer 28).
-  Such a position is a second attention sink. One of them holds 97% of layer 11's held-out
-  squared norm (the top 1% of positions by norm: 97.8% of the squared norm, 89% of a ridge fit's
-  squared error), which is why layer 11's NMSE was 4.4 when other layers were 0.1-0.6.
-- **Specific frequent tokens**: ' the' and ' ' at layers 1, 2, 9, 10 (up to 50x at layer 2, where
-  about 1.4% of positions are 20-50x). These are systematic, learnable outputs (layer 2's NMSE
-  is 0.10) and must stay in the loss.
+The rule (``TrainConfig.outlier_rule``): ``"ratio"`` (default, ``outlier_factor`` 50) marks a
+(layer, position) whose MLP-output norm exceeds factor x the layer's median norm; ``"mad"``
+uses median + factor x the median absolute deviation; ``"none"`` turns it off. Thresholds are
+fixed from the first harvested buffer, in raw units, and saved in the checkpoint.
 
-The rule (``TrainConfig.outlier_rule = "ratio"``, ``outlier_factor = 50``): a position is an
-outlier at layer l when its MLP-output norm exceeds ``factor`` x the layer's median norm. It
-catches the start token at layers 11 and 28 and the massive first tokens, and keeps ' the'
-(at most 49.9x in 24,384 non-start training positions; factor 20 would drop 346 of them and
-raise layer 2's held-out ridge NMSE from 0.225 to 0.528). ``"mad"`` (median + factor x median
-absolute deviation) is the alternative; ``"none"`` turns the handling off. The first-token
-outliers are rare (7 of 24,384 non-start training positions, at layers 11 and 28 only), so
-the loss loses almost nothing else.
+Where it acts (``TrainConfig.outlier_uses``, the loss alone by default):
 
-What can be done with outliers (the thresholds are fixed from the first harvested buffer, in
-raw units, saved in the checkpoint); ``TrainConfig.outlier_uses`` names which, the loss alone by
-default. Measured on SmolLM2 (``scripts/bench_training.py --variant``, README "Training
-transcoders", ``benchmarks/training_outlier_parts.md``: one 109k-token cache, 600 steps each),
-the robust skip fit costs the demo graphs' replacement score 0.13-0.15 (0.454 with it alone,
-0.600 with the loss alone, 0.588 with no handling), while the loss weight and the scales cost
-nothing there:
+- ``loss``: outliers weigh ``outlier_weight`` (default 0) in the reconstruction and AuxK losses;
+- ``skip``: left out of the ridge fit that starts the skip connection;
+- ``scales``: left out of the per-layer normalisation scales.
 
-- ``loss``: excluded from the reconstruction loss (weight ``outlier_weight``, default 0) and from
-  the AuxK residual: one 500x position has the squared-error weight of 250,000 ordinary tokens;
-- ``skip``: excluded from the ridge fit that starts the skip connection (a weighted fit): on
-  layers 11 and 28 the held-out NMSE over inlier positions of the fit from all 24,384 non-start
-  training positions was 4.29 and 0.68, of the fit without the 7 and 6 outlier positions 0.48
-  and 0.41. The price: over all non-start held-out positions (the one 445x position included)
-  the robust fit scores 0.97 and 0.70 against 0.67 and 0.52, since it no longer chases that one
-  position; no other layer has an outlier at factor 50, so no other layer changes;
-- ``scales``: excluded from the per-layer normalisation scales: the outliers among the first
-  8,192 training positions inflate layer 11's mean squared output norm 13-fold (layer 28:
-  1.7-fold), so that layer's ordinary positions count 1/13 as much as other layers' in the
-  summed loss.
+Why the factor is 50 and the default is the loss alone, with the measurements (which positions
+SmolLM2's outliers are, what each use costs in NMSE and replacement score): docs/training.md
+("Outliers and the start token") and benchmarks/outliers.md, training_outlier_parts.md.
 
 Shapes: L layers, N positions, d = d_model. Everything runs on the tensors' device.
 """
