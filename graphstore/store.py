@@ -299,8 +299,8 @@ class GraphStore:
 
     def delete(self, graph_id: str) -> bool:
         """Remove a stored graph (its archive file stays); True if it existed."""
-        with self._session() as s:
-            return ingest.delete_graph(s, graph_id)
+        with self._session() as s, ingest.claimed(s, graph_id) as token:  # not mid-write
+            return ingest.delete_graph(s, graph_id, token)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -428,7 +428,8 @@ class GraphStore:
         return run_bounded(self._session, work, limits.timeout)
 
     def stats(self) -> dict:
-        """Counts of complete graphs, prompts, features, nodes and edges."""
+        """Counts of complete graphs, prompts, features, nodes and edges. Features: those of
+        complete graphs (their counters are nonzero), so an interrupted write adds none."""
         q = """
         MATCH (g:Graph) WHERE g.complete = true
         RETURN count(g) AS graphs, count(DISTINCT g.prompt_id) AS prompts,
@@ -437,6 +438,8 @@ class GraphStore:
         with self._session() as s:
             rec = s.execute_read(lambda tx: tx.run(q).single().data())
             rec["features"] = s.execute_read(
-                lambda tx: tx.run("MATCH (f:Feature) RETURN count(f) AS c").single()["c"]
+                lambda tx: tx.run(
+                    "MATCH (f:Feature) WHERE f.graphs > 0 RETURN count(f) AS c"
+                ).single()["c"]
             )
         return rec

@@ -38,6 +38,12 @@ def build(args):
             f"--graphs {args.graphs} is not a folder: give the folder `circuit-atlas trace --out` "
             "wrote (default runs/graphs)"
         )
+    if args.graphs:  # every graph file checked first: a bad one is one line, exit 2
+        from tracer.graph import Graph
+
+        for path in sorted(Path(args.graphs).glob("*.parquet")):
+            if not path.name.endswith(".full.parquet"):
+                Graph.load(path)
     if args.model and not args.transcoders:
         raise ValueError("--model needs --transcoders (the transcoder of the graphs' features)")
     store = None
