@@ -8,17 +8,31 @@ leaves nothing visible; the next write of the same graph id deletes the remains 
 A smaller graph (the usual pruned circuit) goes in a single transaction of two statements (three
 when it brings new features): PREPARE (stored state, features to create) and one statement
 that writes header, feature summary and counters, nodes and edges; it is visible at commit.
+
+One writer per graph: any write that is not that single first transaction (a large graph, or a
+rewrite of stored remains) first takes the graph's claim, a ``(:WriteClaim {graph})`` node
+(unique per graph). A second writer of the same graph waits on the claim, then finds the graph
+complete and skips it; a claim whose owner died (same host: its process is gone; else: no
+heartbeat for CLAIM_STALE_S) is broken. The owner's edge batches and its completion check
+that the claim is still its own, and completion (the flip, the counters and the claim's
+release) is one transaction, after the writer counted every edge written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import socket
 import time
+import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import neo4j
 import numpy as np
 
 from graphstore.schema import feature_key
@@ -108,12 +122,27 @@ def flat_properties(graph: Graph) -> dict:
     return out
 
 
+def node_influence(graph: Graph) -> list:
+    """Per-node influence recorded by pruning (``graph.extra['influence']``, aligned with the
+    nodes) as floats (None where not finite), or all None when the graph has none."""
+    values = graph.extra.get("influence")
+    if not isinstance(values, list | tuple | np.ndarray) or len(values) != graph.n_nodes:
+        return [None] * graph.n_nodes
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return [None] * graph.n_nodes
+    return [float(v) if np.isfinite(v) else None for v in arr.tolist()]
+
+
 @dataclass
 class GraphRows:
     """A graph flattened into parameter rows for the write queries (rows are lists, see above).
 
     ``nodes`` rows: [i, kind, layer, position, feature, activation, probability, logit_weight,
-    token, slot], where ``slot`` indexes ``features`` for feature nodes (None otherwise).
+    token, slot, influence], where ``slot`` indexes ``features`` for feature nodes (None
+    otherwise) and ``influence`` is pruning's per-node influence (``graph.extra['influence']``;
+    None when the graph does not record it), stored so queries can sort nodes by it.
     ``features`` rows: [key, n_nodes, activation sum, layer, index], one per distinct feature.
     """
 
@@ -134,6 +163,7 @@ def graph_rows(graph: Graph, gid: str, parquet_path: str | None) -> GraphRows:
     activation = graph.activation.astype(np.float64).tolist()
     probability = graph.probability.astype(np.float64).tolist()
     logit_w = np.asarray(graph.logit_weights, dtype=np.float64).tolist()
+    influence = node_influence(graph)
     nodes: list[list] = []
     slots: dict[str, int] = {}
     features: list[list] = []
@@ -151,7 +181,7 @@ def graph_rows(graph: Graph, gid: str, parquet_path: str | None) -> GraphRows:
             tok = graph.token_strings[position[i]]
         nodes.append(
             [i, NODE_KINDS[kind[i]], layer[i], position[i], feature[i], activation[i],
-             probability[i], logit_w[i], tok, slot]
+             probability[i], logit_w[i], tok, slot, influence[i]]
         )  # fmt: skip
     header = {
         "id": gid,
@@ -190,7 +220,9 @@ def graph_rows(graph: Graph, gid: str, parquet_path: str | None) -> GraphRows:
 STATE = """
 OPTIONAL MATCH (t:Transcoder {name: $transcoder})
 OPTIONAL MATCH (g:Graph {id: $id})
-RETURN t.model AS transcoder_model, g.complete AS complete, g.content_hash AS content_hash
+OPTIONAL MATCH (c:WriteClaim {graph: $id})
+RETURN t.model AS transcoder_model, g.complete AS complete, g.content_hash AS content_hash,
+       c IS NOT NULL AS claimed
 """
 
 HIDE = """
@@ -254,13 +286,15 @@ DELETE_ATTACHED = (
 PREPARE = """
 OPTIONAL MATCH (t:Transcoder {name: $transcoder})
 OPTIONAL MATCH (g:Graph {id: $id})
-WITH t.model AS transcoder_model, g.complete AS complete, g.content_hash AS content_hash
+OPTIONAL MATCH (c:WriteClaim {graph: $id})
+WITH t.model AS transcoder_model, g.complete AS complete, g.content_hash AS content_hash,
+     c IS NOT NULL AS claimed
 OPTIONAL MATCH (h:Graph {prompt_id: $prompt_id})-[:HAS_FEATURE]->(f:Feature)
 WHERE h.complete = true AND h.id <> $id
-WITH transcoder_model, complete, content_hash, collect(DISTINCT f.key) AS seen
+WITH transcoder_model, complete, content_hash, claimed, collect(DISTINCT f.key) AS seen
 UNWIND (CASE WHEN size($keys) = 0 THEN [null] ELSE $keys END) AS key
 OPTIONAL MATCH (x:Feature {key: key})
-RETURN transcoder_model, complete, content_hash, seen,
+RETURN transcoder_model, complete, content_hash, claimed, seen,
        collect(CASE WHEN x IS NULL THEN key END) AS missing
 """
 
@@ -307,7 +341,8 @@ NO_FEATURES = "WITH g, [] AS fs\n"
 NODES = """
 UNWIND $nodes AS r
 CREATE (n:Node {graph: $h.id, i: r[0], kind: r[1], layer: r[2], position: r[3], feature: r[4],
-                activation: r[5], probability: r[6], logit_weight: r[7], token: r[8]})
+                activation: r[5], probability: r[6], logit_weight: r[7], token: r[8],
+                influence: r[10]})
 FOREACH (f IN CASE WHEN r[9] IS NULL THEN [] ELSE [fs[r[9]]] END |
   CREATE (n)-[:INSTANCE_OF]->(f))
 WITH size(fs) AS nf, collect(n) AS ns
@@ -334,9 +369,143 @@ MATCH (a) WHERE elementId(a) = r[0]
 UNWIND range(0, size(r[1]) - 1) AS j
 MATCH (b) WHERE elementId(b) = r[1][j]
 CREATE (a)-[:EDGE {weight: r[2][j], k: r[3][j]}]->(b)
+RETURN count(*) AS edges
 """
 
 COMPLETE = "MATCH (g:Graph {id: $id}) SET g.complete = true RETURN g.id AS id"
+
+# --- the claim: one writer per graph (see the module doc) ------------------------------------
+
+CLAIM_STALE_S = 60.0  # a claim without a heartbeat for this long is dead (owner elsewhere)
+CLAIM_POLL_S = 0.25  # how often a waiting writer looks again
+
+CLAIM = """
+CREATE (:WriteClaim {graph: $id, owner: $owner, host: $host, pid: $pid, pid_start: $pid_start,
+                     heartbeat: $now})
+"""
+READ_CLAIM = """
+MATCH (c:WriteClaim {graph: $id})
+RETURN c.owner AS owner, c.host AS host, c.pid AS pid, c.pid_start AS pid_start,
+       c.heartbeat AS heartbeat
+"""
+BEAT = """
+MATCH (c:WriteClaim {graph: $id, owner: $owner})
+SET c.heartbeat = $now
+RETURN count(c) AS held
+"""
+RELEASE = "MATCH (c:WriteClaim {graph: $id, owner: $owner}) DELETE c"
+
+_HELD: set[str] = set()  # the claims (owner tokens) this process holds now
+_HOST = socket.gethostname()
+
+
+class ClaimLostError(RuntimeError):
+    """This writer's claim on a graph was broken by another writer (it judged this one dead);
+    nothing more is written, and the graph stays incomplete until that writer finishes."""
+
+
+def _pid_start(pid: int) -> int | None:
+    """Start time of process ``pid`` (clock ticks since boot, /proc), None when it is gone;
+    -1 where /proc is missing but the process exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass
+    return -1
+
+
+def _claim_is_dead(claim: dict) -> bool:
+    """A claim whose owner cannot be writing any more."""
+    if claim["host"] == _HOST:
+        if claim["pid"] == os.getpid():
+            return claim["owner"] not in _HELD  # this process knows what it holds
+        started = _pid_start(int(claim["pid"]))
+        if started is None or started not in (-1, claim["pid_start"]):
+            return True  # the process is gone (or its pid was reused)
+    heartbeat = claim["heartbeat"] or 0.0
+    return time.time() - heartbeat > CLAIM_STALE_S  # alive but silent, or on another host
+
+
+def _is_conflict(err: Exception) -> bool:
+    if isinstance(err, neo4j.exceptions.ConstraintError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, neo4j.exceptions.ClientError) and (
+        "duplicat" in text or "concurrent" in text
+    )
+
+
+def acquire_claim(session, gid: str, on_wait=None) -> str:
+    """Take graph ``gid``'s claim, waiting while a live writer holds it (breaking a dead
+    writer's); returns this writer's owner token. ``on_wait(claim)`` is called once when it
+    has to wait."""
+    token = uuid.uuid4().hex
+    me = os.getpid()
+    params = dict(id=gid, owner=token, host=_HOST, pid=me, pid_start=_pid_start(me))
+    waited = False
+    while True:
+        try:
+            session.execute_write(lambda tx: tx.run(CLAIM, **params, now=time.time()).consume())
+            _HELD.add(token)
+            return token
+        except neo4j.exceptions.Neo4jError as err:
+            if not _is_conflict(err):
+                raise
+        claim = session.execute_read(lambda tx: tx.run(READ_CLAIM, id=gid).single())
+        if claim is None:
+            continue  # released in between
+        claim = claim.data()
+        if claim["owner"] == token:  # our create committed, its answer was lost
+            _HELD.add(token)
+            return token
+        if _claim_is_dead(claim):
+            session.execute_write(
+                lambda tx, o=claim["owner"]: tx.run(RELEASE, id=gid, owner=o).consume()
+            )
+            continue
+        if not waited and on_wait is not None:
+            on_wait(claim)
+        waited = True
+        time.sleep(CLAIM_POLL_S)
+
+
+def release_claim(session, gid: str, token: str) -> None:
+    """Give the claim back (best effort: a claim left by a failed release is broken later)."""
+    _HELD.discard(token)
+    try:
+        session.execute_write(lambda tx: tx.run(RELEASE, id=gid, owner=token).consume())
+    except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError, OSError):
+        pass
+
+
+@contextmanager
+def claimed(session, gid: str, on_wait=None):
+    """Hold graph ``gid``'s claim for the block (see acquire_claim); yields the owner token."""
+    token = acquire_claim(session, gid, on_wait)
+    try:
+        yield token
+    finally:
+        release_claim(session, gid, token)
+
+
+def _beat(tx, gid: str, token: str) -> None:
+    """Renew the claim in transaction ``tx``; ClaimLostError when it is no longer ours."""
+    if tx.run(BEAT, id=gid, owner=token, now=time.time()).single()["held"] != 1:
+        raise ClaimLostError(
+            f"another writer broke this writer's claim on graph {gid} (it judged this one "
+            "dead) and rewrites it; nothing more was written by this one"
+        )
 
 
 @dataclass
@@ -377,22 +546,30 @@ def _hide(tx, gid: str) -> bool:
     return True
 
 
-def _complete(tx, gid: str, prompt: str, features: list[list]) -> bool:
+def _complete(tx, gid: str, prompt: str, features: list[list], token: str) -> bool:
+    """Make the graph visible, add it to the feature counters and release the claim: one
+    transaction, so the graph is counted exactly when it is visible."""
+    _beat(tx, gid, token)
     rec = tx.run(COMPLETE, id=gid).single()
     if rec is None:  # pragma: no cover - would mean a concurrent delete
         return False
     _count_features(tx, gid, prompt, features, +1)
+    tx.run(RELEASE, id=gid, owner=token).consume()
     return True
 
 
-def delete_graph(session, gid: str) -> bool:
-    """Remove a graph (complete or not) and everything that belongs to it; True if found."""
+def delete_graph(session, gid: str, token: str | None = None) -> bool:
+    """Remove a graph (complete or not) and everything that belongs to it; True if found.
+    ``token``: the caller's claim on the graph, renewed with each batch."""
     found = session.execute_write(_hide, gid)
     while True:
-        deleted = session.execute_write(
-            lambda tx: tx.run(DELETE_NODES, id=gid, batch=DELETE_BATCH).single()["deleted"]
-        )
-        if not deleted:
+
+        def batch(tx):
+            if token is not None:
+                _beat(tx, gid, token)
+            return tx.run(DELETE_NODES, id=gid, batch=DELETE_BATCH).single()["deleted"]
+
+        if not session.execute_write(batch):
             break
     for statement in DELETE_ATTACHED:
         session.execute_write(lambda tx, q=statement: tx.run(q, id=gid).consume())
@@ -400,56 +577,79 @@ def delete_graph(session, gid: str) -> bool:
     return found
 
 
-def write_rows(session, rows: GraphRows, on_state=None, progress=None) -> WriteResult:
+def write_rows(session, rows: GraphRows, on_state=None, progress=None, on_wait=None) -> WriteResult:
     """Write one graph's rows.
 
     ``on_state(state)`` sees the stored state first (the caller checks model consistency there
-    and may raise). ``progress(edges_written, n_edges)`` is called after each committed batch.
-    Up to EDGE_BATCH edges: one transaction, which also reads the state. More: (1) header,
-    features, nodes and feature summary; (2..) edge batches; (last) the flip to
-    ``complete = true`` (see the module doc).
+    and may raise). ``progress(edges_written, n_edges)`` is called after each committed batch;
+    ``on_wait(claim)`` once if another writer holds the graph's claim (this one then waits).
+    Up to EDGE_BATCH edges and nothing stored under the id: one transaction, which also reads
+    the state. Otherwise, under the graph's claim: remains removed, then (small) that one
+    transaction, or (large) header, features, nodes and feature summary; edge batches; the
+    flip to ``complete = true`` with the counters (see the module doc).
     """
     t0 = time.perf_counter()
     h = rows.header
     gid = h["id"]
     n_nodes, n_edges = h["n_nodes"], h["n_edges"]
     small = n_edges <= EDGE_BATCH
-    if small:
-        # Written at once unless something is stored under this id (then state is returned).
-        state = session.execute_write(_write_whole, rows, on_state)
-    else:
-        state = session.execute_read(
+
+    def result(written: bool, repaired: bool) -> WriteResult:
+        if written and progress is not None and small:
+            progress(n_edges, n_edges)
+        return WriteResult(gid, written, repaired, n_nodes, n_edges, time.perf_counter() - t0)
+
+    def read_state() -> dict:
+        return session.execute_read(
             lambda tx: tx.run(STATE, transcoder=h["transcoder"], id=gid).single().data()
         )
-        if on_state is not None:
-            on_state(state)
-    if state is None:
-        if progress is not None:
-            progress(n_edges, n_edges)
-        return WriteResult(gid, True, False, n_nodes, n_edges, time.perf_counter() - t0)
-    if state["complete"] is True and state["content_hash"] == h["content_hash"]:
-        return WriteResult(gid, False, False, n_nodes, n_edges, time.perf_counter() - t0)
-    delete_graph(session, gid)  # the remains of a crashed write, or an older version
 
     if small:
-        if session.execute_write(_write_whole, rows, None) is not None:  # pragma: no cover
-            raise RuntimeError(f"graph {gid} was written concurrently by another writer")
-        if progress is not None:
-            progress(n_edges, n_edges)
-        return WriteResult(gid, True, True, n_nodes, n_edges, time.perf_counter() - t0)
+        # Written at once unless something is stored (or claimed) under this id.
+        state = session.execute_write(_write_whole, rows, on_state, False)
+        if state is None:
+            return result(True, False)
+    else:
+        state = read_state()
+        if on_state is not None:
+            on_state(state)
+    if state["complete"] is True and state["content_hash"] == h["content_hash"]:
+        return result(False, False)
 
-    eids = session.execute_write(_write_nodes, rows)
-    done = 0
-    for batch in _edge_batches(rows, eids):
-        session.execute_write(lambda tx, b=batch: tx.run(EDGES, rows=b).consume())
-        done += sum(len(r[1]) for r in batch)
-        if progress is not None:
-            progress(done, n_edges)
+    with claimed(session, gid, on_wait) as token:
+        state = read_state()  # what the claim's last holder left
+        if state["complete"] is True and state["content_hash"] == h["content_hash"]:
+            return result(False, False)  # another writer stored it while this one waited
+        repaired = state["complete"] is not None
+        if repaired:
+            delete_graph(session, gid, token)  # a crashed write's remains, or an older version
+        if small:
+            if session.execute_write(_write_whole, rows, None, True) is not None:
+                raise RuntimeError(  # pragma: no cover - the claim excludes it
+                    f"graph {gid} was written by another writer that ignored its claim"
+                )
+            return result(True, repaired)
 
-    flipped = session.execute_write(_complete, gid, h["prompt_id"], rows.features)
-    if not flipped:  # pragma: no cover - would mean a concurrent delete
-        raise RuntimeError(f"graph {gid} vanished while it was being written")
-    return WriteResult(gid, True, True, n_nodes, n_edges, time.perf_counter() - t0)
+        eids = session.execute_write(_write_nodes, rows)
+        done = 0
+        for batch in _edge_batches(rows, eids):
+
+            def write_batch(tx, b=batch):
+                _beat(tx, gid, token)
+                return tx.run(EDGES, rows=b).single()["edges"]
+
+            done += session.execute_write(write_batch)
+            if progress is not None:
+                progress(done, n_edges)
+        if done != n_edges:
+            raise RuntimeError(
+                f"graph {gid}: {done} of its {n_edges} edges were written (nodes vanished "
+                "while it was written); it stays invisible: add it again to repair it"
+            )
+        flipped = session.execute_write(_complete, gid, h["prompt_id"], rows.features, token)
+        if not flipped:  # pragma: no cover - would mean a concurrent delete
+            raise RuntimeError(f"graph {gid} vanished while it was being written")
+        return result(True, repaired)
 
 
 def _graph_statement(rows: GraphRows, counted: bool, with_edges: bool) -> str:
@@ -503,14 +703,15 @@ def _run_graph_statement(tx, rows: GraphRows, complete: bool, seen: set[str]):
     return rec
 
 
-def _write_whole(tx, rows: GraphRows, on_state=None) -> dict | None:
+def _write_whole(tx, rows: GraphRows, on_state=None, claim_held: bool = False) -> dict | None:
     """A whole graph in one transaction, visible and counted when it commits; unless a graph
-    with this id is stored (complete or not): then nothing is written and its state returned
-    (``on_state`` sees the state either way)."""
+    with this id is stored (complete or not), or claimed by a writer (unless ``claim_held``:
+    the caller's): then nothing is written and its state returned (``on_state`` sees the state
+    either way)."""
     state = _prepare(tx, rows)
     if on_state is not None:
         on_state({k: state[k] for k in ("transcoder_model", "complete", "content_hash")})
-    if state["complete"] is not None:
+    if state["complete"] is not None or (state["claimed"] and not claim_held):
         return state
     rec = _run_graph_statement(tx, rows, True, set(state["seen"]))
     if rec["edges"] != rows.header["n_edges"]:  # pragma: no cover - a bug

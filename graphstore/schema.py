@@ -15,12 +15,15 @@ Schema (every property name below is what queries use)::
     (:Graph)-[:OF_PROMPT]->(:Prompt), (:Graph)-[:USES]->(:Transcoder)
     (:Graph)-[:HAS_FEATURE {nodes, activation}]->(:Feature)   per-graph feature summary
     (:Node {graph, i, kind, layer, position, feature, activation, probability, logit_weight,
-            token})                                      one per pruned-graph node
+            token, influence})                           one per pruned-graph node; influence:
+                                         pruning's (null when the graph records none)
     (:Node)-[:INSTANCE_OF]->(:Feature)                   feature nodes only
     (:Node)-[:EDGE {weight, k}]->(:Node)   source -> target, weight = A[target, source]
     (:Supernode), (:Swap), [:VIRTUAL] global weights: see graphstore.crossprompt
     (:Subgraph {key, graph, name, doc_json, updated_ms})  a saved view of graph ``graph``
                                          (pinned nodes, supernodes, labels; graphstore.subgraphs)
+    (:WriteClaim {graph, owner, host, pid, pid_start, heartbeat})  the one writer of a graph
+                                         while it writes (graphstore.ingest); none at rest
 
 ``Graph.complete`` is false while a graph is being written; every query reads only complete
 graphs. Neo4j 5 and ArcadeDB accept the same DDL below (checked against ArcadeDB 26.10); the
@@ -32,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node", "Supernode", "Swap",
-          "Subgraph")  # fmt: skip
+          "Subgraph", "WriteClaim")  # fmt: skip
 RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE",
                  "HAS_SUPERNODE", "MEMBER", "VIRTUAL", "HAS_SWAP", "SWAP_FROM")  # fmt: skip
 
@@ -46,6 +49,9 @@ _COMMON = (
     "CREATE CONSTRAINT graph_id IF NOT EXISTS FOR (g:Graph) REQUIRE g.id IS UNIQUE",
     "CREATE CONSTRAINT subgraph_key IF NOT EXISTS FOR (s:Subgraph) REQUIRE s.key IS UNIQUE",
     "CREATE INDEX subgraph_graph IF NOT EXISTS FOR (s:Subgraph) ON (s.graph)",
+    # One writer per graph (graphstore.ingest's claim): a second claim of a graph conflicts.
+    "CREATE CONSTRAINT write_claim_graph IF NOT EXISTS FOR (c:WriteClaim) REQUIRE c.graph "
+    "IS UNIQUE",
     "CREATE INDEX node_graph IF NOT EXISTS FOR (n:Node) ON (n.graph)",
     "CREATE INDEX node_kind_feature IF NOT EXISTS FOR (n:Node) ON (n.kind, n.feature)",
     "CREATE INDEX graph_complete IF NOT EXISTS FOR (g:Graph) ON (g.complete)",

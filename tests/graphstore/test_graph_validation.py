@@ -140,4 +140,3 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         g.save(tmp_path / "g.parquet")
     assert list(tmp_path.iterdir()) == []
-

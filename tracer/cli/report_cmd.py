@@ -53,6 +53,7 @@ def _report(args) -> int:
     for path in args.graphs:
         if not path.exists():
             raise FileNotFoundError(f"graph file {path} does not exist")
+        Graph.load(path)  # checked (GraphFormatError: one line) before any work is done
     book = load_features(args.features)
     decode = None
     if args.model:

@@ -190,8 +190,7 @@ def _add(args) -> int:
         raise ValueError(f"--full names {len(fulls)} files for {len(args.files)} graphs")
     # Every file is read and checked before any is stored (a bad one stores nothing). Pruned
     # graphs are small and kept; full graphs are read again when stored (they can be large).
-    graphs = [Graph.load(path) for path in tqdm(args.files, unit="file", desc="checking",
-                                                  disable=len(args.files) < 2)]  # fmt: skip
+    graphs = [Graph.load(path) for path in args.files]
     for path in fulls:
         Graph.load(path)
     with _open(args) as store:
