@@ -258,6 +258,13 @@ class LanguageModel:
         """A layer's part by its table name (``attn``, ``attn_norm``, ``mlp`` ...)."""
         return get_module(self.layers()[layer], getattr(self.arch, part))
 
+    def mlp_norm_gain(self, layer: int) -> torch.Tensor:
+        """The elementwise gain g [d] (float32) of layer ``layer``'s MLP-input norm (what a
+        published transcoder reading the norm before its gain needs: transcoders.formats)."""
+        from tracer.architectures import norm_gain
+
+        return norm_gain(self.arch.norm_kind, self.layer_module(layer, "mlp_norm"))
+
     def final_norm(self) -> torch.nn.Module:
         return get_module(self.hf, self.arch.final_norm)
 

@@ -12,6 +12,16 @@ Formats (``FORMATS``):
   parent folder of one such folder per layer. Read; written for per-layer transcoders.
 - ``gemmascope``: GemmaScope ``params.npz`` transcoders (a file, or a folder tree of them with
   ``layer_{i}`` in their paths). Read only.
+- ``gemmascope-2``: Gemma Scope 2 safetensors (``w_enc``, ``w_dec``, ...): per-layer
+  ``layer_{i}_.../params.safetensors`` or a CLT's ``params_layer_{i}.safetensors``. Read only.
+- ``config-list``: a circuit-tracer ``config.yaml`` whose ``transcoders:`` list names one file
+  per layer (local paths or ``hf://`` URIs; any per-layer format above). Read only.
+
+Besides a local path, ``load_transcoder`` takes what circuit-tracer takes (see
+``transcoders.hub``): a preset (``gemma``, ``llama``: ``transcoders.presets``), a hub repository
+id ``org/name[/sub/folder][@revision]`` or ``hf://`` URI, resolved through the Hugging Face
+cache (``HF_HUB_OFFLINE=1`` honoured). A published transcoder's identity names its repository
+and commit.
 - ``sparsify``: EleutherAI sparsify TopK transcoders (optionally with skip connection), a
   ``cfg.json`` + ``sae.safetensors`` folder per MLP hookpoint (``layers.{i}.mlp``), or the run
   folder holding them. Read only.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,27 +47,44 @@ import torch
 from transcoders.clt import CrossLayerTranscoder, InputSite
 from transcoders.device import DTYPE_CHOICES, DeviceSetting, parse_dtype
 from transcoders.device import DTYPES as DEVICE_DTYPES
+from transcoders.hook_names import reads_before_gain
+from transcoders.hub import resolve as resolve_published
 from transcoders.io_assemble import CONFIG_FILE
 from transcoders.io_circuit_tracer import (
     is_clt_folder,
     is_plt_folder,
     read_clt,
+    read_listed,
     read_plt,
     read_yaml,
     write_clt,
     write_plt,
 )
 from transcoders.io_files import TranscoderFormatError, atomic_folder, missing
-from transcoders.io_gemmascope import gemmascope_files, read_gemmascope
+from transcoders.io_gemmascope import (
+    gemmascope2_files,
+    gemmascope_files,
+    read_gemmascope,
+    read_gemmascope2,
+)
 from transcoders.io_saelens import (
     is_saelens_folder,
     read_saelens,
+    saelens_input_hook,
     saelens_layer_folders,
     write_saelens,
 )
 from transcoders.io_sparsify import is_sparsify_folder, read_sparsify, sparsify_layer_folders
 
-FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens", "gemmascope", "sparsify")
+FORMATS = (
+    "circuit-tracer",
+    "circuit-tracer-plt",
+    "saelens",
+    "gemmascope",
+    "gemmascope-2",
+    "sparsify",
+    "config-list",
+)
 WRITABLE_FORMATS = ("circuit-tracer", "circuit-tracer-plt", "saelens")
 # Storage precisions: the one dtype table of transcoders.device.
 DTYPES = {name: DEVICE_DTYPES[name] for name in DTYPE_CHOICES}
@@ -69,6 +97,7 @@ __all__ = [
     "TranscoderInfo",
     "convert_transcoder",
     "detect_format",
+    "fold_input_gain",
     "load_transcoder",
     "save_transcoder",
     "transcoder_info",
@@ -83,6 +112,10 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_file():
         if p.suffix == ".npz":
             return "gemmascope"
+        if gemmascope2_files(p):
+            return "gemmascope-2"
+        if p.suffix in (".yaml", ".yml"):
+            return "config-list"
         if p.name in ("cfg.json", "sae_weights.safetensors", "sae.safetensors"):
             kind = "sparsify" if (p.parent / "sae.safetensors").is_file() else "SAELens"
             raise TranscoderFormatError(f"{p} is part of a {kind} folder: load {p.parent}")
@@ -97,14 +130,12 @@ def detect_format(path: str | os.PathLike) -> str:
         return "saelens"
     if is_sparsify_folder(p) or sparsify_layer_folders(p):
         return "sparsify"
+    if (read_yaml(p) if (p / "config.yaml").is_file() else {}).get("transcoders"):
+        return "config-list"
+    if gemmascope2_files(p):
+        return "gemmascope-2"
     if gemmascope_files(p):
         return "gemmascope"
-    listed = (read_yaml(p) if (p / "config.yaml").is_file() else {}).get("transcoders")
-    if listed:
-        raise TranscoderFormatError(
-            f"{p / 'config.yaml'} only lists transcoder files kept elsewhere (e.g. "
-            f"{listed[0]}): download them and load the folder that holds them"
-        )
     raise TranscoderFormatError(
         f"{p} holds no transcoder in a format we read: expected W_enc_0.safetensors "
         "(circuit-tracer CLT), layer_0.safetensors (circuit-tracer per-layer), cfg.json + "
@@ -141,8 +172,11 @@ def load_transcoder(
     model=None,
     device: str | torch.device | DeviceSetting | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    target_model: str | None = None,
+    mlp_norm_gain=None,
 ) -> CrossLayerTranscoder:
-    """Load a transcoder in any format of ``FORMATS`` (detected unless ``format`` is given).
+    """Load a transcoder in any format of ``FORMATS`` (detected unless ``format`` is given), or
+    a published one by preset, hub reference or config.yaml (see the module doc).
 
     lazy: read only encoders now; each decoder [F, T, d] is opened on first use (and a sparse
         decode reads only its rows). ``lazy=False`` opens and shape-checks every decoder now;
@@ -161,25 +195,44 @@ def load_transcoder(
         CPU, float32). Encoders and biases are copied onto the device layer by layer as they
         are read; a lazy decoder is moved there (converted to ``dtype``) when first read, and
         row reads move only their rows. Products are computed in float32 whatever the dtype.
+    target_model: the name of the model the transcoder will serve (``--model``): a published
+        set trained for another hub model is refused before its weights are fetched. Checked,
+        never recorded (unlike ``model_name``).
+    mlp_norm_gain: ``gain(model_layer) -> [d]``, the model's MLP-input norm gains, folded into a
+        source that reads the norm before its gain (GemmaScope's ``ln2.hook_normalized``; see
+        :func:`fold_input_gain`). ``model`` supplies it when it has ``mlp_norm_gain``.
     Weights are frozen (no grads).
     """
     setting = DeviceSetting.parse(device, dtype)
+    gain = mlp_norm_gain
     if model is not None:
         facts = getattr(model, "facts", model)
         n_layers = facts.n_layers if n_layers is None else n_layers
         d_model = facts.d_model if d_model is None else d_model
         model_name = model_name or getattr(facts, "name", None)
+        gain = gain or getattr(model, "mlp_norm_gain", None)
+    wanted = target_model or model_name
+    pub = resolve_published(path, wanted) if format in (None, "config-list") else None
+    if pub is not None and pub.folder is not None:
+        path = pub.folder
     p = Path(path)
-    fmt = format or detect_format(p)
+    fmt = "config-list" if pub is not None and pub.files is not None else format
+    fmt = fmt or detect_format(p)
     if fmt not in FORMATS:
         raise TranscoderFormatError(f"unknown transcoder format {fmt!r}: use one of {FORMATS}")
-    if not p.exists():
+    if fmt == "config-list" and pub is None:
+        raise TranscoderFormatError(f"{p} is not a config.yaml that lists transcoder files")
+    if pub is None and not p.exists():
         raise missing(p, "path")
-    saved = _saved_config(p)
-    common = dict(
-        saved=saved, lazy=lazy, input_site=input_site, model_name=model_name, setting=setting
-    )
-    if fmt == "circuit-tracer":
+    conf = pub.conf if pub is not None else {}
+    saved = _saved_config(p) if p.exists() else None
+    recorded = model_name or (pub.model_name if pub is not None else None)
+    common = dict(saved=saved, lazy=lazy, input_site=input_site, model_name=recorded,
+                  setting=setting)  # fmt: skip
+    if fmt == "config-list":
+        where = Path(pub.files[0]).parent if pub.name else Path(pub.label)
+        clt = read_listed(pub.files, conf, where=where, n_layers=n_layers, layer=layer, **common)
+    elif fmt == "circuit-tracer":
         if layer is not None:
             raise TranscoderFormatError("layer= applies to single-layer sources, not a CLT")
         clt = read_clt(p, **common)
@@ -188,19 +241,88 @@ def load_transcoder(
             "circuit-tracer-plt": read_plt,
             "saelens": read_saelens,
             "gemmascope": read_gemmascope,
+            "gemmascope-2": read_gemmascope2,
             "sparsify": read_sparsify,
         }[fmt]
         clt = reader(p, n_layers=n_layers, layer=layer, **common)
+    if pub is not None and pub.name and not (saved or {}).get("name"):
+        clt.cfg.name = pub.name  # the repository and commit: graphs say which published set
+    label = pub.label if pub is not None else str(p)
+    hook = _published_input_hook(fmt, p, conf, saved)
+    if input_site is None and reads_before_gain(hook):
+        if gain is None:
+            warnings.warn(
+                f"{label} reads {hook} (the MLP-input norm before its gain): load it with the "
+                "model (model=...) so the gain is folded into its encoder; as loaded it reads "
+                "the MLP input after the gain",
+                stacklevel=2,
+            )
+        else:
+            fold_input_gain(clt, gain)
     # The identity is computed on first use (it reads a few decoder rows, so a lazy load stays
     # lazy) and then kept: these weights are frozen.
     clt.keep_identity = True
     if n_layers is not None or d_model is not None:
-        clt.check_model(
-            n_layers if n_layers is not None else clt.cfg.n_layers,
-            d_model if d_model is not None else clt.cfg.d_model,
-            model_name or clt.cfg.model_name or "the model",
-        )
+        who = target_model or model_name or clt.cfg.model_name or "the model"
+        try:
+            clt.check_model(
+                n_layers if n_layers is not None else clt.cfg.n_layers,
+                d_model if d_model is not None else clt.cfg.d_model,
+                who,
+            )
+        except ValueError as err:
+            if pub is None:
+                raise
+            trained = f" (trained for {pub.model_name})" if pub.model_name else ""
+            raise TranscoderFormatError(f"{label}{trained}: {err}") from None
     return clt
+
+
+def _published_input_hook(fmt: str, p: Path, conf: dict, saved: dict | None) -> str | None:
+    """The TransformerLens hook the source's own files say it reads (None: our own files, or
+    not said)."""
+    if saved:  # our own circuit_atlas.json: the encoder is already in our convention
+        return None
+    if conf.get("feature_input_hook"):
+        return str(conf["feature_input_hook"])
+    if fmt in ("circuit-tracer", "circuit-tracer-plt") and p.is_dir():
+        return read_yaml(p).get("feature_input_hook")
+    if fmt == "gemmascope":
+        return "ln2.hook_normalized"  # circuit-tracer's hook for GemmaScope's params.npz
+    if fmt == "saelens":
+        return saelens_input_hook(p)
+    return None
+
+
+def fold_input_gain(clt: CrossLayerTranscoder, gain) -> None:
+    """Turn a transcoder that reads the MLP-input norm's output before its gain g (TransformerLens
+    ``ln2.hook_normalized``) into one reading the MLP input (``mlp_in``): ``W_enc / g`` (and
+    ``W_skip / g``), so that ``(W_enc / g) @ (g * x_hat) = W_enc @ x_hat`` exactly up to rounding.
+
+    gain: ``gain(model_layer) -> Tensor [d]`` (``tracer.model.LanguageModel.mlp_norm_gain``).
+    Empty layers are left as they are. In place; the identity then covers the folded weights."""
+    cfg = clt.cfg
+    with torch.no_grad():
+        for i in range(cfg.n_layers):
+            if i in cfg.empty_layers:
+                continue
+            m = cfg.model_layers[i] if cfg.model_layers else i
+            g = torch.as_tensor(gain(m)).detach().to(device=clt.W_enc.device, dtype=torch.float32)
+            if g.shape != (cfg.d_model,):
+                raise TranscoderFormatError(
+                    f"the model's MLP-norm gain of layer {m} has shape {tuple(g.shape)}, "
+                    f"expected [{cfg.d_model}]"
+                )
+            if bool((g == 0).any()):
+                raise TranscoderFormatError(
+                    f"layer {m}'s MLP-norm gain has zeros: a transcoder reading the input before "
+                    "the gain cannot be expressed on the MLP input; load it with "
+                    "input_site='mlp_in' to read the MLP input unchanged"
+                )
+            clt.W_enc[i] = (clt.W_enc[i].float() / g).to(clt.W_enc.dtype)
+            if clt.W_skip is not None:
+                clt.W_skip[i] = (clt.W_skip[i].float() / g).to(clt.W_skip.dtype)
+    clt.cfg.input_site = "mlp_in"
 
 
 def default_format(clt: CrossLayerTranscoder) -> str:

@@ -105,6 +105,20 @@ def default_name(cfg) -> str:
     return clean_name("-".join(parts))
 
 
+def hub_name(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> str:
+    """The readable name of a published transcoder: its repository (``org--name``), its
+    sub-folder and its revision, e.g. ``mntss--clt-gemma-2-2b-426k+1a2b3c4d5e6f`` (a commit is
+    shortened to 12 hex digits). Stored graphs then say which published set they came from."""
+    parts = [repo_id.replace("/", "--")]
+    if subfolder:
+        parts.append(subfolder.strip("/").replace("/", "--"))
+    name = "--".join(parts)
+    if revision:
+        rev = revision[:12] if re.fullmatch(r"[0-9a-f]{40}", revision) else revision
+        name += f"+{rev}"
+    return clean_name(name)
+
+
 def _spread(n: int, k: int) -> torch.Tensor:
     """k indices spread evenly over range(n) (all of them when n <= k)."""
     if n <= k:

@@ -54,9 +54,15 @@ def is_plt_folder(folder: Path) -> bool:
 
 
 def read_yaml(folder: Path) -> dict:
+    """The settings of ``folder``'s config.yaml ({} when it has none)."""
     path = folder / YAML_FILE
     if not path.is_file():
         return {}
+    return read_yaml_file(path)
+
+
+def read_yaml_file(path: Path) -> dict:
+    """The settings of a circuit-tracer config.yaml file (a mapping)."""
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -334,3 +340,61 @@ def write_plt(clt: CrossLayerTranscoder, folder: Path, dtype: torch.dtype | None
     if cfg.activation == "topk":
         conf["k"] = cfg.topk
     (folder / YAML_FILE).write_text(yaml.safe_dump(conf, sort_keys=False))
+
+
+# --- a config.yaml that lists per-layer files (circuit-tracer's ``transcoders:``) ------------
+
+
+def read_listed(
+    files: list[Path],
+    conf: dict,
+    *,
+    where: Path,
+    saved: dict | None,
+    lazy: bool,
+    n_layers: int | None,
+    layer: int | None,
+    input_site: InputSite | None,
+    model_name: str | None,
+    setting: DeviceSetting = CPU,
+) -> CrossLayerTranscoder:
+    """The transcoder a config.yaml describes by listing one file per layer (``transcoders:``;
+    entry i is model layer i, as circuit-tracer enumerates them). Each file is read by its
+    format: GemmaScope ``params.npz``, Gemma Scope 2 safetensors (``w_enc`` ...), or
+    circuit-tracer's ``layer_{i}.safetensors`` keys. ``model_kind: cross_layer_transcoder``
+    with a list is Gemma Scope 2's CLT (``params_layer_{i}`` files)."""
+    from transcoders.io_gemmascope import (
+        gemmascope2_layer,
+        is_gemmascope2_file,
+        npz_layer,
+        read_gemmascope2_clt,
+    )
+
+    if not files:
+        raise TranscoderFormatError(f"{where} lists no transcoder files")
+    site = input_site or (saved or {}).get("input_site") or _yaml_site(conf, where)
+    name = model_name or (saved or {}).get("model_name") or conf.get("model_name")
+    if conf.get("model_kind") == "cross_layer_transcoder":
+        return read_gemmascope2_clt(
+            files, where=where, saved=saved, lazy=lazy, input_site=site, model_name=name,
+            setting=setting,
+        )  # fmt: skip
+    layers = []
+    for i, path in enumerate(tqdm(files, desc="reading layers", unit="layer", disable=None)):
+        if path.suffix == ".npz":
+            lw = npz_layer(path, i)
+        elif is_gemmascope2_file(path):
+            lw = gemmascope2_layer(path, i)
+        else:
+            lw = _plt_layer(path, i, conf, site, name)
+        if conf.get("activation") == "topk" and lw.activation != "topk":
+            raise TranscoderFormatError(
+                f"{where} says activation topk, but {path} is a {lw.activation} transcoder"
+            )
+        lw.input_site = site or lw.input_site
+        lw.model_name = name
+        layers.append(lw)
+    return assemble_per_layer(
+        layers, where=where, saved=saved, lazy=lazy, n_layers=n_layers, layer=layer,
+        input_site=site, model_name=name, setting=setting,
+    )  # fmt: skip

@@ -267,3 +267,13 @@ def write_saelens(clt: CrossLayerTranscoder, folder: Path, dtype: torch.dtype | 
         if clt.W_skip is not None:
             t["W_skip"] = clt.W_skip[i]
         write_safetensors(t, sub / WEIGHTS_FILE, dtype)
+
+
+def saelens_input_hook(path: Path) -> str | None:
+    """The input hook (``hook_name``) the first SAELens folder at ``path`` names."""
+    folders = [path] if is_saelens_folder(path) else saelens_layer_folders(path)
+    if not folders:
+        return None
+    cfg = _read_cfg(folders[0])
+    hook = cfg.get("hook_name") or cfg.get("hook_point")
+    return str(hook) if hook else None

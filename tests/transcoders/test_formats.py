@@ -455,7 +455,7 @@ def test_truncated_and_missing_files(tmp_path):
         lazy.decoder(0)
 
 
-def test_model_mismatch_and_unknown_format(tmp_path):
+def test_model_mismatch_and_unknown_format(tmp_path, monkeypatch):
     clt = make_random_clt(L, D, F, seed=15)
     save_transcoder(clt, tmp_path / "t")
     load_transcoder(tmp_path / "t", n_layers=L, d_model=D)
@@ -476,7 +476,11 @@ def test_model_mismatch_and_unknown_format(tmp_path):
     (tmp_path / "pointer" / "config.yaml").write_text(
         "model_kind: transcoder_set\ntranscoders:\n  - hf://org/repo/layer_0/params.npz\n"
     )
-    with pytest.raises(TranscoderFormatError, match="only lists transcoder files kept elsewhere"):
+    # A config.yaml listing hub files not in the (empty) cache, offline: one line naming the
+    # repository, the file and the command that fetches it (tests/transcoders/test_hub.py).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(FileNotFoundError, match=r"org/repo@main .*layer_0/params.npz.*hf download"):
         load_transcoder(tmp_path / "pointer")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "weights.bin").write_bytes(b"\0" * 10)
