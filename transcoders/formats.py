@@ -213,6 +213,22 @@ def load_transcoder(
         gain = gain or getattr(model, "mlp_norm_gain", None)
     wanted = target_model or model_name
     pub = resolve_published(path, wanted) if format in (None, "config-list") else None
+    args = (lazy, format, n_layers, d_model, model_name, layer, input_site, setting,
+            target_model, gain)  # fmt: skip
+    if pub is None:
+        return _load(path, None, *args)
+    try:
+        return _load(path, pub, *args)
+    except (TranscoderFormatError, ValueError) as err:
+        if str(err).startswith(pub.label):
+            raise
+        trained = f" (trained for {pub.model_name})" if pub.model_name else ""
+        raise TranscoderFormatError(f"{pub.label}{trained}: {err}") from None
+
+
+def _load(path, pub, lazy, format, n_layers, d_model, model_name, layer, input_site, setting,
+          target_model, gain) -> CrossLayerTranscoder:  # fmt: skip
+    """load_transcoder's work once ``pub`` (a published source, or None) is resolved."""
     if pub is not None and pub.folder is not None:
         path = pub.folder
     p = Path(path)
@@ -263,18 +279,11 @@ def load_transcoder(
     # lazy) and then kept: these weights are frozen.
     clt.keep_identity = True
     if n_layers is not None or d_model is not None:
-        who = target_model or model_name or clt.cfg.model_name or "the model"
-        try:
-            clt.check_model(
-                n_layers if n_layers is not None else clt.cfg.n_layers,
-                d_model if d_model is not None else clt.cfg.d_model,
-                who,
-            )
-        except ValueError as err:
-            if pub is None:
-                raise
-            trained = f" (trained for {pub.model_name})" if pub.model_name else ""
-            raise TranscoderFormatError(f"{label}{trained}: {err}") from None
+        clt.check_model(
+            n_layers if n_layers is not None else clt.cfg.n_layers,
+            d_model if d_model is not None else clt.cfg.d_model,
+            target_model or model_name or clt.cfg.model_name or "the model",
+        )
     return clt
 
 

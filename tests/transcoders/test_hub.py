@@ -447,3 +447,42 @@ def test_trace_through_published_sets_is_exact(hub, tmp_path, model_type):
     assert graph.transcoder_name.startswith(hub_name(HubRef.parse(
         {"llama": "mntss/transcoder-Llama-3.2-1B", "gemma2": "mwhanna/gemma-scope-transcoders"}
         .get(model_type, ref)).repo_id))  # fmt: skip
+
+
+# --- the command line: bad input is one line, exit 2 ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from model_fixtures import save_tiny_folder
+
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny")) / "model"  # llama, 2 layers, d 32
+
+
+def _cli_error(capsys, *argv) -> str:
+    from tracer.cli import main
+
+    rc = main(["trace", "The capital of France is", *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_refuses_bad_published_names(hub, tmp_path, tiny_folder, capsys):
+    model = ["--model", str(tiny_folder), "--out", str(tmp_path / "out")]
+    line = _cli_error(capsys, *model, "--transcoders", "gema")
+    assert "unknown transcoder preset or path 'gema'" in line and "llama (mntss/" in line
+    _, files = clt_repo(tmp_path, n_layers=2)
+    hub.publish("org/clt", files)
+    line = _cli_error(capsys, *model, "--transcoders", "org/clt@v9")
+    assert "revision 'v9' of org/clt is not in the Hugging Face cache" in line
+    assert "hf download org/clt --revision v9" in line
+    # The gemma preset (Gemma-2-2B's shape, here d_model 16) for a d_model-32 model.
+    _, files = npz_set(tmp_path, d=16)
+    hub.publish("google/gemma-scope-2b-pt-transcoders", files)
+    hub.publish("mwhanna/gemma-scope-transcoders", {"config.yaml": gemma_preset_config(files)})
+    line = _cli_error(capsys, *model, "--transcoders", "gemma")
+    want = "mwhanna/gemma-scope-transcoders (preset 'gemma') (trained for google/gemma-2-2b)"
+    assert want in line
+    assert "it was trained for another model" in line
