@@ -123,3 +123,51 @@ def check_published_model(label: str, trained_for: str | None, model_name: str |
             f"{label} holds transcoders for {trained_for}, but the model is {model_name}: pass "
             f"--model {trained_for}, or transcoders trained for {model_name}"
         )
+
+
+# --- published shapes (for memory plans made before anything is downloaded) --------------------
+
+
+@dataclass(frozen=True)
+class PublishedShape:
+    """The shape of a published set: ``n_features`` per layer, ``kind`` ``clt`` (layer i
+    decodes to the L - i layers from i on) or ``plt`` (one target layer each)."""
+
+    repo: str
+    model: str
+    kind: str
+    n_layers: int
+    d_model: int
+    n_features: int
+    note: str = ""
+
+    @property
+    def total_features(self) -> int:
+        return self.n_layers * self.n_features
+
+    def n_targets(self) -> list[int]:
+        L = self.n_layers
+        return [L - i for i in range(L)] if self.kind == "clt" else [1] * L
+
+    def resident_bytes(self, itemsize: int) -> int:
+        """What a lazy load holds in memory: encoders [L, F, d], b_enc and thresholds [L, F],
+        b_dec [L, d] (decoders stay on disk; rows are read as features activate)."""
+        L, F, d = self.n_layers, self.n_features, self.d_model
+        return (L * F * d + 2 * L * F + L * d) * itemsize
+
+    def decoder_bytes(self, itemsize: int) -> int:
+        """What the decoders take on disk (read by rows of active features)."""
+        return self.n_features * sum(self.n_targets()) * self.d_model * itemsize
+
+
+# Gemma-2-2B: 26 layers, d_model 2304. The CLTs' names give their total feature counts; 426k
+# is 26 x 16,384 = 425,984 and 2.5M is taken as 26 x 98,304 = 2,555,904 (the nearest per-layer
+# width that is a multiple of 1,024). The GemmaScope set lists the width_16k files.
+GEMMA2_2B_SETS: dict[str, PublishedShape] = {
+    "gemmascope-16k": PublishedShape("mwhanna/gemma-scope-transcoders", "google/gemma-2-2b",
+                                     "plt", 26, 2304, 16_384, "GemmaScope width_16k per layer"),
+    "clt-426k": PublishedShape("mntss/clt-gemma-2-2b-426k", "google/gemma-2-2b", "clt", 26,
+                               2304, 16_384, "426k = 26 x 16,384"),
+    "clt-2.5M": PublishedShape("mntss/clt-gemma-2-2b-2.5M", "google/gemma-2-2b", "clt", 26,
+                               2304, 98_304, "2.5M taken as 26 x 98,304"),
+}  # fmt: skip
