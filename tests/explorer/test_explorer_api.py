@@ -7,11 +7,10 @@ lines."""
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
+from explorer_client import call
 
 from graphstore import GraphNotFoundError, ReadOnlyViolation, SubgraphNotFoundError, graph_id
 from tracer.explorer import ExplorerConfig, ExplorerSetupError, GraphSource, create_app
@@ -21,19 +20,6 @@ from tracer.explorer.server import ServerThread, access_token, is_loopback
 from tracer.graph import ERROR, FEATURE
 from tracer.neuronpedia import check_document, np_node_id, read_subgraph, to_neuronpedia
 from tracer.subgraph import Subgraph, SubgraphError, Supernode
-
-
-def call(url: str, body=None, method=None, headers=None):
-    """(status, JSON) of one request to the explorer."""
-    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def a_subgraph(g, name="sg") -> Subgraph:
@@ -265,10 +251,16 @@ def test_feature_edits_from_graph_nodes(world):
 # --- serving off loopback, the folder, the command line ---------------------------------------
 
 
-def test_token_required_off_loopback(world, capsys):
+def test_token_by_default_and_required(world, capsys):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
-    assert access_token("127.0.0.1", None) is None
+    # a token by default on loopback too (no warning there); --no-token on loopback only
+    local = access_token("127.0.0.1", None)
+    assert local and len(local) >= 32 and capsys.readouterr().err == ""
+    assert access_token("127.0.0.1", None) != local  # fresh each start
+    assert access_token("127.0.0.1", None, no_token=True) is None
+    with pytest.raises(ValueError, match="loopback only"):
+        access_token("0.0.0.0", None, no_token=True)
     token = access_token("0.0.0.0", None)
     assert token and "WARNING" in capsys.readouterr().err
     app = create_app(GraphSource(world.store), config=ExplorerConfig(token=token))
@@ -278,7 +270,9 @@ def test_token_required_off_loopback(world, capsys):
         assert status == 401 and "access token" in body["error"]
         assert call(f"{server.url}/api/info?token={token}")[0] == 200
         assert call(f"{server.url}/api/info", headers={"X-Explorer-Token": token})[0] == 200
+        assert call(f"{server.url}/api/info", headers={"Authorization": f"token {token}"})[0] == 200
         assert call(f"{server.url}/api/info?token=wrong")[0] == 401
+        assert call(f"{server.url}/api/info", headers={"X-Explorer-Token": token[:-1]})[0] == 401
     finally:
         server.stop()
 

@@ -35,16 +35,23 @@ def add_corpus_args(p, what: str) -> None:
                    help="corpus sequences used (the last N; default 32)")  # fmt: skip
 
 
-def open_store(args):
-    """The store the arguments name (None with --no-store)."""
-    if args.no_store:
-        return None
+def open_store(where=None):
+    """The graph store every command opens, with one credential policy.
+
+    ``where``: a Bolt URI (``bolt://`` / ``neo4j://``), None or "" for the embedded local store,
+    or parsed arguments with ``--store URI`` / ``--no-store`` (None with --no-store). A URI's
+    user, password and database come from ``$CIRCUIT_ATLAS_USER``, ``$CIRCUIT_ATLAS_PASSWORD``
+    and ``$CIRCUIT_ATLAS_DATABASE``; the embedded store needs none."""
+    if where is not None and not isinstance(where, str):  # parsed arguments
+        if getattr(where, "no_store", False):
+            return None
+        where = getattr(where, "store", None)
     from graphstore import GraphStore
 
-    if not args.store:
+    if not where:
         return GraphStore()
     env = os.environ.get
-    return GraphStore(args.store, env("CIRCUIT_ATLAS_USER"), env("CIRCUIT_ATLAS_PASSWORD"),
+    return GraphStore(where, env("CIRCUIT_ATLAS_USER"), env("CIRCUIT_ATLAS_PASSWORD"),
                       env("CIRCUIT_ATLAS_DATABASE"))  # fmt: skip
 
 

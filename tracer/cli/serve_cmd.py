@@ -19,8 +19,14 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     p.add_argument("--token", default=None,
-                   help="access token requests must carry (default: none on loopback, a random "
-                        "one elsewhere)")  # fmt: skip
+                   help="access token requests must carry (default: a random one, printed in "
+                        "the URL)")  # fmt: skip
+    p.add_argument("--no-token", action="store_true",
+                   help="no access token (loopback --host only; Host, Origin and CSRF checks "
+                        "stay)")  # fmt: skip
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (a DNS name this "
+                        "machine is reached by; repeatable; '*' for any)")  # fmt: skip
     p.set_defaults(func=_serve)
 
 
@@ -48,7 +54,7 @@ def build(args):
         raise ValueError("--model needs --transcoders (the transcoder of the graphs' features)")
     store = None
     if args.store is not None or not args.graphs:
-        from tracer.cli.trace_cmd import open_store
+        from tracer.cli.graph_args import open_store
 
         store = open_store(args.store or None)
     features = None
@@ -74,7 +80,11 @@ def build(args):
         source,
         features=features,
         interventions=InterventionService(loader=loader),
-        config=ExplorerConfig(token=args.token),
+        config=ExplorerConfig(
+            token=getattr(args, "token", None),
+            host=args.host,
+            allow_hosts=tuple(getattr(args, "allow_host", ()) or ()),
+        ),
         decode=decode,
     )
     return app, store
@@ -83,7 +93,7 @@ def build(args):
 def _serve(args) -> int:
     from tracer.explorer.server import access_token, serve, url
 
-    args.token = access_token(args.host, args.token)
+    args.token = access_token(args.host, args.token, args.no_token)
     app, store = build(args)
     print(f"circuit-atlas explorer: {url(args.host, args.port, args.token)}", file=sys.stderr)
     try:

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tracer.cli.graph_args import open_store  # the one store opener (demo_cmd imports it here)
 from transcoders.device import DeviceSetting, add_device_arguments, setting_from_args
 
 
@@ -367,13 +368,6 @@ def _trace_share(job: TraceJob, items, group, workers: int, rm, setting) -> list
             group.queue.put(PromptResult(index, prompt, FAILED, reason=why, rank=rank).to_msg())
         raise
     return results
-
-
-def open_store(uri: str | None = None):
-    """The graph store: the embedded local server by default, or a Bolt URI."""
-    from graphstore import GraphStore
-
-    return GraphStore(uri) if uri else GraphStore()
 
 
 def _trace(args) -> int:

@@ -12,22 +12,27 @@ Routes::
     GET  /api/graphs/{id}/neuronpedia?subgraph=NAME   Neuronpedia JSON with qParams
     POST /api/graphs/{id}/qparams           read a subgraph from a Neuronpedia JSON / qParams
     GET  /api/features/{layer}/{index}?transcoder=T   the feature panel
-    POST /api/interventions                 queue an intervention; GET /api/jobs/{id} polls it
+    POST /api/interventions                 queue an intervention (429 when the queue is full)
+    GET  /api/jobs/{id}                     poll a job (a finished one is kept until read)
+    POST /api/jobs/{id}/cancel              cancel a queued or running job
     POST /api/cypher                        read-only Cypher (GraphStore.cypher)
 
 Each route is a module-level handler reading the app's :class:`Explorer` state
 (``request.app.state.explorer``); :data:`API_ROUTES` lists them, :func:`create_app` adds the page
 and its assets. Every error is JSON ``{"error": "one line naming the problem and the fix"}``
-with a 4xx/5xx status; the server keeps serving. With a token (required off loopback) every
-request must carry it (``?token=``, the ``X-Explorer-Token`` header or the cookie the page gets).
+with a 4xx status (503 when the store is down); the server keeps serving. What a request must
+be to reach a handler (Host, access token, Origin, CSRF token, bounded JSON body) is
+:mod:`tracer.explorer.security`'s to check.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 import json
+import socket
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +41,6 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -44,14 +48,23 @@ from starlette.staticfiles import StaticFiles
 
 from graphstore.errors import (
     GraphNotFoundError,
+    QueryTimeoutError,
     ReadOnlyViolation,
+    ResultTooLargeError,
     StoreError,
+    StoreUnavailableError,
     SubgraphNotFoundError,
 )
 from tracer.explorer.cypher import cypher_result
 from tracer.explorer.features import feature_panel
-from tracer.explorer.intervene import InterventionRequestError, InterventionService
+from tracer.explorer.intervene import (
+    InterventionRequestError,
+    InterventionService,
+    JobNotFoundError,
+    QueueFullError,
+)
 from tracer.explorer.payload import graph_payload, supernode_suggestions
+from tracer.explorer.security import BODY_KEY, MAX_BODY, MAX_DEPTH, Door, DoorPolicy, parse_json
 from tracer.explorer.sources import GraphSource
 from tracer.features import FeatureBook
 from tracer.neuronpedia import (
@@ -64,15 +77,7 @@ from tracer.subgraph import Subgraph, SubgraphError
 
 WEB_DIR = Path(__file__).parent / "web"
 DIST_DIR = WEB_DIR / "dist"
-TOKEN_COOKIE = "explorer_token"
-# The page may load only what this server serves: a browser-enforced guard that nothing is
-# fetched from the internet at run time.
-CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-    "frame-ancestors 'none'"
-)
-MAX_BODY = 2_000_000  # bytes of a JSON request body
+MAX_FEATURE_INDEX = 2**31 - 1  # graphs store feature indices as int32
 
 
 class ExplorerSetupError(RuntimeError):
@@ -81,12 +86,65 @@ class ExplorerSetupError(RuntimeError):
 
 @dataclass
 class ExplorerConfig:
-    """Server settings. ``token``: required on every request when set; ``max_rows``: rows the
-    Cypher console returns at most; ``dist``: the built page (default web/dist)."""
+    """Server settings. ``token``: the access token every request must carry (None: none;
+    ``circuit-atlas serve`` always sets one unless --no-token on loopback); ``host``: the
+    address the server listens on and ``allow_hosts`` more Host names it answers to (see
+    :mod:`tracer.explorer.security`); ``max_body``: bytes of a request body; ``max_depth``:
+    JSON nesting; ``max_rows``: rows the Cypher console returns at most; ``dist``: the built
+    page (default web/dist)."""
 
     token: str | None = None
+    host: str = "127.0.0.1"
+    allow_hosts: tuple[str, ...] = ()
+    max_body: int = MAX_BODY
+    max_depth: int = MAX_DEPTH
     max_rows: int = 1000
     dist: Path = DIST_DIR
+
+    def policy(self) -> DoorPolicy:
+        return DoorPolicy(
+            token=self.token,
+            host=self.host,
+            allow_hosts=tuple(self.allow_hosts),
+            max_body=self.max_body,
+            max_depth=self.max_depth,
+        )
+
+
+class StoreDown(StoreUnavailableError):
+    """The store does not answer (found by a quick probe, before a request waits on it)."""
+
+
+class StoreProbe:
+    """Whether the store's Bolt port accepts a connection, asked at most every ``every``
+    seconds while it does: a request finds a stopped store in about ``timeout`` seconds (503)
+    instead of waiting out the driver's retries."""
+
+    def __init__(self, store, timeout: float = 0.5, every: float = 2.0):
+        self.store, self.timeout, self.every = store, timeout, every
+        self._ok_at = -1e9
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Raise StoreDown naming ``circuit-atlas store start`` when the store is down."""
+        from urllib.parse import urlsplit
+
+        uri = getattr(self.store, "uri", None)
+        if self.store is None or not uri or time.monotonic() - self._ok_at < self.every:
+            return
+        with self._lock:
+            parts = urlsplit(uri)
+            try:
+                with socket.create_connection(
+                    (parts.hostname or "127.0.0.1", parts.port or 7687), timeout=self.timeout
+                ):
+                    pass
+            except OSError as err:
+                raise StoreDown(
+                    f"the graph store at {uri} is not answering ({err.strerror or err}): start "
+                    "it with `circuit-atlas store start` (or check --store URI), then retry"
+                ) from None
+            self._ok_at = time.monotonic()
 
 
 @dataclass
@@ -101,6 +159,7 @@ class Explorer:
     config: ExplorerConfig
     index: Path
     decode: Callable[[int], str] | None = None
+    probe: StoreProbe | None = None
 
     def payload(self, gid: str, full: bool) -> dict:
         """The graph view's JSON of graph ``gid`` (pruned, or the full archive)."""
@@ -126,39 +185,6 @@ def check_built(dist: Path = DIST_DIR) -> Path:
     return index
 
 
-class _Token(BaseHTTPMiddleware):
-    def __init__(self, app, token: str):
-        super().__init__(app)
-        self.token = token
-
-    async def dispatch(self, request: Request, call_next):
-        given = (
-            request.headers.get("x-explorer-token")
-            or request.query_params.get("token")
-            or request.cookies.get(TOKEN_COOKIE)
-            or ""
-        )
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            return JSONResponse(
-                {"error": "this explorer needs its access token: open the URL that "
-                          "`circuit-atlas serve` printed (it ends in ?token=...)"},
-                status_code=401,
-            )  # fmt: skip
-        response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
-        return response
-
-
-class _Headers(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -167,64 +193,93 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _status_of(err: Exception) -> int:
+    import neo4j.exceptions as nx
+
+    if isinstance(err, QueueFullError):
+        return 429
     if isinstance(err, NeuronpediaFormatError | SubgraphError | InterventionRequestError):
         return 400
-    if isinstance(err, GraphNotFoundError | SubgraphNotFoundError | FileNotFoundError):
+    if isinstance(
+        err, GraphNotFoundError | SubgraphNotFoundError | JobNotFoundError | FileNotFoundError
+    ):
         return 404
     if isinstance(err, ReadOnlyViolation):
         return 403
+    if isinstance(err, StoreUnavailableError | nx.ServiceUnavailable | nx.SessionExpired):
+        return 503
+    if isinstance(err, QueryTimeoutError | ResultTooLargeError):
+        return 400  # the user's query: its message names the fix
+    if isinstance(err, StoreError) and isinstance(err.__cause__, nx.ClientError):
+        return 400  # the server refused the user's Cypher (a syntax error, an unknown function)
     if isinstance(err, StoreError):
         return 502
-    if isinstance(err, ValueError | KeyError | TypeError):
+    if isinstance(err, nx.ClientError | ValueError | KeyError | TypeError):
         return 400
     return 500
 
 
+def one_line(text: str, limit: int = 400) -> str:
+    """A message on one line (a driver's multi-line message joined), at most ``limit`` chars."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _failure(err: Exception) -> JSONResponse:
+    import neo4j.exceptions as nx
+
     status = _status_of(err)
     if status == 500:
         traceback.print_exc()
-    return _error(status, str(err) or type(err).__name__)
-
-
-def api(fn):
-    """A route handler whose errors answer as one-line JSON messages (the server keeps
-    serving); a plain function runs on the thread pool (it may block on the store)."""
-    if inspect.iscoroutinefunction(fn):
-
-        @functools.wraps(fn)
-        async def handler(request):
-            try:
-                return await fn(request)
-            except Exception as err:
-                return _failure(err)
+        message = f"internal error ({type(err).__name__}: {err}); the server keeps serving"
+    elif status == 503 and not isinstance(err, StoreUnavailableError):
+        message = (
+            f"the graph store stopped answering ({type(err).__name__}): start it with "
+            "`circuit-atlas store start` (or check --store URI), then retry"
+        )
+    elif isinstance(err, StoreError) and isinstance(err.__cause__, nx.ClientError):
+        message = f"Cypher error: {err.__cause__.message or err}"
+    elif isinstance(err, nx.Neo4jError):
+        message = f"Cypher error: {err.message or err}"
     else:
+        message = str(err) or type(err).__name__
+    return _error(status, one_line(message))
 
-        @functools.wraps(fn)
-        async def handler(request):
-            try:
-                return await run_in_threadpool(fn, request)
-            except Exception as err:
-                return _failure(err)
+
+def api(fn=None, *, store: bool = True):
+    """A route handler whose errors answer as one-line JSON messages (the server keeps
+    serving); a plain function runs on the thread pool (it may block on the store). With
+    ``store`` (the default) a stopped store answers 503 at once (:class:`StoreProbe`)."""
+    if fn is None:
+        return functools.partial(api, store=store)
+    is_async = inspect.iscoroutinefunction(fn)
+
+    @functools.wraps(fn)
+    async def handler(request):
+        try:
+            probe = explorer(request).probe
+            if store and probe is not None:
+                await run_in_threadpool(probe.check)
+            if is_async:
+                return await fn(request)
+            return await run_in_threadpool(fn, request)
+        except Exception as err:
+            return _failure(err)
 
     return handler
 
 
 async def json_body(request: Request):
-    """The request's JSON body (ValueError names what is wrong with it)."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ValueError(f"request body of {len(raw)} bytes: at most {MAX_BODY}")
-    try:
-        return json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"the request body is not JSON: {err}") from None
+    """The request's JSON body, as the door parsed it (ValueError names what is wrong)."""
+    state = request.scope.get("state") or {}
+    if BODY_KEY in state:
+        return state[BODY_KEY]
+    return parse_json(await request.body(), explorer(request).config.max_depth)
 
 
 # --- the handlers -----------------------------------------------------------------------------
 
 
-@api
+@api(store=False)
 def info(request: Request):
     ex = explorer(request)
     return JSONResponse({
@@ -232,6 +287,7 @@ def info(request: Request):
         "store_uri": getattr(ex.source.store, "uri", None),
         "folder": str(ex.source.folder) if ex.source.folder else None,
         "interventions": ex.interventions.available,
+        "queue": ex.interventions.queue(),
         "features": ex.features is not None and len(ex.features) > 0,
         "max_rows": ex.config.max_rows,
     })  # fmt: skip
@@ -317,14 +373,39 @@ async def qparams(request: Request):
     return JSONResponse(sub.check(ids).to_dict())
 
 
+def feature_address(request: Request) -> tuple[int, int]:
+    """(layer, index) of a feature route; ValueError (400) for what is not a feature index."""
+    out = []
+    for what in ("layer", "index"):
+        raw = request.path_params[what]
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ValueError(f"feature {what} {raw!r} is not an integer") from None
+        if not 0 <= v <= MAX_FEATURE_INDEX:
+            raise ValueError(
+                f"feature {what} {v} is out of range: layers and indices run from 0 to at most "
+                f"{MAX_FEATURE_INDEX} (the graph view names each feature as layer/index)"
+            )
+        out.append(v)
+    return out[0], out[1]
+
+
 @api
 def feature(request: Request):
     ex = explorer(request)
-    layer, index = int(request.path_params["layer"]), int(request.path_params["index"])
+    layer, index = feature_address(request)
     tc = request.query_params.get("transcoder")
     if not tc:
         raise ValueError("name the feature's transcoder: ?transcoder=NAME")
-    return JSONResponse(feature_panel(ex.features, ex.source, tc, layer, index))
+    panel = feature_panel(ex.features, ex.source, tc, layer, index)
+    known = ex.features is not None and ex.features.get(layer, index) is not None
+    if not known and not panel["graphs"]:
+        raise GraphNotFoundError(
+            f"feature {layer}/{index} of {tc}: no feature contexts and no graph has it; check "
+            "the layer and index (the graph view names each feature as layer/index)"
+        )
+    return JSONResponse(panel)
 
 
 @api
@@ -338,12 +419,17 @@ async def intervention(request: Request):
     return JSONResponse(job.to_dict(), status_code=202)
 
 
-@api
+@api(store=False)
 def job(request: Request):
-    j = explorer(request).interventions.job(request.path_params["jid"])
-    if j is None:
-        return _error(404, f"no intervention job {request.path_params['jid']!r}")
-    return JSONResponse(j.to_dict())
+    jid = request.path_params["jid"]
+    return JSONResponse(explorer(request).interventions.read(jid))
+
+
+@api(store=False)
+async def job_cancel(request: Request):
+    await json_body(request)  # the door checked it; nothing in it is needed
+    jid = request.path_params["jid"]
+    return JSONResponse(explorer(request).interventions.cancel(jid))
 
 
 @api
@@ -380,9 +466,10 @@ API_ROUTES = [
     Route("/api/graphs/{gid}/subgraphs/{name}", subgraph_get),
     Route("/api/graphs/{gid}/neuronpedia", neuronpedia),
     Route("/api/graphs/{gid}/qparams", qparams, methods=["POST"]),
-    Route("/api/features/{layer:int}/{index:int}", feature),
+    Route("/api/features/{layer}/{index}", feature),
     Route("/api/interventions", intervention, methods=["POST"]),
     Route("/api/jobs/{jid}", job),
+    Route("/api/jobs/{jid}/cancel", job_cancel, methods=["POST"]),
     Route("/api/cypher", cypher, methods=["POST"]),
 ]
 
@@ -404,15 +491,14 @@ def create_app(
         config=config,
         index=check_built(config.dist),
         decode=decode,
+        probe=StoreProbe(source.store) if source.store is not None else None,
     )
     routes = [
         Route("/", page),
         *API_ROUTES,
         Mount("/assets", StaticFiles(directory=Path(config.dist) / "assets"), name="assets"),
     ]
-    middleware = [Middleware(_Headers)]
-    if config.token:
-        middleware.append(Middleware(_Token, token=config.token))
+    middleware = [Middleware(Door, policy=config.policy())]
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -4,7 +4,7 @@ graph view to highlight."""
 
 from __future__ import annotations
 
-import math
+from tracer.explorer.security import json_safe
 
 
 def store_node_id(node: dict) -> str | None:
@@ -22,18 +22,6 @@ def store_node_id(node: dict) -> str | None:
     if kind == "logit":  # a logit node's layer is n_layers; its id uses n_layers + 1
         return f"{int(layer) + 1}_{feat}_{pos}"
     return None
-
-
-def _safe(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_safe(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _safe(x) for k, x in v.items()}
-    if isinstance(v, int | float | str | bool) or v is None:
-        return v
-    return str(v)
 
 
 def cypher_result(res, max_rows: int) -> dict:
@@ -59,7 +47,7 @@ def cypher_result(res, max_rows: int) -> dict:
         highlight = {"graph": next(iter(graphs)), "nodes": sorted(set(nodes))}
     return {
         "columns": list(res.columns),
-        "rows": [[_safe(v) for v in r] for r in res.rows],
+        "rows": [[json_safe(v) for v in r] for r in res.rows],
         "truncated": len(res.rows) >= max_rows,
         "highlight": highlight,
     }

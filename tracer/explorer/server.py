@@ -1,4 +1,5 @@
-"""Running the explorer: uvicorn on loopback by default; off loopback only with a token.
+"""Running the explorer: uvicorn on loopback by default, with an access token printed in its URL
+(as Jupyter's server does); ``--no-token`` drops the token, on loopback only.
 
 :class:`ServerThread` runs the app in a background thread (tests, benchmarks, notebooks).
 """
@@ -22,18 +23,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def access_token(host: str, token: str | None) -> str | None:
-    """The token requests must carry: the given one; a fresh random one when ``host`` is not
-    a loopback address (with a warning on stderr); None on loopback without one."""
-    if is_loopback(host):
-        return token
-    token = token or secrets.token_hex(16)
-    print(
-        f"circuit-atlas serve: WARNING: listening on {host}, reachable from other machines. "
-        "Anyone with the URL below (it holds the access token) can read your graphs and run "
-        "the model; use --host 127.0.0.1 to keep it local.",
-        file=sys.stderr,
-    )
+def access_token(host: str, token: str | None, no_token: bool = False) -> str | None:
+    """The token requests must carry: the given one, else a fresh random one (loopback too:
+    another user of this machine, or a page in the browser, can reach a loopback port).
+    ``no_token``: None, allowed on a loopback ``host`` only (ValueError elsewhere). Off
+    loopback a warning goes to stderr."""
+    if no_token:
+        if token:
+            raise ValueError("give --token or --no-token, not both")
+        if not is_loopback(host):
+            raise ValueError(
+                f"--no-token is allowed on loopback only, and --host {host} is reachable from "
+                "other machines: drop --no-token (the URL then carries a token)"
+            )
+        return None
+    token = token or secrets.token_hex(24)
+    if not is_loopback(host):
+        print(
+            f"circuit-atlas serve: WARNING: listening on {host}, reachable from other machines. "
+            "Anyone with the URL below (it holds the access token) can read your graphs and "
+            "run the model; use --host 127.0.0.1 to keep it local.",
+            file=sys.stderr,
+        )
     return token
 
 
