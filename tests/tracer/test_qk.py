@@ -7,6 +7,7 @@ across keys equal the log-ratios of the recorded attention pattern."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -179,3 +180,101 @@ def test_smollm2_truncated(smollm2):
     rm = ReplacementModel(smollm2, clt)
     tokens = smollm2.tokenize("The capital of the state containing Dallas is")
     assert check_model(rm, tokens, n=4) <= 1e-5
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer and a random CLT (folders), and two graphs of one
+    prompt saved from it: with head loadings (full and circuit) and without."""
+    from model_fixtures import save_tiny_folder
+
+    from tracer.attribution import attribute
+    from tracer.cli.trace_cmd import load_replacement
+    from tracer.prune import prune
+
+    root = save_tiny_folder(tmp_path_factory.mktemp("qk"))
+    rm = load_replacement(str(root / "model"), str(root / "clt"))  # as the command loads it
+    graph = attribute(rm, "The cat sat on the mat", progress=False, head_loadings=True)
+    circuit = prune(graph)
+    circuit.extra["head_loadings"] = graph.extra["head_loadings"]
+    plain = attribute(rm, "The cat sat on the mat", progress=False)
+    return {
+        "root": root,
+        "rm": rm,
+        "full": graph.save(root / "g.full.parquet"),
+        "circuit": circuit.save(root / "g.parquet"),
+        "plain": plain.save(root / "plain.parquet"),
+        "graph": graph,
+    }
+
+
+def _args(traced, *extra, graph="full"):
+    return ["qk", str(traced[graph]), "--model", str(traced["root"] / "model"),
+            "--transcoders", str(traced["root"] / "clt"), *extra]  # fmt: skip
+
+
+def test_qk_command_prints_the_split(traced, capsys):
+    from tracer.cli import main
+
+    assert main(_args(traced, "--layer", "1", "--head", "2", "--query", "5", "--key", "2",
+                      "--top", "5")) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "head L1.H2: query 5" in out and "top pairs (query node x key node):" in out
+    assert "query-side marginals" in out and "constants: bias x bias" in out
+    assert main(_args(traced, "--layer", "1", "--head", "2", "--query", "5", "--key", "2",
+                      "--json")) == 0  # fmt: skip
+    (res,) = json.loads(capsys.readouterr().out)
+    rm = traced["rm"]
+    want = model_scores(rm.model, torch.as_tensor(traced["graph"].tokens))[1, 2, 5, 2]
+    assert res["score"] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_qk_edge_reads_the_graphs_head_loadings(traced, capsys):
+    from tracer.attention import read_head_loadings
+    from tracer.cli import main
+    from tracer.graph import Graph
+
+    circuit = Graph.load(traced["circuit"])
+    loads = read_head_loadings(circuit)
+    pos = {circuit.node_id(i): int(circuit.position[i]) for i in range(circuit.n_nodes)}
+    with_heads = [k for k, v in loads.items() if v.heads]
+    cross = [k for k in with_heads if pos[k[0]] != pos[k[1]]]
+    t, s = (cross or with_heads)[0]
+    assert main(_args(traced, "--edge", t, s, "--top-heads", "1", graph="circuit")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("edge ") and "residual (no attention hop)" in out
+    l, h, _ = loads[(t, s)].heads[0]
+    assert f"head L{l}.H{h}" in out
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.strip().splitlines() if x.startswith("circuit-atlas: error")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--layer", "7", "--head", "0", "--query", "3", "--key", "1"], "layer 7 is out of range"),
+    (["--layer", "0", "--head", "9", "--query", "3", "--key", "1"], "head 9 is out of range"),
+    (["--layer", "0", "--head", "0", "--query", "2", "--key", "4"], "is after query position"),
+    (["--layer", "0", "--head", "0"], "give --layer, --head, --query and --key"),
+    (["--edge", "f_0_1_2", "t_0"], "is not among the"),
+])  # fmt: skip
+def test_qk_bad_input_is_one_line_exit_2(traced, capsys, extra, msg):
+    from tracer.cli import main
+
+    assert main(_args(traced, *extra)) == 2
+    assert msg in _one_line_error(capsys)
+
+
+def test_qk_edge_on_a_graph_without_loadings(traced, capsys):
+    from tracer.cli import main
+
+    assert main(_args(traced, "--edge", "f_0_1_2", "t_0", graph="plain")) == 2
+    assert "has no head loadings: trace it with 'circuit-atlas trace ... --heads'" in (
+        _one_line_error(capsys)
+    )

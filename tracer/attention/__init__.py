@@ -18,14 +18,17 @@ from tracer.attention.loadings import (
     read_head_loadings,
     top_heads,
 )
+from tracer.attention.qk import QKAttribution, qk_attribution
 
 __all__ = [
     "HEAD_LOADINGS_KEY",
     "EdgeHeads",
     "HeadAnalysisError",
     "HeadParts",
+    "QKAttribution",
     "add_head_loadings",
     "edge_head_parts",
+    "qk_attribution",
     "read_head_loadings",
     "top_heads",
 ]

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "tracer.cli.weights_cmd",
     "tracer.cli.swap_cmd",
     "tracer.cli.paths_cmd",
+    "tracer.cli.qk_cmd",
 ]
 
 # command -> the module that registers it (the rest are found by building the whole parser)
@@ -48,6 +49,7 @@ COMMANDS = {
     "weights": "tracer.cli.weights_cmd",
     "swap": "tracer.cli.swap_cmd",
     "paths": "tracer.cli.paths_cmd",
+    "qk": "tracer.cli.qk_cmd",
 }
 
 
