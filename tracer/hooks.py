@@ -43,6 +43,100 @@ class _AttnState:
     frozen_at: Callable[[], torch.Tensor] | None = None
     pattern: torch.Tensor | None = None  # recorded [B, H, q, k]
     sink: Callable[[torch.Tensor], None] | None = None  # takes the recorded pattern instead
+    # Takes what recomputes the pattern instead (a QKRecord); attention then runs in blocks
+    # of query rows and no layer's whole pattern is ever formed.
+    qk_sink: Callable[[QKRecord], None] | None = None
+    block_bytes: int = 0
+    masks: dict = field(default_factory=dict)  # shared by the layers of one run
+
+
+# Attention computed in blocks of query rows (QKRecord, qk_sink): about this many bytes of
+# scores per block (the eager function holds about three tensors of that size at once).
+ATTENTION_BLOCK_BYTES = 64 * 2**20
+
+
+def _eager(module):
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+@dataclass
+class QKRecord:
+    """What recomputes one layer's attention pattern exactly: the layer's attention module and
+    the inputs ``transformers``' eager attention received (queries [B, H, P, dh] after rotary
+    embedding, keys [B, n_kv, P, dh], the additive mask [B, 1, P, P] kept as booleans, and the
+    other arguments: scaling, softcap, sliding window...). Linear in P but for the mask, which
+    is shared by the layers that share it."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    allowed: torch.Tensor | None  # [B, 1, P, P] bool: where the additive mask is 0
+    mask_fill: float  # the additive mask's value elsewhere (the dtype's minimum)
+    mask_dtype: torch.dtype | None
+    args: tuple
+    kwargs: dict
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.query.shape[2])
+
+    def rows(self, q0: int, q1: int, n_keys: int | None = None) -> torch.Tensor:
+        """The pattern's query rows q0 .. q1-1 over the first ``n_keys`` keys (default all):
+        [B, H, q1 - q0, n_keys], as the eager function computes it (the softmax of a row
+        never sees the keys a causal mask hides, so a prefix of the keys gives the same
+        rows)."""
+        n = self.n_pos if n_keys is None else int(n_keys)
+        key = self.key[:, :, :n]
+        mask = None
+        if self.allowed is not None:
+            ok = self.allowed[..., q0:q1, :n] if self.allowed.shape[-2] > 1 else (
+                self.allowed[..., :n])  # fmt: skip
+            mask = torch.zeros(ok.shape, dtype=self.mask_dtype, device=ok.device)
+            mask.masked_fill_(~ok, self.mask_fill)
+        _, weights = _eager(self.module)(
+            self.module, self.query[:, :, q0:q1], key, key[..., :0], mask, *self.args,
+            **self.kwargs,
+        )  # fmt: skip
+        return weights
+
+
+def _qk_record(module, query, key, mask, args, kwargs, masks: dict) -> QKRecord:
+    """A QKRecord of one layer's attention inputs; ``masks`` shares one boolean copy of each
+    additive mask between the layers that use it (keyed by the mask's storage)."""
+    allowed, fill, mdtype = None, 0.0, None
+    if mask is not None:
+        key_ = (mask.data_ptr(), tuple(mask.shape))
+        if key_ not in masks:
+            fill = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else 0.0
+            if mask.dtype == torch.bool:
+                raise ValueError("a boolean attention mask cannot be replayed additively")
+            ok = mask == 0
+            if not bool(((mask == fill) | ok).all()):
+                raise ValueError(
+                    "the attention mask has values other than 0 and the dtype's minimum: its "
+                    "patterns cannot be recomputed; record them in memory or on disk"
+                )
+            masks[key_] = (ok, fill, mask.dtype)
+        allowed, fill, mdtype = masks[key_]
+    return QKRecord(module, query.detach(), key.detach(), allowed, fill, mdtype, args, kwargs)
+
+
+def _blocked_eager(module, query, key, value, mask, block_bytes, *args, **kwargs):
+    """Eager attention in blocks of query rows: each block's scores [B, H, rows, k] within
+    about ``block_bytes``; returns the attention output only (as the eager function: [B, q, H,
+    dh]). Each row is computed exactly as the whole-matrix call computes it."""
+    B, H, q_len = query.shape[:3]
+    k_len = key.shape[2]
+    step = max(1, int(block_bytes // max(1, B * H * k_len * 4)))
+    if step >= q_len:
+        return _eager(module)(module, query, key, value, mask, *args, **kwargs)[0]
+    outs = []
+    for a in range(0, q_len, step):
+        m = mask if mask is None or mask.shape[-2] == 1 else mask[..., a : a + step, :]
+        out, w = _eager(module)(module, query[:, :, a : a + step], key, value, m, *args, **kwargs)
+        outs.append(out)
+        del w
+    return torch.cat(outs, dim=1)
 
 
 class PatternSource(Protocol):
@@ -79,9 +173,14 @@ def _atlas_attention(module, query, key, value, attention_mask, *args, **kwargs)
             )
         out = torch.matmul(pattern, v).transpose(1, 2).contiguous()
         weights = pattern.expand(query.shape[0], *pattern.shape[-3:])
+    elif state is not None and state.qk_sink is not None:
+        state.qk_sink(_qk_record(module, query, key, attention_mask, args, kwargs, state.masks))
+        out = _blocked_eager(
+            module, query, key, value, attention_mask, state.block_bytes, *args, **kwargs
+        )
+        return out, None
     else:
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        out, weights = eager(module, query, key, value, attention_mask, *args, **kwargs)
+        out, weights = _eager(module)(module, query, key, value, attention_mask, *args, **kwargs)
     if state is not None and state.sink is not None:
         state.sink(weights.detach())
     elif state is not None:
@@ -160,6 +259,7 @@ def run_hooked(
     record: bool = True,
     record_sites: tuple[str, ...] = SITES,
     pattern_sink: Callable[[int, torch.Tensor], None] | None = None,
+    qk_sink: Callable[[int, QKRecord], None] | None = None,
     logits_to_keep: int = 0,
 ) -> HookedRun:
     """One forward pass of ``hf_model`` on ``input_ids`` [B, n_pos] with hooks in place.
@@ -172,7 +272,10 @@ def run_hooked(
 
     ``pattern_sink(layer, pattern [B, H, q, k])``: recorded attention patterns go here as each
     layer computes them, instead of being stacked into ``HookedRun.patterns`` (None then), so a
-    long prompt never holds every layer's pattern at once. ``logits_to_keep``: compute logits
+    long prompt never holds every layer's pattern at once. ``qk_sink(layer, QKRecord)``: what
+    recomputes each layer's pattern goes there instead, and attention runs in blocks of query
+    rows (``ATTENTION_BLOCK_BYTES``): no layer's whole pattern is formed (a no-op sink makes a
+    forward whose memory grows linearly with the prompt). ``logits_to_keep``: compute logits
     for only the last that many positions (0: all; ``transformers``' argument).
     """
     edits = dict(edits or {})
@@ -194,6 +297,7 @@ def run_hooked(
     scales: dict[str, list] = {n: [None] * n_layers for n in NORMS if n != "final_norm"}
     scales["final_norm"] = [None]
     attn_states = []
+    shared_masks: dict = {}
 
     def at_site(site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         fn = edits.get((site, layer))
@@ -266,7 +370,11 @@ def run_hooked(
                 state.frozen = freeze.patterns[l]
             elif freeze.patterns is not None:
                 state.frozen_at = lambda src=freeze.patterns, l=l: src.pattern(l)
-            if record and pattern_sink is not None:
+            if record and qk_sink is not None:
+                state.qk_sink = lambda r, l=l: qk_sink(l, r)
+                state.block_bytes = ATTENTION_BLOCK_BYTES
+                state.masks = shared_masks
+            elif record and pattern_sink is not None:
                 state.sink = lambda p, l=l: pattern_sink(l, p)
             attn._atlas_state = state
             attn_states.append(state)

@@ -26,19 +26,25 @@ from tracer.model import LanguageModel, PromptError
 from transcoders.clt import CrossLayerTranscoder, compute_dtype
 from transcoders.device import DeviceError, DeviceSetting
 
-PATTERN_PLACEMENTS = ("memory", "disk")
+PATTERN_PLACEMENTS = ("memory", "disk", "recompute")
+# ``PatternStore.pattern_rows`` blocks: about this many bytes of one layer's pattern at once.
+PATTERN_BLOCK_BYTES = 64 * 2**20
 
 
 class PatternStore:
     """The frozen attention patterns of one prompt, ``[L, H, P, P]`` in all, kept one layer at a
     time: nothing ever stacks them, and :meth:`pattern` is the one way to read them.
 
-    ``placement``: ``memory`` (each layer's tensor on ``device``, as recorded) or ``disk`` (an
+    ``placement``: ``memory`` (each layer's tensor on ``device``, as recorded), ``disk`` (an
     unlinked, memory-mapped temporary file in ``spill_dir``; :meth:`pattern` copies one layer
     out onto ``device`` and hands the file's pages back to the kernel, so a long prompt's
     patterns, which grow with the square of its length, never sit in resident memory beyond the
-    layer in use). Both are exact: the stored values are the recorded ones, in ``dtype`` (the
-    compute dtype).
+    layer in use) or ``recompute`` (nothing quadratic is kept: each layer's queries and keys,
+    :class:`~tracer.hooks.QKRecord`, and the pattern recomputed by the same eager attention
+    function when read, in blocks of query rows with :meth:`pattern_rows`). ``memory`` and
+    ``disk`` hold the recorded values; ``recompute`` gives them again up to float rounding
+    (a block of rows computed alone may round differently in the last bit: about 1e-7
+    relative in float32).
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class PatternStore:
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
             self._flat = np.frombuffer(self._map, dtype=np_dtype, count=self.numel)
         self._stored = [False] * n_layers
+        self._qk: list = [None] * n_layers
 
     @property
     def numel(self) -> int:
@@ -119,6 +126,57 @@ class PatternStore:
             self._release(layer)
         self._stored[layer] = True
 
+    def put_qk(self, layer: int, record) -> None:
+        """``recompute`` placement: keep what recomputes layer ``layer``'s pattern (a
+        :class:`~tracer.hooks.QKRecord`)."""
+        if self.placement != "recompute":
+            raise ValueError(f"put_qk needs the recompute placement, not {self.placement!r}")
+        self._qk[layer] = record
+        self._stored[layer] = True
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the store holds in memory now: the patterns (``memory``), the queries, keys
+        and shared masks (``recompute``), nothing (``disk``)."""
+        if self.placement == "memory":
+            return self.nbytes
+        if self.placement == "disk":
+            return 0
+        seen, total = set(), 0
+        for r in self._qk:
+            if r is None:
+                continue
+            total += (r.query.numel() + r.key.numel()) * r.query.element_size()
+            if r.allowed is not None and r.allowed.data_ptr() not in seen:
+                seen.add(r.allowed.data_ptr())
+                total += r.allowed.numel()
+        return total
+
+    def block_rows(self, n_keys: int | None = None) -> int:
+        """Query rows per :meth:`pattern_rows` block over ``n_keys`` keys (the whole layer when
+        it is within ``PATTERN_BLOCK_BYTES``, or when the patterns are in memory)."""
+        n = self.shape[-1] if n_keys is None else int(n_keys)
+        if self.placement == "memory":
+            return max(n, 1)
+        return max(1, int(PATTERN_BLOCK_BYTES // max(1, self.shape[1] * n * self._itemsize)))
+
+    def pattern_rows(self, layer: int, q0: int, q1: int, n_keys: int | None = None):
+        """Query rows q0 .. q1-1 of layer ``layer``'s pattern over its first ``n_keys`` keys:
+        [H, q1 - q0, n_keys] on ``device`` in the compute dtype."""
+        if not self._stored[layer]:
+            raise ValueError(f"no attention pattern was recorded for layer {layer}")
+        n = self.shape[-1] if n_keys is None else int(n_keys)
+        if self.placement == "memory":
+            return self._layers[layer][:, q0:q1, :n]
+        if self.placement == "recompute":
+            return self._qk[layer].rows(q0, q1, n)[0].to(self.device, self.dtype)
+        a, b = self._span(layer)
+        whole = self._flat[a:b].reshape(self.shape[1:])
+        out = torch.from_numpy(np.ascontiguousarray(whole[:, q0:q1, :n]))
+        del whole
+        self._release(layer)
+        return out.to(self.device)
+
     def pattern(self, layer: int, n_pos: int | None = None) -> torch.Tensor:
         """Layer ``layer``'s frozen pattern [H, P, P] (queries x keys) on ``device`` in the
         compute dtype; ``n_pos``: only the first n_pos queries and keys ([H, n_pos, n_pos],
@@ -130,6 +188,8 @@ class PatternStore:
         if self.placement == "memory":
             t = self._layers[layer]
             return t if n == self.shape[-1] else t[:, :n, :n]
+        if self.placement == "recompute":
+            return self._qk[layer].rows(0, n, n)[0].to(self.device, self.dtype)
         a, b = self._span(layer)
         whole = self._flat[a:b].reshape(self.shape[1:])
         out = torch.from_numpy(np.ascontiguousarray(whole[:, :n, :n]))
@@ -145,6 +205,7 @@ class PatternStore:
     def close(self) -> None:
         """Drop the patterns (and the spill file)."""
         self._layers = [None] * self.shape[0]
+        self._qk = [None] * self.shape[0]
         self._stored = [False] * self.shape[0]
         self._flat = None
         if self._map is not None:
@@ -205,6 +266,12 @@ class PromptState:
         (they may live on disk; see :class:`PatternStore`). ``n_pos``: only the first n_pos
         queries and keys."""
         return self.pattern_store.pattern(layer, n_pos)
+
+    def pattern_rows(self, layer: int, q0: int, q1: int, n_keys: int | None = None):
+        """Query rows q0 .. q1-1 of :meth:`pattern` over the first ``n_keys`` keys, [H, q1 - q0,
+        n_keys] (how a long prompt's pattern is read in bounded blocks:
+        :meth:`PatternStore.block_rows` rows at a time)."""
+        return self.pattern_store.pattern_rows(layer, q0, q1, n_keys)
 
     @property
     def patterns(self) -> torch.Tensor:
@@ -282,8 +349,10 @@ class ReplacementModel:
         """Run the real model on tokens [P] and keep everything attribution freezes (on the
         model's device, in the compute dtype: see :class:`PromptState`).
 
-        ``patterns``: where the attention patterns go as each layer computes them (``memory``
-        or ``disk``: :class:`PatternStore`; never all layers stacked). ``keep_pre``: keep the
+        ``patterns``: where the attention patterns go as each layer computes them (``memory``,
+        ``disk`` or ``recompute``: :class:`PatternStore`; never all layers stacked; with
+        ``recompute`` the record pass computes attention in blocks of query rows, so no
+        layer's whole pattern is formed). ``keep_pre``: keep the
         pre-activations [L, P, F] (attribution does not need them). ``all_logits``: keep the
         logits of every position (else the last position's only, [1, vocab]).
         """
@@ -294,16 +363,22 @@ class ReplacementModel:
         f = self.model.facts
         cd = compute_dtype(self.model.dtype)
         P = len(tokens)
-        store = PatternStore(f.n_layers, f.n_heads, P, device=self.model.device, dtype=cd,
-                             placement=patterns, spill_dir=spill_dir)  # fmt: skip
+        store = PatternStore(
+            f.n_layers, f.n_heads, P, device=self.model.device, dtype=cd, placement=patterns,
+            spill_dir=spill_dir,
+        )  # fmt: skip
         run = run_hooked(
             self.model.hf, self.model.arch, tokens[None].to(self.model.device),
-            pattern_sink=store.put, logits_to_keep=0 if all_logits else 1,
+            pattern_sink=None if patterns == "recompute" else store.put,
+            qk_sink=store.put_qk if patterns == "recompute" else None,
+            logits_to_keep=0 if all_logits else 1,
         )  # fmt: skip
 
         def c(t: torch.Tensor) -> torch.Tensor:
             return t.to(cd)  # a no-op for a float32 model
 
+        if not all(store._stored):
+            raise RuntimeError("the attention function recorded no pattern for some layer")
         sites = {k: c(v[0]) for k, v in run.sites.items()}
         scales = {k: c(v[0]) for k, v in run.scales.items()}
         logits = c(run.logits[0])

@@ -31,9 +31,11 @@ from tracer.attribution.memory import (
     GB,
     AttributionMemoryError,
     MemoryEstimate,
+    pattern_placement,
     plan_memory,
     process_rss_bytes,
     suggested_budget_line,
+    workload_from_l0,
     workload_from_state,
 )
 from tracer.attribution.phases import PhaseMemory
@@ -104,12 +106,16 @@ def attribute(
             f"prompt is {len(tokens)} tokens, longer than the model's context "
             f"({model.facts.max_positions}): shorten it"
         )
+    limit = None if cfg.memory_limit_gb is None else int(cfg.memory_limit_gb * GB)
+    where_patterns = pattern_placement(model.facts, len(tokens), cfg.patterns)
+    if cfg.check_memory:
+        _refuse_before_recording(rm, tokens, cfg, limit, rss0, where_patterns)
     phases = PhaseMemory(model.device, enabled=cfg.profile_memory)
-    state = rm.record(tokens)
+    state = rm.record(tokens, patterns=where_patterns, spill_dir=cfg.spill_dir, keep_pre=False,
+                      all_logits=False)  # fmt: skip
     phases.mark("record")
     n_feat = state.n_active
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
-    limit = None if cfg.memory_limit_gb is None else int(cfg.memory_limit_gb * GB)
     n_logit_max = 1 if cfg.logit_diff else len(cfg.target_tokens or []) or cfg.max_n_logits
     work = workload_from_state(rm, state)
 
@@ -119,6 +125,7 @@ def attribute(
             sweep_memory_mb=cfg.sweep_memory_mb, device=model.device, placement=cfg.row_store,
             baseline_host_bytes=rss0, available_host_bytes=limit,
             available_device_bytes=limit if model.device.type == "cuda" else None,
+            patterns=where_patterns, spill_dir=cfg.spill_dir,
         )  # fmt: skip
 
     est = plan(budget)
@@ -143,6 +150,25 @@ def attribute(
 
         add_head_loadings(rm, graph, state=state, progress=cfg.progress)
     return graph
+
+
+def _refuse_before_recording(rm, tokens, cfg, limit, rss0, where_patterns) -> None:
+    """With an L0 known, the arithmetic plan refuses, before the record pass, a prompt whose
+    smallest plan (no feature rows) does not fit: the record pass itself would not."""
+    model = rm.model
+    try:
+        w = workload_from_l0(model, rm.transcoder, len(tokens), rm.exclude_bos)
+    except ValueError:
+        return  # no L0: the plan made after the record pass decides
+    est = plan_memory(
+        w, 0, n_logits=1, batch_size=cfg.batch_size, sweep_memory_mb=cfg.sweep_memory_mb,
+        device=model.device, placement=cfg.row_store, baseline_host_bytes=rss0,
+        available_host_bytes=limit,
+        available_device_bytes=limit if model.device.type == "cuda" else None,
+        patterns=where_patterns, spill_dir=cfg.spill_dir,
+    )  # fmt: skip
+    if not est.fits:
+        raise AttributionMemoryError(suggested_budget_line(est))
 
 
 def _attribute(rm, prompt, tokens, state, cfg, budget: int, est: MemoryEstimate, t0: float,

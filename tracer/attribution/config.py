@@ -11,7 +11,7 @@ from tracer.prune import DEFAULT_CONVENTION
 DEFAULT_MAX_FEATURE_NODES = 8192
 # Fields that say how to run, not what to compute: left out of the graph's parameters.
 RUN_ONLY_FIELDS = ("progress", "sweep_memory_mb", "row_store", "spill_dir", "check_memory",
-                   "memory_limit_gb", "fit_budget", "profile_memory")  # fmt: skip
+                   "memory_limit_gb", "fit_budget", "profile_memory", "patterns")  # fmt: skip
 
 
 @dataclass
@@ -29,6 +29,11 @@ class AttributionConfig:
     memory (a batch is split into sweeps over position ranges to stay under it);
     ``row_store``: where the rows live, ``auto`` (the device if they fit, else host memory,
     else a memory-mapped file in ``spill_dir``), ``device``, ``host`` or ``disk``;
+    ``patterns``: where the frozen attention patterns live (:class:`~tracer.replacement.
+    PatternStore`): ``memory``, ``disk`` (memory-mapped in ``spill_dir``), ``recompute`` (from
+    the frozen queries and keys, in blocks: linear memory) or ``auto`` (memory while they take
+    at most ``tracer.attribution.memory.PATTERN_MEMORY_BYTES``, else recompute); every choice
+    gives the same edges to float rounding;
     ``check_memory``: refuse, before allocating, a budget the memory plan says cannot fit
     (:class:`~tracer.attribution.memory.AttributionMemoryError`), or with ``fit_budget`` lower
     it to the plan's suggestion (the graph's ``max_feature_nodes`` then records the budget
@@ -52,6 +57,7 @@ class AttributionConfig:
     sweep_memory_mb: float = 512
     row_store: str = "auto"
     spill_dir: str | None = None
+    patterns: str = "auto"
     check_memory: bool = True
     memory_limit_gb: float | None = None
     fit_budget: bool = False

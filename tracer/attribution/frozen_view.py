@@ -74,6 +74,24 @@ class FrozenView:
         reads it as a transposed operand; no copy when the pattern is already there)."""
         return _to(self.state.pattern(layer, n_pos), self.device, self.dtype).transpose(-1, -2)
 
+    def pattern_T_times(self, layer: int, go: torch.Tensor) -> torch.Tensor:
+        """sum_q pattern[l, h, q, k] go[h, q]: the frozen attention's transpose applied to
+        ``go`` [H, n, m] over the first n positions -> [H, n, m]. One product when the layer's
+        pattern is in memory or small; else in blocks of query rows (causal: the block of rows
+        q0 .. q1-1 reaches keys below q1 only), so only a block of the pattern is ever held."""
+        n = go.shape[1]
+        store = self.state.pattern_store
+        step = store.block_rows(n)
+        if step >= n:
+            return torch.bmm(self.pattern_T(layer, n), go)
+        out = torch.zeros_like(go)
+        for q0 in range(0, n, step):
+            q1 = min(n, q0 + step)
+            blk = _to(self.state.pattern_rows(layer, q0, q1, q1), self.device, self.dtype)
+            out[:, :q1] += torch.bmm(blk.transpose(-1, -2), go[:, q0:q1])
+            del blk
+        return out
+
     def logit_vectors(self, tokens: list[int]) -> torch.Tensor:
         """De-meaned unembedding directions of ``tokens``: W_U[t] - mean_v W_U[v]. [n, d]."""
         return self.W_U[tokens] - self.W_U.mean(0)

@@ -151,7 +151,7 @@ class FrozenLinearModel:
             g = v.norm_T(v.g_post[l], v.scales["attn_out_norm"][l, :P], g)
         go = (g @ v.W_O[l]).view(R, P, self.H, self.dh)  # grad wrt z (pre-o_proj)
         go = go.permute(2, 1, 0, 3).reshape(self.H, P, R * self.dh)
-        gv = torch.bmm(v.pattern_T(l, P), go)  # [H, k, R*dh] = sum_q A[h,q,k] go[q]
+        gv = v.pattern_T_times(l, go)  # [H, k, R*dh] = sum_q A[h,q,k] go[q]
         del go
         gv = gv.view(self.kv, self.H // self.kv, P, R, self.dh).sum(1)  # heads share kv
         gv = gv.permute(2, 1, 0, 3).reshape(R, P, self.kv * self.dh)
