@@ -483,8 +483,10 @@ def acquire_claim(session, gid: str, on_wait=None) -> str:
 def release_claim(session, gid: str, token: str) -> None:
     """Give the claim back (best effort: a claim left by a failed release is broken later)."""
     _HELD.discard(token)
-    try:
-        session.execute_write(lambda tx: tx.run(RELEASE, id=gid, owner=token).consume())
+    try:  # one attempt (no retries): a writer whose server died gives up at once
+        with session.begin_transaction() as tx:
+            tx.run(RELEASE, id=gid, owner=token).consume()
+            tx.commit()
     except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError, OSError):
         pass
 

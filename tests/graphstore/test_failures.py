@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from graphstore import (
 from graphstore.server import free_port
 from graphstore.synthetic import synthetic_graph
 from tests.graphstore.conftest import assert_graphs_equal, small_graph
-from tracer.graph import Graph
+from tracer.graph import FEATURE, Graph
 
 HERE = Path(__file__).parent
 
@@ -36,14 +38,17 @@ def _counts(store, gid):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_killed_writer_leaves_nothing_visible_and_next_write_repairs(store, server_auth, tmp_path):
     seed = 77
-    graph = synthetic_graph(seed)
+    transcoder = f"clt-crash@{uuid.uuid4().hex[:16]}"  # features of this test only
+    graph = synthetic_graph(seed, transcoder_name=transcoder)
     gid = graph_id(graph)
+    features_before = store.stats()["features"]
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
     args = [sys.executable, str(HERE / "crash_writer.py"), server_auth["uri"],
             server_auth["user"], server_auth["password"], server_auth["database"],
-            str(tmp_path / "crash-archive"), str(seed)]  # fmt: skip
+            str(tmp_path / "crash-archive"), str(seed), "0.3", "150", transcoder]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
     try:
         batches = 0
@@ -69,11 +74,22 @@ def test_killed_writer_leaves_nothing_visible_and_next_write_repairs(store, serv
     assert store.cypher("MATCH (g:Graph {id: $g}) RETURN g.complete", {"g": gid}).rows == [[False]]
     drivers = store.query("similar-graphs", graph=gid)
     assert all(r[0] != gid for r in drivers.rows)
-    # The next write of the same graph repairs it: one complete copy.
+    # Its new features exist but do not count; its claim is left behind.
+    new = store.cypher("MATCH (f:Feature {transcoder: $t}) RETURN count(f)", {"t": transcoder})
+    assert new.rows[0][0] > 0 and store.stats()["features"] == features_before
+    claim = "MATCH (c:WriteClaim {graph: $g}) RETURN count(c)"
+    assert store.cypher(claim, {"g": gid}).rows == [[1]]
+    # The next write of the same graph breaks the dead writer's claim at once and repairs it:
+    # one complete copy, its features counted once.
+    t0 = time.monotonic()
     res = store.add(graph)
-    assert res.written and res.repaired
+    assert res.written and res.repaired and time.monotonic() - t0 < 20
     assert _counts(store, gid) == (graph.n_nodes, graph.n_edges)
     assert_graphs_equal(store.load(gid), graph)
+    feats = graph.kind == FEATURE
+    distinct = set(zip(graph.layer[feats].tolist(), graph.feature[feats].tolist(), strict=True))
+    assert store.stats()["features"] == features_before + len(distinct)
+    assert store.cypher(claim, {"g": gid}).rows == [[0]]
 
 
 def test_unreachable_server(tmp_path):

@@ -386,3 +386,62 @@ def test_corrupt_file_is_one_line_exit_2_and_stores_nothing(
     assert not archive.exists() or list(archive.iterdir()) == []
     reports = tmp_path / "reports"
     assert not reports.exists() or list(reports.iterdir()) == []
+
+
+# --- the claim's rules -----------------------------------------------------------------------
+
+
+def _plant_claim(store, gid: str, **fields) -> None:
+    claim = {"graph": gid, "owner": "someone", "host": "elsewhere", "pid": 1, "pid_start": 0,
+             "heartbeat": time.time(), **fields}  # fmt: skip
+    with store._session() as s:
+        s.run("CREATE (c:WriteClaim) SET c = $c", c=claim).consume()
+
+
+def test_claim_of_a_dead_local_writer_is_broken_at_once(store):
+    g = small_graph(631)
+    gid = graph_id(g)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    _plant_claim(store, gid, host=socket.gethostname(), pid=int(dead.stdout))
+    t0 = time.monotonic()
+    res = store.add(g)  # the fast path sees the claim, so it takes the claim path
+    assert res.written and time.monotonic() - t0 < 10
+    assert gid in store.graph_ids()
+    assert store.cypher("MATCH (c:WriteClaim {graph: $g}) RETURN count(c)", {"g": gid}).rows == [
+        [0]
+    ]
+
+
+def test_claim_elsewhere_is_waited_on_until_its_heartbeat_is_stale(store, monkeypatch):
+    from graphstore import ingest
+
+    g = small_graph(632)
+    gid = graph_id(g)
+    _plant_claim(store, gid)  # a live writer on another host, as far as anyone can tell
+    monkeypatch.setattr(ingest, "CLAIM_STALE_S", 1.5)
+    waits = []
+    rows = ingest.graph_rows(g, gid, None)
+    t0 = time.monotonic()
+    with store._session() as s:
+        res = ingest.write_rows(s, rows, on_wait=waits.append)
+    waited = time.monotonic() - t0
+    assert res.written and len(waits) == 1 and waits[0]["host"] == "elsewhere"
+    assert waited >= 1.0  # it waited for the heartbeat to go stale, then broke the claim
+    assert gid in store.graph_ids()
+
+
+def test_stored_nodes_carry_influence_for_sorting(store):
+    g = small_graph(641)
+    rng = np.random.default_rng(0)
+    g.extra["influence"] = rng.random(g.n_nodes).tolist()
+    gid = graph_id(g)
+    store.add(g)
+    res = store.cypher(
+        "MATCH (n:Node {graph: $g}) RETURN n.i, n.influence ORDER BY n.influence DESC LIMIT 5",
+        {"g": gid},
+    )
+    want = np.argsort(-np.asarray(g.extra["influence"]), kind="stable")[:5]
+    assert [r[0] for r in res.rows] == want.tolist()
+    np.testing.assert_allclose([r[1] for r in res.rows], np.asarray(g.extra["influence"])[want])
+    assert_graphs_equal(store.load(gid), g)
