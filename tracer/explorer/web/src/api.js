@@ -3,11 +3,32 @@ import { showMessage } from "./util.js";
 
 export class ApiError extends Error {}
 
+// The access token came in the URL (?token=...); the server has put it in an HttpOnly cookie,
+// so it leaves the address bar (and any link copied from it).
+(function dropTokenFromUrl() {
+  const url = new URL(window.location.href);
+  if (url.searchParams.has("token")) {
+    url.searchParams.delete("token");
+    window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
+  }
+})();
+
+// The per-session CSRF token: the server sets the cookie, every write echoes it in a header
+// (double submit; a page of another site can read neither).
+function csrfToken() {
+  const port = window.location.port || (window.location.protocol === "https:" ? "443" : "80");
+  const name = `circuit_atlas_csrf_${port}=`;
+  const found = document.cookie.split("; ").find((c) => c.startsWith(name));
+  return found ? decodeURIComponent(found.slice(name.length)) : "";
+}
+
 export async function api(path, options = {}) {
-  const opts = { ...options, headers: { ...(options.headers || {}) } };
-  if (opts.body !== undefined && typeof opts.body !== "string") {
-    opts.body = JSON.stringify(opts.body);
+  const opts = { ...options, headers: { ...(options.headers || {}) }, credentials: "same-origin" };
+  const method = (opts.method || "GET").toUpperCase();
+  if (method !== "GET" && method !== "HEAD") {
+    if (typeof opts.body !== "string") opts.body = JSON.stringify(opts.body === undefined ? {} : opts.body);
     opts.headers["Content-Type"] = "application/json";
+    opts.headers["X-CSRF-Token"] = csrfToken();
   }
   let response;
   try {
