@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from graphstore import GraphStore, ingest
-from tracer.cli import main, trace_cmd
+from tracer.batch import run as batch_run
+from tracer.cli import main
 
 MARK = Path(os.environ["CRASH_DIR"]) / "mid-write"
 RANK = int(os.environ["RANK"])
@@ -33,7 +34,7 @@ if RANK == 0:
 
     GraphStore.add = add
 else:
-    _trace_one = trace_cmd.trace_one
+    _trace_one = batch_run.trace_one
 
     def trace_one(*args, **kwargs):
         out = _trace_one(*args, **kwargs)
@@ -43,6 +44,6 @@ else:
         os._exit(17)
         return out  # pragma: no cover
 
-    trace_cmd.trace_one = trace_one
+    batch_run.trace_one = trace_one
 
 sys.exit(main(sys.argv[1:]))

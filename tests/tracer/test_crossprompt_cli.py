@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     """The tiny model folder, its replacement model and the two prompts' pruned graphs
     (``X.parquet``, with ``X.full.parquet`` beside them, as ``trace`` writes them)."""
     from tracer.attribution import attribute
-    from tracer.cli.trace_cmd import load_replacement
+    from tracer.batch import load_replacement
     from tracer.prune import prune
 
     root = save_tiny_folder(tmp_path_factory.mktemp("xp"))

@@ -9,8 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tracer.cli.collect import FAILED, TRACED, PromptResult, Summary, summary_text
-from tracer.cli.ranks import RankError, RankInfo, StoreQueue, rank_setting
+from tracer.batch import (
+    FAILED,
+    TRACED,
+    PromptResult,
+    RankError,
+    RankInfo,
+    StoreQueue,
+    Summary,
+    rank_setting,
+    summary_text,
+)
 
 
 def test_rank_info_from_env():

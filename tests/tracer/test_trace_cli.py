@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from model_fixtures import save_small_smollm2
 
+from tracer.batch import TraceJob, read_prompts, trace_many, transcoder_identity_at
 from tracer.cli import main
-from tracer.cli.trace_cmd import TraceJob, read_prompts, trace_many, transcoder_identity_at
 from tracer.graph import Graph
 
 
@@ -63,7 +63,7 @@ def test_trace_many_workers_and_cache(small_model_dir, tmp_path):
     again = trace_many(job, prompts, workers=2)
     assert all(r.status == "cached" for r in again)
     # The same prompt traced in-process gives the same graph as the worker did.
-    from tracer.cli.trace_cmd import load_replacement, trace_one
+    from tracer.batch import load_replacement, trace_one
 
     rm = load_replacement(job.model, job.transcoders)
     pruned, full, _, _ = trace_one(

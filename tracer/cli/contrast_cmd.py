@@ -33,7 +33,7 @@ def register(sub) -> None:
 
 
 def _contrast(args) -> int:
-    from tracer.cli.trace_cmd import slug
+    from tracer.batch import slug
     from tracer.contrast import contrast, describe
 
     if args.top < 1:

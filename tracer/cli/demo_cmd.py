@@ -79,7 +79,7 @@ def ensure_transcoder(args) -> Path:
 def _validated(rm, job, prompt: str, n_samples: int):
     """Trace (or reuse) one prompt and validate its full graph (or reuse the validation).
     Returns (pruned, full, pruned_path, full_path)."""
-    from tracer.cli.trace_cmd import trace_one
+    from tracer.batch import trace_one
     from tracer.graph import Graph
     from tracer.validate import validate
 
@@ -146,7 +146,8 @@ def canned_queries(store, graphs) -> dict:
 
 
 def _demo(args) -> int:
-    from tracer.cli.trace_cmd import TraceJob, load_replacement, open_store, read_prompts
+    from tracer.batch import TraceJob, load_replacement, read_prompts
+    from tracer.cli.graph_args import open_store
     from tracer.report import write_index, write_report
 
     setting = setting_from_args(args)  # a bad --device/--dtype fails before any work

@@ -70,7 +70,7 @@ def build(args):
         model = args.model or "smollm2"
 
         def loader():
-            from tracer.cli.trace_cmd import load_replacement
+            from tracer.batch import load_replacement
 
             return load_replacement(model, str(tpath))
 

@@ -87,7 +87,7 @@ def _positive(text: str) -> int:
 
 def replacement(args, exclude_bos: bool):
     """The ReplacementModel of model_args, on the device and dtype they name."""
-    from tracer.cli.trace_cmd import load_replacement
+    from tracer.batch import load_replacement
 
     setting = setting_from_args(args)
     return load_replacement(args.model, args.transcoders, setting, exclude_bos=exclude_bos)

@@ -46,7 +46,7 @@ def _weights(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from tracer.cli.trace_cmd import slug
+    from tracer.batch import slug
     from tracer.global_weights import global_weights, typical_norm_scales
 
     setting_from_args(args)
