@@ -2,7 +2,7 @@
 as they arrive (the one writer), the progress line and the final summary.
 
 The collector runs in a thread of rank 0 (or of the only process). Every rank, and every
-worker process, reports each prompt it finished through a queue (see tracer.cli.ranks); the
+worker process, reports each prompt it finished through a queue (see tracer.batch.ranks); the
 collector writes the graph to the store, advances one progress bar over all ranks and keeps
 the record. Graphs therefore reach the store through one writer in arrival order: concurrent
 writers would conflict on the ``(:Feature)`` nodes that many graphs share (see
@@ -135,13 +135,13 @@ class Collector:
     def _store(self, r: PromptResult) -> None:
         if self.store is None or r.stored is not None or r.pruned_path is None:
             return
-        from graphstore.errors import StoreError
+        from tracer.batch.run import SinkError
         from tracer.graph import Graph
 
         try:
             self.store.add(Graph.load(r.pruned_path), Graph.load(r.full_path))
             r.stored = True
-        except (StoreError, OSError) as err:
+        except (SinkError, OSError) as err:
             r.stored, r.reason = False, str(err).splitlines()[0]
 
 

@@ -2,7 +2,7 @@
 any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``).
 
-How a job runs (see :func:`tracer.cli.trace_cmd.trace_many`):
+How a job runs (see :func:`tracer.batch.run.trace_many`):
 
 - Rank 0 plans: it opens the graph store (when asked), decides which prompts still need tracing
   (the skip-if-traced check against the graph folder and the store) and broadcasts the plan
