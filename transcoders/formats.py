@@ -212,7 +212,8 @@ def load_transcoder(
         model_name = model_name or getattr(facts, "name", None)
         gain = gain or getattr(model, "mlp_norm_gain", None)
     wanted = target_model or model_name
-    pub = resolve_published(path, wanted) if format in (None, "config-list") else None
+    local = Path(path).exists()
+    pub = resolve_published(path, wanted) if format in (None, "config-list") or not local else None
     args = (lazy, format, n_layers, d_model, model_name, layer, input_site, setting,
             target_model, gain)  # fmt: skip
     if pub is None:
@@ -476,12 +477,19 @@ def _human(n: int) -> str:
 
 
 def transcoder_info(path: str | os.PathLike, **load_kwargs) -> TranscoderInfo:
-    """Describe the transcoder at ``path`` (reads encoders and headers, not decoders)."""
-    p = Path(path)
-    fmt = load_kwargs.pop("format", None) or detect_format(p)
-    clt = load_transcoder(p, lazy=True, format=fmt, **load_kwargs)
+    """Describe the transcoder at ``path`` (reads encoders and headers, not decoders): a local
+    path, or a preset / hub reference / config.yaml (see :func:`load_transcoder`)."""
+    fmt = load_kwargs.pop("format", None)
+    pub = resolve_published(path) if fmt in (None, "config-list") else None
+    p = pub.folder if pub is not None and pub.folder is not None else Path(path)
+    if pub is not None and pub.files is not None:
+        fmt = "config-list"
+    fmt = fmt or detect_format(p)
+    clt = load_transcoder(path if pub is not None else p, lazy=True, format=fmt, **load_kwargs)
     cfg = clt.cfg
-    if p.is_file():
+    if pub is not None and pub.files is not None:
+        files = [(str(f), f.stat().st_size) for f in pub.files]
+    elif p.is_file():
         files = [(p.name, p.stat().st_size)]
     else:
         files = sorted(

@@ -486,3 +486,21 @@ def test_cli_refuses_bad_published_names(hub, tmp_path, tiny_folder, capsys):
     want = "mwhanna/gemma-scope-transcoders (preset 'gemma') (trained for google/gemma-2-2b)"
     assert want in line
     assert "it was trained for another model" in line
+
+
+def test_info_describes_a_published_set(hub, tmp_path):
+    from transcoders.formats import transcoder_info
+
+    _, files = npz_set(tmp_path)
+    hub.publish("google/gemma-scope-2b-pt-transcoders", files)
+    hub.publish("mwhanna/gemma-scope-transcoders", {"config.yaml": gemma_preset_config(files)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = transcoder_info("gemma")
+    assert info.format == "config-list" and info.n_layers == L and len(info.files) == L
+    assert info.identity.startswith("mwhanna--gemma-scope-transcoders+")
+    _, files = clt_repo(tmp_path)
+    hub.publish("org/clt", files)
+    info = transcoder_info("org/clt")
+    assert info.format == "circuit-tracer" and info.kind == "clt"
+    assert {name for name, _ in info.files} >= {"W_enc_0.safetensors", "config.yaml"}
