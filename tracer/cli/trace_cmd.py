@@ -34,7 +34,11 @@ def register(sub) -> None:
     p.add_argument("--store", action="store_true", help="write graphs to the graph store")
     p.add_argument("--store-uri", help="bolt:// URI (default: the embedded local store)")
     p.add_argument("--model", default="smollm2", help="local folder, hub id or 'smollm2'")
-    p.add_argument("--transcoders", required=True, help="transcoder folder or file (any format)")
+    p.add_argument(
+        "--transcoders", required=True,
+        help="transcoder folder or file (any format), config.yaml, hub id org/name[@rev] or "
+        "circuit-tracer preset (gemma, llama); resolved via the Hugging Face cache",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/graphs", help="folder for the graph files")
     p.add_argument(
         "--max-feature-nodes", type=int, default=None,
