@@ -206,10 +206,16 @@ def bench_variants(args) -> int:
                          "load_average_start": load0, "error": str(err)})  # fmt: skip
             continue
         m = result.metrics
+        rate = m.get("train_tokens_per_s")
         rows.append({
             "variant": name, "features": targs.features_per_layer,
+            "kind": targs.kind, "weights": str(out),
             "command": "circuit-atlas " + " ".join(argv),
             "wall_seconds": round(time.time() - t0, 1), "load_average_start": load0,
+            "load_average_end": os.getloadavg(),
+            "step_seconds": round(targs.batch_tokens / rate, 3) if rate else None,
+            "frequency": {k: v for k, v in (m.get("frequency") or {}).items()
+                          if k not in ("median_per_layer", "share_dense_per_layer")},
             **{k: m.get(k) for k in ("steps", "planned_steps", "replans", "cache_tokens",
                                      "passes", "train_tokens_per_s", "nmse", "nmse_all",
                                      "nmse_inliers", "l0", "dead_heldout", "nmse_per_layer",
@@ -233,9 +239,16 @@ def write_variants(args, cache, n_tokens: int, harvest_s: float, rows: list[dict
     }
     res = Path(args.results if args.results != str(RESULTS) else str(RESULTS) + "_widths")
     res.parent.mkdir(parents=True, exist_ok=True)
-    res.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    res.with_suffix(".md").write_text(variants_markdown(report))
+    res.with_suffix(".json").write_text(portable(json.dumps(report, indent=2)))
+    res.with_suffix(".md").write_text(portable(variants_markdown(report)))
     return report
+
+
+def portable(text: str) -> str:
+    """Results are read on other machines: the cache root becomes $CIRCUIT_ATLAS_HOME."""
+    from tracer.fetch import cache_root
+
+    return text.replace(str(cache_root()), "$CIRCUIT_ATLAS_HOME")
 
 
 def harvest_shared_cache(targs, seconds: float, max_tokens: int | None = None):
@@ -291,9 +304,9 @@ def variants_markdown(r: dict) -> str:
         "brackets); replacement and completeness: mean over the demo prompts, circuit-tracer "
         "convention.",
         "",
-        "| variant | features/layer | steps | passes | train tok/s | held-out NMSE | L0 | dead "
-        "| KL | top-1 | replacement | completeness | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | features/layer | steps | passes | train tok/s | s/step | held-out NMSE | L0 "
+        "| dead | median freq | > 10% | KL | top-1 | replacement | completeness | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in r.get("variants", r.get("widths", [])):
         name = w.get("variant", w["features"])
@@ -302,11 +315,13 @@ def variants_markdown(r: dict) -> str:
             continue
         sp, nan = w["spliced"], float("nan")
         gs = w.get("graph_scores") or {}
+        fr = w.get("frequency") or {}
         lines.append(
             f"| {name} | {w['features']} | {w['steps']} | {w['passes']} "
-            f"| {w['train_tokens_per_s'] or 0:.0f}"
+            f"| {w['train_tokens_per_s'] or 0:.0f} | {w.get('step_seconds') or nan:.2f}"
             f" | {w['nmse']:.3f} ({w.get('nmse_all') or nan:.3f} / "
             f"{w.get('nmse_inliers') or nan:.3f}) | {w['l0']:.1f} | {w['dead_heldout']:.1%} | "
+            f"{fr.get('median', nan):.2%} | {fr.get('share_dense', nan):.1%} | "
             f"{sp.get('kl', nan):.3f} | {sp.get('top1', nan):.1%} | "
             f"{gs.get('replacement', nan):.3f} | {gs.get('completeness', nan):.3f} "
             f"| {w['load_average_start'][0]:.1f} |"

@@ -26,6 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as Fn
 
+# Rows are updated in chunks of about this many elements: the temporaries stay in cache and
+# no large buffer is allocated (fresh multi-100 MB buffers cost page faults on every step).
+CHUNK_ELEMENTS = 1 << 18
+
 
 def row_sparse(
     index: torch.Tensor, values: torch.Tensor, shape: torch.Size | tuple[int, ...]
@@ -59,17 +63,20 @@ class SparseEncoderGrad(torch.autograd.Function):
         x, idx = ctx.saved_tensors
         w_shape, b_shape = ctx.shapes
         L, N, k = idx.shape
-        tokens_all = torch.arange(N, device=idx.device).repeat_interleave(k)
-        index, w_vals, b_vals = [], [], []
-        for l in range(L):
-            flat = idx[l].reshape(-1)
-            feats, tok, wts, starts = group_by_row(flat, grad[l].reshape(-1), tokens_all)
-            w_vals.append(Fn.embedding_bag(tok, x[l], starts, per_sample_weights=wts, mode="sum"))
-            b_vals.append(_segment_sums(wts, starts))
-            index.append(torch.stack([torch.full_like(feats, l), feats]))
-        index_t = torch.cat(index, 1)
-        g_w = row_sparse(index_t, torch.cat(w_vals).to(grad.dtype), w_shape)
-        g_b = row_sparse(index_t, torch.cat(b_vals).to(grad.dtype), b_shape)
+        F = w_shape[1]
+        # (layer, feature) rows as one flat id l*F + f, tokens as rows l*N + n of x [L*N, d]:
+        # one embedding_bag over every layer, rows come out sorted.
+        layer = torch.arange(L, device=idx.device)[:, None, None]
+        tokens = (layer * N + torch.arange(N, device=idx.device)[None, :, None]).expand(L, N, k)
+        rows, tok, wts, starts = group_by_row(
+            (idx + layer * F).reshape(-1), grad.reshape(-1), tokens.reshape(-1)
+        )
+        w_vals = Fn.embedding_bag(
+            tok, x.reshape(L * N, -1), starts, per_sample_weights=wts, mode="sum"
+        )
+        index_t = torch.stack([rows // F, rows % F])
+        g_w = row_sparse(index_t, w_vals.to(grad.dtype), w_shape)
+        g_b = row_sparse(index_t, _segment_sums(wts, starts).to(grad.dtype), b_shape)
         want_w, want_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         return None, None, g_w if want_w else None, g_b if want_b else None, None
 
@@ -123,10 +130,36 @@ class SparseRowAdam(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
                 if g.is_sparse:
-                    _sparse_update(p, g.coalesce(), st, lr, b1, b2, eps)
+                    _sparse_update(p, _coalesced(g), st, lr, b1, b2, eps)
                 else:
                     _dense_update(p, g, st, lr, b1, b2, eps)
         return loss
+
+
+def _coalesced(g: torch.Tensor) -> torch.Tensor:
+    """``g`` with unique sorted indices. Autograd drops the coalesced flag of the gradients it
+    stores, so first check whether the row ids already increase (the usual case: one decode);
+    else sum duplicate rows (two decodes of the same rows, e.g. AuxK's)."""
+    if g.is_coalesced():
+        return g
+    sd = g.sparse_dim()
+    dims = g.shape[:sd]
+    rows = _flat_rows(g._indices(), dims)
+    vals = g._values()
+    if len(rows) < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return row_sparse(g._indices(), vals, g.shape)
+    uniq, inv = torch.unique(rows, return_inverse=True)
+    summed = vals.new_zeros((len(uniq), *vals.shape[1:])).index_add_(0, inv, vals)
+    index = torch.stack(_unflatten(uniq, dims))
+    return row_sparse(index, summed, g.shape)
+
+
+def _unflatten(rows: torch.Tensor, dims) -> list[torch.Tensor]:
+    out = []
+    for size in reversed(dims[1:]):
+        out.append(rows % size)
+        rows = rows // size
+    return [rows, *reversed(out)]
 
 
 def _row_shape(st: dict, shape: torch.Size, sparse_dim: int, device) -> torch.Tensor:
@@ -141,39 +174,72 @@ def _row_shape(st: dict, shape: torch.Size, sparse_dim: int, device) -> torch.Te
 
 
 def _dense_update(p, g, st, lr, b1, b2, eps) -> None:
-    m, v = st["exp_avg"], st["exp_avg_sq"]
     st["step"] += 1
     t = st["step"]
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    if t.dim() == 0:
+    if t.dim() == 0:  # one count for the whole tensor: torch.optim.Adam's update, by chunks
         bc1, bc2 = 1 - b1 ** float(t), 1 - b2 ** float(t)
-        denom = (v.sqrt() / bc2**0.5).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bc1)
+        flat = (p.view(-1), g.reshape(-1), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1))
+        for s in range(0, p.numel(), CHUNK_ELEMENTS):
+            w, gg, m, v = (a[s : s + CHUNK_ELEMENTS] for a in flat)
+            m.lerp_(gg, 1 - b1)
+            v.mul_(b2).addcmul_(gg, gg, value=1 - b2)
+            denom = (v.sqrt() / bc2**0.5).add_(eps)
+            w.addcdiv_(m, denom, value=-lr / bc1)
         return
-    shape = t.shape + (1,) * (p.dim() - t.dim())
-    bc1 = (1 - b1**t).view(shape).to(p.dtype)
-    bc2 = (1 - b2**t).view(shape).to(p.dtype)
-    p.sub_(lr * (m / bc1) / (v.sqrt() / bc2.sqrt() + eps))
+    n_rows = t.numel()  # per-row counts (the parameter had sparse gradients before)
+    flat = (p.view(n_rows, -1), st["exp_avg"].view(n_rows, -1), st["exp_avg_sq"].view(n_rows, -1))
+    gv, steps = g.reshape(n_rows, -1), t.view(-1)
+    c = max(1, CHUNK_ELEMENTS // max(1, gv.shape[1]))
+    for s in range(0, n_rows, c):
+        sl = slice(s, s + c)
+        _rows_update(*(a[sl] for a in flat), gv[sl], steps[sl], lr, b1, b2, eps)
 
 
 def _sparse_update(p, g, st, lr, b1, b2, eps) -> None:
+    """Adam on the rows named by the coalesced sparse gradient ``g``: rows are flattened to one
+    index into [R, rest] views and updated chunk by chunk (gathered with ``index_select``,
+    written back with ``index_copy_``; in place where a chunk is a contiguous run of rows)."""
     sd = g.sparse_dim()
     step = _row_shape(st, p.shape, sd, p.device)
-    ind = g.indices()
-    rows = tuple(ind[i] for i in range(sd))
-    vals = g.values()
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    t = step[rows] + 1
-    step[rows] = t
-    m_r = m[rows].lerp_(vals, 1 - b1)
-    v_r = v[rows].mul_(b2).addcmul_(vals, vals, value=1 - b2)
-    m[rows], v[rows] = m_r, v_r
-    shape = t.shape + (1,) * (vals.dim() - 1)
-    bc1 = (1 - b1**t).view(shape).to(p.dtype)
-    bc2 = (1 - b2**t).view(shape).to(p.dtype)
-    denom = (v_r.sqrt() / bc2.sqrt()).add_(eps)
-    p[rows] = p[rows] - lr * (m_r / bc1) / denom
+    n_rows = step.numel()
+    rows = _flat_rows(g.indices(), p.shape[:sd])
+    vals = g.values().reshape(len(rows), -1)
+    flat = (p.view(n_rows, -1), st["exp_avg"].view(n_rows, -1), st["exp_avg_sq"].view(n_rows, -1))
+    steps = step.view(-1)
+    every = len(rows) == n_rows  # coalesced: then rows == arange(n_rows)
+    c = max(1, CHUNK_ELEMENTS // max(1, vals.shape[1]))
+    for s in range(0, len(rows), c):
+        r, gv = rows[s : s + c], vals[s : s + c]
+        if every:
+            sl = slice(s, s + len(r))
+            steps[sl] += 1
+            _rows_update(*(a[sl] for a in flat), gv, steps[sl], lr, b1, b2, eps)
+            continue
+        t = steps.index_select(0, r) + 1
+        steps.index_copy_(0, r, t)
+        w, m, v = (a.index_select(0, r) for a in flat)
+        _rows_update(w, m, v, gv, t, lr, b1, b2, eps)
+        for a, b in zip(flat, (w, m, v), strict=True):
+            a.index_copy_(0, r, b)
+
+
+def _rows_update(w, m, v, g, t, lr, b1, b2, eps) -> None:
+    """In place on rows w, m, v [n, c] with gradient g [n, c] and step counts t [n] (already
+    incremented): torch.optim.Adam's arithmetic with a bias correction per row."""
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    bc1 = (1 - b1**t).to(w.dtype)[:, None]
+    bc2_sqrt = (1 - b2**t).sqrt().to(w.dtype)[:, None]
+    denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+    w.addcdiv_(m / bc1, denom, value=-lr)
+
+
+def _flat_rows(index: torch.Tensor, dims: torch.Size) -> torch.Tensor:
+    """[sparse_dim, n] indices -> [n] row-major flat row numbers."""
+    rows = index[0]
+    for i in range(1, len(dims)):
+        rows = rows * dims[i] + index[i]
+    return rows
 
 
 def densify_mean(dist, g: torch.Tensor) -> torch.Tensor:

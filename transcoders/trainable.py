@@ -181,15 +181,13 @@ class BlockSparseDecode(torch.autograd.Function):
         sparse = want_d and ctx.sparse
         g_vals = torch.zeros_like(vals) if want_vals else None
         g_d = [torch.zeros_like(w) for w in D] if want_d and not sparse else None
-        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in D]
         bag_starts = torch.arange(0, N * k, k, device=idx.device)
         bag_of_row = torch.arange(N, device=idx.device).repeat_interleave(k)
+        if sparse:
+            g_d = _sparse_decoder_grads(idx, vals, grad, kind, F, D, bag_of_row)
         for i in range(L):
             flat = idx[i].reshape(-1)
-            if sparse:
-                # Only the features in idx: one bag each, rows named in a sparse gradient.
-                feats, tokens, weights, starts = group_by_row(flat, vals[i].reshape(-1), bag_of_row)
-            elif want_d:
+            if want_d and not sparse:
                 # Group the N*k (token, value) pairs by feature: feature f's gradient row is
                 # the vals-weighted sum of grad rows of the tokens it fired on.
                 order = torch.argsort(flat, stable=True)
@@ -199,24 +197,51 @@ class BlockSparseDecode(torch.autograd.Function):
             for l in _targets(kind, i, L):
                 j = i - _sources(kind, l).start
                 rows = slice(j * F, (j + 1) * F)
-                if want_d:
-                    g = Fn.embedding_bag(
+                if want_d and not sparse:
+                    g_d[l][rows] = Fn.embedding_bag(
                         tokens, grad[l], starts, per_sample_weights=weights, mode="sum"
                     )
-                    if sparse:
-                        parts[l].append((feats + j * F, g))
-                    else:
-                        g_d[l][rows] = g
                 if want_vals:
                     g_vals[i] += _row_dots(grad[l], D[l][rows], flat, bag_starts, bag_of_row)
-        if sparse:  # sources j ascending, features sorted within: the rows come sorted
-            g_d = [
-                row_sparse(
-                    torch.cat([r for r, _ in p])[None], torch.cat([g for _, g in p]), w.shape
-                )
-                for p, w in zip(parts, D, strict=True)
-            ]
         return None, g_vals, None, None, *(g_d if want_d else [None] * len(D))
+
+
+def _sparse_decoder_grads(idx, vals, grad, kind, F, D, bag_of_row) -> list[torch.Tensor]:
+    """Row-sparse gradients of every D[l]: one bag per (source, feature) in idx, the
+    vals-weighted sum of grad[l] over the tokens it was selected at.
+
+    The bags of all sources are laid end to end in source order; target l's sources are a
+    contiguous run of them (a CLT: sources 0..l, a prefix; a PLT: source l alone), so each
+    target's gradient is one ``embedding_bag`` over that run, its rows already sorted."""
+    L = idx.shape[0]
+    toks, wts, starts, rows = [], [], [], []
+    n_tok = n_bag = 0
+    tok_end, bag_end = [], []
+    for i in range(L):
+        feats, t, w, st = group_by_row(idx[i].reshape(-1), vals[i].reshape(-1), bag_of_row)
+        toks.append(t)
+        wts.append(w)
+        starts.append(st + n_tok)
+        rows.append(feats + (i * F if kind == "clt" else 0))  # its row in every target's D
+        n_tok += len(t)
+        n_bag += len(feats)
+        tok_end.append(n_tok)
+        bag_end.append(n_bag)
+    toks_a, wts_a, starts_a, rows_a = (torch.cat(a) for a in (toks, wts, starts, rows))
+    out = []
+    for l in range(L):
+        s0 = _sources(kind, l).start
+        t0, b0 = (tok_end[s0 - 1], bag_end[s0 - 1]) if s0 > 0 else (0, 0)
+        t1, b1 = tok_end[l], bag_end[l]
+        g = Fn.embedding_bag(
+            toks_a[t0:t1],
+            grad[l],
+            starts_a[b0:b1] - t0,
+            per_sample_weights=wts_a[t0:t1],
+            mode="sum",
+        )
+        out.append(row_sparse(rows_a[b0:b1][None], g, D[l].shape))
+    return out
 
 
 def _sources(kind: str, target: int) -> range:
