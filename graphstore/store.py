@@ -359,6 +359,23 @@ class GraphStore:
         with self._session() as s:
             return subgraphs.load_subgraph(s, graph_id, name)
 
+    # --- feature labels (written in the explorer, one per feature identity) ---------------------
+
+    def set_feature_label(self, transcoder: str, layer: int, index: int, label: str) -> str:
+        """Label feature (layer, index) of ``transcoder`` in every graph (graphstore.labels);
+        an empty label removes it. Returns the label as stored."""
+        from graphstore import labels
+
+        with self._session() as s:
+            return labels.set_label(s, transcoder, layer, index, label)
+
+    def feature_labels(self, transcoder: str, features=None) -> dict[tuple[int, int], str]:
+        """``{(layer, index): label}`` of the labelled features of ``transcoder``."""
+        from graphstore import labels
+
+        with self._session() as s:
+            return labels.labels(s, transcoder, features)
+
     # --- queries -------------------------------------------------------------------------------
 
     def query(self, name: str, **params) -> readonly.QueryResult:

@@ -5,11 +5,13 @@ Shared by the renderer, the HTML report and the Neuronpedia export so the three 
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 
-from tracer.features import FeatureBook
+from tracer.features import FeatureBook, FeatureInfo
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 
 
@@ -85,7 +87,7 @@ def node_text(
     decode: Callable[[int], str] | None = None,
 ) -> str:
     """Short display text for node ``i``: the token for token and logit nodes, the feature's
-    short label (promoted tokens / contexts) for features, ``err`` for error nodes."""
+    label (:func:`auto_label`) for features, ``error`` for error nodes."""
     k = int(graph.kind[i])
     if k == TOKEN:
         return visible(graph.token_strings[int(graph.position[i])])
@@ -94,7 +96,64 @@ def node_text(
     if k == ERROR:
         return "error"
     info = features.get(int(graph.layer[i]), int(graph.feature[i])) if features else None
-    return info.short_label() if info else ""
+    return auto_label(info) if info else ""
+
+
+# Words that recur around every kind of activation and name nothing.
+_STOPWORDS = frozenset(
+    "a an the of to in on at by for from with and or but is are was were be been being it its "
+    "this that these those as so than then there their they them he she his her we our you your "
+    "i me my not no do does did has have had will would can could may might shall should which "
+    "who whom what when where how all any some such into about over after before s t".split()
+)
+_WORD = re.compile(r"[^\W\d_][\w'-]*|\d+", re.UNICODE)
+MAX_AUTO_LABEL = 40
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text) if w.lower() not in _STOPWORDS]
+
+
+def auto_label(info: FeatureInfo, n_before: int = 5, n_after: int = 2) -> str:
+    """A short label for a feature from what is known of it: its human label when it has one;
+    else the activating token when it recurs (in quotes), the words that recur near the
+    activations of its top contexts (``n_before`` words before and ``n_after`` after the
+    activating token, in at least two contexts, stopwords left out), and its top promoted
+    tokens (``→ ␣Paris ␣France``), joined by `` · `` and cut to 40 characters; ``on ␣tok``
+    (the strongest context's token) when nothing recurs and nothing is promoted."""
+    if info.label:
+        return info.label
+    peaks: Counter = Counter()
+    near: Counter = Counter()
+    weight: Counter = Counter()
+    for rank, ctx in enumerate(info.top_contexts):
+        if not ctx.tokens:
+            continue
+        p = ctx.peak
+        tok = ctx.tokens[p].strip().lower()
+        if tok:
+            peaks[tok] += 1
+        left = _words("".join(ctx.tokens[:p]))[-n_before:]
+        right = _words("".join(ctx.tokens[p + 1 :]))[:n_after]
+        for w in set(left + right):
+            near[w] += 1
+            weight[w] += 1.0 / (1 + rank)
+    parts = []
+    top_peak, peak_n = peaks.most_common(1)[0] if peaks else ("", 0)
+    if peak_n >= 2:
+        parts.append(f"“{top_peak}”")
+    recurring = sorted((w for w, c in near.items() if c >= 2 and w != top_peak),
+                       key=lambda w: (-near[w], -weight[w], w))[:2]  # fmt: skip
+    if recurring:
+        parts.append(", ".join(recurring))
+    promoted = [visible_token(t) for t, _ in info.promoted_tokens[:2] if t.strip()]
+    if promoted:
+        parts.append("→ " + " ".join(promoted))
+    if not parts and info.top_contexts and info.top_contexts[0].tokens:
+        ctx = info.top_contexts[0]
+        parts.append("on " + visible_token(ctx.tokens[ctx.peak]))
+    text = " · ".join(parts)
+    return text if len(text) <= MAX_AUTO_LABEL else text[: MAX_AUTO_LABEL - 1] + "…"
 
 
 def node_heading(graph: Graph, i: int) -> str:

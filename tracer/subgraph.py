@@ -141,3 +141,61 @@ class Subgraph:
     def from_qparams(cls, qparams: Mapping, name: str = "imported") -> Subgraph:
         """The subgraph held in a Neuronpedia document's ``qParams``."""
         return cls.from_dict(qparams, name=name)
+
+
+# --- the diagram of a subgraph ------------------------------------------------------------------
+
+
+def diagram(graph, subgraph: Subgraph, labels: Mapping[str, str] | None = None) -> dict:
+    """The pinned nodes and supernodes of ``subgraph`` as a small graph to draw: ``units``, one
+    per supernode and per pinned node outside every supernode (``id``: the node id, or
+    ``"s{k}"`` for supernode k; ``members``: node ids; ``label``; ``layer`` and ``position``:
+    the members' mean, tokens at layer -1 and logits at ``n_layers``; ``kind``), and ``edges``
+    between units: ``{"source", "target", "weight", "n"}`` where ``weight`` is the sum of
+    ``A[t, s]`` over the graph's edges from a member of the source unit to a member of the
+    target unit (``n`` of them), edges inside one unit left out. ``labels``: node id -> label
+    for single nodes (else the subgraph's labels, else the node's coordinates).
+    ``graph``: a :class:`tracer.graph.Graph` holding every pinned node."""
+    import numpy as np
+
+    from tracer.graph import LOGIT, NODE_KINDS, TOKEN
+    from tracer.neuronpedia import np_node_id
+
+    index = {np_node_id(graph, i): i for i in range(graph.n_nodes)}
+    subgraph.check(index)
+    unit_of: dict[str, str] = {}
+    units = []
+    for k, sn in enumerate(subgraph.supernodes):
+        for m in sn.members:
+            unit_of[m] = f"s{k}"
+        units.append({"id": f"s{k}", "members": list(sn.members), "label": sn.label,
+                      "kind": "supernode"})  # fmt: skip
+    names = {**subgraph.labels, **(labels or {})}
+    for nid in subgraph.pinned:
+        if nid in unit_of:
+            continue
+        unit_of[nid] = nid
+        i = index[nid]
+        units.append({"id": nid, "members": [nid], "label": names.get(nid) or graph.node_label(i),
+                      "kind": NODE_KINDS[int(graph.kind[i])]})  # fmt: skip
+    for u in units:
+        idx = [index[m] for m in u["members"]]
+        rows = [-1 if graph.kind[i] == TOKEN else graph.n_layers if graph.kind[i] == LOGIT
+                else int(graph.layer[i]) for i in idx]  # fmt: skip
+        u["layer"] = float(np.mean(rows))
+        u["position"] = float(np.mean([int(graph.position[i]) for i in idx]))
+    code = np.full(graph.n_nodes, -1, dtype=np.int64)
+    order = {u["id"]: j for j, u in enumerate(units)}
+    for nid, uid in unit_of.items():
+        code[index[nid]] = order[uid]
+    su, tu = code[graph.source], code[graph.target]
+    sel = (su >= 0) & (tu >= 0) & (su != tu)
+    sums: dict[tuple[int, int], list] = {}
+    for a, b, w in zip(su[sel].tolist(), tu[sel].tolist(), graph.weight[sel].tolist(),
+                       strict=True):  # fmt: skip
+        acc = sums.setdefault((a, b), [0.0, 0])
+        acc[0] += float(w)
+        acc[1] += 1
+    edges = [{"source": units[a]["id"], "target": units[b]["id"], "weight": acc[0], "n": acc[1]}
+             for (a, b), acc in sorted(sums.items())]  # fmt: skip
+    return {"units": units, "edges": edges}

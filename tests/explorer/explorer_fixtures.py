@@ -62,7 +62,7 @@ def build_feature_contexts(rm, folder):
         tokens,
         model.token_strings,
         unembed=unembed_for_contexts(model),
-        cfg=ContextConfig(top_k=4, n_promoted=5),
+        cfg=ContextConfig(top_k=4, n_promoted=5, before=24, after=8),  # ~30-token contexts
     )
     save_contexts(table, folder)
     return FeatureBook.load(folder)

@@ -7,6 +7,7 @@ screenshots in test-artifacts/explorer/."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -303,3 +304,260 @@ def test_bad_input_in_the_page(world, browser):
     # the only console errors are the browser's notes on the refused requests (4xx)
     assert all("Failed to load resource" in e for e in tab.errors), tab.errors
     tab.close()
+
+
+# --- the explorer as a reading tool (issue 27) --------------------------------------------------
+
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+MAX_FEATURES, MAX_EDGES = 100, 150  # the page's readable default
+SETTLED = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+
+
+@pytest.fixture(scope="module")
+def graph550(world):
+    """A 550-node graph (graphstore.synthetic's shape, 30 layers, 12 tokens) in the store."""
+    from explorer_fixtures import big_graph
+
+    from graphstore import graph_id
+
+    g = big_graph(550, 36_000, seed=3)
+    world.store.add(g)
+    gid = graph_id(g)
+    yield g, gid
+    world.store.delete(gid)
+
+
+def overlaps(boxes) -> list:
+    out = []
+    for a, b in itertools.combinations(boxes, 2):
+        if a["x0"] < b["x1"] and b["x0"] < a["x1"] and a["y0"] < b["y1"] and b["y0"] < a["y1"]:
+            out.append((a["kind"], a["text"], b["kind"], b["text"]))
+    return out
+
+
+def check_readable_default(tab, g, name: str):
+    """The first fit of graph g as the page opens it: tokens labelled inside the canvas, no
+    label over another, no node over another, at most the default features and edges, and a
+    feature at every node-threshold setting above zero."""
+    page = tab.page
+    tab.js(SETTLED)
+    view = tab.js("""() => { const v = __explorer.view, r = v.base.getBoundingClientRect();
+      const shown = [...v.shown.keys()].filter(i => v.shown[i]);
+      return {w: r.width, h: r.height, boxes: v.labelBoxes, counts: v.counts,
+              focus: v.focusEdges.length, r: v.radiusPx(),
+              xy: shown.map(i => [v.sx(i), v.sy(i)])}; }""")
+    W, H, boxes = view["w"], view["h"], view["boxes"]
+    tokens = [b for b in boxes if b["kind"] == "token"]
+    positions = [b for b in boxes if b["kind"] == "position"]
+    assert len(tokens) == len(positions) == len(g.tokens)
+    for b in tokens + positions:
+        assert 0 <= b["x0"] and b["x1"] <= W and 0 <= b["y0"] and b["y1"] <= H, b
+    assert sorted(int(b["text"]) for b in positions) == list(range(len(g.tokens)))
+    logits = [b for b in boxes if b["kind"] == "logit"]
+    assert len(logits) == g.count("logit")
+    assert overlaps(boxes) == []  # node labels, logit labels, tokens and positions
+    # nodes never drawn on top of each other
+    xy, r = np.array(view["xy"]), view["r"]
+    d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)) + np.eye(len(xy)) * 1e9
+    assert d.min() >= 2 * r, f"two nodes {d.min():.2f} px apart, radius {r:.2f}"
+    c = view["counts"]
+    assert 1 <= c["features"] <= MAX_FEATURES and c["edges"] <= MAX_EDGES
+    assert view["focus"] == 0  # no strong edges until a node is hovered, selected or pinned
+    assert c["features"] == min(MAX_FEATURES, c["features"])
+    tab.shot(f"10-default-{name}")
+    # a feature stays at every slider position above zero; more as the slider rises
+    counts = []
+    for t in [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]:
+        page.fill("#max-features", "5000")
+        page.locator("#node-threshold").evaluate(
+            "(el, t) => { el.value = t; el.dispatchEvent(new Event('input')); }", t
+        )
+        counts.append(tab.js("__explorer.view.counts.features"))
+    assert min(counts) >= 1 and counts == sorted(counts)
+    assert counts[-1] == g.count("feature")
+    return view
+
+
+def test_readable_default_demo_graphs(world, browser):
+    tab = Tab(browser, world.url)
+    try:
+        for (g, full), gid in zip(world.graphs, world.ids, strict=True):
+            tab.open(f"?graph={gid}")
+            check_readable_default(tab, g, gid[:8])
+            tab.open(f"?graph={gid}&full=1")  # the unpruned graph: the default prunes it
+            view = check_readable_default(tab, full, gid[:8] + "-full")
+            assert view["counts"]["features"] < full.count("feature")
+        assert tab.errors == []
+    finally:
+        tab.close()
+
+
+def test_readable_default_550_nodes(world, browser, graph550):
+    g, gid = graph550
+    assert g.n_nodes == 550 and g.count("feature") > MAX_FEATURES
+    tab = Tab(browser, world.url)
+    try:
+        tab.open(f"?graph={gid}")
+        view = check_readable_default(tab, g, "550")
+        assert view["counts"]["features"] == MAX_FEATURES  # the cap binds on this graph
+        assert tab.errors == []
+    finally:
+        tab.close()
+
+
+def test_france_default_screenshot_and_paths(world, browser):
+    """The README's default view of the France circuit; "trace from here" on its top logit
+    highlights paths that start at a token node and read as tracer.paths writes them."""
+    from tracer.paths import paths
+
+    k = next(j for j, (g, _) in enumerate(world.graphs) if "France" in g.prompt)
+    g, gid = world.graphs[k][1], world.ids[k]  # the full graph, pruned by the page's default
+    tab = Tab(browser, world.url)
+    page = tab.page
+    try:
+        tab.open(f"?graph={gid}&full=1")
+        tab.js(SETTLED)
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(DOCS_IMG / "explorer-default.png"))
+        top = int(np.flatnonzero(g.kind == 3)[np.argmax(g.probability[g.kind == 3])])
+        tab.click_node(np_node_id(g, top))
+        page.click("#trace-button")
+        page.wait_for_selector("#path-list .path-item")
+        shown = page.locator("#path-list .path-text").all_inner_texts()
+        want = paths(g, None, 5, decode=lambda i: world.rm.model.decode([i]))
+        assert shown == [p.text(g, lambda i: world.rm.model.decode([i])) for p in want]
+        lit = tab.js(
+            "__explorer.view.paths.map(p => p.nodes.map(i => __explorer.graph.nodes.id[i]))"
+        )
+        assert lit == [[np_node_id(g, i) for i in p.nodes] for p in want]
+        kinds = tab.js("__explorer.view.paths.map(p => __explorer.graph.nodes.kind[p.nodes[0]])")
+        assert set(kinds) == {"token"}
+        assert all(ids[-1] == np_node_id(g, top) for ids in lit)
+        tab.js(SETTLED)
+        tab.shot("11-paths")
+        assert tab.errors == []
+    finally:
+        tab.close()
+
+
+def test_subgraph_diagram(world, browser):
+    """Pinned nodes drawn with the edges between them at the graph's weights; a supernode's
+    edges are the sums of its members'; SVG export; the README's screenshot."""
+    from tracer.paths import paths
+
+    k = next(j for j, (g, _) in enumerate(world.graphs) if "France" in g.prompt)
+    g, gid = world.graphs[k][1], world.ids[k]  # the full graph
+    nodes = top_features(g, 3)
+    for p in paths(g, None, 2):
+        nodes += [i for i in p.nodes if i not in nodes]
+    ids = [np_node_id(g, i) for i in nodes]
+    tab = Tab(browser, world.url)
+    page = tab.page
+    try:
+        tab.open(f"?graph={gid}&full=1")
+        page.click("#tabs button[data-tab=subgraph]")
+        tab.js("(ids) => { for (const id of ids) __explorer.togglePin(id); }", ids)
+        expect(page.locator("#diagram-svg .diagram-unit")).to_have_count(len(ids))
+        drawn = {
+            (e.get_attribute("data-source"), e.get_attribute("data-target")):
+                float(e.get_attribute("data-weight"))
+            for e in page.locator("#diagram-svg .diagram-edge").all()
+        }  # fmt: skip
+        pos = {i: j for j, i in enumerate(nodes)}
+        want = {(ids[pos[int(s)]], ids[pos[int(t)]]): float(w)
+                for t, s, w in zip(g.target, g.source, g.weight, strict=True)
+                if int(s) in pos and int(t) in pos}  # fmt: skip
+        assert drawn == pytest.approx(want, rel=1e-6) and len(want) >= len(ids) - 1
+        assert set(drawn) == set(want)
+        tab.js(SETTLED)
+        page.screenshot(path=str(DOCS_IMG / "explorer-subgraph.png"))
+        tab.shot("12-subgraph-diagram")
+        # group the two strongest features: the supernode's edges are sums of theirs
+        feats = nodes[:2]
+        assert len(feats) == 2
+        for i in feats:
+            page.check(f"#pinned-list input.pick[data-id='{np_node_id(g, i)}']")
+        page.fill("#supernode-label", "pair")
+        page.click("#group-button")
+        expect(page.locator("#diagram-svg .diagram-unit")).to_have_count(len(ids) - 1)
+        members = {np_node_id(g, i) for i in feats}
+        unit = {i: "s0" if i in members else i for i in ids}
+        sums: dict = {}
+        for (s, t), w in want.items():
+            if unit[s] != unit[t]:
+                sums[(unit[s], unit[t])] = sums.get((unit[s], unit[t]), 0.0) + w
+        got = {
+            (e.get_attribute("data-source"), e.get_attribute("data-target")):
+                float(e.get_attribute("data-weight"))
+            for e in page.locator("#diagram-svg .diagram-edge").all()
+        }  # fmt: skip
+        assert got == pytest.approx(sums, rel=1e-6)
+        with page.expect_download() as dl:
+            page.click("#export-svg")
+        svg = Path(dl.value.path()).read_text()
+        assert svg.startswith("<svg") and svg.count('class="diagram-edge"') == len(sums)
+        with page.expect_download() as dl:
+            page.click("#export-png")
+        assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert tab.errors == []
+    finally:
+        tab.close()
+
+
+def test_feature_label_kept_per_feature(world, browser):
+    """An edited label is stored per feature identity: it survives a reload and is the
+    feature's text in the other graph that has the feature."""
+    g, _ = world.graphs[0]
+    other, _ = world.graphs[1]
+    gid, other_id = world.ids
+    shared = shared_feature(g, other)
+    layer, index = int(g.layer[shared]), int(g.feature[shared])
+    tab = Tab(browser, world.url)
+    page = tab.page
+    try:
+        tab.open(f"?graph={gid}")
+        auto = tab.js("(id) => __explorer.graph.nodes.text[__explorer.index.get(id)]",
+                      np_node_id(g, shared))  # fmt: skip
+        tab.js("(id) => __explorer.openFeature(__explorer.index.get(id))", np_node_id(g, shared))
+        page.wait_for_selector("#feature-label")
+        # the full contexts, the activating token marked
+        info = world.features.get(layer, index)
+        ctx = page.locator("#tab-feature .ctx")
+        assert ctx.count() == len(info.top_contexts)
+        for j, c in enumerate(info.top_contexts):
+            assert ctx.nth(j).text_content() == "".join(c.tokens)
+            assert ctx.nth(j).locator(".peak").text_content() == c.tokens[c.peak]
+        page.fill("#feature-label", "capital-city feature")
+        page.click("#feature-label-save")
+        page.wait_for_selector("#message.info")
+        assert world.store.feature_labels(g.transcoder_name) == {
+            (layer, index): "capital-city feature"
+        }
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        tab.js(SETTLED)
+        text = "(id) => __explorer.graph.nodes.text[__explorer.index.get(id)]"
+        assert tab.js(text, np_node_id(g, shared)) == "capital-city feature"
+        tab.open(f"?graph={other_id}")
+        same = [i for i in np.flatnonzero(other.kind == FEATURE)
+                if (int(other.layer[i]), int(other.feature[i])) == (layer, index)]  # fmt: skip
+        for i in same:
+            assert tab.js(text, np_node_id(other, int(i))) == "capital-city feature"
+        tab.js(
+            "(id) => __explorer.openFeature(__explorer.index.get(id))",
+            np_node_id(other, int(same[0])),
+        )
+        page.wait_for_selector("#feature-label")
+        assert page.locator("#feature-label").input_value() == "capital-city feature"
+        tab.shot("13-feature-label")
+        # an empty label removes it: the automatic label is back
+        page.fill("#feature-label", "")
+        page.click("#feature-label-save")
+        expect(page.locator("#feature-title")).not_to_contain_text("capital-city")
+        assert world.store.feature_labels(g.transcoder_name) == {}
+        tab.open(f"?graph={gid}")
+        assert tab.js(text, np_node_id(g, shared)) == auto
+        assert tab.errors == []
+    finally:
+        world.store.set_feature_label(g.transcoder_name, layer, index, "")
+        tab.close()

@@ -493,9 +493,12 @@ def create_app(
         decode=decode,
         probe=StoreProbe(source.store) if source.store is not None else None,
     )
+    from tracer.explorer.reading_routes import READING_ROUTES  # paths, diagram, labels
+
     routes = [
         Route("/", page),
         *API_ROUTES,
+        *READING_ROUTES,
         Mount("/assets", StaticFiles(directory=Path(config.dist) / "assets"), name="assets"),
     ]
     middleware = [Middleware(Door, policy=config.policy())]

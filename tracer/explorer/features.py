@@ -1,5 +1,8 @@
 """The explorer's feature panel: what is known about one transcoder feature.
 
+Its label is the one a person gave it (kept in the store per feature identity,
+graphstore.labels), else the automatic one (:func:`tracer.annotate.auto_label`).
+
 Top-activating contexts, the activation histogram and the promoted / suppressed tokens come
 from the feature-contexts table saved beside trained transcoders (read by
 :class:`tracer.features.FeatureBook`, as reports do); the graphs where the feature is a node
@@ -8,7 +11,7 @@ come from the store and the graph folder (:meth:`GraphSource.feature_graphs`).
 
 from __future__ import annotations
 
-from tracer.annotate import visible
+from tracer.annotate import auto_label, visible, visible_token
 from tracer.features import FeatureBook
 
 
@@ -17,11 +20,15 @@ def feature_panel(
 ) -> dict:
     """JSON for the panel of feature (layer, index) of ``transcoder``."""
     info = book.get(layer, index) if book is not None else None
+    edited = source.feature_labels(transcoder, [(layer, index)]).get((layer, index), "")
     out = {
         "layer": layer,
         "index": index,
         "transcoder": transcoder,
-        "label": "",
+        "label": edited,
+        "edited": bool(edited),
+        "auto_label": "",
+        "can_edit": source.store is not None,
         "frequency": None,
         "contexts": [],
         "histogram": None,
@@ -39,7 +46,8 @@ def feature_panel(
         )
         return out
     out.update(
-        label=info.label,
+        label=edited or auto_label(info),
+        auto_label=auto_label(info),
         frequency=info.frequency,
         contexts=[
             {
@@ -54,7 +62,7 @@ def feature_panel(
             if info.histogram_counts
             else None
         ),
-        promoted=[[visible(t), w] for t, w in info.promoted_tokens],
-        suppressed=[[visible(t), w] for t, w in info.suppressed_tokens],
+        promoted=[[visible_token(t), w] for t, w in info.promoted_tokens],
+        suppressed=[[visible_token(t), w] for t, w in info.suppressed_tokens],
     )
     return out

@@ -15,9 +15,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tracer.annotate import display_influence, node_heading, node_text, visible, vocab_text
+from tracer.annotate import (
+    display_influence,
+    node_heading,
+    node_text,
+    visible_token,
+    vocab_text,
+)
 from tracer.features import FeatureBook
-from tracer.graph import FEATURE, LOGIT, NODE_KINDS, Graph
+from tracer.graph import ERROR, FEATURE, LOGIT, NODE_KINDS, TOKEN, Graph
 from tracer.neuronpedia import cumulative_influence, np_node_id
 
 
@@ -32,6 +38,36 @@ def edge_cumulative(weight: np.ndarray) -> np.ndarray:
     order = np.argsort(-a, kind="stable")
     out[order] = np.cumsum(a[order]) / total
     return out
+
+
+def feature_shares(kind: np.ndarray, influence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the node slider and the feature cap compare against, by influence among FEATURES
+    only (error, token and logit nodes do not use up the share): ``fcum`` [n_nodes] the share of
+    the total feature influence held by the features strictly more influential than the node,
+    ``frank`` [n_nodes] int how many features those are. A feature (or error node) is shown at
+    threshold t with at most m features when ``fcum < t`` and ``frank < m``, so the most
+    influential feature is shown at every t > 0 (the running sum before it is 0). Token and
+    logit nodes get 0 (always shown)."""
+    infl = np.asarray(influence, dtype=np.float64)
+    feats = np.flatnonzero(kind == FEATURE)
+    fcum, frank = np.zeros(len(kind)), np.zeros(len(kind), dtype=np.int64)
+    if not len(feats):
+        return fcum, frank
+    f_sorted = np.sort(infl[feats])[::-1]  # descending
+    prefix = np.concatenate([[0.0], np.cumsum(f_sorted)])
+    total = float(prefix[-1])
+    which = np.flatnonzero((kind == FEATURE) | (kind == ERROR))
+    # features strictly above each node: ties with the node itself do not count
+    above = np.searchsorted(-f_sorted, -infl[which], side="left")
+    frank[which] = above
+    fcum[which] = prefix[above] / total if total > 0 else 0.0
+    return fcum, frank
+
+
+def _text(graph: Graph, i: int, features, decode) -> str:
+    if int(graph.kind[i]) in (TOKEN, LOGIT):
+        return visible_token(node_text(graph, i, None, decode))
+    return node_text(graph, i, features, decode)
 
 
 def _round(values, digits: int = 6) -> list:
@@ -49,12 +85,13 @@ def graph_payload(
     n = graph.n_nodes
     infl = display_influence(graph)
     cum = np.nan_to_num(cumulative_influence(graph), nan=0.0)
+    fcum, frank = feature_shares(graph.kind, infl)
     logits = np.flatnonzero(graph.kind == LOGIT)
     logit_table = [
         {
             "node": np_node_id(graph, int(i)),
             "token": int(graph.feature[i]),
-            "text": visible(vocab_text(graph, int(graph.feature[i]), decode)),
+            "text": visible_token(vocab_text(graph, int(graph.feature[i]), decode)),
             "probability": float(graph.probability[i]),
             "logit": float(graph.activation[i]),
         }
@@ -68,7 +105,7 @@ def graph_payload(
         "model": graph.model_name,
         "transcoder": graph.transcoder_name,
         "n_layers": int(graph.n_layers),
-        "tokens": [visible(t) for t in graph.token_strings],
+        "tokens": [visible_token(t) for t in graph.token_strings],
         "token_ids": [int(t) for t in graph.tokens],
         "params": graph.params,
         "scores": scores_with_convention(graph.scores, graph.params),
@@ -83,7 +120,9 @@ def graph_payload(
             "activation": _round(graph.activation),
             "influence": _round(infl),
             "cum": _round(cum),
-            "text": [node_text(graph, i, features, decode) for i in range(n)],
+            "fcum": _round(fcum),
+            "frank": frank.tolist(),
+            "text": [_text(graph, i, features, decode) for i in range(n)],
             "heading": [node_heading(graph, i) for i in range(n)],
         },
         "edges": {

@@ -231,6 +231,25 @@ class GraphSource:
         rows = sorted(out.values(), key=lambda d: (-(d["activation"] or 0.0), d["graph"]))
         return rows[:limit]
 
+    # --- feature labels (kept in the store per feature identity) --------------------------------
+
+    def feature_labels(self, transcoder: str, features=None) -> dict[tuple[int, int], str]:
+        """``{(layer, index): label}`` of the labels people gave ``transcoder``'s features
+        (empty without a store)."""
+        if self.store is None:
+            return {}
+        return self.store.feature_labels(transcoder, features)
+
+    def set_feature_label(self, transcoder: str, layer: int, index: int, label: str) -> str:
+        """Keep ``label`` for feature (layer, index) of ``transcoder`` in the store; ValueError
+        when the explorer has no store."""
+        if self.store is None:
+            raise ValueError(
+                "feature labels are kept in the graph store, and this explorer has none: "
+                "restart it with --store (or without --graphs alone)"
+            )
+        return self.store.set_feature_label(transcoder, layer, index, label)
+
     def _store_feature_graphs(self, layer: int, index: int, limit: int) -> list:
         names = [r[0] for r in self.store.cypher(FEATURE_KEYS).rows]
         rows = []

@@ -1,14 +1,17 @@
 // The feature panel: top-activating contexts with token highlighting, the activation
 // histogram (this node's activation marked), promoted / suppressed tokens, and the other
 // stored graphs where the feature is a node, each a link that opens that graph at the feature.
-import { api } from "./api.js";
-import { el, esc, fmt } from "./util.js";
+import { api, guarded } from "./api.js";
+import { el, esc, fmt, showMessage } from "./util.js";
 
+// One context as running text, each token shaded by its activation; the activating token (the
+// peak) marked.
 function contextHtml(c) {
   const max = Math.max(1e-9, ...c.activations);
   return `<div class="ctx">${c.tokens.map((t, k) => {
     const a = c.activations[k] / max;
-    return a > 0 ? `<span style="background: rgba(232, 140, 20, ${(0.15 + 0.7 * a).toFixed(2)})" title="${fmt(c.activations[k])}">${esc(t)}</span>` : esc(t);
+    const cls = k === c.peak ? ' class="peak"' : "";
+    return a > 0 ? `<span${cls} style="background: rgba(232, 140, 20, ${(0.15 + 0.7 * a).toFixed(2)})" title="activation ${fmt(c.activations[k])}">${esc(t)}</span>` : esc(t);
   }).join("")}</div>`;
 }
 
@@ -39,6 +42,9 @@ export async function showFeature(app, i) {
   const others = f.graphs.filter((r) => r.graph !== g.id);
   const here = f.graphs.find((r) => r.graph === g.id);
   box.innerHTML = `<h3 id="feature-title">feature L${layer}/F${index}${f.label ? ` — ${esc(f.label)}` : ""}</h3>
+    <div class="row"><input id="feature-label" value="${esc(f.edited ? f.label : "")}" placeholder="${esc(f.auto_label || "label")}" maxlength="200" ${f.can_edit ? "" : "disabled"}>
+      <button id="feature-label-save" ${f.can_edit ? "" : 'disabled title="labels are kept in the graph store: start the explorer with --store"'}>save label</button></div>
+    <div class="meta">${f.edited ? "label kept in the store for this feature in every graph" : "automatic label"}${f.auto_label ? ` · automatic: ${esc(f.auto_label)}` : ""}</div>
     <div>${esc(f.transcoder)}${f.frequency !== null ? ` · fires on ${fmt(100 * f.frequency, 2)}% of corpus tokens` : ""} · here ${fmt(g.nodes.activation[i])}</div>
     ${f.note ? `<p class="hint">${esc(f.note)}</p>` : ""}
     <h3>top activating contexts</h3>${f.contexts.length ? f.contexts.map(contextHtml).join("") : '<p class="hint">none saved</p>'}
@@ -48,4 +54,11 @@ export async function showFeature(app, i) {
     <h3>other graphs with this feature (${others.length})</h3>
     <div id="feature-graphs">${others.map((r) => `<div><a class="feature-graph-link" href="?graph=${encodeURIComponent(r.graph)}&node=${encodeURIComponent(`${layer}_${index}_${r.positions[0]}`)}">${esc(r.prompt)}</a> <span class="meta">@${r.positions.join(",")} · act ${fmt(r.activation)} · ${esc(r.source)}</span></div>`).join("") || '<p class="hint">only in this graph</p>'}</div>
     ${here ? "" : '<p class="hint">(this graph is not in the store\'s feature index)</p>'}`;
+  if (f.can_edit) {
+    el("feature-label-save").addEventListener("click", () => guarded(async () => {
+      const saved = await app.setFeatureLabel(layer, index, el("feature-label").value);
+      showMessage(saved.label ? `label of L${layer}/F${index} saved: shown in every graph with this feature` : `label of L${layer}/F${index} removed`);
+      await showFeature(app, i);
+    }));
+  }
 }

@@ -1,9 +1,10 @@
 // Live interventions: ablate, scale or clamp a pinned node or supernode (constrained or free);
-// the engine runs it on the server; the page polls the job and shows a progress bar, then the
-// top logits before and after and a greedy continuation without and with the edit.
+// the engine runs it on the server; the page polls the job (cancel stops it) and shows a
+// progress bar, then the mode, the change in the graph's target logit and its rank, the top
+// logits before and after, and a greedy (live) continuation without and with the edit.
 import { api, guarded } from "./api.js";
 import { nodeTitle } from "./nodepanel.js";
-import { el, esc, fmt, showMessage } from "./util.js";
+import { el, esc, fmt, showMessage, tokenText } from "./util.js";
 
 export function refreshTargets(app) {
   const sel = el("iv-target"), g = app.graph;
@@ -35,35 +36,72 @@ export function setupIntervene(app) {
   }));
 }
 
+const MODE_TEXT = {
+  constrained: "constrained: attention, norms and MLP outputs frozen at the prompt's values, so the edit moves the logits exactly as the graph's edges predict",
+  free: "live: attention patterns frozen, every MLP and the transcoder recomputed downstream of the edit (the honest test of the graph)",
+};
+const TABLE_K = 10; // the server's table: the top 10 tokens after the edit and before it
+
 export async function runIntervention(app, nodes, op, value, mode) {
-  const bar = el("iv-progress"), status = el("iv-status"), out = el("iv-result");
+  const bar = el("iv-progress"), status = el("iv-status"), out = el("iv-result"), cancel = el("iv-cancel");
   out.innerHTML = "";
   bar.hidden = false; bar.value = 0; status.textContent = "queued";
   el("iv-run").disabled = true;
+  let job = null;
+  cancel.hidden = false;
+  cancel.onclick = () => guarded(async () => {
+    if (job) await api(`/api/jobs/${job.id}/cancel`, { method: "POST" });
+    status.textContent = "cancelling…";
+  });
   try {
-    let job = await api("/api/interventions", { method: "POST", body: { graph: app.graph.id, edits: [{ nodes, op, value }], mode } });
+    job = await api("/api/interventions", { method: "POST", body: { graph: app.graph.id, edits: [{ nodes, op, value }], mode } });
     while (job.state === "queued" || job.state === "running") {
       bar.value = job.progress; status.textContent = job.message;
       await new Promise((r) => setTimeout(r, 200));
       job = await api(`/api/jobs/${job.id}`);
     }
     bar.value = 1;
+    if (job.state === "cancelled") { status.textContent = "cancelled"; return; }
     if (job.state === "error") { status.textContent = "failed"; showMessage(job.error, "error"); return; }
     status.textContent = "done";
-    renderResult(job.result);
+    renderResult(app, job.result);
   } finally {
     el("iv-run").disabled = false;
+    cancel.hidden = true;
     setTimeout(() => { bar.hidden = true; }, 400);
   }
 }
 
-function renderResult(r) {
-  const rows = r.logits.map((x) => `<tr data-token="${x.token}"><td>${esc(x.text)}</td><td class="num">${x.token}</td>
+// The graph's target logit (its most probable) in the result's table: logit before and after,
+// and its rank among the tokens by probability before and after (exact within the top 10).
+export function targetChange(app, r) {
+  const top = app.graph.logits[0];
+  if (!top) return null;
+  const row = r.logits.find((x) => x.token === top.token);
+  if (!row) return null;
+  const rank = (key) => {
+    const sorted = [...r.logits].sort((a, b) => b[key] - a[key] || a.token - b.token);
+    const j = sorted.findIndex((x) => x.token === top.token) + 1;
+    return j <= TABLE_K ? String(j) : `>${TABLE_K}`;
+  };
+  return { text: tokenText(row.text), before: row.logit_before, after: row.logit_after, delta: row.logit_after - row.logit_before, rankBefore: rank("prob_before"), rankAfter: rank("prob_after") };
+}
+
+function renderResult(app, r) {
+  const rows = r.logits.map((x) => `<tr data-token="${x.token}"><td>${esc(tokenText(x.text))}</td><td class="num">${x.token}</td>
     <td class="num logit-before">${x.logit_before.toFixed(4)}</td><td class="num logit-after">${x.logit_after.toFixed(4)}</td>
+    <td class="num ${x.logit_after - x.logit_before >= 0 ? "pos" : "neg"}">${(x.logit_after - x.logit_before >= 0 ? "+" : "")}${(x.logit_after - x.logit_before).toFixed(3)}</td>
     <td class="num">${fmt(x.prob_before, 4)}</td><td class="num">${fmt(x.prob_after, 4)}</td></tr>`).join("");
-  el("iv-result").innerHTML = `<div class="meta">${r.edits.length} feature edit(s), mode ${esc(r.mode)}: ${r.edits.map((e) => `L${e.layer}/F${e.feature}@${e.position} ${e.op}${e.op === "ablate" ? "" : ` ${e.value}`}`).join(", ")}</div>
-    <h3>top logits at the last position</h3>
-    <table id="logit-table"><tr><th>token</th><th class="num">id</th><th class="num">logit before</th><th class="num">logit after</th><th class="num">p before</th><th class="num">p after</th></tr>${rows}</table>
-    <h3>continuation</h3><div>original</div><div class="cont" id="cont-original">${esc(r.original)}</div>
-    <div>steered</div><div class="cont" id="cont-steered">${esc(r.steered)}</div>`;
+  const tc = targetChange(app, r);
+  const mode = r.mode === "free" ? "live" : r.mode;
+  el("iv-result").innerHTML = `<div class="meta">${r.edits.length} feature edit(s): ${r.edits.map((e) => `L${e.layer}/F${e.feature}@${e.position} ${e.op}${e.op === "ablate" ? "" : ` ${e.value}`}`).join(", ")}</div>
+    ${tc ? `<div id="iv-target-change" class="target-change">target ${esc(tc.text)}: logit ${tc.before.toFixed(3)} → ${tc.after.toFixed(3)} (<b class="${tc.delta >= 0 ? "pos" : "neg"}">${tc.delta >= 0 ? "+" : ""}${tc.delta.toFixed(3)}</b>), rank ${tc.rankBefore} → ${tc.rankAfter} <span class="mode-tag">${esc(mode)}</span></div>` : ""}
+    <h3>top logits at the last position <span class="mode-tag" id="iv-table-mode">${esc(mode)}</span></h3>
+    <div class="meta">${esc(MODE_TEXT[r.mode] || r.mode)}</div>
+    <table id="logit-table"><tr><th>token</th><th class="num">id</th><th class="num">logit before</th><th class="num">logit after</th><th class="num">change</th><th class="num">p before</th><th class="num">p after</th></tr>${rows}</table>
+    <h3>continuation <span class="mode-tag" id="iv-cont-mode">live</span></h3>
+    <div class="meta">greedy generation by the model with the edit applied at every step (live, whatever the table's mode${r.mode === "constrained" ? ": the constrained table and this continuation can disagree, since here everything downstream of the edit is recomputed" : ""}).</div>
+    <div>original</div><div class="cont" id="cont-original">${esc(r.original)}</div>
+    <div>steered</div><div class="cont" id="cont-steered">${esc(r.steered)}</div>
+    ${r.original === r.steered ? '<p class="hint">the continuation did not change: the edit moves the logits (above) but not the greedy choice of any generated token</p>' : ""}`;
 }

@@ -49,7 +49,7 @@ app.setUrl = (changes) => {
 
 app.selectNode = (i) => {
   app.view.selected = i;
-  app.view.request(false);
+  app.view.update(false);
   showNode(app, i);
   app.showTab("node");
 };
@@ -69,48 +69,104 @@ app.runIntervention = (nodes, op, value, mode) => guarded(() => runIntervention(
 
 app.setHighlight = (ids) => {
   app.view.highlight = new Set(ids.map((id) => app.index.get(id)).filter((i) => i !== undefined));
-  app.view.request(false);
+  app.view.update(false);
 };
 
+// The readable default: features holding 0.8 of the features' influence, at most 100 of them,
+// and the 150 strongest background edges (a stored circuit's edges are pruned already: all of
+// them within the threshold; a full graph's: 0.98 of the |weight|).
 function thresholds(full) {
-  // A stored circuit is pruned already: show all of it; a full graph starts at the pruning
-  // defaults (0.8 of the influence, 0.98 of the edge weight).
-  const nt = full ? 0.8 : 1, et = full ? 0.98 : 1;
-  el("node-threshold").value = nt;
+  const et = full ? 0.98 : 1;
+  el("node-threshold").value = 0.8;
   el("edge-threshold").value = et;
-  return { nodeThreshold: nt, edgeThreshold: et };
+  return readThresholds();
+}
+
+function readThresholds() {
+  const int = (id, lo, dflt) => { const v = Math.round(Number(el(id).value)); return Number.isFinite(v) && v >= lo ? v : dflt; };
+  return {
+    nodeThreshold: Number(el("node-threshold").value),
+    edgeThreshold: Number(el("edge-threshold").value),
+    maxFeatures: int("max-features", 1, 100),
+    maxEdges: int("max-edges", 0, 150),
+  };
 }
 
 function updateCounts() {
   const c = app.view.counts;
-  el("counts").textContent = c ? `${c.nodes} nodes · ${c.edges} edges shown` : "";
+  el("counts").textContent = c ? `${c.features} of ${c.totalFeatures} features · ${c.errors} error nodes · ${c.edges} of ${c.edgesInThreshold} edges drawn` : "";
   el("node-threshold-value").textContent = Number(el("node-threshold").value).toFixed(2);
   el("edge-threshold-value").textContent = Number(el("edge-threshold").value).toFixed(2);
 }
+app.updateCounts = updateCounts;
 
-for (const id of ["node-threshold", "edge-threshold"]) {
+for (const id of ["node-threshold", "edge-threshold", "max-features", "max-edges"]) {
   el(id).addEventListener("input", () => {
-    app.view.setThresholds(Number(el("node-threshold").value), Number(el("edge-threshold").value));
+    app.view.setThresholds(readThresholds());
     updateCounts();
   });
 }
 el("reset-view").addEventListener("click", () => app.view.fit());
 el("full-graph").addEventListener("change", () => app.graph && app.openGraph(app.graph.id, { full: el("full-graph").checked }));
 
+// Feature labels kept in the store (per feature identity) replace the automatic ones.
+app.applyLabels = (labels) => {
+  const g = app.graph;
+  for (let i = 0; i < g.nodes.id.length; i++) {
+    if (g.nodes.kind[i] !== "feature") continue;
+    const edited = labels[g.nodes.id[i]];
+    g.nodes.text[i] = edited || g.nodes.autoText[i];
+    g.nodes.edited[i] = Boolean(edited);
+  }
+  app.view.request(true);
+};
+
+app.setFeatureLabel = async (layer, index, label) => {
+  const g = app.graph;
+  const saved = await api("/api/labels", { method: "POST", body: { transcoder: g.transcoder, layer, index, label } });
+  for (let i = 0; i < g.nodes.id.length; i++) {
+    if (g.nodes.kind[i] === "feature" && g.nodes.layer[i] === layer && g.nodes.feature[i] === index) {
+      g.nodes.text[i] = saved.label || g.nodes.autoText[i];
+      g.nodes.edited[i] = Boolean(saved.label);
+    }
+  }
+  app.view.request(true);
+  renderSubgraph(app);
+  return saved;
+};
+
+// "trace from here": the strongest paths from the tokens to a logit, or from a node up.
+app.tracePaths = async (i, k = 5) => {
+  const g = app.graph;
+  const data = await api(`/api/graphs/${encodeURIComponent(g.id)}/paths?node=${encodeURIComponent(g.nodes.id[i])}&k=${k}${g.full ? "&full=1" : ""}`);
+  const list = data.paths.map((p) => ({ ...p, nodes: p.nodes.map((id) => app.index.get(id)) }));
+  app.paths = data;
+  app.view.setPaths(list);
+  updateCounts();
+  return data;
+};
+app.clearPaths = () => { app.paths = null; app.view.setPaths([]); updateCounts(); };
+
 app.openGraph = async (id, { full = false, subgraph = null, node = null } = {}) => {
   const g = await api(`/api/graphs/${encodeURIComponent(id)}${full ? "?full=1" : ""}`);
   app.graph = g;
   app.index = new Map(g.nodes.id.map((nid, i) => [nid, i]));
-  app.pinned = []; app.supernodes = []; app.labels = {};
+  g.nodes.autoText = [...g.nodes.text];
+  g.nodes.edited = g.nodes.text.map(() => false);
+  app.pinned = []; app.supernodes = []; app.labels = {}; app.paths = null;
   el("full-graph").checked = full;
   el("empty").hidden = true;
   el("graph-title").textContent = g.prompt;
-  app.view.setGraph(g, thresholds(full));
-  updateCounts();
+  // the footer first: the graph is fitted to the canvas that is left
   const sc = g.scores || {}, v = g.validation || {};
   el("scores").innerHTML = `<b>${esc(g.model)}</b> · ${esc(g.transcoder)} · replacement ${fmt(sc.replacement)} · completeness ${fmt(sc.completeness)}${sc.convention ? ` (${esc(sc.convention)} convention)` : ""}${v.spearman !== undefined ? ` · validation: spearman ${fmt(v.spearman)}, sign agreement ${fmt(v.sign_agreement)}, sufficiency ${fmt(v.sufficiency)}, necessity ${fmt(v.necessity)}` : ""} · top logits: ${g.logits.slice(0, 3).map((l) => `${esc(l.text)} ${fmt(l.probability, 2)}`).join(", ")}`;
+  app.view.setGraph(g, thresholds(full));
+  updateCounts();
   for (const item of document.querySelectorAll(".graph-item")) item.classList.toggle("active", item.dataset.id === id);
   app.setUrl({ graph: id, full, subgraph, node });
+  const labels = await api(`/api/graphs/${encodeURIComponent(id)}/labels${full ? "?full=1" : ""}`);
+  app.canEditLabels = labels.can_edit;
+  app.applyLabels(labels.labels);
   await refreshSaved(app);
   if (subgraph) {
     const doc = await api(`/api/graphs/${encodeURIComponent(id)}/subgraphs/${encodeURIComponent(subgraph)}`);

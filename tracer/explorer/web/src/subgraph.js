@@ -23,6 +23,7 @@ export function applySubgraph(app, doc) {
 }
 
 export function setupSubgraph(app) {
+  setupDiagramExport(app);
   el("group-button").addEventListener("click", () => {
     const checked = [...document.querySelectorAll("#pinned-list input.pick:checked")].map((c) => c.dataset.id);
     if (checked.length < 2) { showMessage("check two or more pinned nodes to group them", "error"); return; }
@@ -107,9 +108,9 @@ export function renderSubgraph(app) {
   el("export-link").title = name;
   app.view.pinned = new Set(app.pinned.map((id) => index.get(id)));
   app.view.grouped = new Map([...groupOf].map(([id, k]) => [index.get(id), k]));
-  app.view.request(false);
+  app.view.update(false);
   app.refreshTargets();
-  drawMini(app, groupOf);
+  guarded(() => drawDiagram(app));
 }
 
 // Automatic supernodes found for this graph (circuit-atlas supernodes): "use" pins the members
@@ -134,49 +135,121 @@ function renderSuggested(app) {
   }
 }
 
-// The pinned nodes as a small graph: supernodes drawn as one node (edges summed).
-function drawMini(app, groupOf) {
-  const c = el("subgraph-canvas"), ctx = c.getContext("2d"), g = app.graph;
-  const dpr = window.devicePixelRatio || 1, W = c.clientWidth || 360, H = c.clientHeight || 220;
-  c.width = W * dpr; c.height = H * dpr;
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, W, H);
-  if (!app.pinned.length) return;
-  const unit = new Map(); // node id -> unit key
-  for (const id of app.pinned) unit.set(id, groupOf.has(id) ? `s${groupOf.get(id)}` : id);
-  const units = new Map();
-  for (const [id, u] of unit) {
-    const i = app.index.get(id);
-    if (!units.has(u)) units.set(u, { xs: [], ys: [], label: u.startsWith("s") && groupOf.has(id) ? app.supernodes[groupOf.get(id)].label : app.labels[id] || nodeTitle(g, i) });
-    units.get(u).xs.push(g.nodes.position[i]);
-    units.get(u).ys.push(g.nodes.kind[i] === "token" ? -1 : g.nodes.kind[i] === "logit" ? g.n_layers : g.nodes.layer[i]);
+// The subgraph diagram: the pinned nodes and supernodes with the edges between them (a
+// supernode's edges are the sums of its members', computed by the server: tracer.subgraph.
+// diagram), laid out by layer (tokens at the bottom, logits at the top) and position, with
+// labels, weights and signs. Drawn as SVG, so it exports as SVG or PNG.
+let diagramSeq = 0;
+async function drawDiagram(app) {
+  const box = el("subgraph-diagram"), g = app.graph, seq = ++diagramSeq;
+  if (!app.pinned.length) {
+    box.innerHTML = '<p class="hint">Pin nodes to draw them here with the edges between them.</p>';
+    el("diagram-note").textContent = "";
+    app.diagram = null;
+    return;
   }
-  const P = g.tokens.length, L = g.n_layers;
-  for (const u of units.values()) {
-    u.x = 30 + ((u.xs.reduce((a, b) => a + b, 0) / u.xs.length) / Math.max(1, P - 1)) * (W - 60);
-    u.y = H - 24 - (((u.ys.reduce((a, b) => a + b, 0) / u.ys.length) + 1) / (L + 1)) * (H - 48);
+  const doc = subgraphDoc(app, "diagram");
+  const d = await api(`/api/graphs/${encodeURIComponent(g.id)}/diagram${g.full ? "?full=1" : ""}`, { method: "POST", body: doc });
+  if (seq !== diagramSeq || app.graph !== g) return; // a newer drawing is on its way
+  for (const u of d.units) if (u.kind !== "supernode") u.label = app.labels[u.id] || g.nodes.text[app.index.get(u.id)] || u.label;
+  app.diagram = d;
+  box.innerHTML = diagramSvg(d, g);
+  el("diagram-note").textContent = `${d.units.length} units · ${d.edges.length} edges`;
+}
+
+export function diagramSvg(d, g) {
+  const W = 380, rowH = 64, boxW = 92, boxH = 30, pad = 10;
+  const levels = [...new Set(d.units.map((u) => u.layer))].sort((a, b) => b - a); // top first
+  const H = levels.length * rowH + 24;
+  const P = Math.max(1, g.tokens.length - 1);
+  const pos = new Map();
+  for (const [r, lv] of levels.entries()) {
+    const row = d.units.filter((u) => u.layer === lv).sort((a, b) => a.position - b.position || (a.id < b.id ? -1 : 1));
+    // preferred x by position, then pushed apart so boxes never overlap, kept inside
+    const xs = row.map((u) => pad + boxW / 2 + (u.position / P) * (W - 2 * pad - boxW));
+    for (let j = 1; j < xs.length; j++) xs[j] = Math.max(xs[j], xs[j - 1] + boxW + 6);
+    const over = xs.length ? xs[xs.length - 1] - (W - pad - boxW / 2) : 0;
+    if (over > 0) for (let j = 0; j < xs.length; j++) xs[j] -= over;
+    for (let j = 0; j < xs.length; j++) xs[j] = Math.max(xs[j], pad + boxW / 2 + j * (boxW + 6));
+    row.forEach((u, j) => pos.set(u.id, [xs[j], 12 + r * rowH + rowH / 2]));
   }
-  const sums = new Map();
-  for (let e = 0; e < g.edges.source.length; e++) {
-    const a = unit.get(g.nodes.id[g.edges.source[e]]), b = unit.get(g.nodes.id[g.edges.target[e]]);
-    if (a === undefined || b === undefined || a === b) continue;
-    const key = `${a}|${b}`;
-    sums.set(key, (sums.get(key) || 0) + g.edges.weight[e]);
+  const width = Math.max(W, ...[...pos.values()].map(([x]) => x + boxW / 2 + pad));
+  const maxW = Math.max(1e-12, ...d.edges.map((e) => Math.abs(e.weight)));
+  // weight labels along their edges where they overlap no box and no other label
+  const taken = [...pos.values()].map(([x, y]) => [x - boxW / 2, y - boxH / 2, x + boxW / 2, y + boxH / 2]);
+  const free = (b) => taken.every((o) => b[0] >= o[2] || o[0] >= b[2] || b[1] >= o[3] || o[1] >= b[3]);
+  const order = [...d.edges.keys()].sort((a, b) => Math.abs(d.edges[b].weight) - Math.abs(d.edges[a].weight));
+  const labelAt = new Map();
+  for (const j of order) {
+    const e = d.edges[j], [x1, y1] = pos.get(e.source), [x2, y2] = pos.get(e.target);
+    const text = `${e.weight >= 0 ? "+" : "−"}${fmtW(Math.abs(e.weight))}`, tw = 5.2 * text.length;
+    for (const f of [0.5, 0.38, 0.62, 0.28, 0.72]) {
+      const mx = x1 + f * (x2 - x1) + 3, my = y1 + f * (y2 - y1) - 2;
+      const b = [mx - 1, my - 9, mx + tw + 1, my + 2];
+      if (free(b)) { taken.push(b); labelAt.set(j, [mx, my, text]); break; }
+    }
   }
-  let maxW = 0;
-  for (const w of sums.values()) maxW = Math.max(maxW, Math.abs(w));
-  for (const [key, w] of sums) {
-    const [a, b] = key.split("|"), ua = units.get(a), ub = units.get(b);
-    ctx.strokeStyle = w >= 0 ? "rgba(47,111,179,0.7)" : "rgba(196,52,38,0.7)";
-    ctx.lineWidth = 0.8 + 4 * Math.abs(w) / (maxW || 1);
-    ctx.beginPath(); ctx.moveTo(ua.x, ua.y); ctx.lineTo(ub.x, ub.y); ctx.stroke();
-  }
-  ctx.font = "10px system-ui, sans-serif";
-  ctx.textAlign = "center";
-  for (const [key, u] of units) {
-    ctx.fillStyle = key.startsWith("s") ? "#c2185b" : "#7a3fa0";
-    ctx.beginPath(); ctx.arc(u.x, u.y, key.startsWith("s") ? 7 : 4.5, 0, 2 * Math.PI); ctx.fill();
-    ctx.fillStyle = "#1d232b";
-    ctx.fillText(u.label.slice(0, 22), u.x, u.y - 9);
+  const edges = d.edges.map((e, j) => {
+    const [x1, y1] = pos.get(e.source), [x2, y2] = pos.get(e.target);
+    const a = Math.abs(e.weight) / maxW, color = e.weight >= 0 ? "#2f6fb3" : "#c43426";
+    const [mx, my, wtext] = labelAt.get(j) || [0, 0, ""];
+    return `<g class="diagram-edge" data-source="${esc(e.source)}" data-target="${esc(e.target)}" data-weight="${e.weight}" data-n="${e.n}">
+      <title>${esc(e.source)} → ${esc(e.target)}: ${e.weight} (${e.n} edge${e.n === 1 ? "" : "s"})</title>
+      <line x1="${x1}" y1="${y1 + (y1 > y2 ? -boxH / 2 : boxH / 2)}" x2="${x2}" y2="${y2 + (y2 > y1 ? -boxH / 2 : boxH / 2)}" stroke="${color}" stroke-opacity="${(0.35 + 0.6 * a).toFixed(2)}" stroke-width="${(1 + 5 * a).toFixed(2)}" marker-end="url(#arrow-${e.weight >= 0 ? "pos" : "neg"})"/>
+      ${wtext ? `<text x="${mx}" y="${my}" font-size="9" fill="${color}">${wtext}</text>` : ""}</g>`;
+  }).join("");
+  const units = d.units.map((u) => {
+    const [x, y] = pos.get(u.id), sn = u.kind === "supernode";
+    const fill = sn ? "#fbe4ef" : u.kind === "token" ? "#e3f1e6" : u.kind === "logit" ? "#efe6f6" : "#eef2f7";
+    const label = u.label.length > 18 ? `${u.label.slice(0, 17)}…` : u.label;
+    const sub = sn ? `${u.members.length} nodes` : u.kind === "feature" ? (g.nodes.heading[g.nodes.id.indexOf(u.id)] || "") : u.kind;
+    return `<g class="diagram-unit" data-id="${esc(u.id)}"><title>${esc(u.label)}${sn ? `: ${u.members.map(esc).join(", ")}` : ""}</title>
+      <rect x="${x - boxW / 2}" y="${y - boxH / 2}" width="${boxW}" height="${boxH}" rx="5" fill="${fill}" stroke="${sn ? "#c2185b" : "#7a8594"}"/>
+      <text x="${x}" y="${y - 2}" font-size="10" text-anchor="middle" fill="#1d232b">${esc(label)}</text>
+      <text x="${x}" y="${y + 10}" font-size="8.5" text-anchor="middle" fill="#5b6573">${esc(sub)}</text></g>`;
+  }).join("");
+  const marker = (id, color) => `<marker id="arrow-${id}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="${color}"/></marker>`;
+  return `<svg id="diagram-svg" xmlns="http://www.w3.org/2000/svg" width="${width}" height="${H}" viewBox="0 0 ${width} ${H}" font-family="system-ui, sans-serif">
+    <defs>${marker("pos", "#2f6fb3")}${marker("neg", "#c43426")}</defs><rect width="100%" height="100%" fill="#fff"/>${edges}${units}</svg>`;
+}
+
+function fmtW(a) {
+  return a >= 100 || a < 0.01 ? a.toExponential(1) : a.toPrecision(2);
+}
+
+function download(name, blob) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  document.body.appendChild(a);
+  a.click();
+  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+}
+
+export function setupDiagramExport(app) {
+  const svgText = () => {
+    const svg = document.getElementById("diagram-svg");
+    if (!svg) throw new Error("pin nodes first: there is no diagram to export");
+    return new XMLSerializer().serializeToString(svg);
+  };
+  const name = () => (el("subgraph-name").value.trim() || "subgraph").replace(/[^\w.-]+/g, "_");
+  el("export-svg").addEventListener("click", () => guarded(async () => download(`${name()}.svg`, new Blob([svgText()], { type: "image/svg+xml" }))));
+  el("export-png").addEventListener("click", () => guarded(async () => download(`${name()}.png`, await svgPng(svgText()))));
+}
+
+// The diagram rasterised at twice its size (PNG blob).
+export async function svgPng(text) {
+  const url = URL.createObjectURL(new Blob([text], { type: "image/svg+xml" }));
+  try {
+    const img = new Image();
+    await new Promise((ok, fail) => { img.onload = ok; img.onerror = () => fail(new Error("the diagram could not be drawn as PNG")); img.src = url; });
+    const c = document.createElement("canvas");
+    c.width = img.width * 2; c.height = img.height * 2;
+    const ctx = c.getContext("2d");
+    ctx.scale(2, 2);
+    ctx.drawImage(img, 0, 0);
+    return await new Promise((ok) => c.toBlob(ok, "image/png"));
+  } finally {
+    URL.revokeObjectURL(url);
   }
 }

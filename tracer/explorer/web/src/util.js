@@ -32,3 +32,9 @@ export function clearMessage() {
   m.textContent = "";
   m.className = "";
 }
+
+// Token text with its spaces and line breaks visible ("␣Paris", "⏎"): tokens that differ only
+// by a leading space look different.
+export function tokenText(text) {
+  return String(text ?? "").replace(/\n/g, "⏎").replace(/\t/g, "⇥").replace(/\r/g, "").replace(/ /g, "␣");
+}
