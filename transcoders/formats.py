@@ -275,6 +275,10 @@ def _load(path, pub, lazy, format, n_layers, d_model, model_name, layer, input_s
                 stacklevel=2,
             )
         else:
+            # The identity is that of the published weights: the same set folded for a model
+            # or loaded without one (``transcoder_identity_at``) keeps one identity.
+            clt.keep_identity = True
+            _ = clt.identity
             fold_input_gain(clt, gain)
     # The identity is computed on first use (it reads a few decoder rows, so a lazy load stays
     # lazy) and then kept: these weights are frozen.
@@ -310,7 +314,8 @@ def fold_input_gain(clt: CrossLayerTranscoder, gain) -> None:
     ``W_skip / g``), so that ``(W_enc / g) @ (g * x_hat) = W_enc @ x_hat`` exactly up to rounding.
 
     gain: ``gain(model_layer) -> Tensor [d]`` (``tracer.model.LanguageModel.mlp_norm_gain``).
-    Empty layers are left as they are. In place; the identity then covers the folded weights."""
+    Empty layers are left as they are. In place. (``load_transcoder`` computes the identity
+    before folding: it names the published weights.)"""
     cfg = clt.cfg
     with torch.no_grad():
         for i in range(cfg.n_layers):

@@ -410,7 +410,13 @@ def resolve(source, model_name: str | None = None) -> Published | None:
         f = HubFile.parse(text)
         return _from_hub(HubRef(f.repo_id, f.path.strip("/") or None, f.revision), model_name)
     if looks_like_reference(text):
-        return _from_hub(HubRef.parse(text), model_name)
+        try:
+            return _from_hub(HubRef.parse(text), model_name)
+        except HubFileMissing as err:
+            first = Path(text.split("/", 1)[0])
+            if first.is_dir():  # a mistyped local path reads as org/name too
+                raise HubFileMissing(f"{err} (no local path {text} exists either)") from None
+            raise
     if "/" not in text and not text.startswith(("~", ".")):
         raise unknown_preset(text)
     return None

@@ -384,6 +384,8 @@ def test_ln2_hook_normalized_is_folded_exactly():
         root, files = npz_set(tmp)
         got = load_transcoder(root, model=model)
         assert got.cfg.input_site == "mlp_in"
+        # The identity names the published weights: the same with or without the fold.
+        assert got.identity.id == quiet_load(root, n_layers=L, model_name="tiny-gemma2").identity.id
         torch.manual_seed(0)
         ids = torch.randint(3, 100, (1, 6))
         run = model.run(ids)
@@ -504,3 +506,24 @@ def test_info_describes_a_published_set(hub, tmp_path):
     info = transcoder_info("org/clt")
     assert info.format == "circuit-tracer" and info.kind == "clt"
     assert {name for name, _ in info.files} >= {"W_enc_0.safetensors", "config.yaml"}
+
+
+def test_saelens_release_folder_by_repo_and_subfolder(hub, tmp_path):
+    """A repository holding SAELens folders (cfg.json + sae_weights.safetensors per layer)."""
+    clt = make_random_clt(L, D, F, kind="plt", seed=7)
+    clt.cfg.model_name = "google/gemma-2-2b"
+    save_transcoder(clt, tmp_path / "sae", format="saelens")
+    (tmp_path / "sae" / "circuit_atlas.json").unlink()
+    files = {f"transcoders/{p.relative_to(tmp_path / 'sae')}": p
+             for p in (tmp_path / "sae").rglob("*") if p.is_file()}  # fmt: skip
+    hub.publish("org/saelens-release", files)
+    got = load_transcoder("org/saelens-release/transcoders", n_layers=L)
+    _same(got, load_transcoder(tmp_path / "sae", n_layers=L))
+    assert got.identity.name == f"org--saelens-release--transcoders+{COMMIT[:12]}"
+
+
+def test_a_mistyped_local_path_says_so(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(HubFileMissing, match="no local path runs/clt exists either"):
+        load_transcoder("runs/clt")
