@@ -7,6 +7,10 @@ Graphs: the demo-size graphs the browser tests use (SmolLM2 truncated to 4 layer
 CLT: the pruned circuit and its full graph), and ``big_graph()`` (graphstore.synthetic's shape
 at 2,000 nodes, 50,000 edges), served from a Parquet folder by ``tracer.explorer``.
 
+Each graph opens at the page's readable default (features by cumulative influence among
+features, at most 100; at most 150 faint background edges); the 2,000-node graph is also timed
+with everything shown (sliders at 1, no caps), as the page drew it before that default.
+
 Per graph:
 - ``first_render_ms``: navigation start to the end of the first full draw of the graph
   (page, scripts, graph JSON fetched and parsed, layout, first canvas draw);
@@ -69,18 +73,27 @@ FRAME_PROBE = """() => {
 }"""
 
 
-def measure(page, url: str, gid: str, shot: Path | None) -> dict:
+# Everything shown: the sliders at 1, no caps (what the page drew before the readable default).
+SHOW_ALL = """() => { for (const [id, v] of [["node-threshold", 1], ["edge-threshold", 1],
+  ["max-features", 100000], ["max-edges", 10000000]]) {
+  const el = document.getElementById(id); el.value = v; el.dispatchEvent(new Event("input")); } }"""
+
+
+def measure(page, url: str, gid: str, shot: Path | None, show_all: bool = False) -> dict:
     page.goto(f"{url}/?graph={gid}")
     page.wait_for_selector("body[data-ready='1']", timeout=120_000)
     page.wait_for_timeout(300)
     first = page.evaluate("window.__explorerStats.firstRender")
+    if show_all:
+        page.evaluate(SHOW_ALL)
+        page.wait_for_timeout(300)
     graph = page.evaluate("window.__explorerStats.graph")
     counts = page.evaluate("window.__explorer.view.counts")
     box = page.locator("#overlay").bounding_box()
     pts = page.evaluate(
         """() => { const a = window.__explorer, v = a.view, out = [];
         for (let i = 0; i < a.graph.nodes.id.length && out.length < 60; i += Math.max(1,
-             Math.floor(a.graph.nodes.id.length / 60))) if (v.visible[i]) out.push(v.screenPos(i));
+             Math.floor(a.graph.nodes.id.length / 60))) if (v.shown[i]) out.push(v.screenPos(i));
         return out; }"""
     )
     # hover sweep
@@ -156,30 +169,38 @@ def main() -> int:
         big.save(tmp / "big.parquet")
         server = ServerThread(create_app(GraphSource(folder=tmp))).start()
         cases = [
-            ("demo-size circuit (pruned)", graph_id(pruned), args.screenshot),
-            ("synthetic 2,000 nodes / 50,000 edges", graph_id(big), None),
-        ]
+            ("demo-size circuit (pruned), readable default", graph_id(pruned), args.screenshot,
+             False),
+            ("synthetic 2,000 nodes / 50,000 edges, readable default", graph_id(big), None, False),
+            ("synthetic 2,000 nodes / 50,000 edges, everything shown", graph_id(big), None, True),
+        ]  # fmt: skip
         results = {}
         chromium = shutil.which("chromium")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True,
                                         args=["--no-sandbox"])  # fmt: skip
-            for name, gid, shot in cases:
+            for name, gid, shot, show_all in cases:
                 page = browser.new_page(viewport={"width": 1500, "height": 900})
-                results[name] = measure(page, server.url, gid, Path(shot) if shot else None)
+                results[name] = measure(page, server.url, gid, Path(shot) if shot else None,
+                                        show_all)  # fmt: skip
                 print(name, json.dumps(results[name]), file=sys.stderr)
                 page.close()
             # the full graph of the demo-size prompt (the "full graph" toggle)
             page = browser.new_page(viewport={"width": 1500, "height": 900})
             page.goto(f"{server.url}/?graph={graph_id(pruned)}&full=1")
             res = measure(page, server.url, graph_id(pruned) + "&full=1", None)
-            results["demo-size full graph (thresholds 0.8 / 0.98)"] = res
+            results["demo-size full graph, readable default"] = res
             print("full", json.dumps(res), file=sys.stderr)
             browser.close()
         server.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True).stdout.strip()  # fmt: skip
     out = {
+        "commit": commit,
         "command": "PYTHONPATH=.:tests:tests/explorer .venv/bin/python scripts/bench_explorer.py",
         "machine": "the shared 2-core CPU; headless Debian chromium, software rendering",
         "load_start": [round(x, 2) for x in load_start],

@@ -313,9 +313,10 @@ MAX_FEATURES, MAX_EDGES = 100, 150  # the page's readable default
 SETTLED = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def graph550(world):
-    """A 550-node graph (graphstore.synthetic's shape, 30 layers, 12 tokens) in the store."""
+    """A 550-node graph (graphstore.synthetic's shape, 30 layers, 12 tokens) in the store for
+    one test (the other tests' screenshots list the demo graphs only)."""
     from explorer_fixtures import big_graph
 
     from graphstore import graph_id
