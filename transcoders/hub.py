@@ -361,6 +361,13 @@ def _from_hub(ref: HubRef, model_name: str | None, via: str | None = None) -> Pu
     if conf.get("activation") == "topk" and conf.get("k") is None and ref.repo_id in PUBLISHED_TOPK:
         conf["k"] = PUBLISHED_TOPK[ref.repo_id]
     if conf.get("transcoders"):
+        # Entries relative to the config are files of the same repository and revision.
+        rev = f"?revision={ref.revision}" if ref.revision else ""
+        conf["transcoders"] = [
+            e if str(e).startswith(HF_SCHEME) or Path(str(e)).is_absolute()
+            else f"{HF_SCHEME}{ref.repo_id}/{ref.in_repo(str(e))}{rev}"
+            for e in conf["transcoders"]
+        ]  # fmt: skip
         files = _listed(conf, conf_path.parent, label)
         commit = commit_of(snapshot(ref, [ref.in_repo("config.yaml")]))
         name = hub_name(ref.repo_id, ref.subfolder, commit or ref.revision)
@@ -410,13 +417,13 @@ def resolve(source, model_name: str | None = None) -> Published | None:
         f = HubFile.parse(text)
         return _from_hub(HubRef(f.repo_id, f.path.strip("/") or None, f.revision), model_name)
     if looks_like_reference(text):
-        try:
-            return _from_hub(HubRef.parse(text), model_name)
-        except HubFileMissing as err:
-            first = Path(text.split("/", 1)[0])
-            if first.is_dir():  # a mistyped local path reads as org/name too
-                raise HubFileMissing(f"{err} (no local path {text} exists either)") from None
-            raise
+        if Path(text.split("/", 1)[0]).is_dir():  # a mistyped local path reads as org/name too
+            raise FileNotFoundError(
+                f"transcoder path {text} does not exist: check the path (it is not read as the "
+                f"hub repository {text.split('@')[0]} because a local folder "
+                f"{text.split('/', 1)[0]}/ exists)"
+            )
+        return _from_hub(HubRef.parse(text), model_name)
     if "/" not in text and not text.startswith(("~", ".")):
         raise unknown_preset(text)
     return None

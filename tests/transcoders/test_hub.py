@@ -317,6 +317,13 @@ def test_gemma_scope_2_sets_and_clt(hub, tmp_path):
     torch.testing.assert_close(got.W_enc[0], raw["w_enc"].T)
     # The CLT: params_layer_{i} with w_dec [F, L, d]; source layer i decodes to layers i..L-1.
     c = load_transcoder(tmp_path / "gs2" / "clt" / "width_262k_l0_medium_affine", n_layers=L)
+    # ... and listed by a repository's config.yaml, relative to it (files of the same repo).
+    csub = "clt/width_262k_l0_medium_affine"
+    hub.publish("google/gemma-scope-2-1b-pt", {f"{csub}/config.yaml": _yaml({
+        "model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
+        "feature_output_hook": "hook_mlp_out",
+        "transcoders": [r.removeprefix(csub + "/") for r in clt]})})  # fmt: skip
+    _same(load_transcoder(f"google/gemma-scope-2-1b-pt/{csub}"), c)
     assert c.cfg.kind == "clt" and c.cfg.skip
     for i in range(L):
         raw = load_file(str(tmp_path / "gs2" / "clt" / "width_262k_l0_medium_affine"
@@ -525,5 +532,5 @@ def test_saelens_release_folder_by_repo_and_subfolder(hub, tmp_path):
 def test_a_mistyped_local_path_says_so(hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    with pytest.raises(HubFileMissing, match="no local path runs/clt exists either"):
+    with pytest.raises(FileNotFoundError, match="path runs/clt does not exist: check the path"):
         load_transcoder("runs/clt")
