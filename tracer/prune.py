@@ -171,15 +171,29 @@ def cumulative_keep(scores: np.ndarray, threshold: float) -> np.ndarray:
     return keep
 
 
+# cumulative_cut: score arrays longer than this are cut in bounded memory (chunks of this many
+# entries, a histogram of CUT_BINS bins per pass) instead of one sort of every score.
+CUT_CHUNK = 1 << 22
+CUT_BINS = 4096
+
+
 def cumulative_cut(scores: np.ndarray, threshold: float, n_total: int | None = None) -> float:
     """circuit-tracer's cut: sort ``scores`` (>= 0) largest first, take the first index where the
     running share of the total reaches ``threshold`` (clamped to the last), return that score;
     every score >= it is kept. ``n_total`` > len(scores) counts that many entries in all, the
     missing ones zero (the entries of a sparse matrix that are not stored). ``inf`` when the
-    total is zero (nothing to keep)."""
+    total is zero (nothing to keep).
+
+    More than ``CUT_CHUNK`` scores are never sorted whole (circuit-tracer's out-of-memory point
+    at long prompts): passes over chunks narrow a histogram to the bin where the running share
+    crosses the threshold, and only that bin's scores are sorted. The cut is the same score
+    (running sums may round differently in the last bit: at a threshold of exactly 1, which of
+    the smallest scores the share reaches 1 at is rounding either way)."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must be in [0, 1]")
     n_total = len(scores) if n_total is None else n_total
+    if len(scores) > CUT_CHUNK:
+        return _cumulative_cut_chunked(np.asarray(scores), threshold, n_total)
     total = float(np.sum(scores))
     if n_total == 0 or not total > 0:
         return float("inf")
@@ -189,6 +203,46 @@ def cumulative_cut(scores: np.ndarray, threshold: float, n_total: int | None = N
     if i >= len(ordered):  # past the stored entries: the cut is an unstored zero (or the last)
         return 0.0 if n_total > len(ordered) else float(ordered[-1])
     return float(ordered[i])
+
+
+def _chunks(scores: np.ndarray):
+    for a in range(0, len(scores), CUT_CHUNK):
+        yield np.asarray(scores[a : a + CUT_CHUNK], dtype=np.float64)
+
+
+def _cumulative_cut_chunked(scores: np.ndarray, threshold: float, n_total: int) -> float:
+    """:func:`cumulative_cut` with memory bounded by ``CUT_CHUNK`` (module constants)."""
+    total = sum(float(np.sum(c)) for c in _chunks(scores))
+    if n_total == 0 or not total > 0:
+        return float("inf")
+    lo = min(float(c.min()) for c in _chunks(scores))
+    hi = max(float(c.max()) for c in _chunks(scores))
+    above = 0.0  # sum of the scores above the window [lo, hi]
+    while True:
+        edges = np.linspace(lo, hi, CUT_BINS + 1)
+        sums, counts = np.zeros(CUT_BINS), np.zeros(CUT_BINS, dtype=np.int64)
+        for c in _chunks(scores):
+            sel = c[(c >= lo) & (c <= hi)]
+            counts += np.histogram(sel, bins=edges)[0]
+            sums += np.histogram(sel, bins=edges, weights=sel)[0]
+        acc = above + np.cumsum(sums[::-1])  # running sum from the top bin down
+        k = int(np.searchsorted(acc / total, threshold, side="left"))
+        if k >= CUT_BINS:  # the threshold is not reached: the smallest score (or a zero)
+            return 0.0 if n_total > len(scores) else lo
+        b = CUT_BINS - 1 - k  # the bin where the running share crosses
+        above = float(acc[k - 1]) if k else above
+        new_lo, new_hi = float(edges[b]), float(edges[b + 1])
+        if b < CUT_BINS - 1:  # its upper edge belongs to the bin above: the largest below it
+            new_hi = float(np.nextafter(new_hi, -np.inf))
+        if counts[b] <= CUT_CHUNK or new_hi <= new_lo or (new_lo, new_hi) == (lo, hi):
+            lo, hi = new_lo, new_hi
+            break
+        lo, hi = new_lo, new_hi
+    window = np.concatenate([c[(c >= lo) & (c <= hi)] for c in _chunks(scores)])
+    ordered = np.sort(window)[::-1]
+    share = (above + np.cumsum(ordered)) / total
+    i = int(np.searchsorted(share, threshold, side="left"))
+    return float(ordered[min(i, len(ordered) - 1)]) if len(ordered) else lo
 
 
 def cumulative_share(scores: np.ndarray) -> np.ndarray:
@@ -322,10 +376,20 @@ def _edge_scores(a: sp.csr_matrix, keep: np.ndarray, weights: np.ndarray, floor:
 
 
 def _edge_mask(graph: Graph, coo, kept: np.ndarray) -> np.ndarray:
-    """[n_edges] bool: the graph's edges whose (target, source) is a kept entry of ``coo``."""
+    """[n_edges] bool: the graph's edges whose (target, source) is a kept entry of ``coo``.
+    The kept keys are sorted once and the graph's edges looked up in chunks of ``CUT_CHUNK``
+    (no sort of every edge key, as ``np.isin`` would make)."""
     n = np.int64(graph.n_nodes)
     keys = coo.row[kept].astype(np.int64) * n + coo.col[kept]
-    return np.isin(graph.target.astype(np.int64) * n + graph.source, keys)
+    keys.sort()
+    out = np.zeros(graph.n_edges, dtype=bool)
+    if len(keys) == 0:
+        return out
+    for a in range(0, graph.n_edges, CUT_CHUNK):
+        g = graph.target[a : a + CUT_CHUNK].astype(np.int64) * n + graph.source[a : a + CUT_CHUNK]
+        at = np.minimum(np.searchsorted(keys, g), len(keys) - 1)
+        out[a : a + CUT_CHUNK] = keys[at] == g
+    return out
 
 
 def _prune_circuit_tracer(graph, a, infl, node_threshold, edge_threshold):

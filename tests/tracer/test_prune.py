@@ -333,3 +333,38 @@ def test_circuit_tracer_convention_matches_the_published_definitions(seed, thres
         assert graph_scores(g, "circuit-tracer")[k] == pytest.approx(sc[k], abs=1e-12)
     # The start-position error nodes never survive in this convention (their edges count as 0).
     assert not ((p.kind == ERROR) & (p.position == 0)).any()
+
+
+def test_cumulative_cut_in_bounded_chunks_is_the_sorted_cut(monkeypatch):
+    """Scores longer than CUT_CHUNK are cut by histogram passes over chunks, never one sort of
+    every score: the same cut as the whole sort, with ties, zeros, unstored zeros and heavy
+    repeats, at many thresholds."""
+    import importlib
+
+    prune_mod = importlib.import_module("tracer.prune")  # the module (``prune`` is shadowed)
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.exponential(size=5000),
+        np.round(rng.exponential(size=5000), 1),  # many ties
+        np.r_[np.zeros(2000), rng.random(3000)],
+        np.r_[np.full(4000, 0.5), rng.random(1000)],  # one value dominates: bins cannot split
+        rng.lognormal(0, 4, size=5000),  # a wide range: the crossing bin is narrowed twice
+    ]
+    want = {
+        (i, t, extra): cumulative_cut(s, t, n_total=len(s) + extra)
+        for i, s in enumerate(cases) for t in (0.0, 0.3, 0.8, 0.98, 0.999) for extra in (0, 7)
+    }  # fmt: skip
+    monkeypatch.setattr(prune_mod, "CUT_CHUNK", 300)
+    monkeypatch.setattr(prune_mod, "CUT_BINS", 16)
+    sorts = []
+    real_sort = np.sort
+    monkeypatch.setattr(
+        np, "sort", lambda a, *k, **kw: sorts.append(len(a)) or real_sort(a, *k, **kw)
+    )
+    for (i, t, extra), cut in want.items():
+        assert cumulative_cut(cases[i], t, n_total=len(cases[i]) + extra) == cut, (i, t, extra)
+    assert max(sorts) < 5000  # no sort of every score
+    # At a threshold of exactly 1 which of the smallest scores the running share reaches 1 at
+    # is a matter of rounding; either way every positive score is kept.
+    for s in cases:
+        assert cumulative_cut(s, 1.0) <= s[s > 0].min()
