@@ -75,6 +75,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        # evil.example resolves to this machine: a DNS-rebinding attacker's name (the security
+        # tests; no other test uses it, and nothing leaves the machine)
+        args = ["--no-sandbox", "--host-resolver-rules=MAP evil.example 127.0.0.1"]
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         yield b
         b.close()

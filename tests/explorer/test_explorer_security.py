@@ -499,3 +499,108 @@ def test_finished_jobs_are_kept_until_read(world):
                 service.read(j.id)
     finally:
         service.close()
+
+
+# --- in a real browser ---------------------------------------------------------------------------
+
+
+def test_in_the_browser_the_page_works_and_other_sites_cannot_write(world, guarded, browser):
+    url, _ = guarded
+    gid = world.ids[0]
+    port = url.rsplit(":", 1)[1]
+    before = saved(world)
+    context = browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        # the printed URL: the page loads, the token leaves the address bar for a cookie
+        page.goto(f"{url}/?token={TOKEN}&graph={gid}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert "token=" not in page.url and f"graph={gid}" in page.url
+        # a write from the page (the Cypher console posts JSON with the CSRF header)
+        page.click("#tabs button[data-tab=cypher]")
+        page.fill("#cypher-text", f"MATCH (g:Graph {{id: '{gid}'}}) RETURN g.id")
+        page.click("#cypher-run")
+        page.wait_for_selector("#cypher-table")
+        assert page.locator("#cypher-table tr").count() == 2
+        # another site (its page served from http://evil.example:PORT2, a name this browser
+        # resolves to 127.0.0.1) posts to the explorer the ways a page can without a
+        # preflight: fetch text/plain and a form
+        evil = _serve_html("<html><body>elsewhere</body></html>")
+        page.goto(f"http://evil.example:{evil.server_address[1]}/")
+        target = f"{url}/api/graphs/{gid}/subgraphs"
+        answers = []  # what the explorer answered them (hidden from the other site)
+        context.on("response", lambda r: r.url == target and answers.append(r.status))
+        doc = json.dumps(subgraph_doc(world, "evil-browser"))
+        status = page.evaluate(
+            """async ([target, doc]) => {
+                 const r = await fetch(target, {method: "POST", body: doc, mode: "no-cors",
+                   credentials: "include", headers: {"Content-Type": "text/plain"}});
+                 return r.type; }""",
+            [target, doc],
+        )
+        assert status == "opaque"  # the browser sent it; its answer is hidden from the page
+        # with no access token at all (the tests' token-less server) the Origin check refuses
+        open_target = f"{world.url}/api/graphs/{gid}/subgraphs"
+        with page.expect_response(open_target) as caught:
+            page.evaluate(
+                """async ([target, doc]) => { await fetch(target, {method: "POST", body: doc,
+                     mode: "no-cors", headers: {"Content-Type": "text/plain"}}); }""",
+                [open_target, doc],
+            )
+        assert caught.value.status == 403
+        page.evaluate(
+            """(target) => { const f = document.createElement("form");
+                 f.method = "POST"; f.action = target;
+                 const i = document.createElement("input"); i.name = "name";
+                 i.value = "evil-form"; f.appendChild(i); document.body.appendChild(f);
+                 f.submit(); }""",
+            target,
+        )
+        page.wait_for_load_state()
+        t0 = time.monotonic()
+        while len(answers) < 2 and time.monotonic() - t0 < 20:
+            page.wait_for_timeout(50)
+        # refused: the token cookie (SameSite=Strict) does not go along (401), and the
+        # Origin check would refuse them anyway (403)
+        assert len(answers) == 2 and set(answers) <= {401, 403}, answers
+        # DNS rebinding: evil.example now resolves to 127.0.0.1 (the browser's resolver map),
+        # so its pages are "same origin" with a server on that port, yet the Host is refused
+        page = context.new_page()  # (the form's navigation may still be under way)
+        answer = page.goto(f"http://evil.example:{port}/?token={TOKEN}")
+        assert answer.status == 403 and "not one this explorer answers to" in answer.text()
+        got = page.evaluate(
+            """async (doc) => { const r = await fetch("/api/graphs", {method: "GET"});
+                 return [r.status, (await r.json()).error]; }""",
+            doc,
+        )
+        assert got[0] == 403 and "Host" in got[1]
+    finally:
+        context.close()
+        if "evil" in locals():
+            evil.shutdown()
+    assert errors == []
+    assert saved(world) == before  # nothing written by any of it
+    assert not {"evil-browser", "evil-form"} & {s["name"] for s in world.store.subgraphs(gid)}
+
+
+def _serve_html(html: str):
+    """A one-page HTTP server on a free loopback port (the other site), on a thread."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
