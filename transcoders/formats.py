@@ -262,6 +262,9 @@ def _load(path, pub, lazy, format, n_layers, d_model, model_name, layer, input_s
             "sparsify": read_sparsify,
         }[fmt]
         clt = reader(p, n_layers=n_layers, layer=layer, **common)
+    for i in range(clt.cfg.n_layers):  # every layer's decoder was set (lazily or read)
+        if clt.decoder_loaded(i):
+            clt.check_decoder_shape(i, tuple(clt.W_dec[i].shape))
     if pub is not None and pub.name and not (saved or {}).get("name"):
         clt.cfg.name = pub.name  # the repository and commit: graphs say which published set
     label = pub.label if pub is not None else str(p)

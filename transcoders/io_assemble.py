@@ -27,13 +27,26 @@ GEOMETRY = ("n_layers", "d_model", "n_features", "kind", "skip")
 def new_transcoder(cfg: TranscoderConfig, setting: DeviceSetting = CPU) -> CrossLayerTranscoder:
     """An uninitialised transcoder to be filled from files, its weights on ``setting.device`` in
     ``setting.dtype`` (readers copy each layer's tensors in as they read them); frozen (no
-    grads) like any loaded weights: call ``requires_grad_(True)`` to fine-tune."""
-    clt = CrossLayerTranscoder(cfg, init=False, device=setting.device, dtype=setting.dtype)
-    with torch.no_grad():
-        for p in (clt.W_enc, clt.b_enc, clt.b_dec, clt.threshold):
-            p.zero_()
-        if clt.W_skip is not None:
-            clt.W_skip.zero_()
+    grads) like any loaded weights: call ``requires_grad_(True)`` to fine-tune.
+
+    Encoders, biases, thresholds and skip matrices are zeros; no decoder is allocated (each
+    layer holds an empty placeholder until its reader sets it, lazily or read): a published
+    CLT's decoders (26.5 GB for Gemma-2-2B's 426k CLT in bfloat16, 159 GB for the 2.5M one)
+    never exist in memory at once, on the host or on a GPU."""
+    clt = CrossLayerTranscoder(cfg, init=False, device="meta", dtype=setting.dtype)
+    L, F, d = cfg.n_layers, cfg.n_features, cfg.d_model
+    kw = {"device": setting.device, "dtype": setting.dtype}
+
+    def zeros(*shape):
+        return torch.nn.Parameter(torch.zeros(*shape, **kw), requires_grad=False)
+
+    clt.W_enc, clt.b_enc, clt.b_dec, clt.threshold = (
+        zeros(L, F, d), zeros(L, F), zeros(L, d), zeros(L, F)
+    )  # fmt: skip
+    if clt.W_skip is not None:
+        clt.W_skip = zeros(L, d, d)
+    for i in range(L):
+        clt.W_dec[i] = torch.nn.Parameter(torch.empty(0, **kw), requires_grad=False)
     clt.requires_grad_(False)
     return clt
 

@@ -534,3 +534,16 @@ def test_a_mistyped_local_path_says_so(hub, tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match="path runs/clt does not exist: check the path"):
         load_transcoder("runs/clt")
+
+
+def test_a_wide_clt_allocates_no_decoder_before_use():
+    """new_transcoder allocates encoders only: decoders (here 2.2 GB in float32) stay
+    placeholders until a reader sets them, lazily, so a 2.5M-feature CLT opens on a GPU."""
+    from transcoders.clt import TranscoderConfig
+    from transcoders.io_assemble import new_transcoder
+
+    cfg = TranscoderConfig(n_layers=64, d_model=64, n_features=4096, kind="clt")
+    clt = new_transcoder(cfg)
+    assert clt.W_enc.shape == (64, 4096, 64) and clt.W_enc.device.type == "cpu"
+    assert sum(w.numel() for w in clt.W_dec) == 0
+    assert not clt.W_enc.requires_grad and float(clt.W_enc.abs().sum()) == 0.0
