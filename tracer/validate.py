@@ -285,18 +285,50 @@ def logit_metric(rm: ReplacementModel, graph: Graph):
     return metric
 
 
-def validate(
-    rm: ReplacementModel,
-    graph: Graph,
-    config: ValidationConfig | None = None,
-    **overrides,
-) -> ValidationReport:
-    """Validate a full (unpruned) attribution graph by perturbation; see the module doc.
+@dataclass
+class _Sample:
+    """Which nodes a validation removes. Node indices into the graph: ``feats`` every feature,
+    ``circuit_feats`` those the circuit keeps, ``sample`` the removed features (circuit ones
+    first), ``extra_cols`` error and token nodes checked in constrained mode only."""
 
-    Keyword overrides are fields of :class:`ValidationConfig`. The report is also stored in
-    ``graph.extra['validation']``.
-    """
-    cfg = ValidationConfig(**{**asdict(config or ValidationConfig()), **overrides})
+    circuit: Graph
+    feats: np.ndarray
+    circuit_feats: np.ndarray
+    sample: np.ndarray
+    sample_in_circuit: np.ndarray
+    extra_cols: np.ndarray
+
+
+class _Runs:
+    """Interventions on one prompt's frozen state, read as the validation compares them."""
+
+    def __init__(self, rm: ReplacementModel, graph: Graph, state: PromptState, feats):
+        self.rm, self.graph, self.state = rm, graph, state
+        self.watch = torch.as_tensor(
+            np.stack([graph.layer[feats], graph.position[feats], graph.feature[feats]], 1)
+            .astype(np.int64)
+        )  # fmt: skip
+        self.directions = logit_directions(rm, graph)  # [n_logit, d]
+        self.metric = logit_metric(rm, graph)
+
+    def run(self, batch, mode: str) -> BatchInterventionResult:
+        return intervene_batch(
+            self.rm, self.state, batch, mode, watch=self.watch, record_sites=("resid_final",)
+        )
+
+    def removals(self, nodes) -> list[list]:
+        """One intervention per node: that node removed."""
+        return [[removal(self.graph, self.state, int(s))] for s in nodes]
+
+    def targets(self, res: BatchInterventionResult) -> np.ndarray:
+        """[B, n_rows]: feature pre-activations, then de-meaned logits (frozen final norm)."""
+        normed = _frozen_final(self.rm, self.state, res.sites["resid_final"][:, -1])
+        normed = normed.to(self.directions.dtype)
+        return torch.cat([res.watched_pre, normed @ self.directions.T], 1).double().cpu().numpy()
+
+
+def _check_inputs(rm: ReplacementModel, graph: Graph) -> None:
+    """One clear error for a graph this model and transcoder cannot validate."""
     if graph.params.get("pruned"):
         raise ValidationError(
             "this graph is pruned: its columns lack the edges the constrained check compares "
@@ -316,11 +348,13 @@ def validate(
         )
     if len(feats) == 0:
         raise ValidationError("graph has no feature nodes: nothing to validate")
-    state = rm.record(torch.as_tensor(graph.tokens, dtype=torch.long))
-    _check_graph(rm, graph, state)
-    rng = np.random.default_rng(cfg.seed)
 
-    # The circuit and the sample.
+
+def _draw_sample(graph: Graph, cfg: ValidationConfig, rng: np.random.Generator) -> _Sample:
+    """The circuit (pruned at the config's thresholds) and the nodes to remove: up to
+    ``max_circuit`` circuit features and ``n_random`` others (or ``cfg.nodes``), plus error and
+    token columns for the constrained check."""
+    feats = np.where(graph.kind == FEATURE)[0]
     circuit = prune(graph, cfg.node_threshold, cfg.edge_threshold)
     circuit_keys = set(_keys(circuit, np.where(circuit.kind == FEATURE)[0]))
     in_circuit = np.array([k in circuit_keys for k in _keys(graph, feats)])
@@ -331,91 +365,120 @@ def validate(
         pick_c = rng.choice(circuit_feats, min(cfg.max_circuit, len(circuit_feats)), replace=False)
         pick_o = rng.choice(other_feats, min(cfg.n_random, len(other_feats)), replace=False)
         sample = np.r_[np.sort(pick_c), np.sort(pick_o)].astype(np.int64)
-    sample_in_circuit = np.isin(sample, circuit_feats)
     errs = np.where(graph.kind == ERROR)[0]
     toks = np.where(graph.kind == TOKEN)[0]
     extra_cols = np.r_[
         rng.choice(errs, min(cfg.n_error, len(errs)), replace=False),
         rng.choice(toks, min(cfg.n_token, len(toks)), replace=False),
     ].astype(np.int64)
-
-    A = graph.adjacency().tocsc()
-    logit_nodes = np.where(graph.kind == LOGIT)[0]
-    rows = np.r_[feats, logit_nodes]
-    watch = torch.as_tensor(
-        np.stack([graph.layer[feats], graph.position[feats], graph.feature[feats]], 1).astype(
-            np.int64
-        )
+    return _Sample(
+        circuit, feats, circuit_feats, sample, np.isin(sample, circuit_feats), extra_cols
     )
-    directions = logit_directions(rm, graph)  # [n_logit, d]
-    metric = logit_metric(rm, graph)
 
-    def run(batch, mode):
-        return intervene_batch(rm, state, batch, mode, watch=watch, record_sites=("resid_final",))
 
-    def targets(res: BatchInterventionResult) -> np.ndarray:
-        """[B, n_rows]: feature pre-activations, then de-meaned logits (frozen final norm)."""
-        normed = _frozen_final(rm, state, res.sites["resid_final"][:, -1]).to(directions.dtype)
-        return torch.cat([res.watched_pre, normed @ directions.T], 1).double().cpu().numpy()
-
-    columns = np.r_[sample, extra_cols]
-    n_batches = 2 * math.ceil(len(columns) / cfg.batch_size) + 2
-    bar = tqdm(total=n_batches, desc="validation runs", unit="run", disable=not cfg.progress)
-
-    # (a) constrained: every row target moves by minus the column.
-    base_c = targets(run([[]], "constrained"))[0]
+def _constrained_error(runs: _Runs, A, rows, columns, batch_size: int, bar) -> float:
+    """(a) Constrained mode: removing a node moves every row target by exactly minus its
+    column. Returns the largest absolute deviation over all checked columns."""
+    base = runs.targets(runs.run([[]], "constrained"))[0]
     bar.update(1)
     max_abs = 0.0
-    for chunk in _batches(columns.tolist(), cfg.batch_size):
-        after = targets(run([[removal(graph, state, s)] for s in chunk], "constrained"))
+    for chunk in _batches(columns.tolist(), batch_size):
+        after = runs.targets(runs.run(runs.removals(chunk), "constrained"))
         predicted = -A[:, chunk][rows].toarray().T  # [B, n_rows]
-        max_abs = max(max_abs, float(np.abs(after - base_c - predicted).max()))
+        max_abs = max(max_abs, float(np.abs(after - base - predicted).max()))
         bar.update(1)
-    scale = float(np.abs(graph.weight).max()) if graph.n_edges else 1.0
+    return max_abs
 
-    # (b) free: logit metric and downstream features.
-    base = run([[]], "free")
-    base_m, base_pre = metric(base)[0], base.watched_pre[0].double().cpu().numpy()
+
+def _free_effects(runs: _Runs, sample, n_feats: int, batch_size: int, bar):
+    """(b) Free mode: each removal's effect on the logit metric [n_sample] and on every
+    feature's pre-activation [n_sample, n_feats]; returns (base metric, effect, d_pre)."""
+    base = runs.run([[]], "free")
+    base_m, base_pre = runs.metric(base)[0], base.watched_pre[0].double().cpu().numpy()
     bar.update(1)
     effect = np.zeros(len(sample))
-    d_pre = np.zeros((len(sample), len(feats)))
-    for j, chunk in enumerate(_batches(sample.tolist(), cfg.batch_size)):
-        res = run([[removal(graph, state, s)] for s in chunk], "free")
-        sl = slice(j * cfg.batch_size, j * cfg.batch_size + len(chunk))
-        effect[sl] = metric(res) - base_m
+    d_pre = np.zeros((len(sample), n_feats))
+    for j, chunk in enumerate(_batches(sample.tolist(), batch_size)):
+        res = runs.run(runs.removals(chunk), "free")
+        sl = slice(j * batch_size, j * batch_size + len(chunk))
+        effect[sl] = runs.metric(res) - base_m
         d_pre[sl] = res.watched_pre.double().cpu().numpy() - base_pre
         bar.update(1)
+    return base_m, effect, d_pre
 
-    influence = node_influence(graph)
-    rho, pval = _spearman(influence[sample], np.abs(effect))
-    linear = linear_total_effect(graph, sample)
-    rho_lin, _ = _spearman(np.abs(linear), np.abs(effect))
 
-    # Sign agreement on the sampled nodes' direct edges into feature nodes.
+def _edge_signs(A, sample, feats, d_pre) -> dict:
+    """Sign agreement of the sampled nodes' direct edges into features with the observed
+    changes of those features' pre-activations (plain and |edge|-weighted), and the rank
+    correlation of |edge| with |change|."""
     A_fs = A[:, sample][feats].toarray().T  # [n_sample, n_feat] edges s -> t
     has = A_fs != 0
-    pred_sign, obs_sign = np.sign(-A_fs[has]), np.sign(d_pre[has])
-    agree = pred_sign == obs_sign
+    agree = np.sign(-A_fs[has]) == np.sign(d_pre[has])
     mag = np.abs(A_fs[has])
     n_edges = int(has.sum())
     rho_edges, _ = _spearman(mag, np.abs(d_pre[has]))
+    return {
+        "spearman_edges": rho_edges,
+        "sign_agreement": float(agree.mean()) if n_edges else None,
+        "sign_agreement_weighted": _ratio(float(mag[agree].sum()), float(mag.sum())),
+        "n_sign_edges": n_edges,
+    }
 
-    # Sufficiency and necessity in one batch.
+
+def _circuit_metrics(runs: _Runs, graph: Graph, circuit_feats, bar) -> tuple[float, ...]:
+    """Sufficiency and necessity runs in one batch: the logit metric with no features, with
+    the circuit's features only, and with the circuit's features removed."""
     keep_nodes = torch.as_tensor(
         np.stack([graph.layer[circuit_feats], graph.position[circuit_feats],
                   graph.feature[circuit_feats]], 1).astype(np.int64).reshape(-1, 3)
     )  # fmt: skip
     none = KeepOnly(torch.zeros(0, 3, dtype=torch.long))
-    ablate_circuit = [removal(graph, state, i) for i in circuit_feats]
-    m_none, m_circuit, m_ablated = metric(run([[none], [KeepOnly(keep_nodes)], ablate_circuit],
-                                              "free"))  # fmt: skip
+    ablate_circuit = [removal(graph, runs.state, i) for i in circuit_feats]
+    m_none, m_circuit, m_ablated = runs.metric(
+        runs.run([[none], [KeepOnly(keep_nodes)], ablate_circuit], "free")
+    )
     bar.update(1)
+    return float(m_none), float(m_circuit), float(m_ablated)
+
+
+def validate(
+    rm: ReplacementModel,
+    graph: Graph,
+    config: ValidationConfig | None = None,
+    **overrides,
+) -> ValidationReport:
+    """Validate a full (unpruned) attribution graph by perturbation; see the module doc.
+
+    Keyword overrides are fields of :class:`ValidationConfig`. The report is also stored in
+    ``graph.extra['validation']``.
+    """
+    cfg = ValidationConfig(**{**asdict(config or ValidationConfig()), **overrides})
+    _check_inputs(rm, graph)
+    state = rm.record(torch.as_tensor(graph.tokens, dtype=torch.long))
+    _check_graph(rm, graph, state)
+    picked = _draw_sample(graph, cfg, np.random.default_rng(cfg.seed))
+    feats, sample = picked.feats, picked.sample
+    A = graph.adjacency().tocsc()
+    rows = np.r_[feats, np.where(graph.kind == LOGIT)[0]]
+    runs = _Runs(rm, graph, state, feats)
+    columns = np.r_[sample, picked.extra_cols]
+    n_batches = 2 * math.ceil(len(columns) / cfg.batch_size) + 2
+    bar = tqdm(total=n_batches, desc="validation runs", unit="run", disable=not cfg.progress)
+
+    max_abs = _constrained_error(runs, A, rows, columns, cfg.batch_size, bar)
+    scale = float(np.abs(graph.weight).max()) if graph.n_edges else 1.0
+    base_m, effect, d_pre = _free_effects(runs, sample, len(feats), cfg.batch_size, bar)
+    influence = node_influence(graph)
+    rho, pval = _spearman(influence[sample], np.abs(effect))
+    linear = linear_total_effect(graph, sample)
+    rho_lin, _ = _spearman(np.abs(linear), np.abs(effect))
+    signs = _edge_signs(A, sample, feats, d_pre)
+    m_none, m_circuit, m_ablated = _circuit_metrics(runs, graph, picked.circuit_feats, bar)
     bar.close()
     logit_std = float(state.logits[-1].double().std())
     ratios = circuit_ratios(
-        float(base_m), float(m_none), float(m_circuit), float(m_ablated),
-        cfg.ratio_floor_std * logit_std,
-    )  # fmt: skip
+        float(base_m), m_none, m_circuit, m_ablated, cfg.ratio_floor_std * logit_std
+    )
 
     table = [
         {
@@ -425,32 +488,29 @@ def validate(
             "linear": float(lin),
             "observed": float(e),
         }
-        for s, c, lin, e in zip(sample, sample_in_circuit, linear, effect, strict=True)
+        for s, c, lin, e in zip(sample, picked.sample_in_circuit, linear, effect, strict=True)
     ]
     report = ValidationReport(
         n_sampled=len(sample),
-        n_circuit_sampled=int(sample_in_circuit.sum()),
-        n_random_sampled=int((~sample_in_circuit).sum()),
-        n_circuit_features=len(circuit_feats),
+        n_circuit_sampled=int(picked.sample_in_circuit.sum()),
+        n_random_sampled=int((~picked.sample_in_circuit).sum()),
+        n_circuit_features=len(picked.circuit_feats),
         n_constrained_columns=len(columns),
         constrained_max_abs_error=max_abs,
         constrained_max_rel_error=max_abs / scale if scale > 0 else max_abs,
         spearman=rho,
         spearman_pvalue=pval,
         spearman_linear=rho_lin,
-        spearman_edges=rho_edges,
-        sign_agreement=float(agree.mean()) if n_edges else None,
-        sign_agreement_weighted=_ratio(float(mag[agree].sum()), float(mag.sum())),
-        n_sign_edges=n_edges,
+        **signs,
         logit_metric=float(base_m),
-        logit_metric_no_features=float(m_none),
+        logit_metric_no_features=m_none,
         sufficiency=ratios.sufficiency,
         necessity=ratios.necessity,
         node_threshold=cfg.node_threshold,
         edge_threshold=cfg.edge_threshold,
         seed=cfg.seed,
-        logit_metric_circuit_only=float(m_circuit),
-        logit_metric_circuit_ablated=float(m_ablated),
+        logit_metric_circuit_only=m_circuit,
+        logit_metric_circuit_ablated=m_ablated,
         features_effect=ratios.features_effect,
         circuit_effect=ratios.circuit_effect,
         circuit_ablation_effect=ratios.circuit_ablation_effect,
@@ -458,7 +518,7 @@ def validate(
         ratio_floor_std=cfg.ratio_floor_std,
         ratio_floor=ratios.ratio_floor,
         ratios_undefined=ratios.undefined,
-        convention=circuit.params.get("convention"),
+        convention=picked.circuit.params.get("convention"),
         nodes=table,
     )
     graph.extra["validation"] = report.to_dict()
