@@ -604,3 +604,52 @@ def _serve_html(html: str):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+# --- circuit-atlas serve --------------------------------------------------------------------------
+
+
+def test_serve_prints_its_url_with_a_token_and_refuses_no_token_off_loopback(
+    world, tmp_path, capsys
+):
+    import re
+    import subprocess
+    import sys
+
+    from tracer.cli import main
+    from tracer.explorer.server import free_port
+
+    assert main(["serve", "--graphs", str(tmp_path), "--host", "0.0.0.0", "--no-token"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-token is allowed on loopback only" in err and err.count("\n") == 1
+    world.graphs[0][0].save(tmp_path / "a.parquet")
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; from tracer.cli import main; sys.exit(main())",
+           "serve", "--graphs", str(tmp_path), "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        t0 = time.monotonic()
+        while "circuit-atlas explorer:" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "serve exited"
+            assert time.monotonic() - t0 < 120
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=([0-9a-f]{48})", line)
+        assert found and int(found.group(1)) == port, line
+        base = f"http://127.0.0.1:{port}"
+        while True:  # the URL is printed just before uvicorn listens
+            try:
+                status, answer = raw(base, "GET", "/api/graphs")
+                break
+            except OSError:
+                assert time.monotonic() - t0 < 120
+                time.sleep(0.1)
+        assert status == 401 and "access token" in answer["error"]
+        me = Client(base, found.group(2))
+        status, listed = me.call("/api/graphs")
+        assert status == 200 and [x["id"] for x in listed["graphs"]] == [world.ids[0]]
+        assert raw(base, "GET", "/api/graphs", headers={"Host": f"evil.example:{port}",
+                   "X-Explorer-Token": found.group(2)})[0] == 403  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
