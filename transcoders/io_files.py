@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -146,6 +147,42 @@ class NpzFile:
             except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
                 raise _corrupt(self.path, err) from None
         return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (1-D, first axis) of array ``key``. An array stored uncompressed (as
+        ``np.savez`` writes them, GemmaScope's params.npz included) is memory-mapped in place,
+        so only those rows are read; a compressed one is read whole."""
+        if key not in self.keys:
+            self.get(key)  # the clear error
+        idx = index.to(torch.long).cpu().numpy()
+        try:
+            arr = self._mapped(key)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as err:
+            raise _corrupt(self.path, err) from None
+        if arr is None:
+            return self.get(key)[torch.from_numpy(idx)]
+        return torch.from_numpy(np.ascontiguousarray(arr[idx]))
+
+    def _mapped(self, key: str) -> np.ndarray | None:
+        """The array as a read-only memory map of the .npz file (None when compressed)."""
+        with zipfile.ZipFile(self.path) as z:
+            info = z.getinfo(f"{key}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)  # fmt: skip
+                shape, fortran, dtype = read_header(f)
+                header_len = f.tell()
+        with open(self.path, "rb") as raw:
+            raw.seek(info.header_offset)
+            local = struct.unpack("<4s5H3L2H", raw.read(30))  # the zip's local file header
+        start = info.header_offset + 30 + local[9] + local[10] + header_len
+        if dtype.hasobject:
+            return None
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=shape,
+                         order="F" if fortran else "C")  # fmt: skip
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype=None) -> None:

@@ -84,6 +84,16 @@ def _npz_layer(path: Path) -> LayerWeights:
             )
         return w.unsqueeze(1)
 
+    def decoder_rows(idx):
+        # params.npz is stored uncompressed: only these rows are read (a memory map).
+        w = NpzFile(path).rows("W_dec", idx).float()
+        if tuple(w.shape) != (len(idx), d):
+            raise TranscoderFormatError(
+                f"{path}: W_dec rows have shape {tuple(w.shape)}, expected [{len(idx)}, {d}]: "
+                "re-download it"
+            )
+        return w.unsqueeze(1)
+
     return LayerWeights(
         source=path,
         model_layer=_layer_of(path),
@@ -91,6 +101,7 @@ def _npz_layer(path: Path) -> LayerWeights:
         b_enc=arrays["b_enc"],
         b_dec=arrays["b_dec"],
         decoder=decoder,
+        decoder_rows=decoder_rows,
         threshold=arrays["threshold"].clamp(min=0.0),
         activation="jumprelu",
         input_site="mlp_in",

@@ -547,3 +547,26 @@ def test_a_wide_clt_allocates_no_decoder_before_use():
     assert clt.W_enc.shape == (64, 4096, 64) and clt.W_enc.device.type == "cpu"
     assert sum(w.numel() for w in clt.W_dec) == 0
     assert not clt.W_enc.requires_grad and float(clt.W_enc.abs().sum()) == 0.0
+
+
+def test_npz_decoder_rows_are_read_in_place(tmp_path):
+    """GemmaScope's params.npz (np.savez, stored uncompressed) is read by rows from a memory
+    map; a compressed npz is read whole; both give the rows of the array."""
+    from transcoders.io_files import NpzFile
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(50, 7)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", W_dec=w, b=np.zeros(3))
+    np.savez_compressed(tmp_path / "b.npz", W_dec=w)
+    idx = torch.tensor([49, 0, 17, 17])
+    for name in ("a.npz", "b.npz"):
+        torch.testing.assert_close(
+            NpzFile(tmp_path / name).rows("W_dec", idx), torch.from_numpy(w)[idx]
+        )
+    assert NpzFile(tmp_path / "a.npz")._mapped("W_dec") is not None
+    assert NpzFile(tmp_path / "b.npz")._mapped("W_dec") is None
+    # A lazily loaded GemmaScope set computes its identity without reading whole decoders.
+    root, _ = npz_set(tmp_path)
+    clt = quiet_load(root, n_layers=L)
+    _ = clt.identity
+    assert not any(clt.decoder_loaded(i) for i in range(L))
