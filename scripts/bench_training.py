@@ -86,8 +86,22 @@ def main() -> int:
         default=True,
         help="attribute the demo prompts after training for their replacement/completeness",
     )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --widths/--variant: start every variant over (default: resume checkpoints)",
+    )
+    ap.add_argument(
+        "--add-meaning",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="merge the rows of these --variant results into --results, adding each row's "
+        "meaning score (meaning.json beside its weights, else computed now)",
+    )
     ap.add_argument("extra", nargs="*", help="more `transcoders train` options (after --)")
     args = ap.parse_args()
+    if args.add_meaning:
+        return add_meaning(args)
     if args.widths or args.variant:
         return bench_variants(args)
 
@@ -193,7 +207,8 @@ def bench_variants(args) -> int:
         argv = [
             *base, "--budget-minutes", str(args.budget_minutes), *opts,
             "--cache", str(cache), "--cache-tokens", str(n_tokens), "--out", str(out),
-            "--no-resume", *(["--graph-scores"] if args.graph_scores else []),
+            *(["--no-resume"] if args.fresh else []),
+            *(["--graph-scores"] if args.graph_scores else []),
         ]  # fmt: skip
         load0 = os.getloadavg()
         t0 = time.time()
@@ -216,6 +231,7 @@ def bench_variants(args) -> int:
             "step_seconds": round(targs.batch_tokens / rate, 3) if rate else None,
             "frequency": {k: v for k, v in (m.get("frequency") or {}).items()
                           if k not in ("median_per_layer", "share_dense_per_layer")},
+            "meaning": m.get("meaning_summary"),
             **{k: m.get(k) for k in ("steps", "planned_steps", "replans", "cache_tokens",
                                      "passes", "train_tokens_per_s", "nmse", "nmse_all",
                                      "nmse_inliers", "l0", "dead_heldout", "nmse_per_layer",
@@ -242,6 +258,62 @@ def write_variants(args, cache, n_tokens: int, harvest_s: float, rows: list[dict
     res.with_suffix(".json").write_text(portable(json.dumps(report, indent=2)))
     res.with_suffix(".md").write_text(portable(variants_markdown(report)))
     return report
+
+
+def add_meaning(args) -> int:
+    """Merge the variant rows of ``args.add_meaning`` result files into ``args.results``, each
+    with its meaning score (:mod:`transcoders.meaning`): read from ``meaning.json`` beside its
+    weights or ``training_metrics.json``, else computed now and saved there. Rows are written as
+    they are scored, so the command resumes."""
+    from tracer.cli.train_cmd import tokenizer_spec
+    from tracer.fetch import cache_root
+    from tracer.model import LanguageModel
+    from tracer.splice import activation_fn
+    from transcoders.formats import load_transcoder
+    from transcoders.meaning import (
+        MeaningConfig,
+        build_probe,
+        load_meaning,
+        probe_inputs,
+        save_meaning,
+        score_probe,
+    )
+
+    reports = [json.loads(Path(p).read_text()) for p in args.add_meaning]
+    merged = dict(reports[0])
+    merged["variants"] = [w for r in reports for w in r["variants"]]
+    merged["sources"] = [portable(str(p)) for p in args.add_meaning]
+    home = str(cache_root())
+    model = probe = inputs = None
+    cfg = MeaningConfig()
+    for w in merged["variants"]:
+        if "error" in w or (w.get("meaning") or {}).get("mean_best_auroc") is not None:
+            continue
+        weights = Path(w["weights"].replace("$CIRCUIT_ATLAS_HOME", home))
+        result = load_meaning(weights)
+        if result is None:
+            if model is None:  # one probe forward pass serves every transcoder (same site)
+                model = LanguageModel.load("smollm2")
+                probe = build_probe(
+                    tokenizer_spec(model), seq_len=cfg.seq_len, per_category=cfg.per_category,
+                    background=cfg.background,
+                )  # fmt: skip
+                inputs = probe_inputs(activation_fn(model, "mlp_in"), probe.tokens, cfg.batch, True)
+            clt = load_transcoder(weights, model=model)
+            result = score_probe(clt, None, probe, cfg, progress=True, inputs=inputs)
+            save_meaning(result, weights)
+        w["meaning"] = result.summary()
+        _write_merged(args, merged)
+    _write_merged(args, merged)
+    print(variants_markdown(merged))
+    return 0
+
+
+def _write_merged(args, report: dict) -> None:
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.with_suffix(".json").write_text(portable(json.dumps(report, indent=2)))
+    res.with_suffix(".md").write_text(portable(variants_markdown(report)))
 
 
 def portable(text: str) -> str:
@@ -304,26 +376,30 @@ def variants_markdown(r: dict) -> str:
         "brackets); replacement and completeness: mean over the demo prompts, circuit-tracer "
         "convention.",
         "",
-        "| variant | features/layer | steps | passes | train tok/s | s/step | held-out NMSE | L0 "
-        "| dead | median freq | > 10% | KL | top-1 | replacement | completeness | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | kind | features/layer | steps | passes | train tok/s | s/step "
+        "| held-out NMSE | L0 | dead | median freq | > 10% | KL | top-1 | replacement "
+        "| completeness | meaning | token-level | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+        "|---:|---:|",
     ]
     for w in r.get("variants", r.get("widths", [])):
         name = w.get("variant", w["features"])
         if "error" in w:
-            lines.append(f"| {name} | {w['features']} | did not run: {w['error']} ||||||||||")
+            lines.append(f"| {name} | | {w['features']} | did not run: {w['error']} ||||||||||")
             continue
         sp, nan = w["spliced"], float("nan")
         gs = w.get("graph_scores") or {}
         fr = w.get("frequency") or {}
+        mn = w.get("meaning") or {}
         lines.append(
-            f"| {name} | {w['features']} | {w['steps']} | {w['passes']} "
+            f"| {name} | {w.get('kind', 'clt')} | {w['features']} | {w['steps']} | {w['passes']} "
             f"| {w['train_tokens_per_s'] or 0:.0f} | {w.get('step_seconds') or nan:.2f}"
             f" | {w['nmse']:.3f} ({w.get('nmse_all') or nan:.3f} / "
             f"{w.get('nmse_inliers') or nan:.3f}) | {w['l0']:.1f} | {w['dead_heldout']:.1%} | "
             f"{fr.get('median', nan):.2%} | {fr.get('share_dense', nan):.1%} | "
             f"{sp.get('kl', nan):.3f} | {sp.get('top1', nan):.1%} | "
             f"{gs.get('replacement', nan):.3f} | {gs.get('completeness', nan):.3f} "
+            f"| {mn.get('mean_best_auroc', nan):.3f} | {mn.get('token_level_share', nan):.1%} "
             f"| {w['load_average_start'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -197,8 +197,9 @@ def _dense_update(p, g, st, lr, b1, b2, eps) -> None:
 
 def _sparse_update(p, g, st, lr, b1, b2, eps) -> None:
     """Adam on the rows named by the coalesced sparse gradient ``g``: rows are flattened to one
-    index into [R, rest] views and updated chunk by chunk (gathered with ``index_select``,
-    written back with ``index_copy_``; in place where a chunk is a contiguous run of rows)."""
+    index into [R, rest] views and updated chunk by chunk: in place where a chunk's rows are a
+    contiguous run (most chunks when most rows fire), else gathered with ``index_select`` and
+    written back with ``index_copy_``."""
     sd = g.sparse_dim()
     step = _row_shape(st, p.shape, sd, p.device)
     n_rows = step.numel()
@@ -206,12 +207,12 @@ def _sparse_update(p, g, st, lr, b1, b2, eps) -> None:
     vals = g.values().reshape(len(rows), -1)
     flat = (p.view(n_rows, -1), st["exp_avg"].view(n_rows, -1), st["exp_avg_sq"].view(n_rows, -1))
     steps = step.view(-1)
-    every = len(rows) == n_rows  # coalesced: then rows == arange(n_rows)
     c = max(1, CHUNK_ELEMENTS // max(1, vals.shape[1]))
     for s in range(0, len(rows), c):
         r, gv = rows[s : s + c], vals[s : s + c]
-        if every:
-            sl = slice(s, s + len(r))
+        lo, hi = int(r[0]), int(r[-1])
+        if hi - lo == len(r) - 1:  # sorted and unique: a contiguous run of rows, in place
+            sl = slice(lo, hi + 1)
             steps[sl] += 1
             _rows_update(*(a[sl] for a in flat), gv, steps[sl], lr, b1, b2, eps)
             continue

@@ -193,6 +193,7 @@ class Trainer:
             )
             n_seqs = int(self.dist.broadcast(math.ceil(n_tok / self.keep)))
         del xs, ys
+        _release_freed_memory()  # the first buffer's float32 copies (GBs at model size)
         self.n_seqs = min(len(self.train_tokens), max(n_fit, n_seqs))
         self.harvest_training(self.n_seqs)
         # The baseline evaluation (a spliced forward pass too) before the steps are sized.
@@ -597,6 +598,17 @@ class Trainer:
                 # On the device the transcoder trains on (the export itself is a CPU copy).
                 rec["spliced"] = self.spliced_eval(export(self.clt, self.norm).to(self.dev))
         return rec
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so the resident
+    memory of a run would stay at its initialisation peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def make_optimizer(

@@ -57,7 +57,14 @@ def test_variants_table_has_a_row_per_variant_and_names_failures():
         ],  # fmt: skip
     }
     md = bench.variants_markdown(report)
-    assert "| none | 256 | 600 | 1.4 | 300 | 0.350 (0.360 / 0.300) |" in md
-    assert "| 0.610 | 0.860 | 1.0 |" in md
-    assert "| wide | 4096 | did not run: too slow" in md
+    assert "| none | clt | 256 | 600 | 1.4 | 300 | nan | 0.350 (0.360 / 0.300) |" in md
+    assert "| 0.610 | 0.860 | nan | nan% | 1.0 |" in md
+    row.update(
+        kind="plt", step_seconds=0.85, frequency={"median": 0.0089, "share_dense": 0.007},
+        meaning={"mean_best_auroc": 0.71, "token_level_share": 0.25},
+    )  # fmt: skip
+    md = bench.variants_markdown(report)
+    assert "| none | plt | 256 | 600 | 1.4 | 300 | 0.85 | 0.350 (0.360 / 0.300) |" in md
+    assert "| 1.0% | 0.89% | 0.7% | 1.500 | 40.0% | 0.610 | 0.860 | 0.710 | 25.0% | 1.0 |" in md
+    assert "| wide | | 4096 | did not run: too slow" in md
     assert "`--steps 600`" in md

@@ -37,6 +37,9 @@ def register(sub) -> None:
     q.add_argument("--seq-len", type=int, default=128)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_prepare)
+    from tracer.cli.corpus_cmd import add_subcommands  # corpus generate
+
+    add_subcommands(csub)
 
 
 def register_subcommand(tsub) -> None:
@@ -54,8 +57,9 @@ def register_subcommand(tsub) -> None:
     t.add_argument(
         "--corpus",
         default="public",
-        help="'public' (corpus fetch), a token-corpus folder, text/JSONL/Parquet path, "
-        "or a HF dataset name",
+        help="'public' (corpus fetch), 'wordnet', 'generated' (corpus generate), a weighted mix "
+        "such as generated:0.5,wordnet:0.3,public:0.2, a token-corpus folder, text/JSONL/Parquet "
+        "path, or a HF dataset name",
     )
     t.add_argument("--kind", choices=["clt", "plt"], default=d["kind"])
     t.add_argument("--features-per-layer", type=int, default=d["features_per_layer"])
@@ -156,6 +160,16 @@ def register_subcommand(tsub) -> None:
     )
     t.add_argument("--no-resume", action="store_true", help="start over even if checkpointed")
     t.add_argument(
+        "--no-meaning",
+        action="store_true",
+        help="skip the meaning score after training (transcoders.meaning; a few minutes)",
+    )
+    t.add_argument(
+        "--dense-updates",
+        action="store_true",
+        help="dense gradients and Adam over every weight (default: row-sparse, lazy Adam)",
+    )
+    t.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads (default: all cores, or 1 when the machine is busy)",
@@ -217,15 +231,12 @@ def _prepare(args) -> int:
 
 
 def load_corpus(spec: str, model):
-    """'public' -> the fetched public-domain corpus; otherwise prepare_corpus(spec)."""
-    from tracer.fetch import cache_root
-    from transcoders.corpus import fetch_corpus, prepare_corpus
+    """The corpus ``--corpus spec`` names: 'public', 'wordnet', 'generated', a weighted mix of
+    them (tracer.cli.corpus_cmd), a corpus folder, text path or dataset name."""
+    from tracer.cli.corpus_cmd import load_corpus_spec
 
     tok = tokenizer_spec(model)
-    if spec == "public":
-        corpus = fetch_corpus(cache_root(), tok)
-    else:
-        corpus = prepare_corpus(spec, tok, cache_root() / "corpora")
+    corpus = load_corpus_spec(spec, model, tok)
     corpus.check_tokenizer(tok.name, model.facts.vocab_size)
     return corpus
 
@@ -291,6 +302,8 @@ def _train(args) -> int:
     keys = ("nmse", "nmse_all", "nmse_inliers", "l0", "dead", "dead_heldout")
     summary = {k: m[k] for k in keys if k in m}
     summary.update(m.get("spliced", {}))
+    if "meaning_summary" in m:
+        summary["meaning_mean_best_auroc"] = m["meaning_summary"]["mean_best_auroc"]
     if "graph_scores" in m:
         summary.update(
             {f"graph_{k}": m["graph_scores"][k] for k in ("replacement", "completeness")}
@@ -354,6 +367,7 @@ def run_training(args):
         outlier_rule=args.outlier_rule,
         outlier_factor=args.outlier_factor,
         outlier_uses=outlier_uses,
+        sparse_updates=not args.dense_updates,
     )
     print(
         f"training {cfg.kind} ({cfg.activation}, {cfg.n_features} features/layer) on "
@@ -386,6 +400,17 @@ def run_training(args):
 
         print("[train] attributing the demo prompts for graph scores", file=sys.stderr)
         result.metrics["graph_scores"] = prompt_graph_scores(model, result.clt.to(model.device))
+        (work / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    if not args.no_meaning:
+        from transcoders.meaning import meaning_score
+
+        print("[train] meaning score (sparse probing of concept categories)", file=sys.stderr)
+        mr = meaning_score(
+            result.clt.to(model.device), activation_fn(model, cfg.input_site),
+            tokenizer_spec(model), progress=True,
+        )  # fmt: skip
+        result.metrics["meaning"] = mr.to_dict()
+        result.metrics["meaning_summary"] = mr.summary()
         (work / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     # Weights (normalisation folded in), training record and feature contexts are assembled in
     # a temporary sibling folder and renamed into `out`, so `out` is never half-written.
