@@ -570,3 +570,24 @@ def test_npz_decoder_rows_are_read_in_place(tmp_path):
     clt = quiet_load(root, n_layers=L)
     _ = clt.identity
     assert not any(clt.decoder_loaded(i) for i in range(L))
+
+
+def test_hook_table_names_each_rows_modules():
+    """HOOKS_BY_ARCHITECTURE places each TransformerLens hook at the modules the architecture
+    table reads our sites from (resid_mid = the MLP norm's input, mlp_in = its output, mlp_out
+    = what the MLP block adds)."""
+    from tracer.architectures import ARCHITECTURES
+    from transcoders.hook_names import HOOKS_BY_ARCHITECTURE, INPUT_HOOKS, reads_before_gain
+
+    for arch in ARCHITECTURES:
+        table = HOOKS_BY_ARCHITECTURE.get(arch.name)
+        if table is None:
+            continue
+        assert table["hook_resid_mid"] == f"input of {arch.mlp_norm}"
+        assert table["mlp.hook_in"] == f"output of {arch.mlp_norm}"
+        assert table["ln2.hook_normalized"].startswith(f"output of {arch.mlp_norm} before")
+        assert table["hook_mlp_out"] == f"output of {arch.mlp_out_norm or arch.mlp}"
+    assert set(HOOKS_BY_ARCHITECTURE) == {"llama", "gemma"}
+    assert INPUT_HOOKS["ln2.hook_normalized"] == "mlp_in"
+    assert reads_before_gain("blocks.3.ln2.hook_normalized")
+    assert not reads_before_gain("mlp.hook_in")
