@@ -282,6 +282,149 @@ def _as_watch(watch) -> torch.Tensor | None:
     return w
 
 
+def _batch_tokens(prompt, n_lists: int, mode: Mode):
+    """(recorded state or None, token ids [B, P]) of a batch's prompt, checked for the mode."""
+    if isinstance(prompt, PromptState):
+        return prompt, prompt.tokens.expand(n_lists, -1)
+    if mode != "live":
+        raise InterventionError(
+            f"mode {mode!r} freezes parts of a recorded run: pass rm.record(tokens), not "
+            "token ids (only mode 'live' runs from token ids)"
+        )
+    tokens = torch.as_tensor(prompt).long()
+    tokens = tokens.expand(n_lists, -1) if tokens.dim() == 1 else tokens
+    if tokens.dim() != 2 or tokens.shape[0] != n_lists or tokens.shape[1] == 0:
+        raise InterventionError(
+            f"token ids of shape {tuple(tokens.shape)}: give [n_pos] or [{n_lists}, n_pos] "
+            "(one row per intervention list)"
+        )
+    return None, tokens
+
+
+class _BatchRun:
+    """The hooks of one batched intervention run: at each layer's transcoder input, read the
+    pre-activations, apply the edits and queue the decoded differences; at each MLP output,
+    write the (frozen or live) output plus those differences and any vector edits.
+
+    B lists, P positions, L layers, d = d_model, F features per layer. The queued
+    differences ``pending[l]`` are [B, P, d]; ``inputs``, ``kept_pre``, ``kept_acts`` hold
+    per-layer [B, P, d] / [B, P, F] tensors when asked for.
+    """
+
+    def __init__(self, rm, state, plan, mode, tokens, watch, keep_features):
+        self.rm, self.state, self.plan, self.mode = rm, state, plan, mode
+        self.tc, model = rm.transcoder, rm.model
+        L = model.facts.n_layers
+        self.B, self.P = tokens.shape
+        self.d = model.facts.d_model
+        self.mask = rm.feature_mask(self.P)
+        self.frozen_out = mode in ("constrained", "free")
+        self.watch, self.keep_features = watch, keep_features
+        self.pending: list[torch.Tensor | None] = [None] * L
+        self.inputs: list[torch.Tensor | None] = [None] * L
+        self.kept_pre: list[torch.Tensor | None] = [None] * L
+        self.kept_acts: list[torch.Tensor | None] = [None] * L
+        n_watch = 0 if watch is None else len(watch)
+        cd = compute_dtype(model.dtype)
+        self.watched_pre = torch.zeros(self.B, n_watch, device=model.device, dtype=cd)
+        self.watched_acts = torch.zeros(self.B, n_watch, device=model.device, dtype=cd)
+        self.recorded = _recorded_acts(state, self.tc.cfg.n_features) if state is not None else None
+
+    def edits(self) -> dict:
+        """The hook table for :meth:`LanguageModel.run`."""
+        edits = {("resid_pre", 0): self.embed_edit}
+        for l in range(len(self.pending)):
+            edits[(self.rm.input_site, l)] = self.read_input(l)
+            edits[("mlp_out", l)] = self.write_output(l)
+        return edits
+
+    def add_decoded(self, layer: int, diff: torch.Tensor) -> None:
+        """Decode diff [B, P, F] into every layer it writes to: one matrix product over the
+        features that changed anywhere in the batch (rows share most of them)."""
+        cols = (diff != 0).any(0).any(0).nonzero().squeeze(1)
+        if len(cols) == 0:
+            return
+        B, P, d = self.B, self.P, self.d
+        w = self.tc.decoder_rows(layer, cols).to(diff.dtype)  # [u, T, d]
+        T = w.shape[1]
+        out = (diff[:, :, cols].reshape(B * P, -1) @ w.reshape(len(cols), T * d)).view(B, P, T, d)
+        for t in range(T):
+            prev = self.pending[layer + t]
+            self.pending[layer + t] = out[:, :, t] if prev is None else prev + out[:, :, t]
+
+    def read_input(self, l: int):
+        def fn(x):
+            tc = self.tc
+            self.inputs[l] = x
+            pre = tc.pre_activations(l, x)  # [B, P, F]
+            if self.mode == "constrained":
+                unedited = self.recorded[l].expand(self.B, -1, -1)
+            else:
+                unedited = tc.activate(l, pre)
+                unedited[:, ~self.mask] = 0.0
+            used = self.plan.edit(unedited.clone(), l)
+            baseline = self.recorded[l] if self.frozen_out else unedited
+            self.add_decoded(l, used - baseline)
+            watch = self.watch
+            if watch is not None:
+                sel = (watch[:, 0] == l).nonzero().squeeze(1)
+                self.watched_pre[:, sel] = pre[:, watch[sel, 1], watch[sel, 2]]
+                self.watched_acts[:, sel] = used[:, watch[sel, 1], watch[sel, 2]]
+            if self.keep_features:
+                self.kept_pre[l], self.kept_acts[l] = pre, used
+            return x
+
+        return fn
+
+    def write_output(self, l: int):
+        def fn(x):
+            state, tc = self.state, self.tc
+            if self.frozen_out:
+                out = state.sites["mlp_out"][l].expand(self.B, -1, -1)
+                if tc.W_skip is not None:  # the skip path is live (linear) in the replacement
+                    dx = self.inputs[l].to(out.dtype) - state.inputs[l]
+                    out = out + dx @ tc.W_skip[l].to(out.dtype).T
+            else:
+                out = x
+            if self.pending[l] is not None:
+                out = out + self.pending[l]
+            return _add_vectors(out, self.plan.vectors.get(("mlp_out", l)))
+
+        return fn
+
+    def embed_edit(self, x):
+        return _add_vectors(x, self.plan.vectors.get(("resid_pre", 0)))
+
+    def freeze(self) -> Freeze | None:
+        """What the mode holds fixed: everything recorded (constrained), the attention
+        patterns (free), nothing (live)."""
+        if self.mode == "constrained":
+            return self.state.freeze()
+        if self.mode == "live":
+            return None
+        return Freeze(patterns=self.state.pattern_store)
+
+    def result(self, run) -> BatchInterventionResult:
+        out = BatchInterventionResult(logits=run.logits, sites=run.sites)
+        if self.watch is not None:
+            out.watched_pre, out.watched_acts = self.watched_pre, self.watched_acts
+        if self.keep_features:
+            out.inputs = torch.stack(self.inputs, dim=1)
+            out.pre = torch.stack(self.kept_pre, dim=1)
+            out.acts = torch.stack(self.kept_acts, dim=1)
+        return out
+
+
+def _add_vectors(x: torch.Tensor, vecs) -> torch.Tensor:
+    """x [B, P, d] with each (row b, VectorEdit) added at its position (a copy when any)."""
+    if not vecs:
+        return x
+    x = x.clone()
+    for b, it in vecs:
+        x[b, it.position] += it.vector.to(x)
+    return x
+
+
 def intervene_batch(
     rm: ReplacementModel,
     prompt: PromptState | torch.Tensor,
@@ -308,135 +451,25 @@ def intervene_batch(
         raise InterventionError(f"unknown mode {mode!r}: use one of {MODES}")
     if len(batch) == 0:
         raise InterventionError("empty batch: give at least one list of interventions")
-    B = len(batch)
-    if isinstance(prompt, PromptState):
-        state, tokens = prompt, prompt.tokens.expand(B, -1)
-    else:
-        if mode != "live":
-            raise InterventionError(
-                f"mode {mode!r} freezes parts of a recorded run: pass rm.record(tokens), not "
-                "token ids (only mode 'live' runs from token ids)"
-            )
-        state, tokens = None, torch.as_tensor(prompt).long()
-        tokens = tokens.expand(B, -1) if tokens.dim() == 1 else tokens
-        if tokens.dim() != 2 or tokens.shape[0] != B or tokens.shape[1] == 0:
-            raise InterventionError(
-                f"token ids of shape {tuple(tokens.shape)}: give [n_pos] or [{B}, n_pos] "
-                "(one row per intervention list)"
-            )
+    state, tokens = _batch_tokens(prompt, len(batch), mode)
     P = tokens.shape[1]
     for items in batch:
         check_interventions(rm, P, items)
     watch = _as_watch(watch)
     if watch is not None and len(watch):
         _check_keep_only(KeepOnly(watch), rm.model.facts.n_layers, rm.transcoder.cfg.n_features, P)
-
-    tc, model = rm.transcoder, rm.model
-    L, d = model.facts.n_layers, model.facts.d_model
-    site = rm.input_site
-    mask = rm.feature_mask(P)
-    plan = _Plan(batch, mask)
-    frozen_out = mode in ("constrained", "free")
-    pending: list[torch.Tensor | None] = [None] * L  # decoded differences, [B, P, d] per layer
-    inputs: list[torch.Tensor | None] = [None] * L
-    kept_pre: list[torch.Tensor | None] = [None] * L
-    kept_acts: list[torch.Tensor | None] = [None] * L
-    n_watch = 0 if watch is None else len(watch)
-    cd = compute_dtype(model.dtype)
-    watched_pre = torch.zeros(B, n_watch, device=model.device, dtype=cd)
-    watched_acts = torch.zeros(B, n_watch, device=model.device, dtype=cd)
-    recorded = _recorded_acts(state, tc.cfg.n_features) if state is not None else None
-
-    def add_decoded(layer: int, diff: torch.Tensor) -> None:
-        """Decode diff [B, P, F] into every layer it writes to: one matrix product over the
-        features that changed anywhere in the batch (rows share most of them)."""
-        cols = (diff != 0).any(0).any(0).nonzero().squeeze(1)
-        if len(cols) == 0:
-            return
-        w = tc.decoder_rows(layer, cols).to(diff.dtype)  # [u, T, d]
-        T = w.shape[1]
-        out = (diff[:, :, cols].reshape(B * P, -1) @ w.reshape(len(cols), T * d)).view(B, P, T, d)
-        for t in range(T):
-            prev = pending[layer + t]
-            pending[layer + t] = out[:, :, t] if prev is None else prev + out[:, :, t]
-
-    def read_input(l):
-        def fn(x):
-            inputs[l] = x
-            pre = tc.pre_activations(l, x)  # [B, P, F]
-            if mode == "constrained":
-                unedited = recorded[l].expand(B, -1, -1)
-            else:
-                unedited = tc.activate(l, pre)
-                unedited[:, ~mask] = 0.0
-            used = plan.edit(unedited.clone(), l)
-            baseline = recorded[l] if frozen_out else unedited
-            add_decoded(l, used - baseline)
-            if watch is not None:
-                sel = (watch[:, 0] == l).nonzero().squeeze(1)
-                watched_pre[:, sel] = pre[:, watch[sel, 1], watch[sel, 2]]
-                watched_acts[:, sel] = used[:, watch[sel, 1], watch[sel, 2]]
-            if keep_features:
-                kept_pre[l], kept_acts[l] = pre, used
-            return x
-
-        return fn
-
-    def write_output(l):
-        def fn(x):
-            if frozen_out:
-                out = state.sites["mlp_out"][l].expand(B, -1, -1)
-                if tc.W_skip is not None:  # the skip path is live (linear) in the replacement
-                    dx = inputs[l].to(out.dtype) - state.inputs[l]
-                    out = out + dx @ tc.W_skip[l].to(out.dtype).T
-            else:
-                out = x
-            if pending[l] is not None:
-                out = out + pending[l]
-            vecs = plan.vectors.get(("mlp_out", l))
-            if vecs:
-                out = out.clone()
-                for b, it in vecs:
-                    out[b, it.position] += it.vector.to(out)
-            return out
-
-        return fn
-
-    def embed_edit(x):
-        vecs = plan.vectors.get(("resid_pre", 0))
-        if not vecs:
-            return x
-        x = x.clone()
-        for b, it in vecs:
-            x[b, it.position] += it.vector.to(x)
-        return x
-
-    edits = {("resid_pre", 0): embed_edit}
-    for l in range(L):
-        edits[(site, l)] = read_input(l)
-        edits[("mlp_out", l)] = write_output(l)
-    if mode == "constrained":
-        freeze = state.freeze()
-    elif mode == "live":
-        freeze = None
-    else:
-        freeze = Freeze(patterns=state.pattern_store)
+    hooks = _BatchRun(
+        rm, state, _Plan(batch, rm.feature_mask(P)), mode, tokens, watch, keep_features
+    )
     with torch.no_grad():
-        run = model.run(
+        run = rm.model.run(
             tokens,
-            edits=edits,
-            freeze=freeze,
+            edits=hooks.edits(),
+            freeze=hooks.freeze(),
             record=bool(record_sites),
             record_sites=record_sites,
         )
-    out = BatchInterventionResult(logits=run.logits, sites=run.sites)
-    if watch is not None:
-        out.watched_pre, out.watched_acts = watched_pre, watched_acts
-    if keep_features:
-        out.inputs = torch.stack(inputs, dim=1)
-        out.pre = torch.stack(kept_pre, dim=1)
-        out.acts = torch.stack(kept_acts, dim=1)
-    return out
+    return hooks.result(run)
 
 
 def _recorded_acts(state: PromptState, n_features: int) -> torch.Tensor:
