@@ -500,6 +500,15 @@ def test_subgraph_diagram(world, browser):
         with page.expect_download() as dl:
             page.click("#export-png")
         assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the full-graph toggle keeps the pins the pruned circuit has
+        pruned = world.graphs[k][0]
+        in_pruned = {np_node_id(pruned, i) for i in range(pruned.n_nodes)}
+        kept = [i for i in ids if i in in_pruned]
+        assert kept
+        page.uncheck("#full-graph")
+        page.wait_for_function("(n) => __explorer.graph.full === false && __explorer.pinned.length"
+                               " === n", arg=len(kept))  # fmt: skip
+        assert tab.js("__explorer.pinned") == kept
         assert tab.errors == []
     finally:
         tab.close()

@@ -17,6 +17,9 @@ import { zoom, zoomIdentity } from "d3-zoom";
 import { GAP, NODE_R, SUB_ROW, layoutGraph } from "./layout.js";
 
 export const FOCUS_EDGES = 30; // per direction, for each hovered / selected node
+const N_BUCKETS = 6; // background edges are drawn as one path per (sign, strength) bucket
+const FAST_EDGES = 8000; // above this many background edges, gestures move a bitmap
+const SETTLE_MS = 120;
 const PIN_EDGES = 10; // per direction, for each pinned node
 const POS = "47, 111, 179"; // positive weight
 const NEG = "196, 52, 38"; // negative weight
@@ -46,11 +49,18 @@ export class GraphView {
     this.opts = { nodeThreshold: 0.8, edgeThreshold: 1, maxFeatures: 100, maxEdges: 150 };
     this.labelBoxes = [];
     this.userMoved = false;
-    this.pending = { base: false, overlay: false };
+    this.pending = { base: false, overlay: false, fast: false };
+    // While a zoom or pan gesture runs with many edges drawn, frames show the last full
+    // drawing moved and scaled (one bitmap copy); the full redraw follows when it pauses.
     this.zoom = zoom().scaleExtent([0.05, 40]).on("zoom", (e) => {
       this.t = e.transform;
       if (e.sourceEvent) this.userMoved = true;
-      this.request(true);
+      if (e.sourceEvent && this.bgEdges && this.bgEdges.length > FAST_EDGES && this.snapshot) {
+        this.pending.fast = true;
+        clearTimeout(this.settle);
+        this.settle = setTimeout(() => this.request(true), SETTLE_MS);
+        this.request(false);
+      } else this.request(true);
     });
     select(overlay).call(this.zoom).on("dblclick.zoom", null);
     overlay.addEventListener("mousemove", (e) => this.onMove(e));
@@ -120,7 +130,7 @@ export class GraphView {
     for (let i = 0; i < n; i++) {
       const k = g.nodes.kind[i];
       if (k === "token" || k === "logit") shown[i] = 1;
-      else if (k === "error" && nFeat > 0 && g.nodes.influence[i] >= weakest && within(i)) shown[i] = 1;
+      else if (k === "error" && (nFeat === 0 || g.nodes.influence[i] >= weakest) && within(i)) shown[i] = 1;
     }
     for (const i of this.forcedNodes()) shown[i] = 1;
     return shown;
@@ -163,6 +173,12 @@ export class GraphView {
       if (bg.length < this.opts.maxEdges) bg.push(e);
     }
     this.bgEdges = bg;
+    this.buckets = Array.from({ length: 2 * N_BUCKETS }, () => []);
+    for (const e of bg) {
+      const w = g.edges.weight[e];
+      const b = Math.min(N_BUCKETS - 1, Math.floor((Math.abs(w) / (this.maxW || 1)) * N_BUCKETS));
+      this.buckets[(w >= 0 ? 0 : N_BUCKETS) + b].push(e);
+    }
     let nodes = 0, features = 0, errors = 0;
     for (let i = 0; i < shown.length; i++) {
       if (!shown[i]) continue;
@@ -220,9 +236,35 @@ export class GraphView {
     this.frame = requestAnimationFrame(() => {
       this.frame = null;
       if (this.pending.base) this.drawBase();
+      else if (this.pending.fast) this.drawMoved();
       if (this.pending.overlay) this.drawOverlay();
-      this.pending = { base: false, overlay: false };
+      this.pending = { base: false, overlay: false, fast: false };
     });
+  }
+
+  // The last full drawing, moved and scaled to the current transform (during gestures).
+  drawMoved() {
+    const t0 = performance.now();
+    const ctx = this.base.getContext("2d"), d = this.dpr || 1, s0 = this.snapshotT;
+    const s = this.t.k / s0.k;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, this.base.width, this.base.height);
+    ctx.setTransform(s, 0, 0, s, d * (this.t.x - s0.x * s), d * (this.t.y - s0.y * s));
+    ctx.drawImage(this.snapshot, 0, 0);
+    stats.moved.push(performance.now() - t0);
+    if (stats.moved.length > 500) stats.moved.shift();
+  }
+
+  keepSnapshot() {
+    if (!this.snapshot || this.snapshot.width !== this.base.width || this.snapshot.height !== this.base.height) {
+      this.snapshot = document.createElement("canvas");
+      this.snapshot.width = this.base.width;
+      this.snapshot.height = this.base.height;
+    }
+    const c = this.snapshot.getContext("2d");
+    c.clearRect(0, 0, this.snapshot.width, this.snapshot.height);
+    c.drawImage(this.base, 0, 0);
+    this.snapshotT = { k: this.t.k, x: this.t.x, y: this.t.y };
   }
 
   worldTransform(ctx) {
@@ -252,15 +294,19 @@ export class GraphView {
     // row bands
     ctx.fillStyle = "#f7f8fa";
     for (let r = 0; r < this.lay.rows; r += 2) ctx.fillRect(-30, this.lay.rowTop[r], this.lay.width + 60, this.lay.rowH[r]);
-    // background edges: faint, by sign and strength
-    for (const e of this.bgEdges) {
-      const s = g.edges.source[e], tg = g.edges.target[e], w = g.edges.weight[e];
-      const a = Math.abs(w) / (this.maxW || 1);
-      ctx.strokeStyle = `rgba(${w >= 0 ? POS : NEG}, ${(0.08 + 0.3 * a).toFixed(3)})`;
+    // background edges: faint, one path per (sign, strength) bucket
+    for (let b = 0; b < 2 * N_BUCKETS; b++) {
+      const list = this.buckets[b];
+      if (!list.length) continue;
+      const a = ((b % N_BUCKETS) + 0.5) / N_BUCKETS;
+      ctx.strokeStyle = `rgba(${b < N_BUCKETS ? POS : NEG}, ${(0.08 + 0.3 * a).toFixed(3)})`;
       ctx.lineWidth = (0.5 + 1.8 * a) / k;
       ctx.beginPath();
-      ctx.moveTo(x[s], y[s]);
-      ctx.lineTo(x[tg], y[tg]);
+      for (const e of list) {
+        const s = g.edges.source[e], tg = g.edges.target[e];
+        ctx.moveTo(x[s], y[s]);
+        ctx.lineTo(x[tg], y[tg]);
+      }
       ctx.stroke();
     }
     // nodes
@@ -277,6 +323,7 @@ export class GraphView {
     }
     ctx.setTransform(d, 0, 0, d, 0, 0);
     this.drawLabels(ctx);
+    if (this.bgEdges.length > FAST_EDGES) this.keepSnapshot();
     if (stats.firstRender === null) stats.firstRender = performance.now();
     stats.base.push(performance.now() - t0);
     if (stats.base.length > 500) stats.base.shift();

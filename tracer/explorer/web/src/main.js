@@ -107,7 +107,12 @@ for (const id of ["node-threshold", "edge-threshold", "max-features", "max-edges
   });
 }
 el("reset-view").addEventListener("click", () => app.view.fit());
-el("full-graph").addEventListener("change", () => app.graph && app.openGraph(app.graph.id, { full: el("full-graph").checked }));
+// the full-graph toggle keeps the pinned nodes, supernodes and labels (those the other graph has)
+el("full-graph").addEventListener("change", () => {
+  if (!app.graph) return;
+  const keep = { pinnedIds: [...app.pinned], supernodes: app.supernodes.map((s) => [s.label, ...s.members]), clerps: Object.entries(app.labels) };
+  guarded(() => app.openGraph(app.graph.id, { full: el("full-graph").checked, keep }));
+});
 
 // Feature labels kept in the store (per feature identity) replace the automatic ones.
 app.applyLabels = (labels) => {
@@ -147,7 +152,7 @@ app.tracePaths = async (i, k = 5) => {
 };
 app.clearPaths = () => { app.paths = null; app.view.setPaths([]); updateCounts(); };
 
-app.openGraph = async (id, { full = false, subgraph = null, node = null } = {}) => {
+app.openGraph = async (id, { full = false, subgraph = null, node = null, keep = null } = {}) => {
   const g = await api(`/api/graphs/${encodeURIComponent(id)}${full ? "?full=1" : ""}`);
   app.graph = g;
   app.index = new Map(g.nodes.id.map((nid, i) => [nid, i]));
@@ -172,6 +177,13 @@ app.openGraph = async (id, { full = false, subgraph = null, node = null } = {}) 
     const doc = await api(`/api/graphs/${encodeURIComponent(id)}/subgraphs/${encodeURIComponent(subgraph)}`);
     applySubgraph(app, doc);
     app.savedName = doc.name;
+  } else if (keep) {
+    const known = new Set(g.nodes.id);
+    applySubgraph(app, {
+      pinnedIds: keep.pinnedIds.filter((p) => known.has(p)),
+      supernodes: keep.supernodes.map((s) => [s[0], ...s.slice(1).filter((m) => known.has(m))]).filter((s) => s.length > 1),
+      clerps: keep.clerps.filter(([nid]) => known.has(nid)),
+    });
   }
   renderSubgraph(app);
   if (node !== null && app.index.has(node)) {
