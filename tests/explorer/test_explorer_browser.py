@@ -207,6 +207,15 @@ def test_tour(world, browser):
         assert b == pytest.approx(float(before[tok]), abs=2e-4)
         assert a == pytest.approx(float(after[tok]), abs=2e-4)
     assert any(abs(a - b) > 1e-3 for b, a in shown.values()), "the ablation changed nothing"
+    # the mode is named beside each result, and the target logit's change and rank are shown
+    assert page.locator("#iv-table-mode").inner_text() == "constrained"
+    assert page.locator("#iv-cont-mode").inner_text() == "live"
+    top = int(np.flatnonzero(g.kind == 3)[np.argmax(g.probability[g.kind == 3])])
+    tok = int(g.feature[top])
+    delta = float(after[tok]) - float(before[tok])
+    change = page.locator("#iv-target-change").inner_text()
+    assert f"{float(before[tok]):.3f} → {float(after[tok]):.3f}" in change
+    assert f"{delta:+.3f}" in change and "rank 1 → " in change
     base, steered = generate_batch(rm, state.tokens, [[], edits], max_new_tokens=6)
     assert page.locator("#cont-original").text_content() == base.text
     assert page.locator("#cont-steered").text_content() == steered.text
@@ -500,6 +509,13 @@ def test_subgraph_diagram(world, browser):
         with page.expect_download() as dl:
             page.click("#export-png")
         assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the Neuronpedia JSON of what is pinned now (not saved) carries it in its qParams
+        with page.expect_download() as dl:
+            page.click("#export-np")
+        doc = json.loads(Path(dl.value.path()).read_text())
+        sub = read_subgraph(doc, name="x")
+        assert sub.pinned == ids
+        assert [(s.label, s.members) for s in sub.supernodes] == [("pair", [ids[0], ids[1]])]
         # the full-graph toggle keeps the pins the pruned circuit has
         pruned = world.graphs[k][0]
         in_pruned = {np_node_id(pruned, i) for i in range(pruned.n_nodes)}

@@ -7,6 +7,8 @@ Routes (added to the app by :func:`tracer.explorer.app.create_app`)::
                                  most probable logit), else from NODE_ID up to the logits
     POST /api/graphs/{id}/diagram?full=1   the subgraph diagram (tracer.subgraph.diagram) of
                                  the posted {"pinnedIds", "supernodes", "clerps"}
+    POST /api/graphs/{id}/neuronpedia?full=1   the Neuronpedia JSON of the graph with the
+                                 posted subgraph in its qParams (what is pinned now, saved or not)
     GET  /api/graphs/{id}/labels?full=1    {"labels": {node id: label}}: the stored labels of
                                  the graph's feature nodes (per feature identity)
     POST /api/labels                       {"transcoder", "layer", "index", "label"}: keep a
@@ -15,15 +17,17 @@ Routes (added to the app by :func:`tracer.explorer.app.create_app`)::
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tracer.explorer.app import api, explorer, json_body
 from tracer.graph import FEATURE, LOGIT
-from tracer.neuronpedia import np_node_id
+from tracer.neuronpedia import np_node_id, to_neuronpedia
 from tracer.paths import node_step, paths, resolve_target
 from tracer.subgraph import Subgraph, diagram
 
@@ -70,6 +74,25 @@ async def subgraph_diagram(request: Request):
 
 
 @api
+async def neuronpedia_now(request: Request):
+    ex = explorer(request)
+    gid = request.path_params["gid"]
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ValueError('send {"name", "pinnedIds": [...], "supernodes": [...], "clerps": [...]}')
+    sub = Subgraph.from_dict({**body, "name": body.get("name") or "subgraph"})
+    graph, _ = await run_in_threadpool(ex.source.load, gid, _full(request))
+    doc = await run_in_threadpool(
+        lambda: to_neuronpedia(graph, features=ex.features, subgraph=sub, decode=ex.decode)
+    )
+    return Response(
+        json.dumps(doc, ensure_ascii=False),
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{gid}.json"'},
+    )
+
+
+@api
 def graph_labels(request: Request):
     ex = explorer(request)
     gid = request.path_params["gid"]
@@ -106,6 +129,7 @@ async def save_label(request: Request):
 READING_ROUTES = [
     Route("/api/graphs/{gid}/paths", graph_paths),
     Route("/api/graphs/{gid}/diagram", subgraph_diagram, methods=["POST"]),
+    Route("/api/graphs/{gid}/neuronpedia", neuronpedia_now, methods=["POST"]),
     Route("/api/graphs/{gid}/labels", graph_labels),
     Route("/api/labels", save_label, methods=["POST"]),
 ]

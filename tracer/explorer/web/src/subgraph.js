@@ -235,6 +235,11 @@ export function setupDiagramExport(app) {
   const name = () => (el("subgraph-name").value.trim() || "subgraph").replace(/[^\w.-]+/g, "_");
   el("export-svg").addEventListener("click", () => guarded(async () => download(`${name()}.svg`, new Blob([svgText()], { type: "image/svg+xml" }))));
   el("export-png").addEventListener("click", () => guarded(async () => download(`${name()}.png`, await svgPng(svgText()))));
+  el("export-np").addEventListener("click", () => guarded(async () => {
+    const g = app.graph;
+    const doc = await api(`/api/graphs/${encodeURIComponent(g.id)}/neuronpedia${g.full ? "?full=1" : ""}`, { method: "POST", body: subgraphDoc(app, name()) });
+    download(`${name()}.json`, new Blob([JSON.stringify(doc)], { type: "application/json" }));
+  }));
 }
 
 // The diagram rasterised at twice its size (PNG blob).
