@@ -20,10 +20,9 @@ What this package may import: ``transcoders`` (the engine reads transcoders) but
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
+
+from transcoders.lazy_exports import install
 
 # public name -> the module that holds it
 _EXPORTS: dict[str, str] = {
@@ -62,35 +61,7 @@ _EXPORTS: dict[str, str] = {
     "DeviceSetting": "transcoders.device",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tracer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # cached: later lookups skip this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _Package(types.ModuleType):
-    """``tracer.prune`` and ``tracer.validate`` name the functions, as they always have, even
-    though their modules have the same names: importing such a submodule must not replace the
-    function with the module (``from tracer.prune import X`` still finds the module)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
+install(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at run time
     from tracer.architectures import ARCHITECTURES, Architecture, architecture_for  # noqa: F401

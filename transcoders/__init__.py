@@ -11,10 +11,9 @@ This package knows nothing of ``tracer`` or ``graphstore``."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
+
+from transcoders.lazy_exports import install
 
 # public name -> the module that holds it
 _EXPORTS: dict[str, str] = {
@@ -45,33 +44,7 @@ _EXPORTS: dict[str, str] = {
     "train": "transcoders.train",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'transcoders' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # cached: later lookups skip this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _Package(types.ModuleType):
-    """``transcoders.train`` names the function even though its module has the same name:
-    importing the submodule must not replace the function with the module."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+install(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at run time
     from transcoders.activations import (  # noqa: F401
