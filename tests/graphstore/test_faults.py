@@ -274,9 +274,9 @@ def _mount_tmpfs(where: Path, options: str) -> bool:
     return r.returncode == 0
 
 
-def _add_refused(store, auth, tmp_path, capsys, folder: Path, why: str):
+def _add_refused(store, auth, tmp_path, capsys, folder: Path, why: str, path=None):
     g = small_graph(611)
-    path = g.save(tmp_path / "in" / "g.parquet")
+    path = path or g.save(tmp_path / "in" / "g.parquet")
     before = store.graph_ids()
     rc = main(["store", "add", str(path), *_conn(auth, tmp_path)])
     err = capsys.readouterr().err.strip()
@@ -329,6 +329,29 @@ def test_read_only_and_full_tmpfs_archive_folder_is_named(
         assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no partial file
     finally:
         subprocess.run(["umount", str(folder)], check=True, timeout=30)
+
+
+def test_write_error_of_any_archive_folder_is_named(
+    store, server_auth, tmp_path, capsys, monkeypatch
+):
+    """Where neither a mode-555 folder (root) nor a tmpfs mount (no CAP_SYS_ADMIN) can make
+    the disk fail, the writer fails as pyarrow does on a full disk, mid-file."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("CIRCUIT_ATLAS_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "graphs"
+    real = pq.write_table
+
+    def full(table, where, **kw):
+        real(table.slice(0, 1), where, **kw)  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = small_graph(611).save(tmp_path / "in" / "g.parquet")
+    monkeypatch.setattr(pq, "write_table", full)
+    _add_refused(store, server_auth, tmp_path, capsys, folder, "No space left", path)
+    assert list(folder.iterdir()) == []  # the partial file was removed
 
 
 # --- corrupt files through the commands that read them ---------------------------------------
