@@ -468,3 +468,31 @@ def test_stored_nodes_carry_influence_for_sorting(store):
     assert [r[0] for r in res.rows] == want.tolist()
     np.testing.assert_allclose([r[1] for r in res.rows], np.asarray(g.extra["influence"])[want])
     assert_graphs_equal(store.load(gid), g)
+
+
+def test_writer_whose_claim_was_broken_stops_and_never_completes(store, monkeypatch):
+    from graphstore import ingest
+
+    transcoder = f"clt-lost@{uuid.uuid4().hex[:16]}"
+    g = synthetic_graph(651, transcoder_name=transcoder)
+    gid = graph_id(g)
+    monkeypatch.setattr(ingest, "EDGE_BATCH", 400)  # several batches
+    rows = ingest.graph_rows(g, gid, None)
+    batches = []
+
+    def progress(done, total):
+        batches.append(done)
+        if len(batches) == 1:  # another writer judged this one dead and took over
+            with store._session() as other:
+                other.run("MATCH (c:WriteClaim {graph: $g}) DELETE c", g=gid).consume()
+
+    with store._session() as s, pytest.raises(ingest.ClaimLostError, match=gid):
+        ingest.write_rows(s, rows, progress=progress)
+    assert len(batches) == 1  # nothing written after the claim was lost
+    assert gid not in store.graph_ids()
+    counted = store.cypher(
+        "MATCH (f:Feature {transcoder: $t}) RETURN sum(f.graphs)", {"t": transcoder}
+    ).rows[0][0]
+    assert counted == 0
+    res = store.add(g)  # the next writer repairs it
+    assert res.written and res.repaired and _graph_counts(store, gid) == (g.n_nodes, g.n_edges)
