@@ -587,3 +587,51 @@ def test_feature_label_kept_per_feature(world, browser):
     finally:
         world.store.set_feature_label(g.transcoder_name, layer, index, "")
         tab.close()
+
+
+COLUMNS = (("constrained", ".logit-after-constrained"), ("free", ".logit-after-live"))
+
+
+def test_intervention_both_modes(world, browser):
+    """ "both" runs the edit constrained and live and shows them side by side, each column
+    equal to tracer.interventions in that mode."""
+    g, _ = world.graphs[0]
+    gid = world.ids[0]
+    node = top_features(g, 1)[0]
+    nid = np_node_id(g, node)
+    tab = Tab(browser, world.url)
+    page = tab.page
+    try:
+        tab.open(f"?graph={gid}")
+        tab.js("(id) => __explorer.togglePin(id)", nid)
+        page.click("#tabs button[data-tab=intervene]")
+        page.select_option("#iv-target", f"n:{nid}")
+        page.select_option("#iv-op", "ablate")
+        page.select_option("#iv-mode", "both")
+        page.click("#iv-run")
+        page.wait_for_selector("#logit-table-both", timeout=120_000)
+        tab.shot("14-intervention-both")
+        rm = world.rm
+        state = rm.record(torch.tensor(g.tokens))
+        edits = [FeatureEdit(int(g.layer[node]), int(g.feature[node]), int(g.position[node]),
+                             "ablate")]  # fmt: skip
+        want = {m: intervene(rm, state, edits, m).logits[-1] for m in ("constrained", "free")}
+        rows = page.locator("#logit-table-both tr[data-token]")
+        assert rows.count() >= 10
+        checked = 0
+        for j in range(rows.count()):
+            tok = int(rows.nth(j).get_attribute("data-token"))
+            for m, cls in (
+                ("constrained", ".logit-after-constrained"),
+                ("free", ".logit-after-live"),
+            ):
+                text = rows.nth(j).locator(cls).inner_text()
+                if text != "·":
+                    assert float(text) == pytest.approx(float(want[m][tok]), abs=2e-4)
+                    checked += 1
+        assert checked >= 20
+        assert page.locator("#iv-target-change-constrained").count() == 1
+        assert page.locator("#iv-target-change-live").count() == 1
+        assert tab.errors == []
+    finally:
+        tab.close()

@@ -42,29 +42,39 @@ const MODE_TEXT = {
 };
 const TABLE_K = 10; // the server's table: the top 10 tokens after the edit and before it
 
+// mode: "constrained", "free" (live) or "both" (one job in each mode, shown side by side).
 export async function runIntervention(app, nodes, op, value, mode) {
   const bar = el("iv-progress"), status = el("iv-status"), out = el("iv-result"), cancel = el("iv-cancel");
   out.innerHTML = "";
   bar.hidden = false; bar.value = 0; status.textContent = "queued";
   el("iv-run").disabled = true;
-  let job = null;
+  let job = null, stopped = false;
   cancel.hidden = false;
   cancel.onclick = () => guarded(async () => {
+    stopped = true;
     if (job) await api(`/api/jobs/${job.id}/cancel`, { method: "POST" });
     status.textContent = "cancelling…";
   });
+  const modes = mode === "both" ? ["constrained", "free"] : [mode];
   try {
-    job = await api("/api/interventions", { method: "POST", body: { graph: app.graph.id, edits: [{ nodes, op, value }], mode } });
-    while (job.state === "queued" || job.state === "running") {
-      bar.value = job.progress; status.textContent = job.message;
-      await new Promise((r) => setTimeout(r, 200));
-      job = await api(`/api/jobs/${job.id}`);
+    const results = [];
+    for (const [j, m] of modes.entries()) {
+      if (stopped) { status.textContent = "cancelled"; return; }
+      job = await api("/api/interventions", { method: "POST", body: { graph: app.graph.id, edits: [{ nodes, op, value }], mode: m } });
+      while (job.state === "queued" || job.state === "running") {
+        bar.value = (j + job.progress) / modes.length;
+        status.textContent = `${modes.length > 1 ? `${m === "free" ? "live" : m}: ` : ""}${job.message}`;
+        await new Promise((r) => setTimeout(r, 200));
+        job = await api(`/api/jobs/${job.id}`);
+      }
+      if (job.state === "cancelled") { status.textContent = "cancelled"; return; }
+      if (job.state === "error") { status.textContent = "failed"; showMessage(job.error, "error"); return; }
+      results.push(job.result);
     }
     bar.value = 1;
-    if (job.state === "cancelled") { status.textContent = "cancelled"; return; }
-    if (job.state === "error") { status.textContent = "failed"; showMessage(job.error, "error"); return; }
     status.textContent = "done";
-    renderResult(app, job.result);
+    if (results.length === 2) renderBoth(app, results[0], results[1]);
+    else renderResult(app, results[0]);
   } finally {
     el("iv-run").disabled = false;
     cancel.hidden = true;
@@ -104,4 +114,27 @@ function renderResult(app, r) {
     <div>original</div><div class="cont" id="cont-original">${esc(r.original)}</div>
     <div>steered</div><div class="cont" id="cont-steered">${esc(r.steered)}</div>
     ${r.original === r.steered ? '<p class="hint">the continuation did not change: the edit moves the logits (above) but not the greedy choice of any generated token</p>' : ""}`;
+}
+
+// Constrained and live side by side: what the graph predicts and what the model does.
+function renderBoth(app, c, f) {
+  const byTok = (r) => new Map(r.logits.map((x) => [x.token, x]));
+  const mc = byTok(c), mf = byTok(f);
+  const tokens = [...new Set([...c.logits.map((x) => x.token), ...f.logits.map((x) => x.token)])];
+  const row = (t) => {
+    const a = mc.get(t), b = mf.get(t), any = a || b;
+    const cell = (x, key, cls) => `<td class="num ${cls}">${x ? x[key].toFixed(4) : "·"}</td>`;
+    return `<tr data-token="${t}"><td>${esc(tokenText(any.text))}</td><td class="num">${t}</td>
+      <td class="num logit-before">${any.logit_before.toFixed(4)}</td>${cell(a, "logit_after", "logit-after-constrained")}${cell(b, "logit_after", "logit-after-live")}
+      <td class="num">${fmt(any.prob_before, 4)}</td><td class="num">${a ? fmt(a.prob_after, 4) : "·"}</td><td class="num">${b ? fmt(b.prob_after, 4) : "·"}</td></tr>`;
+  };
+  const tcs = [["constrained", targetChange(app, c)], ["live", targetChange(app, f)]];
+  el("iv-result").innerHTML = `<div class="meta">${c.edits.length} feature edit(s): ${c.edits.map((e) => `L${e.layer}/F${e.feature}@${e.position} ${e.op}${e.op === "ablate" ? "" : ` ${e.value}`}`).join(", ")}</div>
+    ${tcs.filter(([, tc]) => tc).map(([m, tc]) => `<div class="target-change" id="iv-target-change-${m}">target ${esc(tc.text)}: logit ${tc.before.toFixed(3)} → ${tc.after.toFixed(3)} (<b class="${tc.delta >= 0 ? "pos" : "neg"}">${tc.delta >= 0 ? "+" : ""}${tc.delta.toFixed(3)}</b>), rank ${tc.rankBefore} → ${tc.rankAfter} <span class="mode-tag">${m}</span></div>`).join("")}
+    <h3>top logits at the last position <span class="mode-tag">constrained</span> <span class="mode-tag">live</span></h3>
+    <div class="meta">${esc(MODE_TEXT.constrained)}. ${esc(MODE_TEXT.free)}. Where the two columns differ, the graph's linear picture of the edit misses what the rest of the model does with it.</div>
+    <table id="logit-table-both"><tr><th>token</th><th class="num">id</th><th class="num">logit before</th><th class="num">after (constrained)</th><th class="num">after (live)</th><th class="num">p before</th><th class="num">p constrained</th><th class="num">p live</th></tr>${tokens.map(row).join("")}</table>
+    <h3>continuation <span class="mode-tag">live</span></h3>
+    <div>original</div><div class="cont" id="cont-original">${esc(f.original)}</div>
+    <div>steered</div><div class="cont" id="cont-steered">${esc(f.steered)}</div>`;
 }
