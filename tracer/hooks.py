@@ -394,9 +394,11 @@ def run_hooked(
         logits = hf_model(input_ids=input_ids, use_cache=False, **kw).logits
 
     sites = {}
-    for s, vals in got.items():
+    for s in list(got):
+        vals = got.pop(s)  # one site's per-layer records at a time beside the stacked ones
         if all(v is not None for v in vals):
             sites[s] = vals[0] if s == "resid_final" else torch.stack(vals, dim=1)
+        del vals
     out_scales = {}
     for n, vals in scales.items():
         if all(v is not None for v in vals):

@@ -21,12 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tracer.hooks import Freeze, run_hooked
+from tracer.hooks import SITES, Freeze, run_hooked
 from tracer.model import LanguageModel, PromptError
 from transcoders.clt import CrossLayerTranscoder, compute_dtype
 from transcoders.device import DeviceError, DeviceSetting
 
 PATTERN_PLACEMENTS = ("memory", "disk", "recompute")
+# The residual sites attribution reads (with the transcoder's input site): the embedding
+# (resid_pre of layer 0), the MLP outputs (error nodes) and the final residual (logits).
+ATTRIBUTION_SITES = ("resid_pre", "mlp_out", "resid_final")
 # ``PatternStore.pattern_rows`` blocks: about this many bytes of one layer's pattern at once.
 PATTERN_BLOCK_BYTES = 64 * 2**20
 
@@ -345,6 +348,7 @@ class ReplacementModel:
         spill_dir: str | os.PathLike | None = None,
         keep_pre: bool = True,
         all_logits: bool = True,
+        sites: tuple[str, ...] | None = None,
     ) -> PromptState:
         """Run the real model on tokens [P] and keep everything attribution freezes (on the
         model's device, in the compute dtype: see :class:`PromptState`).
@@ -354,7 +358,9 @@ class ReplacementModel:
         ``recompute`` the record pass computes attention in blocks of query rows, so no
         layer's whole pattern is formed). ``keep_pre``: keep the
         pre-activations [L, P, F] (attribution does not need them). ``all_logits``: keep the
-        logits of every position (else the last position's only, [1, vocab]).
+        logits of every position (else the last position's only, [1, vocab]). ``sites``: the
+        residual sites to keep (default all; attribution needs ``ATTRIBUTION_SITES`` and the
+        transcoder's input site).
         """
         tokens = torch.as_tensor(tokens).long().cpu()
         if tokens.dim() != 1 or len(tokens) == 0:
@@ -372,6 +378,8 @@ class ReplacementModel:
             pattern_sink=None if patterns == "recompute" else store.put,
             qk_sink=store.put_qk if patterns == "recompute" else None,
             logits_to_keep=0 if all_logits else 1,
+            record_sites=SITES if sites is None else tuple(
+                dict.fromkeys((*sites, "mlp_out", self.input_site))),
         )  # fmt: skip
 
         def c(t: torch.Tensor) -> torch.Tensor:

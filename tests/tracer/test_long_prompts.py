@@ -131,3 +131,116 @@ def test_gemma3_sliding_window_graph_same_with_patterns_spilled_or_recomputed(
     every placement (the recomputed sliding layers use their own mask)."""
     _placements_agree(windowed_gemma3(), make_random_clt(3, 32, 16, seed=2), TOKENS,
                       monkeypatch, tmp_path)  # fmt: skip
+
+
+# --- the arithmetic memory plan ----------------------------------------------------------------
+
+
+def test_arithmetic_estimate_counts_from_l0_without_running(monkeypatch):
+    """With an L0 the estimate never runs the model (its forward raises here), counts
+    L0 x layers x (tokens - 1) active features, and equals the shape-only plan of the same
+    numbers; the exact count runs one encoder pass and matches a record of the prompt."""
+    from tracer.attribution.memory import (
+        ModelShapes,
+        TranscoderShapes,
+        estimate_from_shapes,
+        estimate_memory,
+    )
+
+    model = make_tiny_model("llama")
+    clt = make_random_clt(3, 32, 16)
+    rm = ReplacementModel(model, clt)
+    exact = estimate_memory(model, clt, TOKENS, 20, exact=True, baseline_host_bytes=0)
+    assert exact.workload.n_active == rm.record(TOKENS).n_active
+    with pytest.raises(ValueError, match="estimate exact"):
+        estimate_memory(model, clt, TOKENS, 20, exact=False)
+
+    def no_forward(*a, **k):
+        raise AssertionError("the arithmetic estimate ran the model")
+
+    monkeypatch.setattr(model.hf, "forward", no_forward)
+    kw = dict(baseline_host_bytes=0, available_host_bytes=4e9, available_disk_bytes=1e12)
+    est = estimate_memory(model, clt, TOKENS, 20, l0=2.5, **kw)
+    assert est.workload.n_active == round(2.5 * 9) * 3
+    clt.cfg.training["metrics"] = {"l0": 2.5}  # measured L0: the default is arithmetic
+    assert estimate_memory(model, clt, TOKENS, 20, **kw).workload.n_active == est.workload.n_active
+    shapes = estimate_from_shapes(ModelShapes.of(model), TranscoderShapes(16, 2.5), len(TOKENS),
+                                  20, **kw)  # fmt: skip
+    assert shapes.peak_host_bytes == est.peak_host_bytes
+    assert shapes.workload.active_targets == est.workload.active_targets
+
+
+SMOLLM2 = dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_head=64, vocab_size=49152,
+               max_positions=8192)  # fmt: skip
+
+
+def test_longest_prompt_is_the_edge_of_what_fits():
+    """The plan's longest prompt fits at its budget and one token more does not; at SmolLM2's
+    shapes the patterns go from memory to recomputed as the prompt grows, and recomputing them
+    keeps the state linear in the prompt: doubling a long prompt about doubles it."""
+    from tracer.attribution.memory import ModelShapes, TranscoderShapes, estimate_from_shapes
+
+    ms, ts = ModelShapes(**SMOLLM2), TranscoderShapes(256, l0=20)
+    kw = dict(baseline_host_bytes=0, available_host_bytes=6e9, available_disk_bytes=1e12)
+    est = estimate_from_shapes(ms, ts, 1024, 1024, **kw)
+    n = est.longest_prompt
+    assert 1024 < n < 8192 and est.limiting_part
+    assert estimate_from_shapes(ms, ts, n, 1024, **kw).fits
+    assert not estimate_from_shapes(ms, ts, n + 1, 1024, **kw).fits
+    assert estimate_from_shapes(ms, ts, 128, 1024, **kw).pattern_placement == "memory"
+    a, b = (estimate_from_shapes(ms, ts, p, 1024, **kw) for p in (4096, 8192))
+    assert a.pattern_placement == b.pattern_placement == "recompute"
+    assert 1.9 < b.state_bytes / a.state_bytes < 2.3
+    # In memory the patterns alone would grow with the square of the prompt.
+    held = estimate_from_shapes(ms, ts, 8192, 1024, patterns="memory", **kw)
+    assert held.pattern_bytes == 30 * 9 * 8192**2 * 4 and not held.fits
+
+
+def test_spill_without_space_is_refused_with_what_fits():
+    """Rows that must spill to a folder without the space: the plan does not fit, and its one
+    line names the spill, the free space and the budget that fits in memory."""
+    from tracer.attribution.memory import (
+        ModelShapes,
+        TranscoderShapes,
+        estimate_from_shapes,
+        suggested_budget_line,
+    )
+
+    ms, ts = ModelShapes(**SMOLLM2), TranscoderShapes(256, l0=20)
+    kw = dict(baseline_host_bytes=0, available_host_bytes=6e9)
+    roomy = estimate_from_shapes(ms, ts, 2048, 4096, available_disk_bytes=1e12, **kw)
+    assert roomy.fits and roomy.row_store_placement == "disk" and roomy.spill_bytes > 1e9
+    full = estimate_from_shapes(ms, ts, 2048, 4096, available_disk_bytes=1e8, **kw)
+    assert not full.fits
+    line = suggested_budget_line(full)
+    assert "spills" in line and "0.10 GB free" in line
+    assert f"--max-feature-nodes {full.suggested_max_feature_nodes}" in line
+    assert 0 < full.suggested_max_feature_nodes < 4096
+
+
+def errors(capsys) -> list[str]:
+    """The error lines on stderr (progress bars of the model load left out); no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("circuit-atlas: error")]
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """trace --estimate: a prompt longer than the model's context and a budget that cannot fit
+    are each one line naming the problem and what fits, exit 2; a plan that fits exits 0."""
+    from model_fixtures import save_tiny_folder
+
+    from tracer.cli import main
+
+    root = save_tiny_folder(tmp_path)
+    base = ["trace", "--model", str(root / "model"), "--transcoders", str(root / "clt")]
+    assert main([*base, "the cat sat on the mat", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "longest" in out and "counted by an encoder pass" in out  # no L0 recorded
+    assert main([*base, " ".join(["word"] * 80), "--estimate"]) == 2  # context: 64
+    err = errors(capsys)
+    assert len(err) == 1 and "context is 64" in err[0]
+    rc = main([*base, "the cat sat on the mat", "--estimate", "exact", "--max-feature-nodes",
+               "50", "--memory-limit", "0.00001"])  # fmt: skip
+    err = errors(capsys)
+    assert rc == 2 and len(err) == 1 and "feature budget" in err[0] and "GB" in err[0]

@@ -44,7 +44,7 @@ from tracer.attribution.targets import select_logit_targets
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 from tracer.model import PromptError
 from tracer.prune import graph_scores, resolve_convention
-from tracer.replacement import ReplacementModel
+from tracer.replacement import ATTRIBUTION_SITES, ReplacementModel
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -112,7 +112,7 @@ def attribute(
         _refuse_before_recording(rm, tokens, cfg, limit, rss0, where_patterns)
     phases = PhaseMemory(model.device, enabled=cfg.profile_memory)
     state = rm.record(tokens, patterns=where_patterns, spill_dir=cfg.spill_dir, keep_pre=False,
-                      all_logits=False)  # fmt: skip
+                      all_logits=False, sites=ATTRIBUTION_SITES)  # fmt: skip
     phases.mark("record")
     n_feat = state.n_active
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)

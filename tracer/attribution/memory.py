@@ -268,7 +268,7 @@ class MemoryEstimate:
         if self.longest_prompt:
             out.append(
                 f"longest     {self.longest_prompt:,} tokens fit at budget "
-                f"{self.max_feature_nodes:,}; beyond, {self.limiting_part} limits the length"
+                f"{self.max_feature_nodes:,}; {self.limiting_part} limits the length"
             )
         elif self.limiting_part:
             out.append(f"limit       {self.limiting_part}")
@@ -444,9 +444,10 @@ def _parts(w: Workload, budget: int, n_logits: int, batch_size: int, sweep_cap: 
     H, kv, dh = w.n_heads, w.n_kv_heads, w.d_head
     n_cols = w.n_active + L * P + P
     n_rows = budget + n_logits
-    # Five sites [L, P, d] and the final residual, in the weights' dtype, and a float32 copy
-    # when the weights are narrower (the compute dtype).
-    sites = (5 * L * P * d + P * d) * (isz + (c if isz < c else 0))
+    # Three sites [L, P, d] (resid_pre, mlp_out, the transcoder's input) and the final
+    # residual, in the weights' dtype, and a float32 copy when the weights are narrower.
+    site_bytes = isz + (c if isz < c else 0)
+    sites = (3 * L * P * d + P * d) * site_bytes
     pattern_all = L * H * P * P * c
     layer_pattern = H * P * P * c
     masks = w.n_mask_kinds * P * P  # boolean copies of the additive masks (recompute)
@@ -477,7 +478,8 @@ def _parts(w: Workload, budget: int, n_logits: int, batch_size: int, sweep_cap: 
 
     chunk_vecs = min(DECODE_CHUNK_BYTES, w.active_targets * d * c // max(1, L))
     decode = w.max_layer_row_elems * c + 2 * chunk_vecs
-    record_peak = state + sites + fmask + max(attn, encode, decode)
+    # Sites are stacked one at a time at the end of the forward (its records and the stack).
+    record_peak = state + L * P * d * site_bytes + fmask + max(attn, encode, decode)
     view = 0 if isz == c else w.vocab_size * d * c
     decoders = w.unique_row_elems * c
     writer_all = w.active_targets * d * c
@@ -511,6 +513,7 @@ PART_NAMES = {
     "patterns": "the attention patterns", "decoders": "the active features' decoder rows",
     "writers": "the written vectors", "store": "the row store", "sweep": "a sweep's working memory",
     "influence": "the influence re-ranking", "assembly": "assembling the edges",
+    "context": "the model's context",
 }  # fmt: skip
 
 
@@ -641,7 +644,9 @@ def plan_memory(
             else:
                 hi_n = mid - 1
         longest = hi_n
-        if 0 < longest < min(w.max_positions, 1 << 20):
+        if longest >= w.max_positions:
+            limiting = "context"
+        elif longest > 0:
             wn = scale_workload(w, longest + 1)
             b = min(budget, wn.n_active) if max_feature_nodes is not None else wn.n_active
             *_, lim_n, _, _ = evaluate(wn, b, place(wn, b))
