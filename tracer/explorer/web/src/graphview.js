@@ -20,7 +20,7 @@ export const FOCUS_EDGES = 30; // per direction, for each hovered / selected nod
 const N_BUCKETS = 6; // background edges are drawn as one path per (sign, strength) bucket
 const FAST_EDGES = 8000; // above this many background edges, gestures move a bitmap
 const SETTLE_MS = 120;
-const PIN_EDGES = 10; // per direction, for each pinned node
+const PIN_EDGES = 3; // per direction, for each pinned node (besides those between pinned nodes)
 const POS = "47, 111, 179"; // positive weight
 const NEG = "196, 52, 38"; // negative weight
 const KIND_COLOR = { feature: "#5b6b7f", error: "#b9a37a", token: "#2e6f40", logit: "#7a3fa0" };
@@ -424,18 +424,20 @@ export class GraphView {
     const g = this.g, { x, y } = this.lay, k = this.t.k, shown = this.shown;
     this.worldTransform(ctx);
     const drawn = new Set();
-    const edgesOf = (i, per) => {
+    const edgesOf = (i, per, alsoTo = null) => {
       for (const [list, end] of [[this.inEdges[i], g.edges.source], [this.outEdges[i], g.edges.target]]) {
         let c = 0;
         for (const e of list) {
-          if (c >= per) break;
           if (!shown[end[e]]) continue;
+          if (alsoTo && alsoTo.has(end[e])) { drawn.add(e); continue; }
+          if (c >= per) { if (alsoTo) continue; break; }
           c++;
           drawn.add(e);
         }
       }
     };
-    for (const i of this.pinned) if (i !== undefined) edgesOf(i, PIN_EDGES);
+    // pinned nodes: every edge between two pinned nodes, and a few strongest others
+    for (const i of this.pinned) if (i !== undefined) edgesOf(i, PIN_EDGES, this.pinned);
     if (this.selected >= 0) edgesOf(this.selected, FOCUS_EDGES);
     if (this.hover >= 0) edgesOf(this.hover, FOCUS_EDGES);
     for (const e of drawn) {
