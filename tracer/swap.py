@@ -9,8 +9,13 @@ position). Everything goes through :mod:`tracer.interventions` (``FeatureEdit`` 
 the next-token distribution comes from one run in ``mode`` (default ``live``: the real model,
 nothing frozen, each edit adds the decoded difference it makes, as steering does) and the
 continuation from :func:`tracer.steer.generate_batch` (greedy), both beside the unedited
-prompt. The classic case (Ameisen et al., 2025): on "The capital of the state containing Dallas
-is", the Texas features swapped for California's should turn " Austin" into " Sacramento".
+prompt. ``layers=(lo, hi)`` restricts both sets to the features of layers lo..hi (inclusive),
+e.g. the middle layers where a concept is carried; ``watch`` names token ids whose probability
+and rank (1 = most likely) are reported before and after (the other prompt's answer).
+:func:`concept_positions` finds where two prompts differ and :func:`active_features` lists
+every active feature at given positions (optionally of some layers). The classic case
+(Ameisen et al., 2025): on "The capital of the state containing Dallas is", the Texas features
+swapped for California's should turn " Austin" into " Sacramento".
 
 :func:`swap_supernodes` takes the two feature sets as supernodes of the two prompts' graphs
 (:mod:`tracer.supernodes`); :func:`run_swap_file` runs a JSON Lines file of them and keeps each
@@ -33,6 +38,7 @@ from tracer.steer import generate_batch
 from tracer.supernodes import get_supernode
 
 Feature = tuple[int, int, int]  # (layer, position, index)
+LayerRange = tuple[int, int]  # (first, last) layer, inclusive
 
 
 class SwapError(ValueError):
@@ -55,6 +61,8 @@ class SwapResult:
     continuation_before: str = ""
     continuation_after: str = ""
     label: dict = field(default_factory=dict)  # e.g. the supernodes swapped
+    layers: list[int] | None = None  # [first, last] when restricted to a layer range
+    watched: list[dict] = field(default_factory=list)  # token, id, p/rank before and after
 
     @property
     def moved(self) -> bool:
@@ -100,6 +108,66 @@ def _check_active(features: Sequence[Feature], active: dict, where: str, prompt:
             )
 
 
+def parse_layers(text: str) -> LayerRange:
+    """A layer range from text: ``"8-20"`` (inclusive) or one layer ``"12"``."""
+    first, sep, last = str(text).strip().partition("-")
+    try:
+        lo, hi = int(first), int(last) if sep else int(first)
+    except ValueError:
+        raise SwapError(
+            f"layer range {text!r}: give FIRST-LAST such as 8-20, or one layer"
+        ) from None
+    if lo < 0 or hi < lo:
+        raise SwapError(f"layer range {text!r}: need 0 <= FIRST <= LAST")
+    return lo, hi
+
+
+def in_layers(features: Sequence[Feature], layers: LayerRange | None) -> list[Feature]:
+    """The features (layer first) whose layer lies in ``layers`` (all when None)."""
+    feats = [tuple(int(x) for x in f) for f in features]
+    if layers is None:
+        return feats
+    lo, hi = layers
+    return [f for f in feats if lo <= f[0] <= hi]
+
+
+def concept_positions(model, prompt: str, other_prompt: str) -> list[int]:
+    """Positions of ``prompt`` whose token differs from ``other_prompt``'s (the prompts must
+    have the same number of tokens, so that their positions line up)."""
+    a, b = model.tokenize(prompt), model.tokenize(other_prompt)
+    if len(a) != len(b):
+        raise SwapError(
+            f"{prompt!r} has {len(a)} tokens and {other_prompt!r} {len(b)}: a concept swap "
+            "needs prompts of the same token length (one word of the same length changed)"
+        )
+    return [int(p) for p in torch.nonzero(a != b).flatten()]
+
+
+def active_features(
+    rm: ReplacementModel,
+    prompt: str,
+    positions: Sequence[int],
+    layers: LayerRange | None = None,
+    state: PromptState | None = None,
+) -> list[Feature]:
+    """Every (layer, position, index) active in ``prompt`` at ``positions`` (of ``layers``)."""
+    state = state if state is not None else rm.record(rm.model.tokenize(prompt))
+    pos = {int(p) for p in positions}
+    return in_layers([f for f in _active(state) if f[1] in pos], layers)
+
+
+def _watch(p_before, p_after, ids: Sequence[int], decode) -> list[dict]:
+    out = []
+    for i in ids:
+        i = int(i)
+        row = {"token": decode([i]), "id": i}
+        for name, p in (("before", p_before), ("after", p_after)):
+            row[f"p_{name}"] = float(p[i])
+            row[f"rank_{name}"] = int((p > p[i]).sum()) + 1
+        out.append(row)
+    return out
+
+
 def _top(logits: torch.Tensor, decode, k: int) -> list[tuple[str, int, float]]:
     p = logits.float().softmax(-1)
     val, idx = p.topk(k)
@@ -116,11 +184,15 @@ def swap(
     mode: str = "live",
     top_k: int = 5,
     max_new_tokens: int = 10,
+    layers: LayerRange | None = None,
+    watch: Sequence[int] = (),
 ) -> SwapResult:
     """Ablate ``from_features`` (active in ``prompt``) and insert ``to_features`` with their
-    activations in ``other_prompt`` (see the module doc). Raises SwapError when a feature is
-    not active in its prompt or a position does not map into ``prompt``."""
+    activations in ``other_prompt`` (see the module doc); with ``layers`` only the features of
+    those layers, of both sets. Raises SwapError when a feature is not active in its prompt or
+    a position does not map into ``prompt``."""
     model = rm.model
+    from_features, to_features = in_layers(from_features, layers), in_layers(to_features, layers)
     tokens, other = model.tokenize(prompt), model.tokenize(other_prompt)
     state, other_state = rm.record(tokens), rm.record(other)
     _check_active(from_features, _active(state), "target", prompt)
@@ -148,6 +220,7 @@ def swap(
     batch = [[], items]
     run_on = state if mode != "live" else tokens
     logits = intervene_batch(rm, run_on, batch, mode, record_sites=()).logits[:, -1]
+    probs = logits.float().softmax(-1)
     gens = (
         generate_batch(rm, tokens, batch, max_new_tokens=max_new_tokens)
         if max_new_tokens > 0
@@ -163,6 +236,8 @@ def swap(
         top_after=_top(logits[1], model.decode, top_k),
         continuation_before=gens[0].text if gens else "",
         continuation_after=gens[1].text if gens else "",
+        layers=list(layers) if layers is not None else None,
+        watched=_watch(probs[0], probs[1], watch, model.decode),
     )
 
 

@@ -16,7 +16,15 @@ from model_fixtures import make_random_clt, make_tiny_model
 from tracer.attribution import attribute
 from tracer.replacement import ReplacementModel
 from tracer.supernodes import SupernodeError, find_supernodes
-from tracer.swap import SwapError, run_swap_file, swap, swap_supernodes
+from tracer.swap import (
+    SwapError,
+    active_features,
+    concept_positions,
+    parse_layers,
+    run_swap_file,
+    swap,
+    swap_supernodes,
+)
 
 
 def setup():
@@ -100,6 +108,53 @@ def test_swap_equals_hand_computed_forward():
         seq = torch.cat([seq, torch.tensor([nxt])])
     assert res.continuation_after == model.decode(new)
     assert res.to_dict()["moved"] == res.moved
+
+
+def test_layer_range_swaps_only_those_layers_and_watch_reports_rank():
+    model, clt, rm = setup()
+    a, b = "hello world", "hello worle"
+    ta, tb = model.tokenize(a), model.tokenize(b)
+    acts_a, acts_b = hand_acts(model, clt, ta), hand_acts(model, clt, tb)
+    pos = concept_positions(model, a, b)
+    assert pos == [len(ta) - 1]
+    remove, insert = features_at(acts_a, pos[0], n=16), features_at(acts_b, pos[0], n=16)
+    # active_features lists exactly the hand-computed active features, per layer range.
+    assert sorted(active_features(rm, a, pos)) == sorted(remove)
+    assert sorted(active_features(rm, b, pos, (1, 2))) == sorted(f for f in insert if f[0] >= 1)
+    assert {f[0] for f in remove} == {f[0] for f in insert} == {0, 1, 2}
+    watch = [int(hand_logits(model, clt, tb, {}).argmax()), 3]
+    res = swap(rm, a, remove, insert, b, layers=(1, 1), watch=watch, max_new_tokens=0)
+    keep_r, keep_i = [f for f in remove if f[0] == 1], [f for f in insert if f[0] == 1]
+    assert res.removed == keep_r and res.layers == [1, 1]
+    assert [(l, q, f) for l, q, f, _ in res.inserted] == keep_i  # same position: same length
+    # The result is the hand-computed forward with only layer 1's features edited.
+    edits = {f: 0.0 for f in keep_r} | {f: float(acts_b[f[0]][f[1], f[2]]) for f in keep_i}
+    p_after = hand_logits(model, clt, ta, edits).softmax(-1)
+    p_before = hand_logits(model, clt, ta, {}).softmax(-1)
+    top = p_after.topk(5)
+    assert [i for _, i, _ in res.top_after] == top.indices.tolist()
+    for w, tok in zip(res.watched, watch, strict=True):
+        assert w["id"] == tok and w["token"] == model.decode([tok])
+        for name, p in (("before", p_before), ("after", p_after)):
+            assert w[f"p_{name}"] == pytest.approx(float(p[tok]), rel=1e-5)
+            assert w[f"rank_{name}"] == int((p > p[tok]).sum()) + 1
+    # Unrestricted, the same call edits every layer and the distribution differs.
+    full = swap(rm, a, remove, insert, b, max_new_tokens=0)
+    assert full.removed == remove and full.layers is None and full.watched == []
+    assert full.top_after != res.top_after
+    # A range holding no layer of the features swaps nothing: the distribution is unchanged.
+    none = swap(rm, a, remove, insert, b, layers=(5, 9), max_new_tokens=0)
+    assert none.removed == [] and none.inserted == [] and none.top_after == none.top_before
+
+
+def test_parse_layers_and_concept_positions_errors():
+    model, _, _ = setup()
+    assert parse_layers("8-20") == (8, 20) and parse_layers(" 12 ") == (12, 12)
+    for bad in ("x", "8-", "20-8", "-3"):
+        with pytest.raises(SwapError, match="layer range"):
+            parse_layers(bad)
+    with pytest.raises(SwapError, match="same token length"):
+        concept_positions(model, "hello world", "a much longer prompt")
 
 
 def test_absent_features_and_bad_positions_are_clear_errors():

@@ -1,0 +1,172 @@
+"""Is a feature about places? An automatic, documented check of a feature's top contexts.
+
+The rule (the issue-26 goal "top contexts about countries, cities or capitals"):
+
+* the **place words** are the WordNet members of three categories: countries and cities (the
+  categories of the meaning probe, :data:`transcoders.meaning.CATEGORIES`) and capitals (every
+  lemma at or below ``capital`` sense 3, "a seat of government", instances included: national
+  and state capitals), plus the common nouns of :data:`PLACE_NOUNS` (capital, city, country and
+  their plurals, any case);
+* a **context counts** when a place word occurs at the activating token or within
+  ``window`` (3) words of it. Contexts are stored as text with the activating token marked
+  (``transcoders.contexts``), not as model tokens, so the unit of distance is the word (a run
+  of letters, digits, apostrophes or hyphens, as :class:`transcoders.meaning.MemberMatcher`
+  reads words); the activating word is every word the marked token overlaps, and a token
+  that is only punctuation or space sits between two words, each at distance 1. A
+  multi-word name ("New York") counts when any of its words is in the window;
+* a **feature counts** when at least half (``min_share``) of its top ``top`` (8) contexts
+  count, and it has at least one context.
+
+Proper names are matched case-sensitively ("Turkey", not "turkey"); the place nouns in any
+case; a possessive ("France's") is read as the name. Known limits: a name that is also a
+common word in its capitalised form ("Reading", "Mobile") counts; US states are not places by
+this rule (they are neither countries nor cities).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tracer.features import Context, FeatureInfo
+
+PLACE_NOUNS = ("capital", "capitals", "city", "cities", "country", "countries")
+CAPITAL_ROOT = ("capital", 3)  # WordNet noun sense 3: "a seat of government"
+WINDOW = 3
+TOP = 8
+MIN_SHARE = 0.5
+_WORD = re.compile(r"[\w'-]+")
+
+
+class TopicError(ValueError):
+    """The place words cannot be built (WordNet missing); the message names the fix."""
+
+
+@dataclass(frozen=True)
+class PlaceWords:
+    """Proper names (matched case-sensitively) and common nouns (any case), each a set of word
+    tuples (one tuple per member, its words)."""
+
+    names: frozenset[tuple[str, ...]]
+    nouns: frozenset[tuple[str, ...]] = frozenset((w,) for w in PLACE_NOUNS)
+    source: str = ""
+
+    @classmethod
+    def of(cls, names: Iterable[str], nouns: Iterable[str] = PLACE_NOUNS, source: str = ""):
+        return cls(
+            frozenset(tuple(n.split()) for n in names if n.strip()),
+            frozenset(tuple(n.lower().split()) for n in nouns if n.strip()),
+            source,
+        )
+
+    def _match(self, words: Sequence[str], i: int) -> int:
+        """Length (in words) of the longest member starting at word ``i``, else 0."""
+        for n in range(min(4, len(words) - i), 0, -1):
+            key = tuple(words[i : i + n])
+            if key in self.names or tuple(w.lower() for w in key) in self.nouns:
+                return n
+        return 0
+
+
+@functools.lru_cache(maxsize=2)
+def place_words(wordnet_root: str | None = None) -> PlaceWords:
+    """The place words of the module doc from WordNet (Debian ``wordnet-base``; cached)."""
+    from transcoders import meaning, wordnet
+
+    spec = {c.name: c for c in meaning.CATEGORIES}
+    try:
+        names = set(meaning.members(spec["countries"], wordnet_root))
+        names |= set(meaning.members(spec["cities"], wordnet_root))
+        caps = wordnet.category_members(
+            [CAPITAL_ROOT], wordnet_root, first_sense_only=False, instances=True
+        )
+    except (OSError, wordnet.WordNetError) as err:
+        raise TopicError(
+            f"the place words need WordNet ({err}): install the Debian package wordnet-base "
+            "(scripts/setup does)"
+        ) from err
+    names |= {w for w in caps if w[:1].isupper()}
+    return PlaceWords.of(sorted(names), source="wordnet: countries, cities, capital (sense 3)")
+
+
+@dataclass
+class ContextTopic:
+    """One context: its text with the activating token marked «...», whether it counts, and the
+    place words found in its window."""
+
+    text: str
+    counts: bool
+    matched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FeatureTopic:
+    """The check of one feature: ``counts`` when ``n_counting / n_contexts >= min_share``."""
+
+    layer: int
+    index: int
+    n_contexts: int
+    n_counting: int
+    counts: bool
+    contexts: list[ContextTopic]
+
+    def to_dict(self) -> dict:
+        return {
+            "layer": self.layer,
+            "index": self.index,
+            "n_contexts": self.n_contexts,
+            "n_counting": self.n_counting,
+            "counts": self.counts,
+            "contexts": [c.__dict__ for c in self.contexts],
+        }
+
+
+def marked_text(ctx: Context) -> str:
+    """The context's text with its activating (peak) token marked «like this»."""
+    if not ctx.tokens:
+        return ""
+    k = ctx.peak
+    return "".join(ctx.tokens[:k]) + "«" + ctx.tokens[k] + "»" + "".join(ctx.tokens[k + 1 :])
+
+
+def context_topic(ctx: Context, words: PlaceWords, window: int = WINDOW) -> ContextTopic:
+    """Whether a place word is at the activating token or within ``window`` words of it."""
+    text = "".join(ctx.tokens)
+    if not ctx.tokens:
+        return ContextTopic("", False)
+    k = ctx.peak
+    start = sum(len(t) for t in ctx.tokens[:k])
+    end = start + len(ctx.tokens[k])
+    spans = list(_WORD.finditer(text))
+    toks = [re.sub(r"'s?$", "", m.group()) for m in spans]  # "France's" is "France"
+    hit = [i for i, m in enumerate(spans) if m.start() < end and m.end() > start]
+    if hit:
+        lo, hi = hit[0] - window, hit[-1] + window
+    else:  # punctuation or space: between the word before and the word after
+        after = next((i for i, m in enumerate(spans) if m.start() >= end), len(spans))
+        lo, hi = after - window, after + window - 1
+    matched, i = [], 0
+    while i < len(toks):
+        n = words._match(toks, i)
+        if n and i <= hi and i + n - 1 >= lo:  # any word of the member inside the window
+            matched.append(" ".join(toks[i : i + n]))
+        i += n or 1
+    return ContextTopic(marked_text(ctx), bool(matched), matched)
+
+
+def feature_topic(
+    info: FeatureInfo,
+    words: PlaceWords,
+    *,
+    top: int = TOP,
+    min_share: float = MIN_SHARE,
+    window: int = WINDOW,
+) -> FeatureTopic:
+    """The module doc's rule on the first ``top`` contexts of ``info`` (strongest first)."""
+    ctxs = [context_topic(c, words, window) for c in info.top_contexts[:top]]
+    n = sum(c.counts for c in ctxs)
+    return FeatureTopic(
+        info.layer, info.index, len(ctxs), n, bool(ctxs) and n >= min_share * len(ctxs), ctxs
+    )
