@@ -97,3 +97,18 @@ def test_parse_refuses_bare_names():
     with pytest.raises(ValueError, match="not a transcoder identity.*store migrate"):
         TranscoderIdentity.parse("smollm2-135m-instruct")
     assert not is_identity("smollm2") and not is_identity("@abc") and is_identity("a@b")
+
+
+def test_published_name_is_repository_subfolder_and_revision():
+    """A published transcoder's readable name (transcoders.identity.hub_name): key-safe, a
+    commit shortened to 12 hex digits, a branch kept; identities parse back."""
+    from transcoders.identity import hub_name
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    name = hub_name("mntss/clt-gemma-2-2b-2.5M", None, commit)
+    assert name == "mntss--clt-gemma-2-2b-2.5M+0123456789ab"
+    assert hub_name("mwhanna/gemma-scope-2-1b-pt", "transcoder_all/width_16k_l0_small_affine",
+                    "main") == "mwhanna--gemma-scope-2-1b-pt--transcoder_all--width_16k_l0_small_affine+main"  # fmt: skip # noqa: E501
+    ident = TranscoderIdentity(name, "f" * 16)
+    assert TranscoderIdentity.parse(ident.id) == ident and "/" not in ident.id
+    assert hub_name("o/r", None, None) == "o--r"
