@@ -8,6 +8,7 @@ promotes and suppresses through the unembedding. Saved beside the weights as
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from transcoders.clt import CrossLayerTranscoder
 from transcoders.stream import ActivationFn
 
 FILE_NAME = "feature_contexts.parquet"
+SOURCE_KEY = "circuit_atlas.contexts_source"
 
 
 @dataclass
@@ -110,9 +112,12 @@ def feature_contexts(
     token_strings: Callable[[list[int]], list[str]],
     unembed: torch.Tensor | None = None,
     cfg: ContextConfig | None = None,
+    source: dict | None = None,
 ):
     """The feature-context table (pyarrow) for transcoder ``clt`` (raw-space weights) over the
-    held-out tokens [S, P]. ``token_strings(ids)`` decodes each id on its own."""
+    held-out tokens [S, P]. ``token_strings(ids)`` decodes each id on its own. ``source``
+    (e.g. the corpus and which of its rows) is kept in the table's schema metadata
+    (:func:`contexts_source` reads it back)."""
     import pyarrow as pa
 
     cfg = cfg or ContextConfig()
@@ -183,7 +188,17 @@ def feature_contexts(
         cols["suppressed_logits"] = [
             [round(v, 4) for v in r] for r in bv.reshape(L * F, -1).tolist()
         ]
-    return pa.table(cols)
+    table = pa.table(cols)
+    if source is not None:
+        table = table.replace_schema_metadata({SOURCE_KEY: json.dumps(source)})
+    return table
+
+
+def contexts_source(table) -> dict | None:
+    """Where a context table's text came from (the ``source`` given to feature_contexts)."""
+    meta = table.schema.metadata or {}
+    raw = meta.get(SOURCE_KEY.encode())
+    return json.loads(raw) if raw else None
 
 
 def save_contexts(table, folder: str | os.PathLike) -> Path:

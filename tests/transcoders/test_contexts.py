@@ -59,3 +59,19 @@ def test_contexts_match_brute_force(tmp_path):
         assert r["suppressed_tokens"] == [f"<{i}>" for i in (-logits).topk(2).indices.tolist()]
     save_contexts(table, tmp_path)
     assert load_contexts(tmp_path).equals(table)
+
+
+def test_contexts_record_their_source(tmp_path):
+    from transcoders.contexts import contexts_source
+
+    clt, activations, tokens = _setup()
+    cfg = ContextConfig(top_k=2, batch=5)
+    plain = feature_contexts(clt, activations, tokens, lambda ids: [str(i) for i in ids], cfg=cfg)
+    assert contexts_source(plain) is None
+    src = {"corpus": "mix-generated-wordnet-public-abc", "rows": "held out", "sequences": 5}
+    table = feature_contexts(
+        clt, activations, tokens, lambda ids: [str(i) for i in ids], cfg=cfg, source=src
+    )
+    save_contexts(table, tmp_path)
+    assert contexts_source(load_contexts(tmp_path)) == src
+    assert table.drop_columns([]).to_pylist() == plain.to_pylist()

@@ -428,6 +428,11 @@ def run_training(args):
             model.token_strings,
             unembed=unembed_for_contexts(model),
             cfg=ContextConfig(skip_bos=cfg.skip_bos),
+            source={
+                "corpus": Path(corpus.path).name,
+                "sequences": len(ctx_tokens),
+                "rows": "held out of training (the corpus's last rows)",
+            },
         )
         save_contexts(table, tmp)
     if out.exists():
