@@ -591,3 +591,19 @@ def test_hook_table_names_each_rows_modules():
     assert INPUT_HOOKS["ln2.hook_normalized"] == "mlp_in"
     assert reads_before_gain("blocks.3.ln2.hook_normalized")
     assert not reads_before_gain("mlp.hook_in")
+
+
+@pytest.mark.slow
+def test_cli_traces_with_a_repository_id(hub, tmp_path, tiny_folder, capsys):
+    """circuit-atlas trace --transcoders org/name, offline from the cache: the graph names the
+    repository and commit."""
+    from tracer.cli import main
+
+    folder = tiny_folder.parent / "clt"  # save_tiny_folder's CLT for the 2-layer model
+    files = {p.name: p for p in folder.iterdir() if p.name != "circuit_atlas.json"}
+    hub.publish("org/tiny-clt", files)
+    rc = main(["trace", "The capital of France is", "--model", str(tiny_folder),
+               "--transcoders", "org/tiny-clt", "--out", str(tmp_path / "out")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"transcoder: org--tiny-clt+{COMMIT[:12]}@" in out
