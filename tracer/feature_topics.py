@@ -170,3 +170,71 @@ def feature_topic(
     return FeatureTopic(
         info.layer, info.index, len(ctxs), n, bool(ctxs) and n >= min_share * len(ctxs), ctxs
     )
+
+
+# --- the cards of a graph's most influential features -------------------------------------------
+
+
+@dataclass
+class FeatureCard:
+    """One feature of a graph: its summed influence over its nodes (the pruned graph's
+    ``extra['influence']``), the positions it is active at, and what the feature book knows
+    (frequency, top contexts marked «...», promoted tokens) with the place-topic check."""
+
+    layer: int
+    index: int
+    influence: float
+    positions: list[int]
+    frequency: float | None = None
+    contexts: list[str] = field(default_factory=list)
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    topic: FeatureTopic | None = None  # None: no contexts known (or no place words)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "topic"}
+        d["topic"] = self.topic.to_dict() if self.topic is not None else None
+        d["about_places"] = None if self.topic is None else self.topic.counts
+        return d
+
+
+def influential_features(graph, n: int = 10) -> list[tuple[int, int, float, list[int]]]:
+    """(layer, index, influence, positions) of the ``n`` features of a pruned graph with the
+    largest influence summed over their nodes (positions), largest first (ties: layer, index)."""
+    import numpy as np
+
+    from tracer.graph import FEATURE
+
+    infl = graph.extra.get("influence")
+    if infl is None:
+        raise ValueError(
+            "the graph has no node influence (extra['influence']): prune it first "
+            "(tracer.prune.prune)"
+        )
+    total: dict[tuple[int, int], float] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for i in np.where(graph.kind == FEATURE)[0]:
+        key = (int(graph.layer[i]), int(graph.feature[i]))
+        total[key] = total.get(key, 0.0) + float(infl[i])
+        where.setdefault(key, set()).add(int(graph.position[i]))
+    order = sorted(total, key=lambda k: (-total[k], k))[:n]
+    return [(l, f, total[(l, f)], sorted(where[(l, f)])) for l, f in order]
+
+
+def feature_cards(
+    graph, book, words: PlaceWords | None, *, n: int = 10, top: int = TOP, n_promoted: int = 5
+) -> list[FeatureCard]:
+    """Cards of the ``n`` most influential features of ``graph`` (:func:`influential_features`)
+    with their information from ``book`` (a :class:`tracer.features.FeatureBook`, or None) and,
+    when ``words`` is given and contexts are known, :func:`feature_topic`."""
+    cards = []
+    for layer, index, infl, pos in influential_features(graph, n):
+        info = book.get(layer, index) if book is not None else None
+        card = FeatureCard(layer, index, infl, pos)
+        if info is not None:
+            card.frequency = info.frequency
+            card.contexts = [marked_text(c) for c in info.top_contexts[:top]]
+            card.promoted = [(t, float(w)) for t, w in info.promoted_tokens[:n_promoted]]
+            if words is not None and info.top_contexts:
+                card.topic = feature_topic(info, words, top=top)
+        cards.append(card)
+    return cards

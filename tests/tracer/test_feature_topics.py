@@ -95,3 +95,42 @@ def test_wordnet_place_words():
     assert ("turkey",) not in w.names and ("Texas",) not in w.names  # a bird; a US state
     assert context_topic(ctx("the capital of", " Germany", ""), w).counts
     assert not context_topic(ctx("we went", " home", " early"), w).counts
+
+
+def test_cards_of_the_most_influential_features():
+    import numpy as np
+    from model_fixtures import make_random_clt, make_tiny_model
+
+    from tracer.attribution import attribute
+    from tracer.feature_topics import feature_cards, influential_features
+    from tracer.graph import FEATURE
+    from tracer.prune import prune
+    from tracer.replacement import ReplacementModel
+
+    rm = ReplacementModel(make_tiny_model("llama"), make_random_clt(3, 32, 16, seed=4))
+    full = attribute(rm, "ab cd ef", progress=False)
+    with pytest.raises(ValueError, match="prune it first"):
+        influential_features(full)
+    g = prune(full, 0.9, 0.98)
+    # Independently: influence summed per (layer, feature) with np.add.at over node keys.
+    f = np.where(g.kind == FEATURE)[0]
+    keys = g.layer[f].astype(np.int64) * 10_000 + g.feature[f]
+    uniq, inv = np.unique(keys, return_inverse=True)
+    sums = np.zeros(len(uniq))
+    np.add.at(sums, inv, np.asarray(g.extra["influence"])[f])
+    order = np.lexsort((uniq, -sums))[:4]
+    top = influential_features(g, 4)
+    assert [(l * 10_000 + i) for l, i, _, _ in top] == uniq[order].tolist()
+    np.testing.assert_allclose([x for _, _, x, _ in top], sums[order], rtol=1e-9)
+    l0, i0, _, pos0 = top[0]
+    assert pos0 == sorted({int(p) for p in g.position[f][keys == l0 * 10_000 + i0]})
+    book = FeatureBook.from_dict({"features": [{
+        "layer": l0, "index": i0, "frequency": 0.01,
+        "top_contexts": [{"tokens": ["in", " Paris"], "activations": [0, 1]}],
+        "promoted_tokens": [[" France", 0.5]]}]})  # fmt: skip
+    cards = feature_cards(g, book, WORDS, n=4)
+    assert [(c.layer, c.index) for c in cards] == [(l, i) for l, i, _, _ in top]
+    d = cards[0].to_dict()
+    assert d["contexts"] == ["in« Paris»"] and d["promoted"] == [(" France", 0.5)]
+    assert d["about_places"] is True and d["frequency"] == 0.01
+    assert cards[1].topic is None and cards[1].to_dict()["about_places"] is None
