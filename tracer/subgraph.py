@@ -199,3 +199,30 @@ def diagram(graph, subgraph: Subgraph, labels: Mapping[str, str] | None = None) 
     edges = [{"source": units[a]["id"], "target": units[b]["id"], "weight": acc[0], "n": acc[1]}
              for (a, b), acc in sorted(sums.items())]  # fmt: skip
     return {"units": units, "edges": edges}
+
+
+def subgraph_scores(graph, subgraph: Subgraph, convention: str | None = None) -> dict:
+    """Replacement and completeness of the circuit a subgraph keeps, as circuit-tracer scores a
+    subgraph: every feature node that is not pinned counts as an error node (its own inputs
+    dropped, its outputs kept), then :func:`tracer.prune.graph_scores` under the graph's
+    ``convention``. Pinning every feature gives the graph's own scores; pinning none leaves
+    only the tokens' direct edges. Returns ``{"replacement", "completeness", "convention",
+    "features"}`` (features: how many features were pinned)."""
+    import numpy as np
+
+    from tracer.graph import ERROR, FEATURE, Graph
+    from tracer.neuronpedia import np_node_id
+    from tracer.prune import graph_scores, resolve_convention
+
+    subgraph.check()
+    pinned = set(subgraph.pinned)
+    keep = np.array([np_node_id(graph, i) in pinned for i in range(graph.n_nodes)], dtype=bool)
+    dropped = (graph.kind == FEATURE) & ~keep
+    kind = graph.kind.copy()
+    kind[dropped] = ERROR
+    edges = ~dropped[graph.target]
+    g = Graph(**{**graph.__dict__, "kind": kind, "target": graph.target[edges],
+                 "source": graph.source[edges], "weight": graph.weight[edges]})  # fmt: skip
+    conv = resolve_convention(graph, convention)
+    return {**graph_scores(g, conv), "convention": conv,
+            "features": int(((graph.kind == FEATURE) & keep).sum())}  # fmt: skip

@@ -479,6 +479,12 @@ def test_subgraph_diagram(world, browser):
                 if int(s) in pos and int(t) in pos}  # fmt: skip
         assert drawn == pytest.approx(want, rel=1e-6) and len(want) >= len(ids) - 1
         assert set(drawn) == set(want)
+        from tracer.subgraph import Subgraph, subgraph_scores
+
+        sc = subgraph_scores(g, Subgraph("x", pinned=ids))
+        expect(page.locator("#diagram-scores")).to_contain_text(
+            f"replacement {sc['replacement']:.3f} · completeness {sc['completeness']:.3f}"
+        )
         tab.js(SETTLED)
         page.screenshot(path=str(DOCS_IMG / "explorer-subgraph.png"))
         tab.shot("12-subgraph-diagram")

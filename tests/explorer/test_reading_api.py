@@ -11,7 +11,7 @@ from graphstore import graph_id
 from graphstore.synthetic import SyntheticConfig, synthetic_graph
 from tracer.neuronpedia import np_node_id
 from tracer.paths import paths
-from tracer.subgraph import Subgraph, Supernode, diagram
+from tracer.subgraph import Subgraph, Supernode, diagram, subgraph_scores
 
 SMALL = SyntheticConfig(n_layers=4, vocab_per_layer=30, prompt_tokens=(5, 5), features=(30, 30),
                         errors=(4, 4), logits=(3, 3), in_degree=(3, 6))  # fmt: skip
@@ -56,8 +56,9 @@ def test_diagram_route(served):
     body = {"pinnedIds": feats, "supernodes": [["pair", feats[0], feats[1]]]}
     status, doc = call(f"{url}/api/graphs/{gid}/diagram", body)
     assert status == 200
-    want = diagram(g, Subgraph("diagram", feats, [Supernode("pair", feats[:2])]))
-    assert doc == want
+    sub = Subgraph("diagram", feats, [Supernode("pair", feats[:2])])
+    assert doc == {**diagram(g, sub), "scores": subgraph_scores(g, sub)}
+    assert doc["scores"]["features"] == 4
     status, err = call(f"{url}/api/graphs/{gid}/diagram", {"pinnedIds": ["9_9_9"]})
     assert status == 400 and "is not a node of this graph" in err["error"]
 

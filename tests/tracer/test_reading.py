@@ -73,3 +73,24 @@ def test_diagram_sums_member_edges():
     assert got == {(ids[3], "s0"): (3.0, 2), ("s0", ids[4]): (1.0, 2)}
     with pytest.raises(SubgraphError, match="not a node"):
         diagram(g, Subgraph("d", pinned=["9_9_9"]))
+
+
+def test_subgraph_scores_count_unpinned_features_as_error():
+    from tracer.prune import graph_scores
+    from tracer.subgraph import subgraph_scores
+
+    g = hand_graph()
+    ids = ["0_0_1", "1_1_1", "0_-1_1", "E_3_1", "3_4_1"]
+    every = subgraph_scores(g, Subgraph("s", pinned=ids[:2]), "circuit-tracer")
+    assert every["replacement"] == pytest.approx(graph_scores(g, "circuit-tracer")["replacement"])
+    assert every["features"] == 2
+    # pin A only: B counts as an error node with its inputs (A 3, tok 1) dropped. Normalised
+    # rows: logit <- B 0.5, A 0.25, err 0.25; A <- tok 1. Influence: B 0.5, A 0.25, err 0.25,
+    # tok 0.25: replacement = 0.25 / (0.25 + 0.75). Completeness (circuit-tracer): the logit
+    # row's non-error share 0.25 at weight 1, the other rows whole at weights 0.25 (A), 0.5 (B),
+    # 0.25 (err), 0.25 (tok): (0.25 + 1.25) / 2.25.
+    one = subgraph_scores(g, Subgraph("s", pinned=[ids[0]]), "circuit-tracer")
+    assert one["replacement"] == pytest.approx(0.25)
+    assert one["completeness"] == pytest.approx(1.5 / 2.25)
+    none = subgraph_scores(g, Subgraph("s", pinned=[ids[3], ids[4]]), "circuit-tracer")
+    assert none["replacement"] == 0.0 and none["features"] == 0

@@ -6,7 +6,8 @@ Routes (added to the app by :func:`tracer.explorer.app.create_app`)::
                                  from the tokens to NODE_ID when it is a logit (default: the
                                  most probable logit), else from NODE_ID up to the logits
     POST /api/graphs/{id}/diagram?full=1   the subgraph diagram (tracer.subgraph.diagram) of
-                                 the posted {"pinnedIds", "supernodes", "clerps"}
+                                 the posted {"pinnedIds", "supernodes", "clerps"}, with its
+                                 scores (tracer.subgraph.subgraph_scores)
     POST /api/graphs/{id}/neuronpedia?full=1   the Neuronpedia JSON of the graph with the
                                  posted subgraph in its qParams (what is pinned now, saved or not)
     GET  /api/graphs/{id}/labels?full=1    {"labels": {node id: label}}: the stored labels of
@@ -29,7 +30,7 @@ from tracer.explorer.app import api, explorer, json_body
 from tracer.graph import FEATURE, LOGIT
 from tracer.neuronpedia import np_node_id, to_neuronpedia
 from tracer.paths import node_step, paths, resolve_target
-from tracer.subgraph import Subgraph, diagram
+from tracer.subgraph import Subgraph, diagram, subgraph_scores
 
 MAX_K = 50
 
@@ -70,7 +71,11 @@ async def subgraph_diagram(request: Request):
         raise ValueError('send {"pinnedIds": [...], "supernodes": [[label, id, ...]], ...}')
     sub = Subgraph.from_dict({**body, "name": body.get("name") or "diagram"})
     graph, _ = await run_in_threadpool(ex.source.load, gid, _full(request))
-    return JSONResponse(await run_in_threadpool(diagram, graph, sub))
+
+    def draw() -> dict:
+        return {**diagram(graph, sub), "scores": subgraph_scores(graph, sub)}
+
+    return JSONResponse(await run_in_threadpool(draw))
 
 
 @api

@@ -145,6 +145,7 @@ async function drawDiagram(app) {
   if (!app.pinned.length) {
     box.innerHTML = '<p class="hint">Pin nodes to draw them here with the edges between them.</p>';
     el("diagram-note").textContent = "";
+    el("diagram-scores").textContent = "";
     app.diagram = null;
     return;
   }
@@ -154,7 +155,9 @@ async function drawDiagram(app) {
   for (const u of d.units) if (u.kind !== "supernode") u.label = app.labels[u.id] || g.nodes.text[app.index.get(u.id)] || u.label;
   app.diagram = d;
   box.innerHTML = diagramSvg(d, g);
+  const sc = d.scores;
   el("diagram-note").textContent = `${d.units.length} units · ${d.edges.length} edges`;
+  el("diagram-scores").textContent = sc ? `subgraph replacement ${sc.replacement.toFixed(3)} · completeness ${sc.completeness.toFixed(3)} (${sc.convention} convention; the ${sc.features} pinned features kept, every other feature counted as error)` : "";
 }
 
 export function diagramSvg(d, g) {
