@@ -127,7 +127,11 @@ def offline() -> bool:
 def download_command(repo_id: str, files: list[str] | None, revision: str | None) -> str:
     """The ``hf download`` command (huggingface_hub's CLI; ``huggingface-cli download`` in
     older releases) that puts ``files`` (all when None) of a repository into the cache."""
-    parts = ["hf", "download", repo_id, *(files or [])]
+    names = [f for f in files or [] if "*" not in f]
+    globs = [f for f in files or [] if "*" in f]
+    parts = ["hf", "download", repo_id, *names]
+    for g in globs:  # patterns are --include options (quoted for the shell)
+        parts += ["--include", f"'{g}'"]
     if revision:
         parts += ["--revision", revision]
     return " ".join(parts)
@@ -375,8 +379,17 @@ def _from_hub(ref: HubRef, model_name: str | None, via: str | None = None) -> Pu
     layout = LAYOUT_PATTERNS.get(str(conf.get("model_kind")))
     if layout:
         patterns = [ref.in_repo(p) for p in (*layout, *SIDE_FILES)]
+    elif ref.subfolder:
+        patterns = [ref.in_repo("*")]
+    elif not offline():
+        # Without a config.yaml nothing says which files make the transcoder: fetching the
+        # whole repository could be tens of GB (GemmaScope's holds every width and L0).
+        raise HubFileMissing(
+            f"{label} has no config.yaml saying which files make the transcoder: name its "
+            f"folder ({ref.repo_id}/path/to/folder) or give a config.yaml listing the files"
+        )
     else:
-        patterns = [ref.in_repo("*")] if ref.subfolder else None
+        patterns = None
     root = snapshot(ref, patterns)
     folder = root / ref.subfolder if ref.subfolder else root
     if layout and not any(folder.glob(layout[0])) or not folder.is_dir():

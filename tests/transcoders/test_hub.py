@@ -353,8 +353,12 @@ def test_missing_files_are_one_line_with_the_download_command(hub, tmp_path):
     with pytest.raises(HubFileMissing, match=r"^mntss/clt-llama-3.2-1b-524k@main is not in"):
         load_transcoder("mntss/clt-llama-3.2-1b-524k")
     hub.publish("org/partial", {"config.yaml": _yaml({"model_kind": "cross_layer_transcoder"})})
-    with pytest.raises(HubFileMissing, match=r"org/partial@main .*W_enc_\*\.safetensors"):
+    with pytest.raises(HubFileMissing) as err:
         load_transcoder("org/partial")
+    assert "org/partial@main are not in the Hugging Face cache: W_enc_*.safetensors" in str(
+        err.value
+    )
+    assert "hf download org/partial --include 'W_enc_*.safetensors'" in str(err.value)
 
 
 def test_unknown_preset_lists_the_known_ones(hub):
@@ -607,3 +611,14 @@ def test_cli_traces_with_a_repository_id(hub, tmp_path, tiny_folder, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"transcoder: org--tiny-clt+{COMMIT[:12]}@" in out
+
+
+def test_online_a_repository_without_config_needs_its_folder(hub, monkeypatch):
+    """Online, a repository with no config.yaml is not fetched whole (GemmaScope's holds every
+    width and L0): the folder must be named. (The hub's answer is stubbed: no network here.)"""
+    import transcoders.hub as h
+
+    monkeypatch.setattr(h, "offline", lambda: False)
+    monkeypatch.setattr(h, "optional_file", lambda ref, name: None)  # the hub: no config.yaml
+    with pytest.raises(HubFileMissing, match="has no config.yaml saying which files"):
+        load_transcoder("google/gemma-scope-2b-pt-transcoders")
