@@ -362,8 +362,9 @@ def _from_hub(ref: HubRef, model_name: str | None, via: str | None = None) -> Pu
     conf = _read_conf(conf_path) if conf_path else {}
     trained = conf.get("model_name") or published_model(ref.repo_id)
     check_published_model(label, trained, model_name)
-    if conf.get("activation") == "topk" and conf.get("k") is None and ref.repo_id in PUBLISHED_TOPK:
-        conf["k"] = PUBLISHED_TOPK[ref.repo_id]
+    topk = {k.lower(): v for k, v in PUBLISHED_TOPK.items()}.get(ref.repo_id.lower())
+    if conf.get("activation") == "topk" and conf.get("k") is None and topk:
+        conf["k"] = topk
     if conf.get("transcoders"):
         # Entries relative to the config are files of the same repository and revision.
         rev = f"?revision={ref.revision}" if ref.revision else ""

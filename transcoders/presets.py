@@ -90,10 +90,12 @@ def unknown_preset(name: str) -> TranscoderFormatError:
 
 
 def published_model(repo_id: str) -> str | None:
-    """The model a published repository's transcoders were trained for, when we know it."""
-    if repo_id in PUBLISHED_MODELS:
-        return PUBLISHED_MODELS[repo_id]
-    m = _GEMMA_SCOPE_2.match(repo_id)
+    """The model a published repository's transcoders were trained for, when we know it
+    (repository names compare case-insensitively, as the hub resolves them)."""
+    known = {k.lower(): v for k, v in PUBLISHED_MODELS.items()}
+    if repo_id.lower() in known:
+        return known[repo_id.lower()]
+    m = _GEMMA_SCOPE_2.match(repo_id.lower())
     return f"google/gemma-3-{m.group(1)}-{m.group(2)}" if m else None
 
 

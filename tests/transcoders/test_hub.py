@@ -381,6 +381,10 @@ def test_another_models_set_is_refused_before_download(hub, tmp_path):
     # A table entry names the model when the repository has no config.yaml.
     with pytest.raises(TranscoderFormatError, match="Qwen/Qwen3-4B"):
         load_transcoder("mwhanna/qwen3-4b-transcoders", target_model="Qwen/Qwen3-8B")
+    with pytest.raises(TranscoderFormatError, match="google/gemma-2-2b"):  # any case, as the hub
+        load_transcoder("mntss/clt-gemma-2-2b-2.5m", target_model="Qwen/Qwen3-8B")
+    with pytest.raises(TranscoderFormatError, match="google/gemma-3-1b-it"):
+        load_transcoder("mwhanna/gemma-scope-2-1b-it/transcoder_all/x", target_model="o/llama")
 
 
 # --- the before-gain hook, folded with the model's gain ----------------------------------------
