@@ -214,6 +214,7 @@ class MemoryEstimate:
     available_disk_bytes: int = 0
     longest_prompt: int = 0  # the longest prompt that fits at this budget (tokens)
     limiting_part: str = ""  # the part that stops a longer prompt from fitting
+    largest_part: str = ""  # the largest part of this plan's peak
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,12 +242,14 @@ class MemoryEstimate:
             f"{self.n_rows - self.max_feature_nodes} logit rows, {self.n_cols:,} columns",
             f"row store   {mb(self.row_store_bytes)} on {self.row_store_placement}",
             f"state       {mb(self.state_bytes)} (record pass peak {mb(self.record_peak_bytes)})",
-            f"patterns    {self.pattern_placement}: {mb(self.pattern_bytes)} in memory"
-            + (
-                f", {mb(self.spill_bytes)} spilled to disk "
-                f"({self.available_disk_bytes / GB:.1f} GB free)"
+            f"patterns    {self.pattern_placement}: {mb(self.pattern_bytes)} in memory",
+            *(
+                [
+                    f"spill       {mb(self.spill_bytes)} to disk "
+                    f"({self.available_disk_bytes / GB:.1f} GB free)"
+                ]
                 if self.spill_bytes
-                else ""
+                else []
             ),
             f"decoders    {mb(self.decoder_bytes)} (active features' rows only)",
             f"sweep       {mb(self.sweep_bytes)} working memory",
@@ -269,6 +272,7 @@ class MemoryEstimate:
             out.append(
                 f"longest     {self.longest_prompt:,} tokens fit at budget "
                 f"{self.max_feature_nodes:,}; {self.limiting_part} limits the length"
+                + (f" (largest part here: {self.largest_part})" if self.largest_part else "")
             )
         elif self.limiting_part:
             out.append(f"limit       {self.limiting_part}")
@@ -604,6 +608,7 @@ def plan_memory(
     budget = w.n_active if max_feature_nodes is None else min(max_feature_nodes, w.n_active)
     where = place(w, budget)
     p, dev_peak, host_peak, _, disk, limiting, pat, _ = evaluate(w, budget, where)
+    largest = limiting
     ok = fits(w, budget, where)
     # The largest budget that fits with the rows in memory (device or host): a binary search,
     # since every part grows with the budget.
@@ -681,6 +686,7 @@ def plan_memory(
         available_disk_bytes=int(avail_disk),
         longest_prompt=int(longest),
         limiting_part=PART_NAMES.get(limiting, limiting),
+        largest_part=PART_NAMES.get(largest, largest),
     )
 
 
