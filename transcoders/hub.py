@@ -400,6 +400,19 @@ def _from_hub(ref: HubRef, model_name: str | None, via: str | None = None) -> Pu
     return Published(folder, None, conf, name, trained, label)
 
 
+def _one_file(f: HubFile, uri: str, model_name: str | None) -> Published:
+    from transcoders.identity import hub_name
+    from transcoders.presets import check_published_model, published_model
+
+    check_published_model(uri, published_model(f.repo_id), model_name)
+    (local,) = fetch_files([uri])
+    # The cache keeps the file at snapshots/<commit>/<path>: the commit names it.
+    depth = len(Path(f.path).parts)
+    commit = commit_of(local.parents[depth - 1]) if len(local.parents) >= depth else None
+    name = hub_name(f.repo_id, f.path.rsplit(".", 1)[0], commit or f.revision)
+    return Published(local, None, {}, name, published_model(f.repo_id), uri)
+
+
 def resolve(source, model_name: str | None = None) -> Published | None:
     """What ``source`` names, when it is not simply a local transcoder folder or file: a preset
     (``gemma``, ``llama``), a hub reference (``org/name[/sub][@rev]``, ``hf://...``), or a local
@@ -429,6 +442,8 @@ def resolve(source, model_name: str | None = None) -> Published | None:
         return _from_hub(HubRef.parse(pre.repo), model_name, via=pre.name)
     if text.startswith(HF_SCHEME):
         f = HubFile.parse(text)
+        if f.path.endswith((".npz", ".safetensors")):  # one weights file (e.g. a params.npz)
+            return _one_file(f, text, model_name)
         return _from_hub(HubRef(f.repo_id, f.path.strip("/") or None, f.revision), model_name)
     if looks_like_reference(text):
         if Path(text.split("/", 1)[0]).is_dir():  # a mistyped local path reads as org/name too

@@ -70,10 +70,11 @@ PUBLISHED_MODELS: dict[str, str] = {
     "mwhanna/qwen3-14b-transcoders-lowl0": "Qwen/Qwen3-14B",
     "facebook/crv-8b-instruct-transcoders": "meta-llama/Llama-3.1-8B-Instruct",
     "mntss/clt-131k": "openai/gpt-oss-20b",
+    "google/gemma-scope-2b-pt-transcoders": "google/gemma-2-2b",
 }
 # TopK sets whose config.yaml lacks k: circuit-tracer hard-codes it.
 PUBLISHED_TOPK: dict[str, int] = {"facebook/crv-8b-instruct-transcoders": 128}
-_GEMMA_SCOPE_2 = re.compile(r"^mwhanna/gemma-scope-2-(\d+[mb])-(pt|it)$")
+_GEMMA_SCOPE_2 = re.compile(r"^(?:mwhanna|google)/gemma-scope-2-(\d+[mb])-(pt|it)$")
 _VARIANT = re.compile(r"[-_](it|instruct|chat|base|pt)$")
 
 

@@ -316,7 +316,8 @@ def test_gemma_scope_2_sets_and_clt(hub, tmp_path):
     torch.testing.assert_close(x @ got.W_skip[0].T, x @ raw["affine_skip_connection"])
     torch.testing.assert_close(got.W_enc[0], raw["w_enc"].T)
     # The CLT: params_layer_{i} with w_dec [F, L, d]; source layer i decodes to layers i..L-1.
-    c = load_transcoder(tmp_path / "gs2" / "clt" / "width_262k_l0_medium_affine", n_layers=L)
+    c = load_transcoder(tmp_path / "gs2" / "clt" / "width_262k_l0_medium_affine", n_layers=L,
+                        model_name="google/gemma-3-1b-pt")  # fmt: skip
     # ... and listed by a repository's config.yaml, relative to it (files of the same repo).
     csub = "clt/width_262k_l0_medium_affine"
     hub.publish("google/gemma-scope-2-1b-pt", {f"{csub}/config.yaml": _yaml({
@@ -626,3 +627,19 @@ def test_online_a_repository_without_config_needs_its_folder(hub, monkeypatch):
     monkeypatch.setattr(h, "optional_file", lambda ref, name: None)  # the hub: no config.yaml
     with pytest.raises(HubFileMissing, match="has no config.yaml saying which files"):
         load_transcoder("google/gemma-scope-2b-pt-transcoders")
+
+
+def test_one_published_file_by_hf_uri(hub, tmp_path):
+    root, files = npz_set(tmp_path)
+    hub.publish("google/gemma-scope-2b-pt-transcoders", files)
+    rel = "layer_2/width_16k/average_l0_42/params.npz"
+    got = quiet_load(f"hf://google/gemma-scope-2b-pt-transcoders/{rel}")
+    direct = quiet_load(root / rel)
+    direct.cfg.model_name = got.cfg.model_name
+    direct.keep_identity = False
+    _same(got, direct)
+    assert got.cfg.n_layers == 1 and got.cfg.model_layers == [2]
+    assert got.identity.name == (
+        "google--gemma-scope-2b-pt-transcoders--layer_2--width_16k--average_l0_42--params+"
+        + COMMIT[:12]
+    )
