@@ -278,3 +278,15 @@ def test_qk_edge_on_a_graph_without_loadings(traced, capsys):
     assert "has no head loadings: trace it with 'circuit-atlas trace ... --heads'" in (
         _one_line_error(capsys)
     )
+
+
+@pytest.mark.slow
+def test_gemma3_270m_truncated(gemma3):
+    """The real Gemma-3-270M (6 layers: five sliding-window layers and a global one; per-head
+    q/k norms, RoPE with local and global bases, 4 query heads sharing 1 key/value head)."""
+    clt = make_random_clt(6, gemma3.facts.d_model, 64, seed=2)
+    with torch.no_grad():
+        clt.threshold.fill_(0.05)
+    rm = ReplacementModel(gemma3, clt)
+    tokens = gemma3.tokenize("The capital of the state containing Dallas is")
+    assert check_model(rm, tokens, n=6) <= 1e-5

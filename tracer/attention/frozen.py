@@ -183,20 +183,26 @@ class SourceForward:
         reach = torch.as_tensor(self.n_targets, device=dev)[lay_t.clamp(min=0)]
         err = kind_t == ERROR
         site_resid = self.rm.input_site == "resid_mid"
+        # A source's stream is zero until it writes (a token before layer 0; a feature or an
+        # error node at its own layer's MLP output): each layer runs only the live ones.
+        start = torch.where(tok, -1, lay_t)
         for l in range(n_layers):
-            A = pattern(self.state, l)[:, :P, :P].to(dev, dt)
-            x = norm_linear(v.kind, v.g_attn[l], v.scales["attn_norm"][l, :P], R)
-            val = (x @ v.W_V[l].T).view(B, P, kv, dh)
-            if groups > 1:
-                val = val.repeat_interleave(groups, dim=2)  # head h reads kv head h // groups
-            z = torch.einsum("hqk,bkhd->bhqd", A, val)
+            A = pattern(self.state, l)[:, :P, :P].to(dev, dt).view(kv, groups, P, P)
+            live = (start < l).nonzero().squeeze(1)
+            Rl = R[live]
+            x = norm_linear(v.kind, v.g_attn[l], v.scales["attn_norm"][l, :P], Rl)
+            val = (x @ v.W_V[l].T).view(len(live), P, kv, dh)
+            # head h = kv head h // groups: z[b, (k, g), q] = sum_k' A[(k, g), q, k'] val[b, k', k]
+            zl = torch.einsum("kgqs,bskd->bkgqd", A, val).reshape(len(live), H, P, dh)
+            z = torch.zeros(B, H, P, dh, device=dev, dtype=dt)
+            z[live] = zl
             yield l, z
             if l == n_layers - 1:
                 return
-            out = z.transpose(1, 2).reshape(B, P, H * dh) @ v.W_O[l].T
+            out = zl.transpose(1, 2).reshape(len(live), P, H * dh) @ v.W_O[l].T
             if v.g_post[l] is not None:
                 out = norm_linear(v.kind, v.g_post[l], v.scales["attn_out_norm"][l, :P], out)
-            R = R + out  # resid_mid of layer l
+            R[live] += out  # resid_mid of layer l
             skip = None
             if v.W_skip is not None:
                 x_in = R if site_resid else norm_linear(

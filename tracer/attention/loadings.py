@@ -99,12 +99,13 @@ def _edge_weights(graph: Graph, target: np.ndarray, source: np.ndarray) -> np.nd
 
 @torch.no_grad()
 def edge_head_parts(
-    rm, graph: Graph, target, source, *, state=None, dtype: torch.dtype = torch.float64,
+    rm, graph: Graph, target, source, *, state=None, dtype: torch.dtype = torch.float32,
     batch_sources: int = 256, progress: bool = False,
 ) -> HeadParts:  # fmt: skip
     """Residual and per-head parts of the edges ``(target[i], source[i])`` of ``graph`` (node
     indices; targets are feature or logit nodes). ``state``: the prompt's record (made here if
-    None). Computes in ``dtype`` (float64 default) on the model's device; see the module doc."""
+    None). Computes in ``dtype`` (float32 default, as the attribution) on the model's device;
+    see the module doc."""
     if state is None:
         state = rm.record(torch.as_tensor(graph.tokens))
     target = np.asarray(target, dtype=np.int64)
@@ -156,50 +157,73 @@ def edge_head_parts(
         s_feat[is_f] = state_feature_index(state, graph, s_nodes[is_f]).numpy()
     fw = SourceForward(rm, state, view, torch.as_tensor(s_feat[is_f]))
 
-    # Residual parts: same position, attention-free.
+    # Residual parts: same position, attention-free. Source s writes w at U index u (a token:
+    # u = 0, its embedding; an error or a feature writing into layer j's MLP output: u = j + 1);
+    # its part of edge (t, s) sums U[t, u] . w over its writes (U is zero above t's read
+    # layer). Per U index and position, every (target, source) product at once.
     te_t = torch.as_tensor(t_of_e, device=dev)
     pe = pt[te_t]  # target position of each edge
-    Le = Lt[te_t]
-    sk = torch.as_tensor(s_kind[s_of_e], device=dev)
-    sl = torch.as_tensor(s_layer[s_of_e], device=dev)
-    sp = torch.as_tensor(s_pos[s_of_e], device=dev)
-    same = sp == pe
+    s_idx = torch.as_tensor(s_of_e, device=dev)
+    e_same = (torch.as_tensor(s_pos, device=dev)[s_idx] == pe).nonzero().squeeze(1)
     res = torch.zeros(E, device=dev, dtype=dtype)
-    sel = (same & (sk == TOKEN)).nonzero().squeeze(1)
-    if len(sel):
-        res[sel] = (U[te_t[sel], 0] * view.embed[sp[sel]]).sum(-1)
-    sel = (same & (sk == ERROR) & (sl < Le)).nonzero().squeeze(1)
-    if len(sel):
-        res[sel] = (U[te_t[sel], sl[sel] + 1] * view.errors[sl[sel], sp[sel]]).sum(-1)
-    reach = torch.as_tensor(fw.n_targets, device=dev)[sl.clamp(min=0)]
-    loc_all = torch.full((E,), -1, dtype=torch.long, device=dev)
-    fe = (sk == FEATURE).nonzero().squeeze(1)
-    if len(fe):
-        loc_all[fe] = torch.as_tensor(
-            [fw.local[int(s_feat[i])] for i in s_of_e[fe.cpu().numpy()]], device=dev
-        )
-    for j in range(L):
-        sel = (same & (sk == FEATURE) & (sl <= j) & (j < sl + reach) & (j < Le)).nonzero()
-        sel = sel.squeeze(1)
-        if len(sel):
-            res[sel] += (U[te_t[sel], j + 1] * fw.dec.written(loc_all[sel], j)).sum(-1)
+    for u, (src, vec) in enumerate(_writes(view, fw, s_kind, s_layer, s_pos, s_feat)):
+        if len(src) == 0 or len(e_same) == 0:
+            continue
+        slot = torch.full((len(s_nodes),), -1, dtype=torch.long, device=dev)
+        slot[src] = torch.arange(len(src), device=dev)
+        e_u = e_same[slot[s_idx[e_same]] >= 0]
+        for p in torch.unique(pe[e_u]).tolist():
+            e_p = e_u[pe[e_u] == p]
+            tu, t_loc = torch.unique(te_t[e_p], return_inverse=True)
+            su, s_loc = torch.unique(slot[s_idx[e_p]], return_inverse=True)
+            res[e_p] += (U[tu, u] @ vec[su].T)[t_loc, s_loc]
     residual[:] = res.cpu().numpy()
 
-    # Head parts: one forward per batch of sources.
+    # Head parts: one forward per batch of sources; per layer and target position, every
+    # (target, source) product of that batch at once, then the edges picked out.
     n_layers = min(L, int(Lt.max()) + 1)
     n_pos = int(pt.max()) + 1
     heads_t = torch.zeros(E, L, H, device=dev, dtype=dtype)
     starts = range(0, len(s_nodes), batch_sources)
     for c0 in tqdm(starts, desc="head loadings", unit="batch", disable=not progress):
         c1 = min(c0 + batch_sources, len(s_nodes))
-        e = torch.as_tensor(np.nonzero((s_of_e >= c0) & (s_of_e < c1))[0], device=dev)
-        b = torch.as_tensor(s_of_e, device=dev)[e] - c0
-        te, p = te_t[e], pe[e]
+        e = ((s_idx >= c0) & (s_idx < c1)).nonzero().squeeze(1)
+        groups = []
+        for p in torch.unique(pe[e]).tolist():
+            e_p = e[pe[e] == p]
+            tu, t_loc = torch.unique(te_t[e_p], return_inverse=True)
+            groups.append((p, e_p, tu, t_loc, s_idx[e_p] - c0))
         for l, z in fw.head_outputs(s_kind[c0:c1], s_layer[c0:c1], s_pos[c0:c1],
                                     s_feat[c0:c1], n_layers, n_pos):  # fmt: skip
-            heads_t[e, l] = (O[te, l] * z[b, :, p]).sum(-1)
+            for p, e_p, tu, t_loc, b in groups:
+                D = torch.einsum("thd,bhd->tbh", O[tu, l], z[:, :, p])  # [T_p, B, H]
+                heads_t[e_p, l] = D[t_loc, b]
     heads[:] = heads_t.cpu().numpy()
     return HeadParts(target, source, weight, residual, heads)
+
+
+def _writes(view, fw: SourceForward, kind, layer, pos, feat) -> list:
+    """What the sources write, by U index u (0: the residual before layer 0; j + 1: layer j's
+    MLP output): a list over u of (source indices [S_u], vectors [S_u, d])."""
+    dev = view.device
+    L = view.n_layers
+    kind_t = torch.as_tensor(kind, device=dev)
+    lay = torch.as_tensor(layer, device=dev).long()
+    pos_t = torch.as_tensor(pos, device=dev).long()
+    reach = torch.as_tensor(fw.n_targets, device=dev)[lay.clamp(min=0)]
+    loc = torch.full((len(kind),), -1, dtype=torch.long, device=dev)
+    is_f = kind_t == FEATURE
+    if bool(is_f.any()):
+        feats = np.asarray(feat)[is_f.cpu().numpy()]
+        loc[is_f] = torch.as_tensor([fw.local[int(f)] for f in feats], device=dev)
+    tok = (kind_t == TOKEN).nonzero().squeeze(1)
+    out = [(tok, view.embed[pos_t[tok]])]
+    for j in range(L):
+        err = ((kind_t == ERROR) & (lay == j)).nonzero().squeeze(1)
+        fe = (is_f & (lay <= j) & (j < lay + reach)).nonzero().squeeze(1)
+        vec = torch.cat([view.errors[j, pos_t[err]], fw.dec.written(loc[fe], j)])
+        out.append((torch.cat([err, fe]), vec))
+    return out
 
 
 def top_heads(parts: HeadParts, min_share: float = 0.01, max_heads: int = 8) -> list[list]:
@@ -260,7 +284,7 @@ def circuit_edges_in(graph: Graph, circuit: Graph) -> tuple[np.ndarray, np.ndarr
 
 def add_head_loadings(
     rm, graph: Graph, circuit: Graph | None = None, *, state=None, min_share: float = 0.01,
-    max_heads: int = 8, dtype: torch.dtype = torch.float64, progress: bool = False,
+    max_heads: int = 8, dtype: torch.dtype = torch.float32, progress: bool = False,
 ) -> dict:  # fmt: skip
     """Head loadings of the circuit's edges, written into ``graph.extra["head_loadings"]`` and
     (when given) ``circuit.extra``; returns the record (:func:`loadings_record`).

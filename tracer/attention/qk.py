@@ -107,24 +107,6 @@ def check_head_request(model, state, layer: int, head: int, query: int, key: int
         )
 
 
-def _position_embeddings(model, state, layer: int):
-    """(cos, sin) [P, d_head] the attention of ``layer`` receives, or None (no RoPE)."""
-    got = {}
-
-    def hook(module, args, kwargs):
-        pe = kwargs.get("position_embeddings")
-        if pe is not None:
-            got["pe"] = tuple(t[0].detach() for t in pe)
-
-    h = _attn(model, layer).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.run(state.tokens, freeze=state.freeze(), record=False)
-    finally:
-        h.remove()
-    return got.get("pe")
-
-
 class _Side:
     """The affine map from the residual stream at one position to one head's query or key."""
 
@@ -188,14 +170,15 @@ class _Side:
         return (out[:-1] - c).T.contiguous(), c
 
 
-def constant_residual(rm, state) -> torch.Tensor:
+def constant_residual(rm, state, rope_layer: int | None = None):
     """The residual stream before each layer with every node switched off: [L, P, d]. Token
     embeddings, feature writes and error nodes are zero; what remains is the biases carried
     through the frozen model (attention's, the norms', the transcoder's decoder bias, and the
-    skip path acting on them)."""
+    skip path acting on them). With ``rope_layer``: also the (cos, sin) [P, d_head] that
+    layer's attention receives (None without RoPE), as a pair ``(residual, rope)``."""
     model, tc = rm.model, rm.transcoder
     L, site = model.facts.n_layers, rm.input_site
-    live = {}
+    live, got = {}, {}
 
     def keep(l):
         def fn(x):
@@ -213,25 +196,40 @@ def constant_residual(rm, state) -> torch.Tensor:
 
         return fn
 
+    def rope_hook(module, args, kwargs):
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            got["rope"] = tuple(t[0].detach() for t in pe)
+
     edits = {("resid_pre", 0): torch.zeros_like}
     for l in range(L):
         edits[(site, l)] = keep(l)
         edits[("mlp_out", l)] = out(l)
-    with torch.no_grad():
-        run = model.run(state.tokens, edits=edits, freeze=state.freeze(),
-                        record_sites=("resid_pre",))  # fmt: skip
-    return run.sites["resid_pre"][0]
+    handle = None
+    if rope_layer is not None:
+        handle = _attn(model, rope_layer).register_forward_pre_hook(rope_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run = model.run(state.tokens, edits=edits, freeze=state.freeze(),
+                            record_sites=("resid_pre",))  # fmt: skip
+    finally:
+        if handle is not None:
+            handle.remove()
+    resid = run.sites["resid_pre"][0]
+    return resid if rope_layer is None else (resid, got.get("rope"))
 
 
-def node_contributions(lin: FrozenLinearModel, layer: int, pos: int, M: torch.Tensor):
+def node_contributions(lin: FrozenLinearModel, layer: int, pos: torch.Tensor, M: torch.Tensor):
     """Edges [n_rows, n_cols] (state order) of rows ``M`` [n_rows, d] read at the residual
-    before ``layer``, position ``pos``: row i, column n is ``M[i] . r_n`` with r_n node n's
-    contribution there."""
+    before ``layer``, row i at position ``pos[i]``: row i, column n is ``M[i] . r_n`` with r_n
+    node n's contribution there. One backward sweep for all rows."""
     v, n, P = lin.view, len(M), lin.P
     M = M.to(lin.device, lin.dtype)
-    out = torch.zeros(n, lin.n_cols, device=lin.device, dtype=lin.dtype)
-    out[:, lin.tok_col0 + pos] = M @ v.embed[pos]
+    pos = torch.as_tensor(pos, device=lin.device).long()
+    rows_i = torch.arange(n, device=lin.device)
     if layer == 0:
+        out = torch.zeros(n, lin.n_cols, device=lin.device, dtype=lin.dtype)
+        out[rows_i, lin.tok_col0 + pos] = (M * v.embed[pos]).sum(-1)
         return out
     j = layer - 1  # r_layer = resid_mid_j + MLP output of layer j
     start = M.clone()
@@ -240,14 +238,16 @@ def node_contributions(lin: FrozenLinearModel, layer: int, pos: int, M: torch.Te
         if lin.rm.input_site != "resid_mid":
             gi = v.norm_T(v.g_mlp[j], v.scales["mlp_norm"][j, pos], gi)
         start = start + gi
-    rows = lin.sweep(torch.full((n,), j), torch.full((n,), pos), start)
+    rows = lin.sweep(torch.full((n,), j), pos, start)
     tc = lin.rm.transcoder
     reach = torch.tensor([tc.cfg.n_targets(i) for i in range(lin.L)], device=lin.device)
     fl = lin.feat_layer
-    writers = ((lin.feat_pos == pos) & (fl <= j) & (j < fl + reach[fl])).nonzero().squeeze(1)
-    if len(writers):  # features writing into layer j's MLP output at pos: a direct edge
-        rows[:, writers] += M @ lin.decoders.written(writers, j).T
-    rows[:, lin.err_col0 + j * P + pos] += M @ v.errors[j, pos]
+    for p in torch.unique(pos).tolist():
+        r = (pos == p).nonzero().squeeze(1)
+        writers = ((lin.feat_pos == p) & (fl <= j) & (j < fl + reach[fl])).nonzero().squeeze(1)
+        if len(writers):  # features writing into layer j's MLP output at p: a direct edge
+            rows[r[:, None], writers[None, :]] += M[r] @ lin.decoders.written(writers, j).T
+        rows[r, lin.err_col0 + j * P + p] += M[r] @ v.errors[j, p]
     return rows
 
 
@@ -302,18 +302,24 @@ def qk_attribution(
         lin = FrozenLinearModel(rm, state, dtype=dtype)
     dt = lin.dtype
     d = model.facts.d_model
-    rope = _position_embeddings(model, state, layer)
+    r0_all, rope = constant_residual(rm, state, rope_layer=layer)
+    r0_all = r0_all[layer].to(lin.device, dt)  # [P, d]
     attn = _attn(model, layer)
     scaling = float(attn.scaling)
-    r0_all = constant_residual(rm, state)[layer].to(lin.device, dt)  # [P, d]
-    sides = {}
+    maps, recorded = {}, {}
     for side, pos in (("query", query_pos), ("key", key_pos)):
         fn = _Side(model, state, layer, head, pos, side, rope, dt)
-        M, c = fn.affine(d)
-        nodes = node_contributions(lin, layer, pos, M).T  # [n_cols, dh]
-        bias = M @ r0_all[pos] + c
-        recorded = fn(state.sites["resid_pre"][layer, pos].to(lin.device, dt)[None])[0]
-        sides[side] = (nodes, bias, recorded)
+        maps[side] = fn.affine(d)
+        recorded[side] = fn(state.sites["resid_pre"][layer, pos].to(lin.device, dt)[None])[0]
+    dh = maps["query"][0].shape[0]
+    both = torch.cat([maps["query"][0], maps["key"][0]])  # [2 dh, d]: one sweep for both
+    where = torch.tensor([query_pos] * dh + [key_pos] * dh)
+    rows = node_contributions(lin, layer, where, both)  # [2 dh, n_cols]
+    sides = {}
+    for i, side in enumerate(("query", "key")):
+        M, c = maps[side]
+        pos = query_pos if side == "query" else key_pos
+        sides[side] = (rows[i * dh : (i + 1) * dh].T, M @ r0_all[pos] + c, recorded[side])
     names = _node_names(lin, state)
     qn, qb, q_rec = sides["query"]
     kn, kb, k_rec = sides["key"]
