@@ -275,7 +275,7 @@ def _load(path, pub, lazy, format, n_layers, d_model, model_name, layer, input_s
                 f"{label} reads {hook} (the MLP-input norm before its gain): load it with the "
                 "model (model=...) so the gain is folded into its encoder; as loaded it reads "
                 "the MLP input after the gain",
-                stacklevel=2,
+                stacklevel=3,  # the caller of load_transcoder
             )
         else:
             # The identity is that of the published weights: the same set folded for a model

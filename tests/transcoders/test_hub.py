@@ -391,6 +391,7 @@ def test_another_models_set_is_refused_before_download(hub, tmp_path):
 # --- the before-gain hook, folded with the model's gain ----------------------------------------
 
 
+@pytest.mark.slow
 def test_ln2_hook_normalized_is_folded_exactly():
     """GemmaScope reads x / rms(x) (before the (1 + w) gain): folded, our encoder applied to the
     model's MLP input gives the published pre-activations, computed independently."""
