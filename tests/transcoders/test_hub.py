@@ -644,3 +644,31 @@ def test_one_published_file_by_hf_uri(hub, tmp_path):
         "google--gemma-scope-2b-pt-transcoders--layer_2--width_16k--average_l0_42--params+"
         + COMMIT[:12]
     )
+
+
+@pytest.mark.slow
+def test_saelens_transcoders_reading_ln2_hook_normalized_are_folded(tmp_path):
+    """SAELens names the hook in cfg.json (hook_name blocks.N.ln2.hook_normalized for Gemma
+    Scope's transcoders there): loaded with the model, W_enc / g; without it, unchanged."""
+    import json
+
+    model = make_tiny_model("gemma2")
+    clt = make_random_clt(L, D, F, kind="plt", seed=8)
+    save_transcoder(clt, tmp_path / "sae", format="saelens")
+    (tmp_path / "sae" / "circuit_atlas.json").unlink()
+    for i in range(L):
+        cfg_path = tmp_path / "sae" / f"layer_{i}" / "cfg.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["metadata"]["hook_name"] = cfg["hook_name"] = f"blocks.{i}.ln2.hook_normalized"
+        cfg_path.write_text(json.dumps(cfg))
+    plain = quiet_load(tmp_path / "sae", n_layers=L)
+    folded = load_transcoder(tmp_path / "sae", model=model)
+    for i in range(L):
+        g = model.mlp_norm_gain(i)
+        torch.testing.assert_close(folded.W_enc[i], plain.W_enc[i] / g)
+    assert (
+        folded.identity.fingerprint
+        == quiet_load(
+            tmp_path / "sae", n_layers=L, model_name=model.facts.name
+        ).identity.fingerprint
+    )
