@@ -5,7 +5,8 @@
 - :mod:`~tracer.attribution.decoders`: only the active features' decoder rows;
 - :mod:`~tracer.attribution.linear`: the batched backward sweep;
 - :mod:`~tracer.attribution.rows`: the preallocated row store and influence re-ranking;
-- :mod:`~tracer.attribution.memory`: the memory plan (``estimate_memory``);
+- :mod:`~tracer.attribution.memory`: the memory plan (``estimate_memory``; from shapes alone,
+  ``estimate_from_shapes``);
 - :mod:`~tracer.attribution.attribute`: ``attribute`` and the graph assembly.
 """
 
@@ -18,6 +19,9 @@ from tracer.attribution.memory import (
     GB,
     AttributionMemoryError,
     MemoryEstimate,
+    ModelShapes,
+    TranscoderShapes,
+    estimate_from_shapes,
     estimate_memory,
     plan_memory,
 )
@@ -34,9 +38,12 @@ __all__ = [
     "FrozenView",
     "LogitTargets",
     "MemoryEstimate",
+    "ModelShapes",
+    "TranscoderShapes",
     "CausalColumns",
     "RowStore",
     "attribute",
+    "estimate_from_shapes",
     "estimate_memory",
     "gather_view",
     "plan_memory",
