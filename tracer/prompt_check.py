@@ -110,10 +110,12 @@ def choose_demo(
         "arithmetic",
         "grammar",
     ),
+    preferred_prompts: tuple[str, ...] = (),
 ) -> list[PromptResult]:
-    """``n`` passing prompts, one per category in the order of ``prefer`` (the most probable
-    answer of each category first), every category of ``required`` included. ValueError when a
-    required category has no passing prompt or fewer than ``n`` categories pass."""  # fmt: skip
+    """``n`` passing prompts, one per category in the order of ``prefer``, every category of
+    ``required`` included: in each category a passing prompt of ``preferred_prompts`` if there
+    is one, else the most probable answer. ValueError when a required category has no passing
+    prompt or fewer than ``n`` categories pass."""
     passing: dict[str, list[PromptResult]] = defaultdict(list)
     for r in rows:
         if r.passes:
@@ -124,7 +126,8 @@ def choose_demo(
     order = [c for c in prefer if passing.get(c)] + sorted(c for c in passing if c not in prefer)
     if len(order) < n:
         raise ValueError(f"only {len(order)} categories have a passing prompt; {n} are needed")
-    return [max(passing[c], key=lambda r: r.answer_prob) for c in order[:n]]
+    pref = set(preferred_prompts)
+    return [max(passing[c], key=lambda r: (r.prompt in pref, r.answer_prob)) for c in order[:n]]
 
 
 def to_json(rows: list[PromptResult]) -> list[dict]:

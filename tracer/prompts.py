@@ -14,12 +14,14 @@ from importlib import resources
 from pathlib import Path
 
 # The demo's five prompts (also the prompt set of the training metric tracer.prompt_scores).
+# Chosen from benchmarks/prompts.md: each answered top-1 with p >= 0.3 by SmolLM2 (the Dallas
+# two-hop prompt is not: ' Austin' p 0.004, rank 26).
 DEMO_PROMPTS = (
-    "The capital of the state containing Dallas is",  # two-hop fact
-    "The capital of France is",  # fact recall
-    "The opposite of hot is",  # antonym
-    "def add(a, b):\n    return a",  # code completion
-    "Twinkle, twinkle, little star, how I wonder what you",  # rhyme / memorised text
+    "The capital of the country where the Eiffel Tower stands is",  # two-hop: Paris p 0.55
+    "The capital of France is",  # fact recall: Paris p 0.75
+    'The opposite of "hot" is "',  # antonym: cold p 0.58
+    "def add(a, b):\n    return a",  # code completion: + p 0.74
+    "Mary had a little lamb, its fleece was white as",  # rhyme / memorised text: snow p 0.80
 )
 
 

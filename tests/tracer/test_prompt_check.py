@@ -59,6 +59,8 @@ def test_choose_demo_one_per_category_with_the_two_hop_prompt():
         _row("m", "multilingual", 0.8), _row("t2", "two_hop", 0.2, passes=False),
     ]  # fmt: skip
     assert [r.prompt for r in pc.choose_demo(rows)] == ["t", "f2", "a", "c", "r"]
+    got = pc.choose_demo(rows, preferred_prompts=("f1", "t2"))  # t2 does not pass
+    assert [r.prompt for r in got] == ["t", "f1", "a", "c", "r"]
     with pytest.raises(ValueError, match="no two_hop prompt passes"):
         pc.choose_demo([r for r in rows if r.category != "two_hop"])
     with pytest.raises(ValueError, match="only 2 categories"):
