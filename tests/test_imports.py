@@ -79,12 +79,12 @@ def test_light_core_loads_no_torch(module):
 
 def test_lazy_names_are_the_functions_even_after_their_modules_load():
     code = (
-        "import tracer.prune, tracer.validate, transcoders.train; "
+        "import tracer.prune, tracer.validate, tracer.paths, transcoders.train; "
         "import tracer, transcoders; "
         "from tracer.prune import prune; from tracer.validate import validate; "
-        "from transcoders.train import train; "
+        "from transcoders.train import train; from tracer.paths import paths; "
         "assert tracer.prune is prune and tracer.validate is validate; "
-        "assert transcoders.train is train; "
+        "assert transcoders.train is train and tracer.paths is paths; "
         "from tracer import Graph; from tracer.graph import Graph as G; assert Graph is G; "
         "print('ok')"
     )

@@ -52,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "graph_scores": "tracer.prune",
     "node_influence": "tracer.prune",
     "prune": "tracer.prune",
+    "paths": "tracer.paths",
     "PromptState": "tracer.replacement",
     "ReplacementModel": "tracer.replacement",
     "generate": "tracer.steer",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at
         intervene_batch,
     )
     from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers  # noqa: F401
+    from tracer.paths import paths  # noqa: F401
     from tracer.prune import error_influence_shares, graph_scores, node_influence, prune  # noqa: F401
     from tracer.replacement import PromptState, ReplacementModel  # noqa: F401
     from tracer.steer import generate  # noqa: F401
