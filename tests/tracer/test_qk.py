@@ -290,3 +290,29 @@ def test_gemma3_270m_truncated(gemma3):
     rm = ReplacementModel(gemma3, clt)
     tokens = gemma3.tokenize("The capital of the state containing Dallas is")
     assert check_model(rm, tokens, n=6) <= 1e-5
+
+
+def test_trace_heads_writes_loadings_into_both_files(traced, tmp_path, capsys):
+    from tracer.attention import read_head_loadings
+    from tracer.cli import main
+    from tracer.graph import Graph
+
+    root = traced["root"]
+    args = ["trace", "The cat sat on the mat", "--model", str(root / "model"), "--transcoders",
+            str(root / "clt"), "--out", str(tmp_path), "--max-feature-nodes", "0"]  # fmt: skip
+    assert main([*args, "--heads"]) == 0
+    out = capsys.readouterr().out
+    assert "head loadings: " in out and "circuit edges" in out
+    full = Graph.load(next(tmp_path.glob("*.full.parquet")))
+    pruned_path = next(p for p in tmp_path.glob("*.parquet") if ".full." not in p.name)
+    pruned = Graph.load(pruned_path)
+    assert len(read_head_loadings(full)) == len(read_head_loadings(pruned)) == pruned.n_edges
+    # without --heads: other files (the cache key differs), no loadings
+    assert main(args) == 0
+    capsys.readouterr()
+    fulls = list(tmp_path.glob("*.full.parquet"))
+    assert len(fulls) == 2
+    assert sorted("head_loadings" in Graph.load(p).extra for p in fulls) == [False, True]
+    assert main(_args({"full": pruned_path, "root": root}, "--edge",
+                      *next(iter(read_head_loadings(pruned))))) == 0  # fmt: skip
+    assert "residual (no attention hop)" in capsys.readouterr().out

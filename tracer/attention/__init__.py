@@ -15,6 +15,7 @@ from tracer.attention.loadings import (
     HeadParts,
     add_head_loadings,
     edge_head_parts,
+    heads_summary,
     read_head_loadings,
     top_heads,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "QKAttribution",
     "add_head_loadings",
     "edge_head_parts",
+    "heads_summary",
     "qk_attribution",
     "read_head_loadings",
     "top_heads",

@@ -334,3 +334,21 @@ def read_head_loadings(graph: Graph, where: str = "this graph") -> dict[tuple[st
         out[(t, s)] = EdgeHeads(t, s, rec["weight"][i], rec["residual"][i], hs,
                                 rec["remainder"][i])  # fmt: skip
     return out
+
+
+def heads_summary(circuit: Graph, n: int = 3) -> str:
+    """One line on a circuit's head loadings: how many edges, and the heads carrying the most
+    of its cross-position edges (summed |part|)."""
+    loads = read_head_loadings(circuit)
+    pos = {circuit.node_id(i): int(circuit.position[i]) for i in range(circuit.n_nodes)}
+    total: dict[tuple[int, int], float] = {}
+    for eh in loads.values():
+        if pos.get(eh.target) != pos.get(eh.source):
+            for l, h, p in eh.heads:
+                total[(l, h)] = total.get((l, h), 0.0) + abs(p)
+    rec = circuit.extra[HEAD_LOADINGS_KEY]
+    top = sorted(total.items(), key=lambda kv: -kv[1])[:n]
+    heads = ", ".join(f"L{l}.H{h} ({v:.3g})" for (l, h), v in top) or "none"
+    return (f"head loadings: {len(loads)} circuit edges (parts sum to each edge within "
+            f"{rec['max_rel_error']:.1e} of the largest); heads carrying the most across "
+            f"positions: {heads}")  # fmt: skip

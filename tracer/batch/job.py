@@ -95,11 +95,13 @@ class TraceJob:
         return DeviceSetting.parse(self.device, self.dtype)
 
     convention: str = "circuit-tracer"
+    heads: bool = False  # head loadings of the circuit's edges (tracer.attention), both files
 
     def key(self, prompt: str) -> str:
         # The device does not change a graph (beyond float rounding); the dtype does. A float32
         # job keeps the key it had before dtypes existed, so earlier results are still found.
         skip = {"out", "transcoders", "device"} | ({"dtype"} if self.dtype == "float32" else set())
+        skip |= set() if self.heads else {"heads"}  # jobs without head loadings keep their keys
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         blob = json.dumps([prompt, settings], sort_keys=True)
         return f"{slug(prompt, 40)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
@@ -133,6 +135,10 @@ def trace_one(job: TraceJob, prompt: str, rm, progress: bool = False):
         memory_limit_gb=job.memory_limit_gb,
     )
     pruned = prune(graph, job.node_threshold, job.edge_threshold, job.convention)
+    if job.heads:  # which heads carry each circuit edge (tracer.attention)
+        from tracer.attention import add_head_loadings
+
+        add_head_loadings(rm, graph, pruned, progress=progress)
     pruned_path, full_path = job.paths(prompt)
     graph.save(full_path)
     pruned.save(pruned_path)

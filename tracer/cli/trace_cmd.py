@@ -62,6 +62,9 @@ def register(sub) -> None:
     p.add_argument("--edge-threshold", type=float, default=0.98)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--edge-tolerance", type=float, default=0.0)
+    p.add_argument("--heads", action="store_true", help="also split each circuit edge by the "
+                   "attention heads carrying it (head loadings, kept in both graph files; read "
+                   "them with 'circuit-atlas qk GRAPH --edge T S')")  # fmt: skip
     add_device_arguments(p)
     add_convention_arg(p)
     p.add_argument("--summary", help="with --prompts: write the job's summary (JSON) here")
@@ -150,6 +153,10 @@ def _trace(args) -> int:
     pruned, graph, pruned_path, full_path = trace_one(job, args.prompt, rm, progress=True)
     print(summary(graph, pruned, time.perf_counter() - t0))
     print(budget_line(job, graph))
+    if job.heads:
+        from tracer.attention import heads_summary
+
+        print(heads_summary(pruned))
     print(f"wrote {full_path} (full) and {pruned_path} (pruned)")
     return 0
 
@@ -214,6 +221,7 @@ def _job(args, transcoder_id: str | None = None) -> TraceJob:
         device=str(setting.device),
         dtype=setting.to_dict()["dtype"],
         convention=args.convention,
+        heads=args.heads,
     )
 
 
