@@ -429,6 +429,9 @@ CANNED: dict[str, CannedQuery] = {
 from graphstore.crossprompt_queries import CROSSPROMPT  # noqa: E402 (needs the classes above)
 
 CANNED.update({q.name: q for q in CROSSPROMPT})
+from graphstore.heads import HEAD_QUERIES  # noqa: E402 (attention heads: graphstore.heads)
+
+CANNED.update({q.name: q for q in HEAD_QUERIES})
 
 
 def run_canned(session, name: str, open_session=None, **kwargs) -> QueryResult:

@@ -35,9 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node", "Supernode", "Swap",
-          "Subgraph", "WriteClaim")  # fmt: skip
+          "Subgraph", "WriteClaim", "Head")  # fmt: skip
 RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE",
-                 "HAS_SUPERNODE", "MEMBER", "VIRTUAL", "HAS_SWAP", "SWAP_FROM")  # fmt: skip
+                 "HAS_SUPERNODE", "MEMBER", "VIRTUAL", "HAS_SWAP", "SWAP_FROM",
+                 "CARRIES")  # fmt: skip
 
 # Composite uniqueness is expressed through one string key (Feature.key) so the same constraint
 # works on Neo4j Community, Enterprise and ArcadeDB.
@@ -60,6 +61,7 @@ _COMMON = (
     "CREATE INDEX supernode_graph IF NOT EXISTS FOR (s:Supernode) ON (s.graph)",
     "CREATE CONSTRAINT swap_id IF NOT EXISTS FOR (s:Swap) REQUIRE s.id IS UNIQUE",
     "CREATE INDEX swap_graph IF NOT EXISTS FOR (s:Swap) ON (s.graph)",
+    "CREATE CONSTRAINT head_key IF NOT EXISTS FOR (h:Head) REQUIRE h.key IS UNIQUE",
     # Feature.prompts is not indexed (earlier stores had this index; dropped here): every
     # ingest rewrites the counters of ~200 features, and removing an old key from an index
     # where thousands of features share it (prompts = 1) scans them all (measured: 16% of the

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import neo4j
 
-from graphstore import crossprompt, export, ingest, migrate, queries, readonly, subgraphs
+from graphstore import crossprompt, export, heads, ingest, migrate, queries, readonly, subgraphs
 from graphstore.archive import Archive
 from graphstore.bounded import QueryLimits, run_bounded
 from graphstore.errors import (
@@ -138,7 +138,16 @@ class GraphStore:
         the Parquet file that holds the graph. ``progress(edges_written, n_edges)`` is called
         after each committed edge batch.
         """
-        return self._write(*self._prepare(graph, full), progress=progress)
+        result = self._write(*self._prepare(graph, full), progress=progress)
+        if graph.extra.get(heads.HEAD_LOADINGS):  # each circuit edge's top heads (:Head)
+            self.add_heads(ingest.graph_id(graph), graph)
+        return result
+
+    def add_heads(self, graph_id: str, graph: Graph) -> int:
+        """Replace the (:Head)-[:CARRIES]-> relationships of a stored graph from ``graph``'s
+        head loadings (graphstore.heads); returns how many were written."""
+        with self._session() as s:
+            return heads.write_heads(s, graph_id, graph)
 
     def _prepare(self, graph: Graph, full: Graph | None) -> tuple[Graph, Path, ingest.GraphRows]:
         """The client-side half of ``add``: archive, binding check, parameter rows."""
@@ -381,7 +390,7 @@ class GraphStore:
     def query(self, name: str, **params) -> readonly.QueryResult:
         """Run a canned query (see graphstore.queries.CANNED)."""
         self._check_usable()
-        if name == "feature-feeds" and params.get("transcoder") is None:
+        if name in ("feature-feeds", "feature-heads") and params.get("transcoder") is None:
             params["transcoder"] = self._default_transcoder()
         try:
             with self._session() as s:
