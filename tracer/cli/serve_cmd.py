@@ -61,18 +61,22 @@ def build(args):
     loader = None
     if args.transcoders:
         from tracer.features import CONTEXTS_FILE, FeatureBook
+        from transcoders.hub import looks_like_reference
+        from transcoders.presets import preset
 
-        tpath = Path(args.transcoders)
-        if not tpath.exists():
+        source_name = args.transcoders  # a folder, or a published name (hub id, preset, hf://)
+        tpath = Path(source_name)
+        published = looks_like_reference(source_name) or preset(source_name) is not None
+        if not tpath.exists() and not published:
             raise FileNotFoundError(f"--transcoders {tpath} does not exist")
-        if (tpath / CONTEXTS_FILE).exists():
+        if tpath.exists() and (tpath / CONTEXTS_FILE).exists():
             features = FeatureBook.load(tpath)
         model = args.model or "smollm2"
 
         def loader():
             from tracer.batch import load_replacement
 
-            return load_replacement(model, str(tpath))
+            return load_replacement(model, source_name)
 
     source = GraphSource(store=store, folder=args.graphs)
     decode = None
