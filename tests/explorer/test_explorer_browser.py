@@ -641,3 +641,46 @@ def test_intervention_both_modes(world, browser):
         assert tab.errors == []
     finally:
         tab.close()
+
+
+def test_cypher_node_query_as_a_property_table(world, browser):
+    """A node query renders as a table of properties: a labels column and one column per
+    property, the influence column holding the numbers pruning recorded, in order; no cell
+    wider than the panel."""
+    g, gid = world.graphs[0][0], world.ids[0]
+    infl = np.asarray(g.extra["influence"], dtype=np.float64)
+    feats = np.flatnonzero(g.kind == FEATURE)
+    tab = Tab(browser, world.url)
+    page = tab.page
+    try:
+        tab.open(f"?graph={gid}")
+        page.click("#tabs button[data-tab=cypher]")
+        page.fill(
+            "#cypher-text",
+            f"MATCH (n:Node {{graph: '{gid}'}}) WHERE n.kind = 'feature' "
+            "RETURN n ORDER BY n.influence DESC LIMIT 8",
+        )
+        k = min(8, len(feats))
+        page.click("#cypher-run")
+        page.wait_for_selector("#cypher-table")
+        heads = page.locator("#cypher-table th").all_inner_texts()
+        assert heads[0] == "n:labels" and "n.influence" in heads and "n.layer" in heads
+        col = heads.index("n.influence")
+        rows = page.locator("#cypher-table tr")
+        assert rows.count() == k + 1 > 3
+        values = [
+            float(rows.nth(j).locator("td").nth(col).get_attribute("data-value"))
+            for j in range(1, k + 1)
+        ]
+        np.testing.assert_allclose(values, np.sort(infl[feats])[::-1][:k], rtol=1e-12)
+        assert rows.nth(1).locator("td").first.inner_text() == "Node"
+        # no JSON blobs, and every cell inside the panel's width
+        assert not any("{" in t for t in page.locator("#cypher-table td").all_inner_texts())
+        widths = tab.js("""() => { const p = document.getElementById('tab-cypher');
+          const cells = [...document.querySelectorAll('#cypher-table td, #cypher-table th')];
+          return {panel: p.clientWidth, widest: Math.max(...cells.map(c => c.offsetWidth))}; }""")
+        assert widths["widest"] <= widths["panel"]
+        tab.shot("15-cypher-table")
+        assert tab.errors == []
+    finally:
+        tab.close()
