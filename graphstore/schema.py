@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LABELS = ("Model", "Transcoder", "Feature", "Prompt", "Graph", "Node", "Supernode", "Swap",
-          "Subgraph", "WriteClaim", "Head")  # fmt: skip
+          "Subgraph", "WriteClaim", "Head", "FeatureLabel")  # fmt: skip
 RELATIONSHIPS = ("FOR_MODEL", "OF_PROMPT", "USES", "HAS_FEATURE", "INSTANCE_OF", "EDGE",
                  "HAS_SUPERNODE", "MEMBER", "VIRTUAL", "HAS_SWAP", "SWAP_FROM",
                  "CARRIES")  # fmt: skip
@@ -62,6 +62,9 @@ _COMMON = (
     "CREATE CONSTRAINT swap_id IF NOT EXISTS FOR (s:Swap) REQUIRE s.id IS UNIQUE",
     "CREATE INDEX swap_graph IF NOT EXISTS FOR (s:Swap) ON (s.graph)",
     "CREATE CONSTRAINT head_key IF NOT EXISTS FOR (h:Head) REQUIRE h.key IS UNIQUE",
+    # Edited feature labels (graphstore.labels), one per feature identity.
+    "CREATE CONSTRAINT feature_label_key IF NOT EXISTS FOR (l:FeatureLabel) REQUIRE l.key "
+    "IS UNIQUE",
     # Feature.prompts is not indexed (earlier stores had this index; dropped here): every
     # ingest rewrites the counters of ~200 features, and removing an old key from an index
     # where thousands of features share it (prompts = 1) scans them all (measured: 16% of the
