@@ -46,7 +46,9 @@ def add_subcommands(csub) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", help="folder (default: $CIRCUIT_ATLAS_HOME/corpora/generated-<model>)")
     g.add_argument("--force", action="store_true", help="delete an existing corpus there first")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: all cores, 1 when the CPU is busy)"
+    )
     add_device_arguments(g)
     g.set_defaults(func=_generate)
 
@@ -71,8 +73,9 @@ def _generate(args) -> int:
         raise ValueError("--tokens, --batch and --max-new must be positive")
     if not (0 < args.top_p <= 1) or args.temperature < 0:
         raise ValueError("--top-p must be in (0, 1] and --temperature at least 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from tracer.cli.train_cmd import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())  # 1 on a busy CPU
     model = LanguageModel.load(args.model, device=setting)
     out = Path(args.out) if args.out else generated_dir(model, args.seed)
     cfg = GenerateConfig(

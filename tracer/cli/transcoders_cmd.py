@@ -132,7 +132,9 @@ def add_meaning(tsub) -> None:
     )
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--no-save", action="store_true", help="do not write meaning.json")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: all cores, 1 when the CPU is busy)"
+    )
     add_device_arguments(p)
     p.set_defaults(func=_meaning)
 
@@ -148,8 +150,9 @@ def _meaning(args) -> int:
     from transcoders.meaning import MeaningConfig, build_probe, save_meaning, score_probe
 
     setting = setting_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from tracer.cli.train_cmd import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())  # 1 on a busy CPU
     cats = tuple(c.strip() for c in args.categories.split(",")) if args.categories else None
     text = None
     if args.text:
