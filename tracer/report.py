@@ -31,9 +31,10 @@ from tracer.annotate import (
 )
 from tracer.features import FeatureBook, FeatureInfo, load_features
 from tracer.graph import FEATURE, LOGIT, NODE_KINDS, TOKEN, Graph
-from tracer.neuronpedia import slugify, write_neuronpedia
+from tracer.neuronpedia import np_node_id, slugify, write_neuronpedia
 from tracer.prune import convention_label
 from tracer.render import RenderConfig, render_graph
+from tracer.subgraph import Subgraph, Supernode, diagram, subgraph_scores
 from tracer.validation_report import ratio_text
 
 _SIZE_NOTE = {
@@ -127,8 +128,14 @@ def write_report(
     name: str | None = None,
     config: ReportConfig | None = None,
     decode: Callable[[int], str] | None = None,
+    subgraph: Subgraph | None = None,
 ) -> ReportFiles:
-    """Write ``<name>.html`` (+ ``.svg``, ``.png``, ``.json``) into ``out_dir``."""
+    """Write ``<name>.html`` (+ ``.svg``, ``.png``, ``.json``) into ``out_dir``.
+
+    ``subgraph``: pinned nodes and supernodes (a saved explorer subgraph,
+    ``GraphStore.load_subgraph``) drawn as the subgraph diagram; without one, the graph's
+    automatic supernodes (``extra['supernodes']``) are drawn with the top logit, if it has any
+    (:func:`report_subgraph`)."""
     config = config or ReportConfig()
     out = ensure_output_dir(out_dir)
     book = load_features(features)
@@ -141,7 +148,7 @@ def write_report(
             graph, out / f"{slug}.json", slug=slug, scan=config.scan, features=book, decode=decode
         )
     svg_text = files.svg.read_text(encoding="utf-8") if files.svg else ""
-    page = _Page(graph, book, config, decode)
+    page = _Page(graph, book, config, decode, report_subgraph(graph, subgraph))
     body = page.build(files, svg_text, rendered)
     _write_text(files.html, _document(f"{visible(graph.prompt)} — circuit-atlas", body))
     files.summary = page.summary(files)
@@ -197,11 +204,14 @@ def write_index(
 
 
 class _Page:
-    def __init__(self, graph: Graph, book: FeatureBook, config: ReportConfig, decode):
+    def __init__(self, graph: Graph, book: FeatureBook, config: ReportConfig, decode,
+                 subgraph: Subgraph | None = None):  # fmt: skip
         self.g, self.book, self.cfg, self.decode = graph, book, config, decode
+        self.subgraph = subgraph
         self.infl = display_influence(graph)
         self.ids = [graph.node_id(i) for i in range(graph.n_nodes)]
         self._id_index = {nid: i for i, nid in enumerate(self.ids)}
+        self._np_index = {np_node_id(graph, i): i for i in range(graph.n_nodes)} if subgraph else {}
         self.rows = self._table_nodes()
         self.in_table = set(self.rows)
 
@@ -260,6 +270,7 @@ class _Page:
         parts.append("</div></section>")
         parts.append(self._validation_section())
         parts.append(self._supernode_section())
+        parts.append(self._subgraph_section())
         parts.append(self._swap_section())
         parts.append(self._node_section())
         parts.append(self._feature_section())
@@ -270,6 +281,8 @@ class _Page:
         sections = [("summary", "Summary"), ("graph", "Graph"), ("validation", "Validation")]
         if g.extra.get("supernodes"):
             sections.append(("supernodes", "Supernodes"))
+        if self.subgraph is not None:
+            sections.append(("subgraph", "Subgraph"))
         if g.extra.get("swaps"):
             sections.append(("swaps", "Swaps"))
         sections += [("nodes", "Nodes"), ("features", "Features")]
@@ -369,6 +382,46 @@ class _Page:
         return (
             "<section id='supernodes'><h2>Supernodes</h2><p class='note'>Feature nodes grouped "
             f"by similarity ({_e(signals)}). {how}</p>{_table(cols, rows, raw=True)}</section>"
+        )
+
+    def _subgraph_section(self) -> str:
+        """The subgraph diagram (tracer.subgraph.diagram: pinned nodes and supernodes, a
+        supernode's edges the sums of its members'), the same list as a table, and the
+        subgraph's replacement/completeness scores; '' without a subgraph."""
+        sub = self.subgraph
+        if sub is None:
+            return ""
+        g = self.g
+        d = diagram(g, sub)
+        scores = subgraph_scores(g, sub)
+        units = {u["id"]: u for u in d["units"]}
+        for u in d["units"]:
+            if u["kind"] != "supernode":
+                i = self._np_index[u["id"]]
+                if u["id"] not in sub.labels:
+                    u["label"] = node_text(g, i, self.book, self.decode) or self.short(i)
+                u["sub"] = self.short(i) if u["label"] != self.short(i) else u["kind"]
+        origin = (
+            f"the saved subgraph <b>{_e(sub.name)}</b>"
+            if sub.name != AUTOMATIC
+            else "the graph's automatic supernodes and its top logit"
+        )
+        rows = [
+            [_e(units[e["source"]]["label"]), _e(units[e["target"]]["label"]),
+             _num(e["weight"]), _num(e["n"])]
+            for e in sorted(d["edges"], key=lambda e: -abs(e["weight"]))
+        ]  # fmt: skip
+        return (
+            "<section id='subgraph'><h2>Subgraph</h2><p class='note'>"
+            f"{len(d['units'])} units and {len(d['edges'])} edges of {origin}: rows are "
+            "layers (a supernode at its members' mean), columns positions; a supernode's edge "
+            "weight is the sum of its members' edges; blue excites, red inhibits. Subgraph "
+            f"replacement {_num(scores['replacement'])} · completeness "
+            f"{_num(scores['completeness'])} ({_e(scores['convention'])} convention; "
+            f"{scores['features']} pinned features kept, every other feature counted as "
+            f"error).</p><div class='diagram'>{diagram_svg(d, len(g.token_strings))}</div>"
+            f"{_table(['from', 'to', 'weight', 'edges'], rows, raw=True, cls='subgraph-edges')}"
+            "</section>"
         )
 
     def _swap_section(self) -> str:
@@ -592,6 +645,115 @@ def histogram_svg(edges: list[float], counts: list[int], marks: Sequence[float] 
 # --- HTML helpers ----------------------------------------------------------------------------
 
 
+AUTOMATIC = "automatic supernodes"  # the name of the subgraph report_subgraph builds
+
+
+def report_subgraph(graph: Graph, subgraph: Subgraph | None = None) -> Subgraph | None:
+    """The subgraph a report draws: ``subgraph`` when given (checked against the graph),
+    else the graph's automatic supernodes (``extra['supernodes']``, members by node index)
+    pinned with the most probable logit, else None."""
+    if subgraph is not None:
+        return subgraph.check(np_node_id(graph, i) for i in range(graph.n_nodes))
+    found = graph.extra.get("supernodes") or []
+    pinned: list[str] = []
+    groups = []
+    for k, s in enumerate(found):
+        nodes = [int(i) for i in s.get("nodes", []) if 0 <= int(i) < graph.n_nodes]
+        ids = [np_node_id(graph, i) for i in nodes if np_node_id(graph, i) not in pinned]
+        if ids:
+            pinned += ids
+            groups.append(Supernode(str(s.get("name") or s.get("id") or f"s{k}")[:200], ids))
+    if not groups:
+        return None
+    logits = logit_order(graph)
+    if len(logits):
+        pinned.append(np_node_id(graph, int(logits[0])))
+    return Subgraph(AUTOMATIC, pinned, groups)
+
+
+def diagram_svg(d: Mapping, n_positions: int) -> str:
+    """An SVG of a subgraph diagram (:func:`tracer.subgraph.diagram`'s ``units`` and
+    ``edges``; a unit may carry ``sub``, a second line): one row per distinct layer (logits on
+    top), boxes placed by position and pushed apart so none overlap, edges as arrows whose
+    width grows with |weight| and labelled with their signed weight (blue positive, red
+    negative), the layout the explorer's Subgraph tab draws. Each edge's ``<g>`` carries
+    ``data-source``, ``data-target``, ``data-weight`` and ``data-n``."""
+    W, row_h, box_w, box_h, pad = 380, 64, 92, 30, 10
+    levels = sorted({u["layer"] for u in d["units"]}, reverse=True)
+    H = len(levels) * row_h + 24
+    P = max(1, n_positions - 1)
+    pos: dict[str, tuple[float, float]] = {}
+    for r, lv in enumerate(levels):
+        row = sorted((u for u in d["units"] if u["layer"] == lv),
+                     key=lambda u: (u["position"], u["id"]))  # fmt: skip
+        xs = [pad + box_w / 2 + (u["position"] / P) * (W - 2 * pad - box_w) for u in row]
+        for j in range(1, len(xs)):
+            xs[j] = max(xs[j], xs[j - 1] + box_w + 6)
+        over = xs[-1] - (W - pad - box_w / 2) if xs else 0
+        xs = [max(x - max(over, 0), pad + box_w / 2 + j * (box_w + 6)) for j, x in enumerate(xs)]
+        for u, x in zip(row, xs, strict=True):
+            pos[u["id"]] = (x, 12 + r * row_h + row_h / 2)
+    width = max([W] + [x + box_w / 2 + pad + 36 for x, _ in pos.values()])  # + weight labels
+    max_w = max([1e-12] + [abs(e["weight"]) for e in d["edges"]])
+    colors = {True: "#2f6fb3", False: "#c43426"}
+    parts = []
+    for e in d["edges"]:
+        (x1, y1), (x2, y2) = pos[e["source"]], pos[e["target"]]
+        a, c = abs(e["weight"]) / max_w, colors[e["weight"] >= 0]
+        ya = y1 + (-box_h / 2 if y1 > y2 else box_h / 2)
+        yb = y2 + (-box_h / 2 if y2 > y1 else box_h / 2)
+        sign = "pos" if e["weight"] >= 0 else "neg"
+        text = f"{'+' if e['weight'] >= 0 else '−'}{abs(e['weight']):.3g}"
+        # an edge past a row bows sideways around the boxes between its ends
+        cx, cy = (x1 + x2) / 2, (ya + yb) / 2
+        if abs(y2 - y1) > row_h * 1.5:
+            cx += box_w * 0.9 if x2 >= x1 else -box_w * 0.9
+        lx, ly = (x1 + x2) / 4 + cx / 2, (ya + yb) / 4 + cy / 2  # the curve's midpoint
+        parts.append(
+            f'<g class="diagram-edge" data-source="{_e(e["source"])}" '
+            f'data-target="{_e(e["target"])}" data-weight="{e["weight"]!r}" data-n="{e["n"]}">'
+            f"<title>{_e(e['source'])} → {_e(e['target'])}: {e['weight']:.6g} ({e['n']} "
+            f"edge{'' if e['n'] == 1 else 's'})</title>"
+            f'<path d="M{x1:.1f},{ya:.1f} Q{cx:.1f},{cy:.1f} {x2:.1f},{yb:.1f}" fill="none" '
+            f'stroke="{c}" stroke-opacity="{0.35 + 0.6 * a:.2f}" stroke-width="{1 + 5 * a:.2f}" '
+            f'marker-end="url(#sg-arrow-{sign})"/>'
+            f'<text x="{lx + 3:.1f}" y="{ly - 2:.1f}" font-size="9" '
+            f'fill="{c}">{text}</text></g>'
+        )
+    fills = {"supernode": "#fbe4ef", "token": "#e3f1e6", "logit": "#efe6f6"}
+    for u in d["units"]:
+        x, y = pos[u["id"]]
+        sn = u["kind"] == "supernode"
+        label = u["label"] if len(u["label"]) <= 18 else u["label"][:17] + "…"
+        sub = f"{len(u['members'])} nodes" if sn else u.get("sub", u["kind"])
+        members = ": " + ", ".join(u["members"]) if sn else ""
+        parts.append(
+            f'<g class="diagram-unit" data-id="{_e(u["id"])}"><title>{_e(u["label"])}'
+            f"{_e(members)}</title>"
+            f'<rect x="{x - box_w / 2:.1f}" y="{y - box_h / 2:.1f}" width="{box_w}" '
+            f'height="{box_h}" rx="5" fill="{fills.get(u["kind"], "#eef2f7")}" '
+            f'stroke="{"#c2185b" if sn else "#7a8594"}"/>'
+            f'<text x="{x:.1f}" y="{y - 2:.1f}" font-size="10" text-anchor="middle" '
+            f'fill="#1d232b">{_e(label)}</text>'
+            f'<text x="{x:.1f}" y="{y + 10:.1f}" font-size="8.5" text-anchor="middle" '
+            f'fill="#5b6573">{_e(sub)}</text></g>'
+        )
+    markers = "".join(
+        f'<marker id="sg-arrow-{k}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" '
+        f'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
+        f'<path d="M0,0 L10,5 L0,10 z" '
+        f'fill="{colors[k == "pos"]}"/></marker>'
+        for k in ("pos", "neg")
+    )
+    return (
+        f'<svg class="subgraph-diagram" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
+        f'height="{H}" viewBox="0 0 {width:.0f} {H}" font-family="system-ui, sans-serif">'
+        f'<defs>{markers}</defs><rect width="100%" height="100%" fill="#fff"/>'
+        + "".join(parts)
+        + "</svg>"
+    )
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -689,7 +851,8 @@ table{border-collapse:collapse;margin:6px 0;background:#fff}
 th,td{border:1px solid #e0e0e0;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f0f3;cursor:default}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#666;font-size:12px}.graph{overflow:auto;border:1px solid #ddd;background:#fff}
-.graph svg{width:100%;height:auto;display:block}.cols{display:flex;gap:32px;flex-wrap:wrap}
+.graph svg{width:100%;height:auto;display:block}
+.diagram svg{max-width:100%;height:auto;display:block}.cols{display:flex;gap:32px;flex-wrap:wrap}
 .tokens{display:flex;flex-wrap:wrap;gap:4px;margin:6px 0}
 .tok{border:1px solid #9ccfae;background:#e8f6ec;border-radius:4px;padding:2px 6px;
 white-space:pre;color:#1d1d1f}.tok .pos{color:#888;font-size:10px;margin-right:4px}

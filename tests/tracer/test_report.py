@@ -418,3 +418,85 @@ def test_report_of_a_graph_without_features_or_edges(tmp_path):
     assert len(page.rows) == bare.n_nodes
     assert all(link[1:] in set(page.ids) for link in page.local_links)
     assert json.loads(files.json.read_text())["links"] == []
+
+
+def _diagram_edges(html_text: str) -> dict[tuple[str, str], tuple[float, int]]:
+    section = re.search(r"<section id='subgraph'>.*?</section>", html_text, re.S).group(0)
+    return {
+        (html.unescape(s), html.unescape(t)): (float(w), int(n))
+        for s, t, w, n in re.findall(
+            r'<g class="diagram-edge" data-source="([^"]*)" data-target="([^"]*)" '
+            r'data-weight="([^"]*)" data-n="(\d+)">',
+            section,
+        )
+    }
+
+
+def _unit_sums(g, groups: dict[str, list[int]]) -> dict[tuple[str, str], tuple[float, int]]:
+    """Independent of tracer.subgraph: for each ordered pair of units, the sum of the graph's
+    edge weights from a member of one to a member of the other, and their count."""
+    out = {}
+    for a, ma in groups.items():
+        for b, mb in groups.items():
+            if a == b:
+                continue
+            sel = np.isin(g.source, ma) & np.isin(g.target, mb)
+            if sel.any():
+                out[(a, b)] = (float(g.weight[sel].astype(np.float64).sum()), int(sel.sum()))
+    return out
+
+
+def test_subgraph_diagram_of_saved_pins_and_automatic_supernodes(tmp_path):
+    from tracer.neuronpedia import np_node_id
+    from tracer.subgraph import Subgraph, Supernode
+
+    g = make_graph(n_layers=5, n_features=30)
+    feats = [int(i) for i in np.flatnonzero(g.kind == FEATURE)]
+    # a feature pair linked by the most edges as one supernode, its neighbours pinned alone
+    by_edges = sorted(feats, key=lambda i: -int(((g.source == i) | (g.target == i)).sum()))
+    pair, singles = by_edges[:2], by_edges[2:5]
+    logit = int(np.flatnonzero(g.kind == 3)[np.argmax(g.probability[g.kind == 3])])
+    ids = {i: np_node_id(g, i) for i in [*pair, *singles, logit]}
+    sub = Subgraph(
+        "mine",
+        [ids[i] for i in [*pair, *singles, logit]],
+        [Supernode("the pair", [ids[i] for i in pair])],
+        {ids[singles[0]]: "one"},
+    )
+    files = write_report(g, tmp_path, name="saved", subgraph=sub)
+    text = files.html.read_text(encoding="utf-8")
+    page = _parse(files.html)
+    assert "subgraph" in page.ids and "#subgraph" in page.local_links
+    assert "the saved subgraph <b>mine</b>" in text
+    groups = {"s0": pair, **{ids[i]: [i] for i in [*singles, logit]}}
+    want = _unit_sums(g, groups)
+    got = _diagram_edges(text)
+    assert set(got) == set(want) and len(got) >= 3
+    for k, (w, n) in want.items():
+        assert got[k][0] == pytest.approx(w, rel=1e-6, abs=1e-9) and got[k][1] == n
+    section = re.search(r"<section id='subgraph'>.*?</section>", text, re.S).group(0)
+    assert section.count('class="diagram-unit"') == 5  # the supernode, three singles, the logit
+    assert ">the pair<" in section and ">one<" in section and "2 nodes" in section
+    assert "Subgraph replacement" in section
+    # the edge table lists the same edges, strongest first
+    table = re.findall(r"<tr><td>[^<]*</td><td>[^<]*</td><td>([^<]*)</td>", section)
+    assert len(table) == len(want)
+    assert [abs(float(x)) for x in table] == sorted((abs(float(x)) for x in table), reverse=True)
+
+    # automatic supernodes, no saved subgraph: the groups and the top logit
+    g.extra["supernodes"] = [
+        {"id": "s0", "name": "first", "nodes": feats[:3]},
+        {"id": "s1", "name": "second", "nodes": feats[3:6]},
+    ]
+    files = write_report(g, tmp_path, name="auto")
+    text = files.html.read_text(encoding="utf-8")
+    assert "automatic supernodes and its top logit" in text
+    want = _unit_sums(g, {"s0": feats[:3], "s1": feats[3:6], np_node_id(g, logit): [logit]})
+    got = _diagram_edges(text)
+    assert set(got) == set(want) and len(want) >= 1
+    for k, (w, n) in want.items():
+        assert got[k][0] == pytest.approx(w, rel=1e-6, abs=1e-9) and got[k][1] == n
+    # neither: no section, no link
+    plain = write_report(make_graph(n_layers=5, n_features=30), tmp_path, name="none")
+    text = plain.html.read_text(encoding="utf-8")
+    assert "id='subgraph'" not in text and "#subgraph" not in text
