@@ -1,35 +1,52 @@
-"""Circuits across prompts on SmolLM2 with the default CLT: supernodes, contrasts, a swap, global
-weights.
+"""The causal tests on SmolLM2 with a CLT (default: the demo's): swaps, supernodes against random
+groups, feature cards of the most influential features, contrasts, global weights.
 
-    .venv/bin/python scripts/bench_crossprompt.py                  # everything
-    .venv/bin/python scripts/bench_crossprompt.py --parts supernodes,swap
+    .venv/bin/python scripts/bench_crossprompt.py                 # the demo's CLT, default parts
+    .venv/bin/python scripts/bench_crossprompt.py --transcoders PATH --out /tmp/x/crossprompt
+    .venv/bin/python scripts/bench_crossprompt.py --parts swap,cards --layers 8-20
 
-1. supernodes: the five demo prompts (``tracer/cli/demo_cmd.py``) are attributed
-   (``--max-feature-nodes``), pruned, and their circuit features grouped
+Parts (``--parts``, default ``swap,supernodes,cards``; ``contrast`` and ``weights`` on request):
+
+1. swap: for each pair of SWAP_PAIRS (same category, same token length: capitals of France /
+   Germany / Italy, an antonym), ``prompt``'s features are replaced by ``other``'s, live mode
+   (:func:`tracer.swap.concept_swaps`): every active feature at the concept position (where
+   the prompts differ), the same restricted to ``--layers``, and at the concept and last
+   positions. Reported: whether the top token moved, and moved to the other prompt's answer
+   (its unedited top token), that answer's probability and rank before and after.
+2. supernodes: the five demo prompts (``tracer.prompts.DEMO_PROMPTS``) attributed
+   (``--max-feature-nodes``), pruned, their circuit features grouped
    (:func:`tracer.supernodes.find_supernodes`, co-activation over ``--corpus-seqs`` held-out
-   corpus sequences); each supernode is checked by perturbation against ``--n-random`` random
-   groups of its size (:func:`tracer.supernode_check.validate_supernodes`).
-2. contrast: one pair of prompts per category of ``tracer/data/prompts.jsonl`` (listed in
-   PAIRS), both attributed and pruned, then :func:`tracer.contrast.contrast`: the separating
-   features (found in one circuit only, by influence) and the shared ones that change most.
-3. swap: "The capital of France is" with its France features (the circuit's features at the
-   " France" position) replaced by the Germany features of "The capital of Germany is"
-   (:func:`tracer.swap.swap`, live mode), and the same with the top supernode at that position.
-4. weights: top-k global weights of the CLT (corpus-mean MLP-norm convention) and, on the
-   Dallas circuit, how much of each same-position feature-to-feature edge the direct path
-   (the global weight, with the prompt's own norm denominator) explains.
+   sequences of ``--corpus``) and each supernode ablated against ``--n-random`` random groups
+   of its size (:func:`tracer.supernode_check.validate_supernodes`; effect rank = the share of
+   random groups whose effect is smaller). A prompt passes at mean effect rank >= 0.75.
+3. cards: the ten most influential features of each demo graph
+   (:func:`tracer.feature_topics.feature_cards`): influence, top contexts from the CLT's
+   ``feature_contexts.parquet`` (activating token «marked»), promoted tokens, and the
+   documented check "top contexts about countries, cities or capitals"
+   (:mod:`tracer.feature_topics`).
+4. contrast: one pair of prompts per category of ``tracer/data/prompts.jsonl`` (PAIRS), both
+   attributed and pruned, then :func:`tracer.contrast.contrast`.
+5. weights: top-k global weights (corpus-mean MLP-norm convention) and, on the Dallas circuit,
+   how much of each same-position feature-to-feature edge the direct path explains.
 
-Writes ``benchmarks/crossprompt.json`` and ``benchmarks/crossprompt.md``; the machine load
-(``os.getloadavg()``) is recorded with every part.
+Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/crossprompt``) after every item, with
+commit, command, machine, date and load average, no absolute paths. Resumable: a re-run with
+the same CLT (fingerprint) and settings keeps what is done (``--fresh`` starts over); graphs
+are kept in ``--work`` (default ``$CIRCUIT_ATLAS_HOME/bench-crossprompt/<fingerprint>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +55,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One pair per category: prompts of the shipped set that differ in one concept.
+# Swap pairs: the same category, the same token length (the concept at one position).
+SWAP_PAIRS = (
+    ("The capital of France is", "The capital of Germany is"),
+    ("The capital of Germany is", "The capital of Italy is"),
+    ("The capital of Italy is", "The capital of France is"),
+    ('The opposite of "hot" is "', 'The opposite of "big" is "'),
+)
+# Contrast pairs: prompts of the shipped set that differ in one concept.
 PAIRS = {
     "fact": ("The capital of France is", "The capital of Germany is"),
     "two_hop": (
@@ -58,30 +82,106 @@ PAIRS = {
         "When Alice and Bob went to the park, Bob gave a ball to",
     ),
 }
-SWAP = ("The capital of France is", "The capital of Germany is")
+FRANCE = "The capital of France is"
+RANK_PASS = 0.75
+DEFAULT_PARTS = "swap,supernodes,cards"
+ALL_PARTS = ("swap", "supernodes", "cards", "contrast", "weights")
 
 
 def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def check_pairs() -> None:
+def shown(path: Path | str) -> str:
+    """A path without the machine's absolute prefix: under $CIRCUIT_ATLAS_HOME, the repo or
+    the temp folder, relative to it (named), else only its name."""
+    from tracer.fetch import cache_root
+
+    p = Path(path).resolve()
+    for base, name in ((cache_root(), "$CIRCUIT_ATLAS_HOME"), (ROOT, "."),
+                       (Path(tempfile.gettempdir()), "<tmp>")):  # fmt: skip
+        try:
+            return f"{name}/{p.relative_to(base.resolve())}"
+        except ValueError:
+            continue
+    return f"<...>/{p.name}"
+
+
+def commit() -> str:
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                                "scripts", "tracer", "transcoders"],
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine(threads: int) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())  # fmt: skip
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {threads}"
+
+
+def demo_transcoder_path() -> Path:
+    """Where ``circuit-atlas demo`` (its default settings) keeps the CLT it trains: the same
+    call as :func:`tracer.cli.demo_cmd.ensure_transcoder`, under $CIRCUIT_ATLAS_HOME."""
+    from tracer.cli import build_parser
+    from tracer.fetch import default_transcoder_path
+
+    d = build_parser().parse_args(["demo"])
+    return default_transcoder_path(
+        d.model, d.features_per_layer, corpus=d.corpus, minutes=d.train_minutes
+    )
+
+
+def demo_corpus() -> str:
+    from tracer.cli import build_parser
+
+    return build_parser().parse_args(["demo"]).corpus
+
+
+def check_prompts() -> None:
     from tracer.prompts import load_prompts
 
     shipped = {p.prompt for p in load_prompts()}
-    for cat, pair in PAIRS.items():
+    for cat, pair in [*PAIRS.items(), *(("swap", p) for p in SWAP_PAIRS)]:
         for p in pair:
             if p not in shipped:
-                raise SystemExit(f"pair prompt {p!r} ({cat}) is not in tracer/data/prompts.jsonl")
+                raise SystemExit(f"prompt {p!r} ({cat}) is not in tracer/data/prompts.jsonl")
 
 
-def trace(rm, prompt: str, budget: int):
-    from tracer import attribute, prune
+class Graphs:
+    """Pruned graphs of prompts, traced once and kept as Parquet files in ``work``."""
 
-    t0 = time.perf_counter()
-    full = attribute(rm, prompt, max_feature_nodes=budget, progress=False)
-    circuit = prune(full, 0.8, 0.98)
-    return full, circuit, time.perf_counter() - t0
+    def __init__(self, rm, work: Path):
+        self.rm, self.work, self.mem = rm, work, {}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def get(self, prompt: str, budget: int):
+        from tracer import attribute, prune
+        from tracer.graph import Graph
+
+        if prompt in self.mem:
+            return self.mem[prompt]
+        key = hashlib.sha1(prompt.encode()).hexdigest()[:12]
+        path = self.work / f"{key}-{budget}.parquet"
+        if path.exists():
+            g = Graph.load(path)
+        else:
+            full = attribute(self.rm, prompt, max_feature_nodes=budget, progress=False)
+            g = prune(full, 0.8, 0.98)
+            g.save(path)
+        self.mem[prompt] = g
+        return g
+
+    def save(self, prompt: str, budget: int) -> None:
+        key = hashlib.sha1(prompt.encode()).hexdigest()[:12]
+        self.mem[prompt].save(self.work / f"{key}-{budget}.parquet")
 
 
 def top_token(graph) -> str:
@@ -92,17 +192,43 @@ def top_token(graph) -> str:
     return graph.extra["token_text"][str(int(graph.feature[i]))]
 
 
-def part_supernodes(rm, book, corpus, args, graphs: dict) -> list[dict]:
-    from tracer.cli.demo_cmd import DEMO_PROMPTS
+def part_swap(rm, args, done: list, save) -> list[dict]:
+    from tracer.swap import SwapVariant, concept_swaps, parse_layers
+
+    mid = parse_layers(args.layers)
+    variants = [SwapVariant("concept"), SwapVariant("concept", mid), SwapVariant("concept+last")]
+    have = {(r["prompt"], r["other_prompt"]) for r in done}
+    for a, b in SWAP_PAIRS:
+        if (a, b) in have:
+            continue
+        load0, t0 = load_avg(), time.perf_counter()
+        row = concept_swaps(rm, a, b, variants, max_new_tokens=args.max_new_tokens)
+        row.update(seconds=round(time.perf_counter() - t0, 1), load_start=load0,
+                   load_end=load_avg())  # fmt: skip
+        done.append(row)
+        save()
+        for e in row["experiments"]:
+            o = e["other_answer"]
+            print(f"[swap] {a!r} <- {b!r}, {e['what']}: {e['top_before'][0][0]!r} -> "
+                  f"{e['top_after'][0][0]!r}; to the other answer {e['moved_to_other']}; "
+                  f"{o['token']!r} p {o['p_before']:.3f} -> {o['p_after']:.3f}, rank "
+                  f"{o['rank_before']} -> {o['rank_after']}", flush=True)  # fmt: skip
+    return done
+
+
+def part_supernodes(rm, book, corpus, graphs: Graphs, args, done: list, save) -> list[dict]:
     from tracer.graph import FEATURE
+    from tracer.prompts import DEMO_PROMPTS
     from tracer.supernode_check import validate_supernodes
     from tracer.supernodes import corpus_activations, find_supernodes
 
-    rows = []
+    have = {r["prompt"] for r in done}
     for prompt in DEMO_PROMPTS:
-        load0 = load_avg()
-        full, circuit, t_trace = trace(rm, prompt, args.max_feature_nodes)
-        graphs[prompt] = (full, circuit)
+        if prompt in have:
+            continue
+        load0, t0 = load_avg(), time.perf_counter()
+        circuit = graphs.get(prompt, args.max_feature_nodes)
+        t_trace = time.perf_counter() - t0
         feats = np.where(circuit.kind == FEATURE)[0]
         t0 = time.perf_counter()
         pairs = [(int(circuit.layer[i]), int(circuit.feature[i])) for i in feats]
@@ -115,16 +241,19 @@ def part_supernodes(rm, book, corpus, args, graphs: dict) -> list[dict]:
         t0 = time.perf_counter()
         checks = validate_supernodes(rm, circuit, found, n_random=args.n_random, progress=False)
         t_check = time.perf_counter() - t0
+        graphs.save(prompt, args.max_feature_nodes)
         agree = [c["agreement"] for c in checks]
         rand = [c["random_mean_agreement"] for c in checks if c["n_random"]]
         rank = [c["effect_rank"] for c in checks if c["effect_rank"] is not None]
+        mean_rank = float(np.mean(rank)) if rank else None
         row = {
-            "prompt": prompt, "top_token": top_token(full),
+            "prompt": prompt, "top_token": top_token(circuit),
             "circuit_features": len(feats), "n_supernodes": len(found),
             "grouped_features": sum(s.size for s in found),
             "mean_agreement": float(np.mean(agree)) if agree else None,
             "mean_random_agreement": float(np.mean(rand)) if rand else None,
-            "mean_effect_rank": float(np.mean(rank)) if rank else None,
+            "mean_effect_rank": mean_rank,
+            "passes": mean_rank is not None and mean_rank >= RANK_PASS,
             "supernodes": [
                 {"id": s.id, "name": s.name, "size": s.size, "cohesion": round(s.cohesion, 3),
                  "similarity": {k: round(v, 3) for k, v in s.similarity.items()},
@@ -135,29 +264,60 @@ def part_supernodes(rm, book, corpus, args, graphs: dict) -> list[dict]:
                         "group": round(t_group, 2), "check": round(t_check, 1)},
             "load_start": load0, "load_end": load_avg(),
         }  # fmt: skip
-        rows.append(row)
-        print(f"[supernodes] {prompt!r}: {len(found)} supernodes, mean agreement "
-              f"{row['mean_agreement']}, random {row['mean_random_agreement']}, rank "
-              f"{row['mean_effect_rank']}, load {row['load_end']}", flush=True)  # fmt: skip
-    return rows
+        done.append(row)
+        save()
+        print(f"[supernodes] {prompt!r}: {len(found)} supernodes, effect rank {mean_rank}, "
+              f"agreement {row['mean_agreement']} (random {row['mean_random_agreement']}), "
+              f"load {row['load_end'][0]}", flush=True)  # fmt: skip
+    return done
 
 
-def part_contrast(rm, args, graphs: dict) -> list[dict]:
+def part_cards(rm, book, graphs: Graphs, args, done: list, save) -> list[dict]:
+    from tracer.feature_topics import TopicError, feature_cards, place_words
+    from tracer.prompts import DEMO_PROMPTS
+
+    try:
+        words = place_words()
+    except TopicError as err:
+        print(f"[cards] no place-topic check: {err}", flush=True)
+        words = None
+    have = {r["prompt"] for r in done}
+    for prompt in DEMO_PROMPTS:
+        if prompt in have:
+            continue
+        load0, t0 = load_avg(), time.perf_counter()
+        g = graphs.get(prompt, args.max_feature_nodes)
+        cards = [c.to_dict() for c in feature_cards(g, book, words, n=args.n_cards)]
+        flags = [c["about_places"] for c in cards if c["about_places"] is not None]
+        row = {
+            "prompt": prompt, "n_cards": len(cards), "n_with_contexts": len(flags),
+            "n_about_places": sum(flags) if words is not None else None,
+            "cards": cards, "seconds": round(time.perf_counter() - t0, 1),
+            "load_start": load0, "load_end": load_avg(),
+        }  # fmt: skip
+        done.append(row)
+        save()
+        print(f"[cards] {prompt!r}: {row['n_about_places']} of {len(cards)} top features about "
+              f"countries/cities/capitals ({len(flags)} with contexts)", flush=True)  # fmt: skip
+    return done
+
+
+def part_contrast(graphs: Graphs, args, done: list, save) -> list[dict]:
     from tracer.contrast import contrast
 
-    rows = []
+    have = {r["category"] for r in done}
     for cat, (pa_, pb_) in PAIRS.items():
-        load0 = load_avg()
-        t0 = time.perf_counter()
-        ga = graphs.get(pa_) or trace(rm, pa_, args.contrast_feature_nodes)[:2]
-        gb = graphs.get(pb_) or trace(rm, pb_, args.contrast_feature_nodes)[:2]
-        graphs.setdefault(pa_, ga)
-        graphs.setdefault(pb_, gb)
-        c = contrast(ga[1], gb[1])
-        s = c.summary(n=5)
-        rows.append({
+        if cat in have:
+            continue
+        load0, t0 = load_avg(), time.perf_counter()
+        ga, gb = (
+            graphs.get(pa_, args.contrast_feature_nodes),
+            graphs.get(pb_, args.contrast_feature_nodes),
+        )
+        s = contrast(ga, gb).summary(n=5)
+        done.append({
             "category": cat, "prompt_a": pa_, "prompt_b": pb_,
-            "top_a": top_token(ga[0]), "top_b": top_token(gb[0]),
+            "top_a": top_token(ga), "top_b": top_token(gb),
             **{k: v for k, v in s.items() if k.startswith("n_")},
             "separating_a": s["only_in_a"], "separating_b": s["only_in_b"],
             "shared_most_changed": s["shared_most_changed"],
@@ -165,77 +325,13 @@ def part_contrast(rm, args, graphs: dict) -> list[dict]:
             "seconds": round(time.perf_counter() - t0, 1),
             "load_start": load0, "load_end": load_avg(),
         })  # fmt: skip
+        save()
         print(f"[contrast] {cat}: {s['n_features_only_in_a']} / {s['n_features_only_in_b']} "
               f"features only in a / b, {s['n_sign_flips']} sign flips", flush=True)  # fmt: skip
-    return rows
+    return done
 
 
-def part_swap(rm, book, corpus, args, graphs: dict) -> dict:
-    from tracer.graph import FEATURE
-    from tracer.supernodes import corpus_activations, find_supernodes
-    from tracer.swap import swap
-
-    load0 = load_avg()
-    t0 = time.perf_counter()
-    a, b = SWAP
-    ga = graphs.get(a) or trace(rm, a, args.max_feature_nodes)[:2]
-    gb = graphs.get(b) or trace(rm, b, args.max_feature_nodes)[:2]
-    ta, tb = rm.model.tokenize(a), rm.model.tokenize(b)
-    diff = [int(p) for p in torch.nonzero(ta != tb).flatten()]  # the concept's position(s)
-
-    def at(graph, pos):
-        sel = [i for i in np.where(graph.kind == FEATURE)[0] if int(graph.position[i]) in pos]
-        return [(int(graph.layer[i]), int(graph.position[i]), int(graph.feature[i])) for i in sel]
-
-    def active_at(prompt, pos):
-        st = rm.record(rm.model.tokenize(prompt))
-        return [(int(l), int(p), int(f)) for l, p, f in zip(st.feat_layer, st.feat_pos,
-                st.feat_index, strict=True) if int(p) in pos]  # fmt: skip
-
-    out = {"prompt": a, "other_prompt": b, "positions": diff, "experiments": []}
-    last = [len(ta) - 1]
-    all_a, all_b = active_at(a, diff), active_at(b, diff)  # one record of each prompt
-    # From the narrowest edit to the widest: the circuit's features at the concept position,
-    # every active feature there (all layers), the circuit's features at the last position
-    # (where the answer is said), and the last two together.
-    sets = [
-        ("circuit features at the concept position", at(ga[1], diff), at(gb[1], diff)),
-        ("every active feature at the concept position", all_a, all_b),
-        ("circuit features at the last position", at(ga[1], last), at(gb[1], last)),
-        ("every active feature at the concept position + circuit features at the last",
-         all_a + at(ga[1], last), all_b + at(gb[1], last)),
-    ]  # fmt: skip
-    for what, remove, insert in sets:
-        res = swap(rm, a, remove, insert, b, max_new_tokens=8)
-        out["experiments"].append({"what": what, **res.to_dict()})
-    for g in (ga[1], gb[1]):
-        if "supernodes" not in g.extra:  # as in part 1: all three signals
-            feats = np.where(g.kind == FEATURE)[0]
-            pairs = [(int(g.layer[i]), int(g.feature[i])) for i in feats]
-            acts = corpus_activations(rm, corpus, pairs, progress=False)
-            find_supernodes(g, transcoder=rm.transcoder, activations=acts, book=book,
-                            min_similarity=args.min_similarity)  # fmt: skip
-
-    def top_at(graph):
-        from tracer.supernodes import supernodes_of
-
-        cands = [s for s in supernodes_of(graph) if any(m[1] in diff for m in s.members)]
-        return cands[0] if cands else None
-
-    sa, sb = top_at(ga[1]), top_at(gb[1])
-    if sa is not None and sb is not None:
-        res = swap(rm, a, [m for m in sa.members], [m for m in sb.members], b, max_new_tokens=8)
-        out["experiments"].append({"what": f"supernode {sa.id} ({sa.name}) -> {sb.id} "
-                                   f"({sb.name})", **res.to_dict()})  # fmt: skip
-    for e in out["experiments"]:
-        print(f"[swap] {e['what']}: {e['top_before'][0]} -> {e['top_after'][0]}; moved "
-              f"{e['moved']}; {e['continuation_after']!r}", flush=True)  # fmt: skip
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["load_start"], out["load_end"] = load0, load_avg()
-    return out
-
-
-def part_weights(rm, corpus, args, graphs: dict) -> dict:
+def part_weights(rm, corpus, graphs: Graphs, args) -> dict:
     from tracer.global_weights import (
         cumulative_decoders,
         effective_encoders,
@@ -250,8 +346,7 @@ def part_weights(rm, corpus, args, graphs: dict) -> dict:
     gw = global_weights(rm.transcoder, rm.model, top_k=args.top_k, norm_scales=scales,
                         progress=False)  # fmt: skip
     t_weights = time.perf_counter() - t0
-    prompt = "The capital of the state containing Dallas is"
-    full, circuit = graphs.get(prompt) or trace(rm, prompt, args.max_feature_nodes)[:2]
+    circuit = graphs.get("The capital of the state containing Dallas is", args.max_feature_nodes)
     state = rm.record(torch.as_tensor(circuit.tokens))
     enc = effective_encoders(rm.transcoder, rm.model)  # unit convention: x s(layer, position)
     cum = {}
@@ -276,8 +371,7 @@ def part_weights(rm, corpus, args, graphs: dict) -> dict:
         edge.append(float(circuit.weight[k]))
     direct, edge = np.array(direct), np.array(edge)
     out = {
-        "transcoder": str(args.transcoders), "top_k": args.top_k, "norm": gw.norm,
-        "n_pairs": len(gw), "seconds": round(t_weights, 1),
+        "top_k": args.top_k, "norm": gw.norm, "n_pairs": len(gw), "seconds": round(t_weights, 1),
         "dallas_feature_edges": int(e_ok.sum()),
         "dallas_same_position_edges": int(same.sum()),
         "dallas_edges_with_stored_pair": int(in_topk),
@@ -293,30 +387,127 @@ def part_weights(rm, corpus, args, graphs: dict) -> dict:
     return out
 
 
+# --- the report -----------------------------------------------------------------------------------
+
+
+def summary(res: dict) -> dict:
+    """The issue-26 goals, from whatever parts are done."""
+    out: dict = {}
+    if res.get("swap"):
+        exps = [e for r in res["swap"] for e in r["experiments"]]
+        out["swaps_moved_to_other"] = sum(e["moved_to_other"] for e in exps)
+        out["swaps_moved"] = sum(e["moved"] for e in exps)
+        out["swaps"] = len(exps)
+    if res.get("supernodes"):
+        rows = res["supernodes"]
+        out["prompts_effect_rank_ge_0.75"] = sum(bool(r["passes"]) for r in rows)
+        out["prompts_with_supernodes"] = len(rows)
+        out["effect_ranks"] = [r["mean_effect_rank"] for r in rows]
+    france = next((r for r in res.get("cards") or [] if r["prompt"] == FRANCE), None)
+    if france is not None:
+        out["france_top_features_about_places"] = france["n_about_places"]
+        out["france_top_features"] = france["n_cards"]
+    return out
+
+
+def summary_lines(s: dict) -> list[str]:
+    lines = []
+    if "swaps" in s:
+        lines.append(f"swaps: {s['swaps_moved_to_other']} of {s['swaps']} moved the answer to the "
+                     f"other prompt's ({s['swaps_moved']} moved at all); goal >= 1")  # fmt: skip
+    if "prompts_with_supernodes" in s:
+        ranks = ", ".join("n/a" if r is None else f"{r:.2f}" for r in s["effect_ranks"])
+        n_pass = s["prompts_effect_rank_ge_0.75"]
+        n_all = s["prompts_with_supernodes"]
+        lines.append(f"supernodes: effect rank >= 0.75 on {n_pass} of {n_all} demo prompts "
+                     f"({ranks}); goal 3 of 5")  # fmt: skip
+    if "france_top_features" in s:
+        lines.append(f"cards: {s['france_top_features_about_places']} of the France graph's "
+                     f"{s['france_top_features']} most influential features have top contexts "
+                     "about countries, cities or capitals; goal >= 3")  # fmt: skip
+    return lines
+
+
 def markdown(res: dict) -> str:
     def f(x, nd=2):
         return "n/a" if x is None else f"{x:.{nd}f}"
 
-    lines = [f"Transcoder: {res['transcoder']}", f"Machine: {res['machine']}", ""]
-    if "supernodes" in res:
-        lines += ["## Supernodes of the demo prompts", "",
+    def tok(t):
+        return repr(t).replace("|", "\\|")
+
+    lines = [
+        "# Causal tests across prompts (scripts/bench_crossprompt.py)", "",
+        f"- Transcoder: `{res['transcoder']}` (fingerprint {res['fingerprint']})",
+        f"- Commit: {res['commit']}", f"- Command: `{res['command']}`",
+        f"- Machine: {res['machine']}", f"- Date: {res['date']}",
+        f"- Load average at start / end: {res['load_start']} / {res.get('load_end')}",
+        f"- Seconds: {res.get('seconds')}", "",
+    ]  # fmt: skip
+    s = summary(res)
+    if s:
+        lines += ["## Goals (issue 26)", ""] + [f"- {x}" for x in summary_lines(s)] + [""]
+    if res.get("swap"):
+        lines += ["## Swaps (live mode)", "",
+                  "| prompt <- other | what | removed / inserted | top before -> after | "
+                  "moved to other | other answer p before -> after | rank before -> after | "
+                  "continuation after |",
+                  "|---|---|---:|---|---|---|---|---|"]  # fmt: skip
+        for r in res["swap"]:
+            for e in r["experiments"]:
+                o = e["other_answer"]
+                lines.append(
+                    f"| {tok(r['prompt'])} <- {tok(r['other_prompt'])} | {e['what']} | "
+                    f"{e['n_removed']} / {e['n_inserted']} | {tok(e['top_before'][0][0])} "
+                    f"{e['top_before'][0][2]:.3f} -> {tok(e['top_after'][0][0])} "
+                    f"{e['top_after'][0][2]:.3f} | {e['moved_to_other']} | {o['token']!r} "
+                    f"{o['p_before']:.3f} -> {o['p_after']:.3f} | {o['rank_before']} -> "
+                    f"{o['rank_after']} | {tok(e['continuation_after'])} |"
+                )
+        lines.append("")
+    if res.get("supernodes"):
+        lines += ["## Supernodes of the demo prompts against random groups of their size", "",
                   "| prompt | top token | circuit features | supernodes | grouped | agreement | "
-                  "random-group agreement | effect rank vs random | load |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "random-group agreement | effect rank vs random | >= 0.75 | load |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
         for r in res["supernodes"]:
             lines.append(
-                f"| {r['prompt']!r} | {r['top_token']!r} | {r['circuit_features']} | "
+                f"| {tok(r['prompt'])} | {tok(r['top_token'])} | {r['circuit_features']} | "
                 f"{r['n_supernodes']} | {r['grouped_features']} | {f(r['mean_agreement'])} | "
-                f"{f(r['mean_random_agreement'])} | {f(r['mean_effect_rank'])} | "
+                f"{f(r['mean_random_agreement'])} | {f(r['mean_effect_rank'])} | {r['passes']} | "
                 f"{r['load_end'][0]} |"
             )
         lines.append("")
         for r in res["supernodes"]:
             lines.append(f"**{r['prompt']!r}**: " + "; ".join(
-                f"{s['id']} [{s['name']}] x{s['size']} agreement {f(s.get('agreement'))}"
+                f"{s['id']} [{s['name']}] x{s['size']} effect rank {f(s.get('effect_rank'))}"
                 for s in r["supernodes"][:5]))  # fmt: skip
             lines.append("")
-    if "contrast" in res:
+    if res.get("cards"):
+        lines += ["## Feature cards: the most influential features of each demo graph", "",
+                  "About places: at least half of the top-8 contexts have a country, city or "
+                  "capital (WordNet) or the word capital/city/country within 3 words of the "
+                  "activating token (tracer/feature_topics.py).", ""]  # fmt: skip
+        for r in res["cards"]:
+            lines += [f"### {r['prompt']!r}: {r['n_about_places']} of {r['n_cards']} about "
+                      "places", "",
+                      "| feature | influence | positions | frequency | about places | "
+                      "top contexts (3 of 8) | promoted |",
+                      "|---|---:|---|---:|---|---|---|"]  # fmt: skip
+            for c in r["cards"]:
+                t = c["topic"]
+                about = (
+                    "n/a"
+                    if t is None
+                    else f"{c['about_places']} ({t['n_counting']}/{t['n_contexts']})"
+                )
+                ctx = "<br>".join(x.replace("\n", "⏎").replace("|", "\\|")[-90:]
+                                  for x in c["contexts"][:3])  # fmt: skip
+                prom = " ".join(tok(p) for p, _ in c["promoted"][:5])
+                freq = "n/a" if c["frequency"] is None else f"{100 * c['frequency']:.2f}%"
+                lines.append(f"| L{c['layer']}/F{c['index']} | {c['influence']:.4f} | "
+                             f"{c['positions']} | {freq} | {about} | {ctx} | {prom} |")  # fmt: skip
+            lines.append("")
+    if res.get("contrast"):
         lines += ["## Contrastive pairs", "",
                   "| category | a | b | top a / b | only in a | only in b | shared | sign flips | "
                   "top separating (a) | top separating (b) |",
@@ -325,84 +516,121 @@ def markdown(res: dict) -> str:
             sep_a = ", ".join(x["feature"] for x in r["separating_a"][:3])
             sep_b = ", ".join(x["feature"] for x in r["separating_b"][:3])
             lines.append(
-                f"| {r['category']} | {r['prompt_a']!r} | {r['prompt_b']!r} | "
-                f"{r['top_a']!r} / {r['top_b']!r} | {r['n_features_only_in_a']} | "
+                f"| {r['category']} | {tok(r['prompt_a'])} | {tok(r['prompt_b'])} | "
+                f"{tok(r['top_a'])} / {tok(r['top_b'])} | {r['n_features_only_in_a']} | "
                 f"{r['n_features_only_in_b']} | {r['n_features_shared']} | {r['n_sign_flips']} | "
                 f"{sep_a} | {sep_b} |"
             )
         lines.append("")
-    if "swap" in res:
-        s = res["swap"]
-        lines += ["## Swap", "", f"{s['prompt']!r} with features from {s['other_prompt']!r} "
-                  f"at positions {s['positions']}:", ""]  # fmt: skip
-        for e in s["experiments"]:
-            lines.append(
-                f"- {e['what']}: removed {len(e['removed'])}, inserted {len(e['inserted'])}; "
-                f"top before {e['top_before'][0][0]!r} ({e['top_before'][0][2]:.3f}), after "
-                f"{e['top_after'][0][0]!r} ({e['top_after'][0][2]:.3f}); moved: {e['moved']}; "
-                f"continuation {e['continuation_after']!r} (was {e['continuation_before']!r})"
-            )
-        lines.append("")
-    if "weights" in res:
-        w = res["weights"]
-        lines += ["## Global weights", "", "```", json.dumps(w, indent=2), "```", ""]
+    if res.get("weights"):
+        lines += ["## Global weights", "", "```", json.dumps(res["weights"], indent=2), "```", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--transcoders", help="CLT folder (default: the trained default CLT)")
-    ap.add_argument("--parts", default="supernodes,contrast,swap,weights")
+    ap.add_argument("--transcoders", help="CLT folder (default: the demo's trained CLT under "
+                    "$CIRCUIT_ATLAS_HOME)")  # fmt: skip
+    ap.add_argument("--parts", default=DEFAULT_PARTS, help=f"of {','.join(ALL_PARTS)}")
+    ap.add_argument("--corpus", help="corpus of the held-out sequences (default: the demo's)")
+    ap.add_argument("--layers", default="8-20", help="the middle layers of the swaps")
     ap.add_argument("--max-feature-nodes", type=int, default=512)
     ap.add_argument("--contrast-feature-nodes", type=int, default=256)
     ap.add_argument("--corpus-seqs", type=int, default=32, help="held-out corpus sequences")
     ap.add_argument("--n-random", type=int, default=16, help="random groups per supernode")
     ap.add_argument("--min-similarity", type=float, default=0.5)
+    ap.add_argument("--n-cards", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=4, help="swap continuations")
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "crossprompt"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "crossprompt"),
+                    help="OUT.json and OUT.md are written")  # fmt: skip
+    ap.add_argument("--work", help="graph folder (default under $CIRCUIT_ATLAS_HOME)")
+    ap.add_argument("--fresh", action="store_true", help="ignore earlier results in OUT.json")
     args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in ALL_PARTS]
+    if bad:
+        print(f"unknown part(s) {bad}: use some of {','.join(ALL_PARTS)}", file=sys.stderr)
+        return 2
+    from tracer.swap import SwapError, parse_layers
+
+    try:
+        parse_layers(args.layers)
+    except SwapError as err:
+        print(f"--layers: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    check_pairs()
+    check_prompts()
+    path = Path(args.transcoders) if args.transcoders else demo_transcoder_path()
+    if not path.is_dir():
+        where = "--transcoders" if args.transcoders else "the demo's default CLT"
+        print(f"no transcoder at {path} ({where}): run `circuit-atlas demo` first or give "
+              "--transcoders PATH", file=sys.stderr)  # fmt: skip
+        return 2
+    t_start = time.perf_counter()
     from tracer.cli.train_cmd import load_corpus
     from tracer.features import FeatureBook
-    from tracer.fetch import default_transcoder_path
+    from tracer.fetch import cache_root
     from tracer.model import LanguageModel
     from tracer.replacement import ReplacementModel
     from transcoders.formats import load_transcoder
+    from transcoders.identity import fingerprint
 
-    path = Path(args.transcoders or default_transcoder_path("smollm2", 256))
-    if not (path / "circuit_atlas.json").exists():
-        raise SystemExit(f"no trained transcoder at {path}: train it or give --transcoders")
-    args.transcoders = path
     model = LanguageModel.load("smollm2")
     rm = ReplacementModel(model, load_transcoder(path, model=model))
+    fp = fingerprint(rm.transcoder)
     book = FeatureBook.load(path) if (path / "feature_contexts.parquet").exists() else None
-    corpus = torch.as_tensor(load_corpus("public", model).tokens[-args.corpus_seqs :])
-    parts = args.parts.split(",")
-    res: dict = {
-        "transcoder": str(path),
-        "machine": f"{platform.node()} ({os.cpu_count()} cores), torch threads {args.threads}",
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "load_start": load_avg(),
-    }
-    graphs: dict = {}
+    corpus_spec = args.corpus or demo_corpus()
+    corpus = torch.as_tensor(load_corpus(corpus_spec, model).tokens[-args.corpus_seqs :])
+    kept = ("max_feature_nodes", "contrast_feature_nodes", "corpus_seqs", "n_random",
+            "min_similarity", "n_cards", "max_new_tokens", "top_k", "layers")  # fmt: skip
+    settings = {k: getattr(args, k) for k in kept} | {"corpus": corpus_spec}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    res: dict = {}
+    old = out.with_suffix(".json")
+    if old.exists() and not args.fresh:
+        try:
+            prev = json.loads(old.read_text())
+        except json.JSONDecodeError:
+            prev = {}
+        if prev.get("fingerprint") == fp and prev.get("settings") == settings:
+            res = prev
+            print(f"resuming {shown(old)}: done {[p for p in ALL_PARTS if prev.get(p)]}")
+    argv_shown = [shown(a) if os.path.isabs(a) else a for a in (argv or sys.argv[1:])]
+    res.update({
+        "transcoder": shown(path), "fingerprint": fp, "book": book is not None,
+        "commit": commit(), "machine": machine(args.threads),
+        "command": shlex.join([".venv/bin/python", "scripts/bench_crossprompt.py", *argv_shown]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": settings, "load_start": load_avg(),
+    })  # fmt: skip
+    graphs = Graphs(rm, Path(args.work) if args.work else cache_root() / "bench-crossprompt" / fp)
+
+    def save() -> None:
+        res["load_end"] = load_avg()
+        res["seconds"] = round(time.perf_counter() - t_start, 1)
+        res["summary"] = summary(res)
+        # Written after every item, so a later failure keeps the earlier results.
+        old.write_text(json.dumps(res, indent=2, default=str))
+        out.with_suffix(".md").write_text(markdown(res))
+
     runs = {
-        "supernodes": lambda: part_supernodes(rm, book, corpus, args, graphs),
-        "swap": lambda: part_swap(rm, book, corpus, args, graphs),
-        "contrast": lambda: part_contrast(rm, args, graphs),
-        "weights": lambda: part_weights(rm, corpus, args, graphs),
-    }
+        "swap": lambda: part_swap(rm, args, res.setdefault("swap", []), save),
+        "supernodes": lambda: part_supernodes(rm, book, corpus, graphs, args,
+                                              res.setdefault("supernodes", []), save),
+        "cards": lambda: part_cards(rm, book, graphs, args, res.setdefault("cards", []), save),
+        "contrast": lambda: part_contrast(graphs, args, res.setdefault("contrast", []), save),
+        "weights": lambda: res.get("weights") or part_weights(rm, corpus, graphs, args),
+    }  # fmt: skip
     for name, run in runs.items():
         if name in parts:
             res[name] = run()
-            res["load_end"] = load_avg()
-            # Written after every part, so a later part's failure keeps the earlier results.
-            out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-            out.with_suffix(".md").write_text(markdown(res))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+            save()
+    print("\n".join(summary_lines(summary(res))))
+    print(f"wrote {shown(old)} and {shown(out.with_suffix('.md'))} in "
+          f"{time.perf_counter() - t_start:.0f} s")  # fmt: skip
     return 0
 
 

@@ -308,3 +308,84 @@ def run_swap_file(rm: ReplacementModel, path: str | Path, *, progress: bool = Tr
         graph.save(gpath)
         out.append((gpath, result))
     return out
+
+
+# --- concept swaps between two prompts of one category ------------------------------------------
+
+VARIANT_POSITIONS = ("concept", "last", "concept+last")
+
+
+@dataclass(frozen=True)
+class SwapVariant:
+    """Which features a concept swap exchanges: every active feature at ``positions``
+    ('concept': where the prompts differ; 'last': the last position, where the answer is said;
+    'concept+last': both), of ``layers`` (inclusive; None: all)."""
+
+    positions: str = "concept"
+    layers: LayerRange | None = None
+
+    def __post_init__(self):
+        if self.positions not in VARIANT_POSITIONS:
+            raise SwapError(
+                f"swap positions {self.positions!r}: use one of {', '.join(VARIANT_POSITIONS)}"
+            )
+
+    @property
+    def name(self) -> str:
+        where = {"concept": "concept position", "last": "last position"}.get(
+            self.positions, "concept + last positions"
+        )
+        span = "all layers" if self.layers is None else f"layers {self.layers[0]}-{self.layers[1]}"
+        return f"every active feature at the {where}, {span}"
+
+
+def next_token(rm: ReplacementModel, prompt: str) -> tuple[str, int, float]:
+    """The model's most likely next token after ``prompt``: (text, id, probability)."""
+    run = rm.model.run(rm.model.tokenize(prompt), record=False)
+    logits = run.logits.reshape(-1, run.logits.shape[-1])[-1]
+    return _top(logits, rm.model.decode, 1)[0]
+
+
+def concept_swaps(
+    rm: ReplacementModel,
+    prompt: str,
+    other_prompt: str,
+    variants: Sequence[SwapVariant],
+    *,
+    max_new_tokens: int = 4,
+    mode: str = "live",
+) -> dict:
+    """Each variant's swap of ``prompt``'s features for ``other_prompt``'s (same token length),
+    watching the other prompt's answer (its unedited top token). Returns a JSON-ready dict:
+    the prompts, the concept positions, both answers and per variant the :class:`SwapResult`
+    fields plus ``moved_to_other`` (the top token became the other prompt's answer) and
+    ``other_answer`` (its probability and rank before and after)."""
+    pos = concept_positions(rm.model, prompt, other_prompt)
+    last = len(rm.model.tokenize(prompt)) - 1
+    answer, other = next_token(rm, prompt), next_token(rm, other_prompt)
+    sa = rm.record(rm.model.tokenize(prompt))
+    sb = rm.record(rm.model.tokenize(other_prompt))
+    out = {
+        "prompt": prompt,
+        "other_prompt": other_prompt,
+        "positions": pos,
+        "answer": answer,
+        "other_answer": other,
+        "experiments": [],
+    }
+    for v in variants:
+        where = {"concept": pos, "last": [last], "concept+last": sorted({*pos, last})}
+        at = where[v.positions]
+        remove = active_features(rm, prompt, at, v.layers, state=sa)
+        insert = active_features(rm, other_prompt, at, v.layers, state=sb)
+        res = swap(rm, prompt, remove, insert, other_prompt, mode=mode, layers=v.layers,
+                   watch=[other[1]], max_new_tokens=max_new_tokens)  # fmt: skip
+        d = res.to_dict()
+        d.pop("removed"), d.pop("inserted")  # thousands of entries: their counts are kept
+        out["experiments"].append({
+            "what": v.name, "positions": at, "n_removed": len(res.removed),
+            "n_inserted": len(res.inserted), **d,
+            "moved_to_other": res.top_after[0][1] == other[1],
+            "other_answer": res.watched[0],
+        })  # fmt: skip
+    return out
