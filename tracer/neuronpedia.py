@@ -140,8 +140,13 @@ def to_neuronpedia(
     decode: Callable[[int], str] | None = None,
     node_threshold: float | None = None,
     subgraph: Subgraph | None = None,
+    feature_labels: Mapping[tuple[int, int], str] | None = None,
 ) -> dict:
     """The graph as a Neuronpedia graph document (a JSON-ready dict).
+
+    A feature node's ``clerp`` is its edited label (``feature_labels``: ``{(layer, index):
+    label}``, the labels people wrote in the explorer, ``GraphStore.feature_labels``) where it
+    has one, else the automatic label of ``features`` (``FeatureInfo.short_label``), else "".
 
     ``subgraph`` (pinned nodes, supernodes, labels; checked against the graph's node ids) goes
     into ``qParams`` (``pinnedIds``, ``supernodes``, and the labels as an extra ``clerps``
@@ -178,8 +183,9 @@ def to_neuronpedia(
             node["feature"] = cantor_pair(layer, f)
             node["jsNodeId"] = f"{layer}_{f}-0"
             node["activation"] = float(graph.activation[i])
-            info = features.get(layer, f) if features else None
-            node["clerp"] = info.short_label() if info else ""
+            edited = (feature_labels or {}).get((layer, f))
+            info = features.get(layer, f) if features and not edited else None
+            node["clerp"] = edited or (info.short_label() if info else "")
         elif k == ERROR:
             node["feature"] = -1
             node["jsNodeId"] = f"{layer}_-1-{pos}"

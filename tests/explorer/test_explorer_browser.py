@@ -684,3 +684,103 @@ def test_cypher_node_query_as_a_property_table(world, browser):
         assert tab.errors == []
     finally:
         tab.close()
+
+
+def test_neuronpedia_export_uses_edited_labels(world):
+    """Both Neuronpedia exports (the saved-subgraph link and the export of what is pinned now)
+    carry a feature's edited label as the clerp of every node of that feature, in each graph
+    that has it; the other features keep their automatic labels."""
+    from explorer_client import call
+
+    g, _ = world.graphs[0]
+    other, _ = world.graphs[1]
+    gid, other_id = world.ids
+    shared = shared_feature(g, other)
+    key = (int(g.layer[shared]), int(g.feature[shared]))
+    before = call(f"{world.url}/api/graphs/{gid}/neuronpedia")[1]
+    try:
+        world.store.set_feature_label(g.transcoder_name, *key, "capital-city feature")
+        for graph, graph_id in ((g, gid), (other, other_id)):
+            pinned = {"name": "now", "pinnedIds": [np_node_id(graph, int(shared_in(graph, key)))]}
+            for status, doc in (
+                call(f"{world.url}/api/graphs/{graph_id}/neuronpedia"),
+                call(f"{world.url}/api/graphs/{graph_id}/neuronpedia", pinned),
+            ):
+                assert status == 200, doc
+                hits = 0
+                for i, node in enumerate(doc["nodes"]):
+                    mine = graph.kind[i] == FEATURE and (
+                        int(graph.layer[i]), int(graph.feature[i])) == key  # fmt: skip
+                    if mine:
+                        assert node["clerp"] == "capital-city feature"
+                        hits += 1
+                    else:
+                        assert node["clerp"] != "capital-city feature"
+                assert hits >= 1
+        after = call(f"{world.url}/api/graphs/{gid}/neuronpedia")[1]
+        changed = [i for i, (a, b) in enumerate(zip(before["nodes"], after["nodes"], strict=True))
+                   if a["clerp"] != b["clerp"]]  # fmt: skip
+        assert changed and all(
+            (int(g.layer[i]), int(g.feature[i])) == key for i in changed
+        )  # fmt: skip
+    finally:
+        world.store.set_feature_label(g.transcoder_name, *key, "")
+    assert call(f"{world.url}/api/graphs/{gid}/neuronpedia")[1]["nodes"] == before["nodes"]
+
+
+def shared_in(graph, key) -> int:
+    """A feature node of ``graph`` with (layer, index) ``key``."""
+    return next(
+        int(i) for i in np.flatnonzero(graph.kind == FEATURE)
+        if (int(graph.layer[i]), int(graph.feature[i])) == key
+    )  # fmt: skip
+
+
+def test_cancelled_intervention_stops(world, browser):
+    """Cancel while the continuation is being generated: the page says cancelled and shows no
+    result, the server's job ends cancelled before it finished, and the next run works."""
+    from explorer_client import call
+
+    g, _ = world.graphs[0]
+    gid = world.ids[0]
+    nid = np_node_id(g, top_features(g, 1)[0])
+    tab = Tab(browser, world.url)
+    page = tab.page
+
+    def longer(route):  # a 64-token continuation, so the job is still running when cancelled
+        body = json.loads(route.request.post_data)
+        route.continue_(post_data=json.dumps({**body, "max_new_tokens": 64}))
+
+    try:
+        tab.open(f"?graph={gid}")
+        tab.js("(id) => __explorer.togglePin(id)", nid)
+        page.click("#tabs button[data-tab=intervene]")
+        page.select_option("#iv-target", f"n:{nid}")
+        page.select_option("#iv-op", "ablate")
+        page.select_option("#iv-mode", "free")
+        page.route("**/api/interventions", longer)
+        with page.expect_response("**/api/interventions") as submitted:
+            page.click("#iv-run")
+        jid = submitted.value.json()["id"]
+        expect(page.locator("#iv-status")).to_contain_text(
+            "generating continuations", timeout=60_000
+        )
+        assert page.locator("#iv-cancel").is_visible()
+        page.click("#iv-cancel")
+        expect(page.locator("#iv-status")).to_have_text("cancelled", timeout=30_000)
+        job = call(f"{world.url}/api/jobs/{jid}")[1]
+        assert job["state"] == "cancelled" and job["result"] is None
+        assert 0.5 <= job["progress"] < 1.0  # stopped during the continuation
+        assert page.locator("#iv-result").inner_text().strip() == ""
+        assert page.locator("#logit-table").count() == 0
+        assert page.locator("#iv-cancel").is_hidden() and page.locator("#iv-run").is_enabled()
+        assert call(f"{world.url}/api/info")[1]["queue"]["pending"] == 0
+        tab.shot("16-intervention-cancelled")
+        # the worker is free: the next run (the page's own length) completes
+        page.unroute("**/api/interventions")
+        page.click("#iv-run")
+        page.wait_for_selector("#logit-table", timeout=120_000)
+        expect(page.locator("#iv-status")).to_have_text("done")
+        assert tab.errors == []
+    finally:
+        tab.close()

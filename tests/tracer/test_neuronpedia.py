@@ -20,6 +20,7 @@ from tracer.neuronpedia import (
     cantor_pair,
     check_document,
     cumulative_influence,
+    np_node_id,
     slugify,
     to_neuronpedia,
     write_neuronpedia,
@@ -180,3 +181,32 @@ def test_slugify():
     assert slugify("The opposite of hot is") == "the-opposite-of-hot-is"
     assert slugify("def f(x):\n    return") == "def-f-x-return"
     assert slugify("日本") == "graph"
+
+
+def test_edited_feature_labels_are_the_clerps():
+    """A feature with an edited label exports it as its clerp (every node of that feature, at
+    every position); the others keep their automatic label; logits and tokens are untouched."""
+    g = make_graph()
+    book = load_features(make_feature_dict(g))
+    feats = np.flatnonzero(g.kind == FEATURE)
+    pairs = sorted({(int(g.layer[i]), int(g.feature[i])) for i in feats})
+    edited = {pairs[0]: "capital cities", pairs[-1]: "says Austin"}
+    plain = to_neuronpedia(g, slug="x", features=book)
+    doc = to_neuronpedia(g, slug="x", features=book, feature_labels=edited)
+    changed = 0
+    for i, (a, b) in enumerate(zip(plain["nodes"], doc["nodes"], strict=True)):
+        key = (int(g.layer[i]), int(g.feature[i]))
+        if int(g.kind[i]) == FEATURE and key in edited:
+            assert b["clerp"] == edited[key]
+            changed += 1
+        else:
+            assert b == a
+    assert changed >= 2
+    assert plain["links"] == doc["links"] and plain["qParams"] == doc["qParams"]
+    check_document(doc)
+    # without a feature book the edited labels still apply
+    bare = to_neuronpedia(g, slug="x", feature_labels=edited)
+    clerps = {n["node_id"]: n["clerp"] for n in bare["nodes"]}
+    for i in feats:
+        key = (int(g.layer[i]), int(g.feature[i]))
+        assert clerps[np_node_id(g, int(i))] == edited.get(key, "")

@@ -352,7 +352,10 @@ def neuronpedia(request: Request):
     name = request.query_params.get("subgraph")
     has = name and ex.source.has_store(gid)
     sub = ex.source.store.load_subgraph(gid, name) if has else None
-    doc = to_neuronpedia(graph, features=ex.features, subgraph=sub, decode=ex.decode)
+    from tracer.explorer.reading_routes import stored_feature_labels
+
+    doc = to_neuronpedia(graph, features=ex.features, subgraph=sub, decode=ex.decode,
+                         feature_labels=stored_feature_labels(ex, graph))  # fmt: skip
     return Response(
         json.dumps(doc, ensure_ascii=False),
         media_type="application/json",

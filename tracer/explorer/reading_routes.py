@@ -87,8 +87,11 @@ async def neuronpedia_now(request: Request):
         raise ValueError('send {"name", "pinnedIds": [...], "supernodes": [...], "clerps": [...]}')
     sub = Subgraph.from_dict({**body, "name": body.get("name") or "subgraph"})
     graph, _ = await run_in_threadpool(ex.source.load, gid, _full(request))
+    labels = await run_in_threadpool(stored_feature_labels, ex, graph)
     doc = await run_in_threadpool(
-        lambda: to_neuronpedia(graph, features=ex.features, subgraph=sub, decode=ex.decode)
+        lambda: to_neuronpedia(
+            graph, features=ex.features, subgraph=sub, decode=ex.decode, feature_labels=labels
+        )
     )
     return Response(
         json.dumps(doc, ensure_ascii=False),
@@ -97,14 +100,21 @@ async def neuronpedia_now(request: Request):
     )
 
 
+def stored_feature_labels(ex, graph) -> dict[tuple[int, int], str]:
+    """``{(layer, index): label}``: the edited labels the store keeps for the graph's features
+    (empty without a store)."""
+    feats = np.flatnonzero(graph.kind == FEATURE)
+    pairs = {(int(graph.layer[i]), int(graph.feature[i])) for i in feats}
+    return ex.source.feature_labels(graph.transcoder_name, pairs) if pairs else {}
+
+
 @api
 def graph_labels(request: Request):
     ex = explorer(request)
     gid = request.path_params["gid"]
     graph, _ = ex.source.load(gid, _full(request))
     feats = np.flatnonzero(graph.kind == FEATURE)
-    pairs = {(int(graph.layer[i]), int(graph.feature[i])) for i in feats}
-    stored = ex.source.feature_labels(graph.transcoder_name, pairs)
+    stored = stored_feature_labels(ex, graph)
     out = {}
     for i in feats:
         label = stored.get((int(graph.layer[i]), int(graph.feature[i])))
