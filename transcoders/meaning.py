@@ -422,7 +422,9 @@ class MeaningConfig:
 class CategoryScore:
     """One category: per layer the chosen feature, its AUROC on the selection half and its
     AUROC measured on the other half; the best layer (chosen on the selection half) and the
-    measured AUROC there."""
+    measured AUROC there. The same for the F1 score of *firing* (activation > 0) as a
+    member detector (``f1_*``): unlike AUROC, it is low for a dense feature that fires on
+    members and on much else besides, so it tells selective features from dense ones."""
 
     name: str
     n_members: int
@@ -432,6 +434,11 @@ class CategoryScore:
     auroc: list[float]
     best_layer: int
     best_auroc: float
+    f1_feature: list[int] = field(default_factory=list)
+    f1_selection: list[float] = field(default_factory=list)
+    f1: list[float] = field(default_factory=list)
+    best_f1_layer: int = 0
+    best_f1: float = float("nan")
 
 
 @dataclass
@@ -480,6 +487,8 @@ class MeaningResult:
         freqs = [x.median_frequency for x in self.layers]
         return {
             "mean_best_auroc": round(self.mean_best, 4),
+            "mean_best_f1": round(float(np.mean([c.best_f1 for c in self.categories])), 4),
+            "best_f1": {c.name: round(c.best_f1, 4) for c in self.categories},
             "best_auroc": {c.name: round(c.best_auroc, 4) for c in self.categories},
             "best_layer": {c.name: c.best_layer for c in self.categories},
             "median_frequency": float(np.median(freqs)) if freqs else float("nan"),
@@ -493,10 +502,11 @@ class MeaningResult:
         out = [
             f"meaning score (sparse probing, {len(self.categories)} categories, "
             f"{self.n_positions:,} positions of {self.source}): mean best-layer AUROC "
-            f"{self.mean_best:.3f}",
+            f"{self.mean_best:.3f}, mean best-layer F1 of firing {s['mean_best_f1']:.3f}",
         ]
         out += [
-            f"  {c.name:<21} {c.best_auroc:.3f} at L{c.best_layer}/F{c.feature[c.best_layer]} "
+            f"  {c.name:<21} AUROC {c.best_auroc:.3f} at L{c.best_layer}/F{c.feature[c.best_layer]}"
+            f", F1 {c.best_f1:.3f} at L{c.best_f1_layer}/F{c.f1_feature[c.best_f1_layer]} "
             f"({c.n_positives} positives, {c.n_members} members)"
             for c in self.categories
         ]
@@ -522,6 +532,15 @@ def auroc(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ranks = (lo + hi + 1).double() / 2  # average 1-based rank
     r_pos = ranks[:, labels].sum(1)
     return ((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).float()
+
+
+def firing_f1(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """F1 score of each column's firing (value > 0) as a detector of ``labels`` (bool [n]):
+    values [n, m] -> [m]; 0 where a feature never fires or there is no positive."""
+    fire = (values > 0).float()
+    tp = labels.float() @ fire
+    denom = labels.float().sum() + fire.sum(0)
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-12), torch.zeros_like(tp))
 
 
 def _candidates(acts: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -611,13 +630,20 @@ def score_probe(
             j = int(torch.nan_to_num(au_sel, nan=-1.0).argmax())
             f = int(cand[j])
             au_mea = auroc(acts[mea][:, [f]], y_all[mea])
-            rows[c].append((f, float(au_sel[j]), float(au_mea[0])))
+            f1_sel = firing_f1(a_sel, y_sel)
+            g = int(f1_sel.argmax())
+            f1_mea = firing_f1(acts[mea][:, [g]], y_all[mea])
+            rows[c].append((f, float(au_sel[j]), float(au_mea[0]), g, float(f1_sel[g]),
+                            float(f1_mea[0])))  # fmt: skip
     cats = []
     for c in names:
         feat = [r[0] for r in rows[c]]
         a_sel = [r[1] for r in rows[c]]
         a_mea = [r[2] for r in rows[c]]
+        f1_sel = [r[4] for r in rows[c]]
+        f1_mea = [r[5] for r in rows[c]]
         best = int(np.nanargmax(a_sel))
+        best_f1 = int(np.argmax(f1_sel))
         cats.append(
             CategoryScore(
                 name=c,
@@ -628,6 +654,11 @@ def score_probe(
                 auroc=a_mea,
                 best_layer=best,
                 best_auroc=a_mea[best],
+                f1_feature=[r[3] for r in rows[c]],
+                f1_selection=f1_sel,
+                f1=f1_mea,
+                best_f1_layer=best_f1,
+                best_f1=f1_mea[best_f1],
             )
         )
     per_layer = [float(np.mean([c.auroc[i] for c in cats])) for i in range(L)]

@@ -90,6 +90,15 @@ def test_auroc_matches_pairwise_count():
         assert got[j].item() == pytest.approx(want.item(), abs=1e-6)
 
 
+def test_firing_f1_matches_counts():
+    v = torch.tensor([[0.0, 1.0], [2.0, 0.0], [3.0, 1.0], [0.0, 0.0], [1.0, 5.0]])
+    y = torch.tensor([True, True, False, False, True])
+    # column 0 fires on rows 1, 2, 4: tp 2, fp 1, fn 1 -> F1 4/6; column 1: rows 0, 2, 4: same
+    got = meaning.firing_f1(v, y)
+    assert got.tolist() == pytest.approx([4 / 6, 4 / 6])
+    assert meaning.firing_f1(torch.zeros(5, 1), y).tolist() == [0.0]
+
+
 def test_planted_feature_scores_one_and_the_rest_about_half():
     tok = WordTokenizer().spec()
     probe = meaning.build_probe(tok, categories=("months", "colours"), text=sentences())
@@ -99,6 +108,7 @@ def test_planted_feature_scores_one_and_the_rest_about_half():
     months = next(c for c in res.categories if c.name == "months")
     assert months.best_layer == 1 and months.feature[1] == 5
     assert months.best_auroc == 1.0 and months.auroc[1] == 1.0
+    assert months.best_f1 == 1.0 and months.best_f1_layer == 1 and months.f1_feature[1] == 5
     # Frequency statistics against a direct count of the planted feature's firings.
     n_valid = int(probe.valid.sum())
     layer1 = res.layers[1]
@@ -134,6 +144,8 @@ def test_uninformative_transcoder_scores_about_half():
         assert abs(c.best_auroc - 0.5) < 0.15, (c.name, c.best_auroc)
         assert max(c.auroc_selection) > c.best_auroc  # selection on the other half is optimistic
     assert abs(res.mean_best - 0.5) < 0.1
+    # Firing F1: at best the positives' base rate for features that know nothing.
+    assert res.summary()["mean_best_f1"] < 0.25
 
 
 def test_category_without_held_out_member_is_refused():
