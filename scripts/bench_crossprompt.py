@@ -616,11 +616,11 @@ def main(argv=None) -> int:
         old.write_text(json.dumps(res, indent=2, default=str))
         out.with_suffix(".md").write_text(markdown(res))
 
-    runs = {
-        "swap": lambda: part_swap(rm, args, res.setdefault("swap", []), save),
+    runs = {  # cheapest first: cards need only the five traces
+        "cards": lambda: part_cards(rm, book, graphs, args, res.setdefault("cards", []), save),
         "supernodes": lambda: part_supernodes(rm, book, corpus, graphs, args,
                                               res.setdefault("supernodes", []), save),
-        "cards": lambda: part_cards(rm, book, graphs, args, res.setdefault("cards", []), save),
+        "swap": lambda: part_swap(rm, args, res.setdefault("swap", []), save),
         "contrast": lambda: part_contrast(graphs, args, res.setdefault("contrast", []), save),
         "weights": lambda: res.get("weights") or part_weights(rm, corpus, graphs, args),
     }  # fmt: skip

@@ -186,15 +186,17 @@ def swap(
     max_new_tokens: int = 10,
     layers: LayerRange | None = None,
     watch: Sequence[int] = (),
+    states: tuple[PromptState, PromptState] | None = None,
 ) -> SwapResult:
     """Ablate ``from_features`` (active in ``prompt``) and insert ``to_features`` with their
     activations in ``other_prompt`` (see the module doc); with ``layers`` only the features of
     those layers, of both sets. Raises SwapError when a feature is not active in its prompt or
-    a position does not map into ``prompt``."""
+    a position does not map into ``prompt``. ``states``: the two prompts' ``rm.record`` states
+    when already recorded (saves two forward passes)."""
     model = rm.model
     from_features, to_features = in_layers(from_features, layers), in_layers(to_features, layers)
     tokens, other = model.tokenize(prompt), model.tokenize(other_prompt)
-    state, other_state = rm.record(tokens), rm.record(other)
+    state, other_state = states if states is not None else (rm.record(tokens), rm.record(other))
     _check_active(from_features, _active(state), "target", prompt)
     source = _active(other_state)
     _check_active(to_features, source, "source", other_prompt)
@@ -339,11 +341,9 @@ class SwapVariant:
         return f"every active feature at the {where}, {span}"
 
 
-def next_token(rm: ReplacementModel, prompt: str) -> tuple[str, int, float]:
-    """The model's most likely next token after ``prompt``: (text, id, probability)."""
-    run = rm.model.run(rm.model.tokenize(prompt), record=False)
-    logits = run.logits.reshape(-1, run.logits.shape[-1])[-1]
-    return _top(logits, rm.model.decode, 1)[0]
+def next_token(rm: ReplacementModel, state: PromptState) -> tuple[str, int, float]:
+    """The model's most likely next token after a recorded prompt: (text, id, probability)."""
+    return _top(state.logits[-1], rm.model.decode, 1)[0]
 
 
 def concept_swaps(
@@ -362,9 +362,9 @@ def concept_swaps(
     ``other_answer`` (its probability and rank before and after)."""
     pos = concept_positions(rm.model, prompt, other_prompt)
     last = len(rm.model.tokenize(prompt)) - 1
-    answer, other = next_token(rm, prompt), next_token(rm, other_prompt)
     sa = rm.record(rm.model.tokenize(prompt))
     sb = rm.record(rm.model.tokenize(other_prompt))
+    answer, other = next_token(rm, sa), next_token(rm, sb)
     out = {
         "prompt": prompt,
         "other_prompt": other_prompt,
@@ -379,7 +379,7 @@ def concept_swaps(
         remove = active_features(rm, prompt, at, v.layers, state=sa)
         insert = active_features(rm, other_prompt, at, v.layers, state=sb)
         res = swap(rm, prompt, remove, insert, other_prompt, mode=mode, layers=v.layers,
-                   watch=[other[1]], max_new_tokens=max_new_tokens)  # fmt: skip
+                   watch=[other[1]], max_new_tokens=max_new_tokens, states=(sa, sb))  # fmt: skip
         d = res.to_dict()
         d.pop("removed"), d.pop("inserted")  # thousands of entries: their counts are kept
         out["experiments"].append({

@@ -201,3 +201,29 @@ def test_supernode_swap_and_batch_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"graph": "x"}\n')
     with pytest.raises(SwapError, match="line 1: a swap needs"):
         run_swap_file(rm, tmp_path / "bad.jsonl", progress=False)
+
+
+def test_concept_swaps_report_the_other_answer():
+    from tracer.swap import SwapVariant, concept_swaps
+
+    model, clt, rm = setup()
+    a, b = "hello world", "hello worle"
+    ta, tb = model.tokenize(a), model.tokenize(b)
+    acts_a, acts_b = hand_acts(model, clt, ta), hand_acts(model, clt, tb)
+    variants = [SwapVariant("concept"), SwapVariant("concept", (1, 2)), SwapVariant("last")]
+    out = concept_swaps(rm, a, b, variants, max_new_tokens=0)
+    other = int(hand_logits(model, clt, tb, {}).argmax())
+    assert out["answer"][1] == int(hand_logits(model, clt, ta, {}).argmax())
+    assert out["other_answer"][1] == other and out["positions"] == [len(ta) - 1]
+    last = len(ta) - 1  # here the concept position is the last one
+    for v, e in zip(variants, out["experiments"], strict=True):
+        lo, hi = v.layers or (0, 2)
+        remove = [f for f in features_at(acts_a, last, n=16) if lo <= f[0] <= hi]
+        insert = [f for f in features_at(acts_b, last, n=16) if lo <= f[0] <= hi]
+        assert (e["n_removed"], e["n_inserted"]) == (len(remove), len(insert))
+        direct = swap(rm, a, remove, insert, b, watch=[other], max_new_tokens=0)
+        assert e["top_after"] == direct.top_after and e["other_answer"] == direct.watched[0]
+        assert e["moved_to_other"] == (direct.top_after[0][1] == other)
+    assert "layers 1-2" in out["experiments"][1]["what"]
+    with pytest.raises(SwapError, match="swap positions 'middle'"):
+        SwapVariant("middle")
