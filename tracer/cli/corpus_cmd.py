@@ -148,6 +148,9 @@ def load_corpus_spec(spec: str, model, tok):
         else:
             c = prepare_corpus(name, tok, cache_root() / "corpora")
         parts.append((name, c, share))
+    mixed = mix_corpora(parts, cache_root() / "corpora")
     if len(parts) > 1:
-        print("corpus mix: " + ", ".join(f"{n} {w:.0%}" for n, _, w in parts), file=sys.stderr)
-    return mix_corpora(parts, cache_root() / "corpora")
+        # The scarcest source (its sequences / its share) sets the size: say it.
+        shares = ", ".join(f"{n} {w:.0%} (of {len(c.tokens):,} seqs)" for n, c, w in parts)
+        print(f"corpus mix: {shares} -> {len(mixed.tokens):,} sequences", file=sys.stderr)
+    return mixed
