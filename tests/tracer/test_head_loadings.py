@@ -255,7 +255,7 @@ def test_smollm2_truncated(smollm2):
         rm = ReplacementModel(smollm2, clt)
         graph = attribute(rm, "The capital of the state containing Dallas is", progress=False)
         assert graph.count("feature") > 50
-        _, worst = check_graph(rm, graph, n_ref=3)
+        _, worst = check_graph(rm, graph, n_ref=2)
         assert worst <= TOL
 
 
