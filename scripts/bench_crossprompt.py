@@ -19,11 +19,11 @@ Parts (``--parts``, default ``swap,supernodes,cards``; ``contrast`` and ``weight
    sequences of ``--corpus``) and each supernode ablated against ``--n-random`` random groups
    of its size (:func:`tracer.supernode_check.validate_supernodes`; effect rank = the share of
    random groups whose effect is smaller). A prompt passes at mean effect rank >= 0.75.
-3. cards: the ten most influential features of each demo graph
-   (:func:`tracer.feature_topics.feature_cards`): influence, top contexts from the CLT's
-   ``feature_contexts.parquet`` (activating token «marked»), promoted tokens, and the
-   documented check "top contexts about countries, cities or capitals"
-   (:mod:`tracer.feature_topics`).
+3. cards: the ten most influential features of each demo graph (the full graph, influence by
+   :func:`tracer.prune.node_influence`; :func:`tracer.feature_topics.feature_cards`):
+   influence, top contexts from the CLT's ``feature_contexts.parquet`` (activating token
+   «marked»), promoted tokens, and the documented check "top contexts about countries, cities
+   or capitals" (:mod:`tracer.feature_topics`).
 4. contrast: one pair of prompts per category of ``tracer/data/prompts.jsonl`` (PAIRS), both
    attributed and pruned, then :func:`tracer.contrast.contrast`.
 5. weights: top-k global weights (corpus-mean MLP-norm convention) and, on the Dallas circuit,
@@ -156,32 +156,46 @@ def check_prompts() -> None:
 
 
 class Graphs:
-    """Pruned graphs of prompts, traced once and kept as Parquet files in ``work``."""
+    """Full and pruned graphs of prompts, traced once and kept as Parquet files in ``work``."""
 
     def __init__(self, rm, work: Path):
         self.rm, self.work, self.mem = rm, work, {}
         work.mkdir(parents=True, exist_ok=True)
 
-    def get(self, prompt: str, budget: int):
+    def _path(self, prompt: str, budget: int, kind: str) -> Path:
+        return (
+            self.work / f"{hashlib.sha1(prompt.encode()).hexdigest()[:12]}-{budget}.{kind}.parquet"
+        )
+
+    def both(self, prompt: str, budget: int):
+        """(full graph, circuit) of ``prompt`` (a graph traced before is reused, any budget)."""
         from tracer import attribute, prune
         from tracer.graph import Graph
 
         if prompt in self.mem:
             return self.mem[prompt]
-        key = hashlib.sha1(prompt.encode()).hexdigest()[:12]
-        path = self.work / f"{key}-{budget}.parquet"
-        if path.exists():
-            g = Graph.load(path)
+        pf, pc = self._path(prompt, budget, "full"), self._path(prompt, budget, "circuit")
+        if pf.exists() and pc.exists():
+            pair = Graph.load(pf), Graph.load(pc)
         else:
             full = attribute(self.rm, prompt, max_feature_nodes=budget, progress=False)
-            g = prune(full, 0.8, 0.98)
-            g.save(path)
-        self.mem[prompt] = g
-        return g
+            pair = full, prune(full, 0.8, 0.98)
+            pair[0].save(pf)
+            pair[1].save(pc)
+        self.mem[prompt] = (pair, budget)
+        return self.mem[prompt]
 
-    def save(self, prompt: str, budget: int) -> None:
-        key = hashlib.sha1(prompt.encode()).hexdigest()[:12]
-        self.mem[prompt].save(self.work / f"{key}-{budget}.parquet")
+    def get(self, prompt: str, budget: int):
+        """The circuit (pruned graph) of ``prompt``."""
+        return self.both(prompt, budget)[0][1]
+
+    def full(self, prompt: str, budget: int):
+        return self.both(prompt, budget)[0][0]
+
+    def save(self, prompt: str) -> None:
+        """Write the circuit again (after supernodes were added to it)."""
+        (_, circuit), budget = self.mem[prompt]
+        circuit.save(self._path(prompt, budget, "circuit"))
 
 
 def top_token(graph) -> str:
@@ -241,7 +255,7 @@ def part_supernodes(rm, book, corpus, graphs: Graphs, args, done: list, save) ->
         t0 = time.perf_counter()
         checks = validate_supernodes(rm, circuit, found, n_random=args.n_random, progress=False)
         t_check = time.perf_counter() - t0
-        graphs.save(prompt, args.max_feature_nodes)
+        graphs.save(prompt)
         agree = [c["agreement"] for c in checks]
         rand = [c["random_mean_agreement"] for c in checks if c["n_random"]]
         rank = [c["effect_rank"] for c in checks if c["effect_rank"] is not None]
@@ -286,7 +300,7 @@ def part_cards(rm, book, graphs: Graphs, args, done: list, save) -> list[dict]:
         if prompt in have:
             continue
         load0, t0 = load_avg(), time.perf_counter()
-        g = graphs.get(prompt, args.max_feature_nodes)
+        g = graphs.full(prompt, args.max_feature_nodes)  # features pruned away still rank
         cards = [c.to_dict() for c in feature_cards(g, book, words, n=args.n_cards)]
         flags = [c["about_places"] for c in cards if c["about_places"] is not None]
         row = {

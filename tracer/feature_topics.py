@@ -177,8 +177,8 @@ def feature_topic(
 
 @dataclass
 class FeatureCard:
-    """One feature of a graph: its summed influence over its nodes (the pruned graph's
-    ``extra['influence']``), the positions it is active at, and what the feature book knows
+    """One feature of a graph: its summed influence over its nodes
+    (:func:`influential_features`), the positions it is active at, and what the feature book knows
     (frequency, top contexts marked «...», promoted tokens) with the place-topic check."""
 
     layer: int
@@ -198,18 +198,19 @@ class FeatureCard:
 
 
 def influential_features(graph, n: int = 10) -> list[tuple[int, int, float, list[int]]]:
-    """(layer, index, influence, positions) of the ``n`` features of a pruned graph with the
-    largest influence summed over their nodes (positions), largest first (ties: layer, index)."""
+    """(layer, index, influence, positions) of the ``n`` features of a graph with the largest
+    influence summed over their nodes (positions), largest first (ties: layer, index). The
+    influence is a pruned graph's ``extra['influence']``, or for a full graph
+    :func:`tracer.prune.node_influence` (its recorded convention; circuit-tracer's by default),
+    so that features pruned away still rank (a weak transcoder's circuit can hold none)."""
     import numpy as np
 
     from tracer.graph import FEATURE
+    from tracer.prune import node_influence
 
     infl = graph.extra.get("influence")
     if infl is None:
-        raise ValueError(
-            "the graph has no node influence (extra['influence']): prune it first "
-            "(tracer.prune.prune)"
-        )
+        infl = node_influence(graph)
     total: dict[tuple[int, int], float] = {}
     where: dict[tuple[int, int], set[int]] = {}
     for i in np.where(graph.kind == FEATURE)[0]:

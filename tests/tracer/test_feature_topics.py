@@ -97,6 +97,21 @@ def test_wordnet_place_words():
     assert not context_topic(ctx("we went", " home", " early"), w).counts
 
 
+def _by_hand(graph, infl, n):
+    """Influence summed per (layer, feature) with np.add.at over node keys, largest first."""
+    import numpy as np
+
+    from tracer.graph import FEATURE
+
+    f = np.where(graph.kind == FEATURE)[0]
+    keys = graph.layer[f].astype(np.int64) * 10_000 + graph.feature[f]
+    uniq, inv = np.unique(keys, return_inverse=True)
+    sums = np.zeros(len(uniq))
+    np.add.at(sums, inv, np.asarray(infl)[f])
+    order = np.lexsort((uniq, -sums))[:n]
+    return uniq[order].tolist(), sums[order]
+
+
 def test_cards_of_the_most_influential_features():
     import numpy as np
     from model_fixtures import make_random_clt, make_tiny_model
@@ -104,26 +119,22 @@ def test_cards_of_the_most_influential_features():
     from tracer.attribution import attribute
     from tracer.feature_topics import feature_cards, influential_features
     from tracer.graph import FEATURE
-    from tracer.prune import prune
+    from tracer.prune import node_influence, prune
     from tracer.replacement import ReplacementModel
 
     rm = ReplacementModel(make_tiny_model("llama"), make_random_clt(3, 32, 16, seed=4))
     full = attribute(rm, "ab cd ef", progress=False)
-    with pytest.raises(ValueError, match="prune it first"):
-        influential_features(full)
     g = prune(full, 0.9, 0.98)
-    # Independently: influence summed per (layer, feature) with np.add.at over node keys.
-    f = np.where(g.kind == FEATURE)[0]
-    keys = g.layer[f].astype(np.int64) * 10_000 + g.feature[f]
-    uniq, inv = np.unique(keys, return_inverse=True)
-    sums = np.zeros(len(uniq))
-    np.add.at(sums, inv, np.asarray(g.extra["influence"])[f])
-    order = np.lexsort((uniq, -sums))[:4]
+    for graph, infl in ((g, g.extra["influence"]), (full, node_influence(full))):
+        keys, sums = _by_hand(graph, infl, 4)
+        top = influential_features(graph, 4)
+        assert [(l * 10_000 + i) for l, i, _, _ in top] == keys
+        np.testing.assert_allclose([x for _, _, x, _ in top], sums, rtol=1e-9)
     top = influential_features(g, 4)
-    assert [(l * 10_000 + i) for l, i, _, _ in top] == uniq[order].tolist()
-    np.testing.assert_allclose([x for _, _, x, _ in top], sums[order], rtol=1e-9)
+    f = np.where(g.kind == FEATURE)[0]
     l0, i0, _, pos0 = top[0]
-    assert pos0 == sorted({int(p) for p in g.position[f][keys == l0 * 10_000 + i0]})
+    at = (g.layer[f] == l0) & (g.feature[f] == i0)
+    assert pos0 == sorted({int(p) for p in g.position[f][at]})
     book = FeatureBook.from_dict({"features": [{
         "layer": l0, "index": i0, "frequency": 0.01,
         "top_contexts": [{"tokens": ["in", " Paris"], "activations": [0, 1]}],
