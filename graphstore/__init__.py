@@ -1,5 +1,8 @@
 """Persistence: pruned circuits in a Bolt graph database (Neo4j 5, or a managed local ArcadeDB
-server), full graphs in a Parquet archive, canned cross-prompt queries, read-only Cypher."""
+server), full graphs in a Parquet archive, canned cross-prompt queries, read-only Cypher.
+
+What it may import: the torch-free graph core of tracer (``tracer.graph``,
+``tracer.subgraph``) and ``transcoders.names``; never torch, the engine or transcoders' models."""
 
 from graphstore.archive import Archive
 from graphstore.bounded import QueryLimits

@@ -4,7 +4,10 @@ function; add a module to COMMAND_MODULES to add commands.
 
 A call imports only the module of the command it names (``COMMANDS``), so a light command
 (``cypher``, ``query``, ``store``) loads no torch; ``--help`` or an unlisted command builds the
-whole parser."""
+whole parser.
+
+What it may import: everything (transcoders, tracer, graphstore): with the explorer, the
+only room that wires the three together."""
 
 from __future__ import annotations
 

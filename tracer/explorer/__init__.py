@@ -4,7 +4,9 @@ A Starlette app (:func:`create_app`) over graphs of the store and/or a Parquet f
 (:class:`GraphSource`), with live interventions run by the engine on a worker thread
 (:class:`InterventionService`); its page is built from ``web/`` by ``scripts/setup`` (npm ci and
 esbuild) and served from ``web/dist``: nothing is fetched from the internet at run time.
-"""
+
+What it may import: everything (transcoders, tracer, graphstore): with the command line,
+the only room that wires the three together."""
 
 from tracer.explorer.app import ExplorerConfig, ExplorerSetupError, check_built, create_app
 from tracer.explorer.intervene import InterventionRequestError, InterventionService
