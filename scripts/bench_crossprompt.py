@@ -442,6 +442,13 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
+def clip(context: str, side: int = 45) -> str:
+    """A marked context cut to ``side`` characters either side of the «activating token»."""
+    i, j = context.find("«"), context.find("»")
+    lo, hi = (max(0, i - side), j + 1 + side) if 0 <= i < j else (0, 2 * side)
+    return context[lo:hi].replace("\n", "⏎").replace("|", "\\|")
+
+
 def markdown(res: dict) -> str:
     def f(x, nd=2):
         return "n/a" if x is None else f"{x:.{nd}f}"
@@ -514,8 +521,7 @@ def markdown(res: dict) -> str:
                     if t is None
                     else f"{c['about_places']} ({t['n_counting']}/{t['n_contexts']})"
                 )
-                ctx = "<br>".join(x.replace("\n", "⏎").replace("|", "\\|")[-90:]
-                                  for x in c["contexts"][:3])  # fmt: skip
+                ctx = "<br>".join(clip(x) for x in c["contexts"][:3])
                 prom = " ".join(tok(p) for p, _ in c["promoted"][:5])
                 freq = "n/a" if c["frequency"] is None else f"{100 * c['frequency']:.2f}%"
                 lines.append(f"| L{c['layer']}/F{c['index']} | {c['influence']:.4f} | "
