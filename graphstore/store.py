@@ -234,6 +234,8 @@ class GraphStore:
                 if k + ahead < len(graphs):
                     pending.append(pool.submit(self._prepare, graphs[k + ahead], None))
                 results.append(self._write(*prepared, session=session))
+                if prepared[0].extra.get(heads.HEAD_LOADINGS):  # (:Head) of the circuit edges
+                    heads.write_heads(session, prepared[2].header["id"], prepared[0])
         return results
 
     def _check_binding(self, graph: Graph, path: Path) -> None:
