@@ -53,6 +53,8 @@ _EXPORTS: dict[str, str] = {
     "node_influence": "tracer.prune",
     "prune": "tracer.prune",
     "paths": "tracer.paths",
+    "add_head_loadings": "tracer.attention",
+    "qk_attribution": "tracer.attention",
     "PromptState": "tracer.replacement",
     "ReplacementModel": "tracer.replacement",
     "generate": "tracer.steer",
@@ -66,6 +68,7 @@ install(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at run time
     from tracer.architectures import ARCHITECTURES, Architecture, architecture_for  # noqa: F401
+    from tracer.attention import add_head_loadings, qk_attribution  # noqa: F401
     from tracer.attribution import AttributionConfig, attribute  # noqa: F401
     from tracer.fetch import BUILTIN_MODELS, BuiltinModel, fetch_model  # noqa: F401
     from tracer.graph import Graph, GraphFormatError  # noqa: F401
