@@ -101,3 +101,19 @@ def test_light_commands_load_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_command_table_names_each_commands_module():
+    """COMMANDS (which module a call imports) agrees with what each module registers, so a
+    light command never builds the whole parser and a new command is not forgotten."""
+    import argparse
+    import importlib
+
+    from tracer.cli import COMMAND_MODULES, COMMANDS
+
+    registered = {}
+    for name in COMMAND_MODULES:
+        parser = argparse.ArgumentParser()
+        importlib.import_module(name).register(parser.add_subparsers(dest="command"))
+        registered.update(dict.fromkeys(parser._subparsers._group_actions[0].choices, name))
+    assert registered == COMMANDS
