@@ -543,17 +543,6 @@ def firing_f1(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-12), torch.zeros_like(tp))
 
 
-def _candidates(acts: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """Feature indices worth an exact AUROC: top-k by standardised mean difference and by
-    firing-rate difference between positives and negatives."""
-    pos, neg = acts[y], acts[~y]
-    sd = acts.std(0).clamp_min(1e-8)
-    smd = (pos.mean(0) - neg.mean(0)) / sd
-    frd = (pos > 0).float().mean(0) - (neg > 0).float().mean(0)
-    k = min(k, acts.shape[1])
-    return torch.unique(torch.cat([smd.topk(k).indices, frd.topk(k).indices]))
-
-
 @torch.no_grad()
 def probe_inputs(activations: ActivationFn, tokens: torch.Tensor, batch: int, progress: bool):
     """Every layer's transcoder inputs at every probe position: [L, S*P, d] float16 (CPU)."""
@@ -621,19 +610,33 @@ def score_probe(
                 frequency_histogram=[int((n_fire == 0).sum())] + hist.astype(int).tolist(),
             )
         )
-        for c in names:
+        # Selection half: every category's statistics at once ([C, F] by matrix products).
+        sel_rows = valid & (half == 0)
+        a_sel = acts[sel_rows]  # [n, F]
+        f_sel = (a_sel > 0).float()
+        y = torch.stack([probe.positive[c].reshape(-1)[sel_rows] for c in names], 1).float()
+        kept = torch.stack([keep[c][sel_rows] for c in names], 1).float()  # not ignored
+        n_pos = y.sum(0)[:, None]  # [C, 1]
+        n_neg = kept.sum(0)[:, None] - n_pos
+        pos_sum, kept_sum = y.T @ a_sel, kept.T @ a_sel  # [C, F]
+        pos_fire, kept_fire = y.T @ f_sel, kept.T @ f_sel
+        sd = a_sel.std(0).clamp_min(1e-8)
+        smd = (pos_sum / n_pos - (kept_sum - pos_sum) / n_neg) / sd  # standardised mean diff.
+        frd = pos_fire / n_pos - (kept_fire - pos_fire) / n_neg  # firing-rate difference
+        f1_all = 2 * pos_fire / (n_pos + kept_fire).clamp_min(1e-12)  # firing F1 (kept rows)
+        k = min(cfg.candidates, F)
+        for ci, c in enumerate(names):
             y_all = probe.positive[c].reshape(-1)
-            sel, mea = keep[c] & (half == 0), keep[c] & (half == 1)
-            a_sel, y_sel = acts[sel], y_all[sel]
-            cand = _candidates(a_sel, y_sel, cfg.candidates)
-            au_sel = auroc(a_sel[:, cand], y_sel)
+            mea = keep[c] & (half == 1)
+            rows_c = kept[:, ci].bool()
+            cand = torch.unique(torch.cat([smd[ci].topk(k).indices, frd[ci].topk(k).indices]))
+            au_sel = auroc(a_sel[:, cand][rows_c], y[rows_c, ci].bool())
             j = int(torch.nan_to_num(au_sel, nan=-1.0).argmax())
             f = int(cand[j])
-            au_mea = auroc(acts[mea][:, [f]], y_all[mea])
-            f1_sel = firing_f1(a_sel, y_sel)
-            g = int(f1_sel.argmax())
-            f1_mea = firing_f1(acts[mea][:, [g]], y_all[mea])
-            rows[c].append((f, float(au_sel[j]), float(au_mea[0]), g, float(f1_sel[g]),
+            au_mea = auroc(acts[:, [f]][mea], y_all[mea])
+            g = int(f1_all[ci].argmax())
+            f1_mea = firing_f1(acts[:, [g]][mea], y_all[mea])
+            rows[c].append((f, float(au_sel[j]), float(au_mea[0]), g, float(f1_all[ci, g]),
                             float(f1_mea[0])))  # fmt: skip
     cats = []
     for c in names:
