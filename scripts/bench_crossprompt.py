@@ -225,7 +225,7 @@ def part_swap(rm, args, done: list, save) -> list[dict]:
             o = e["other_answer"]
             print(f"[swap] {a!r} <- {b!r}, {e['what']}: {e['top_before'][0][0]!r} -> "
                   f"{e['top_after'][0][0]!r}; to the other answer {e['moved_to_other']}; "
-                  f"{o['token']!r} p {o['p_before']:.3f} -> {o['p_after']:.3f}, rank "
+                  f"{o['token']!r} p {o['p_before']:.3g} -> {o['p_after']:.3g}, rank "
                   f"{o['rank_before']} -> {o['rank_after']}", flush=True)  # fmt: skip
     return done
 
@@ -481,7 +481,7 @@ def markdown(res: dict) -> str:
                     f"{e['n_removed']} / {e['n_inserted']} | {tok(e['top_before'][0][0])} "
                     f"{e['top_before'][0][2]:.3f} -> {tok(e['top_after'][0][0])} "
                     f"{e['top_after'][0][2]:.3f} | {e['moved_to_other']} | {o['token']!r} "
-                    f"{o['p_before']:.3f} -> {o['p_after']:.3f} | {o['rank_before']} -> "
+                    f"{o['p_before']:.3g} -> {o['p_after']:.3g} | {o['rank_before']} -> "
                     f"{o['rank_after']} | {tok(e['continuation_after'])} |"
                 )
         lines.append("")
