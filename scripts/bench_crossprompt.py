@@ -626,11 +626,12 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": settings, "load_start": load_avg(),
     })  # fmt: skip
+    before = float(res.get("seconds") or 0.0)  # seconds of the runs this one resumes
     graphs = Graphs(rm, Path(args.work) if args.work else cache_root() / "bench-crossprompt" / fp)
 
     def save() -> None:
         res["load_end"] = load_avg()
-        res["seconds"] = round(time.perf_counter() - t_start, 1)
+        res["seconds"] = round(before + time.perf_counter() - t_start, 1)  # all runs
         res["summary"] = summary(res)
         # Written after every item, so a later failure keeps the earlier results.
         old.write_text(json.dumps(res, indent=2, default=str))
