@@ -305,7 +305,7 @@ def part_cards(rm, book, graphs: Graphs, args, done: list, save) -> list[dict]:
         flags = [c["about_places"] for c in cards if c["about_places"] is not None]
         row = {
             "prompt": prompt, "n_cards": len(cards), "n_with_contexts": len(flags),
-            "n_about_places": sum(flags) if words is not None else None,
+            "n_about_places": sum(flags) if words is not None and flags else None,  # None: unknown
             "cards": cards, "seconds": round(time.perf_counter() - t0, 1),
             "load_start": load0, "load_end": load_avg(),
         }  # fmt: skip
