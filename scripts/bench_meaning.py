@@ -32,6 +32,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "meaning_baseline"))
+    ap.add_argument(
+        "--probe-cache",
+        help="file holding (probe, inputs) from torch.save: read if it exists, else written "
+        "(the probe's forward pass is most of the cost)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -47,8 +52,13 @@ def main(argv=None) -> int:
     model = LanguageModel.load(args.model)
     cfg = MeaningConfig()
     t0 = time.perf_counter()
-    probe = build_probe(tokenizer_spec(model), seq_len=cfg.seq_len,
-                        per_category=cfg.per_category, background=cfg.background)  # fmt: skip
+    cache: dict[str, torch.Tensor] = {}  # probe inputs per input site (one forward pass each)
+    pc = Path(args.probe_cache) if args.probe_cache else None
+    if pc is not None and pc.exists():
+        probe, cache["mlp_in"] = torch.load(pc, weights_only=False)
+    else:
+        probe = build_probe(tokenizer_spec(model), seq_len=cfg.seq_len,
+                            per_category=cfg.per_category, background=cfg.background)  # fmt: skip
     t_probe = time.perf_counter() - t0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                             capture_output=True).stdout.strip()  # fmt: skip
@@ -57,7 +67,8 @@ def main(argv=None) -> int:
         "the even probe rows, measured on the odd rows) at its best layer; features: firing "
         "frequency over the probe's positions",
         "commit": commit,
-        "command": "python scripts/bench_meaning.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python scripts/bench_meaning.py "
+        + " ".join(map(_portable, argv or sys.argv[1:])),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "probe": {
@@ -69,7 +80,6 @@ def main(argv=None) -> int:
         "results": [],
     }
     out = Path(args.out)
-    cache: dict[str, torch.Tensor] = {}  # probe inputs per input site (one forward pass each)
 
     def run(label: str, clt) -> None:
         site = clt.cfg.input_site
@@ -77,6 +87,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         if site not in cache:
             cache[site] = probe_inputs(activation_fn(model, site), probe.tokens, cfg.batch, True)
+            if pc is not None and site == "mlp_in":
+                torch.save((probe, cache[site]), pc)
         t_fwd = time.perf_counter() - t
         r = score_probe(clt, None, probe, cfg, progress=True, inputs=cache[site])
         res["results"].append({
@@ -96,6 +108,16 @@ def main(argv=None) -> int:
         clt = calibrated_random_clt(model, int(f), float(a), seed=0)
         run(f"random CLT ({f} features/layer, ~{a} active per layer and token)", clt)
     return 0
+
+
+def _portable(arg: str) -> str:
+    """A command-line argument without this machine's absolute paths."""
+    from tracer.fetch import cache_root
+
+    home = str(cache_root())
+    if arg.startswith(home):
+        return "$CIRCUIT_ATLAS_HOME" + arg[len(home) :]
+    return Path(arg).name if arg.startswith("/") else arg
 
 
 def markdown(res: dict) -> str:
