@@ -27,8 +27,8 @@ SOURCE_KEY = "circuit_atlas.contexts_source"
 @dataclass
 class ContextConfig:
     top_k: int = 8  # contexts kept per feature
-    before: int = 12  # tokens of context before the activating token
-    after: int = 3
+    before: int = 24  # tokens of context before the activating token (about 30 in all:
+    after: int = 8  # 24 + the token + 8, as the explorer's Feature tab shows them)
     n_bins: int = 16  # histogram bins over (0, max activation]
     n_promoted: int = 10
     batch: int = 8  # sequences per forward pass
