@@ -246,11 +246,12 @@ def part_supernodes(rm, book, corpus, graphs: Graphs, args, done: list, save) ->
         feats = np.where(circuit.kind == FEATURE)[0]
         t0 = time.perf_counter()
         pairs = [(int(circuit.layer[i]), int(circuit.feature[i])) for i in feats]
-        acts = corpus_activations(rm, corpus, pairs, progress=False)
+        # A circuit without features (a weak CLT's) has nothing to group: no corpus pass.
+        acts = corpus_activations(rm, corpus, pairs, progress=False) if pairs else None
         t_corpus = time.perf_counter() - t0
         t0 = time.perf_counter()
         found = find_supernodes(circuit, transcoder=rm.transcoder, activations=acts, book=book,
-                                min_similarity=args.min_similarity)  # fmt: skip
+                                min_similarity=args.min_similarity) if pairs else []  # fmt: skip
         t_group = time.perf_counter() - t0
         t0 = time.perf_counter()
         checks = validate_supernodes(rm, circuit, found, n_random=args.n_random, progress=False)
