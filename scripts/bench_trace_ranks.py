@@ -51,7 +51,7 @@ TORCHRUN = PY.parent / "torchrun"
 def pick_clt(work: Path) -> tuple[Path, str]:
     from tracer.fetch import default_transcoder_path
 
-    trained = default_transcoder_path("smollm2", 256)  # the demo's CLT, when it has trained one
+    trained = default_transcoder_path("smollm2")  # the demo's transcoders, when it has trained them
     if (trained / "circuit_atlas.json").exists() or (trained / "config.yaml").exists():
         return trained, f"trained default CLT ({trained})"
     from tracer.random_clt import write_random_clt  # one random-CLT recipe for all benchmarks

@@ -37,7 +37,7 @@ def test_readme_walkthrough_runs(tmp_path, monkeypatch, smollm2_full):
     clt = make_random_clt(30, 576, 64, seed=5)
     with torch.no_grad():
         clt.threshold.fill_(0.45)  # a few active features per layer and token
-    clt_path = default_transcoder_path("smollm2", 256)
+    clt_path = default_transcoder_path("smollm2")
     save_transcoder(clt, clt_path, format="circuit-tracer")
     ids = smollm2_full.tokenize("The river ran past the old mill and the wheel turned.")
     table = feature_contexts(

