@@ -5,7 +5,6 @@ What it may import: the torch-free graph core of tracer (``tracer.graph``,
 ``tracer.subgraph``) and ``transcoders.names``; never torch, the engine or transcoders' models."""
 
 from graphstore.archive import Archive
-from graphstore.bounded import QueryLimits
 from graphstore.errors import (
     ArchiveWriteError,
     GraphNotFoundError,
@@ -24,6 +23,7 @@ from graphstore.errors import (
 )
 from graphstore.ingest import WriteResult, content_hash, graph_id, prompt_id
 from graphstore.queries import CANNED, CannedQuery
+from graphstore.query_limits import QueryLimits
 from graphstore.readonly import QueryResult
 from graphstore.server import LocalServer, ServerInfo, default_home
 from graphstore.store import GraphStore

@@ -118,7 +118,8 @@ DETAIL = ("promoted", "contexts", "similarity", "validation")
 
 
 def supernode_rows(graph_id: str, supernodes: list[dict]) -> list[list]:
-    """WRITE_SUPERNODES rows from supernode dicts (``tracer.supernodes.Supernode.to_dict()``:
+    """WRITE_SUPERNODES rows from supernode dicts
+    (``tracer.analyses.supernodes.Supernode.to_dict()``:
     id, name, nodes, members, influence, cohesion, validation)."""
     rows = []
     for s in supernodes:
@@ -173,7 +174,8 @@ RETURN s.local_id AS id, s.name AS name, s.influence AS influence, s.cohesion AS
 
 def read_supernodes(session, graph_id: str) -> list[dict]:
     """The stored supernodes of graph ``graph_id`` as dicts in the shape of
-    ``tracer.supernodes.Supernode.to_dict()`` (nodes in ascending order, members beside them;
+    ``tracer.analyses.supernodes.Supernode.to_dict()`` (nodes in ascending order, members beside
+    them;
     supernodes by influence, largest first); [] when it has none."""
 
     def work(tx):
@@ -204,7 +206,7 @@ def _local_order(local_id: str):
 def virtual_rows(transcoder: str, table) -> tuple[list[list], list[list]]:
     """(WRITE_VIRTUAL rows, feature rows [key, layer, index]) from a global-weights table
     (columns source_layer, source_index, target_layer, target_index, weight, rank_in,
-    rank_out; ``tracer.global_weights.GlobalWeights.to_table()``)."""
+    rank_out; ``tracer.analyses.global_weights.GlobalWeights.to_table()``)."""
     cols = {c: table.column(c).to_pylist() for c in table.column_names}
     rows, feats = [], {}
     for sl, si, tl, ti, w, ri, ro in zip(
@@ -269,7 +271,7 @@ def swap_id(graph_id: str, result: dict) -> str:
 
 
 def write_swap(session, graph_id: str, other_graph_id: str | None, result: dict) -> str:
-    """Store one swap result (``tracer.swap.SwapResult.to_dict()``) with graph ``graph_id``
+    """Store one swap result (``tracer.analyses.swap.SwapResult.to_dict()``) with graph ``graph_id``
     (linked to ``other_graph_id`` when that graph is stored). Same swap again: replaced."""
     sid = swap_id(graph_id, result)
     props = {

@@ -117,11 +117,11 @@ def run_read_only(
 
     ``max_rows`` > 0: more rows than that raise ResultTooLargeError. ``tx_timeout`` (seconds)
     is sent as the driver's transaction timeout (Neo4j enforces it). ``tag`` is appended to
-    the query text as a comment (see graphstore.bounded). A query stopped by a server timeout
+    the query text as a comment (see graphstore.query_limits). A query stopped by a server timeout
     or termination raises the driver's error unchanged, for the caller to explain."""
     import neo4j
 
-    from graphstore.bounded import STOPPED_CODES, tagged
+    from graphstore.query_limits import STOPPED_CODES, tagged
 
     params = params or {}
     word = lexical_violation(query)

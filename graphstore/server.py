@@ -38,7 +38,7 @@ DEFAULT_BOLT_PORT = 7687
 ROOT_USER = "root"
 BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
 # The managed server's ceiling on every command (arcadedb.command.timeout): it stops the query
-# of a client that died before its own timeout (graphstore.bounded). Longer than any user-query
+# of a client that died before its own timeout (graphstore.query_limits). Longer than any user-query
 # timeout one would set per call, and than any write batch or canned query takes.
 DEFAULT_COMMAND_TIMEOUT_S = 300.0
 COMMAND_TIMEOUT_ENV = "CIRCUIT_ATLAS_SERVER_TIMEOUT"

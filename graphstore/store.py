@@ -12,7 +12,6 @@ import neo4j
 
 from graphstore import crossprompt, export, heads, ingest, migrate, queries, readonly, subgraphs
 from graphstore.archive import Archive
-from graphstore.bounded import QueryLimits, run_bounded
 from graphstore.errors import (
     IdentityError,
     LegacyStoreError,
@@ -22,6 +21,7 @@ from graphstore.errors import (
     StoreUnavailableError,
     StoreWriteError,
 )
+from graphstore.query_limits import QueryLimits, run_bounded
 from graphstore.schema import detect_dialect, ensure_schema
 from graphstore.server import ROOT_USER, LocalServer
 from tracer.graph import Graph
@@ -283,12 +283,14 @@ class GraphStore:
     # --- cross-prompt results (graphstore.crossprompt) -------------------------------------
 
     def add_supernodes(self, graph_id: str, supernodes: list[dict]) -> int:
-        """Replace the supernodes of a stored graph (dicts of tracer.supernodes.Supernode)."""
+        """Replace the supernodes of a stored graph (dicts of
+        tracer.analyses.supernodes.Supernode)."""
         with self._session() as s:
             return crossprompt.write_supernodes(s, graph_id, supernodes)
 
     def supernodes(self, graph_id: str) -> list[dict]:
-        """The stored supernodes of a graph (dicts of tracer.supernodes.Supernode; [] if none)."""
+        """The stored supernodes of a graph (dicts of tracer.analyses.supernodes.Supernode; [] if
+        none)."""
         with self._session() as s:
             return crossprompt.read_supernodes(s, graph_id)
 
@@ -304,7 +306,7 @@ class GraphStore:
             )  # fmt: skip
 
     def add_swap(self, graph_id: str, result: dict, other_graph_id: str | None = None) -> str:
-        """Store a swap result (tracer.swap.SwapResult.to_dict()) with a stored graph."""
+        """Store a swap result (tracer.analyses.swap.SwapResult.to_dict()) with a stored graph."""
         with self._session() as s:
             return crossprompt.write_swap(s, graph_id, other_graph_id, result)
 

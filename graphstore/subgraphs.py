@@ -43,7 +43,7 @@ def subgraph_key(graph_id: str, name: str) -> str:
 
 def _np_ids(n_layers: int, rows: list) -> set[str]:
     """Neuronpedia node ids of a stored graph's nodes (the convention of
-    tracer.neuronpedia.np_node_id, computed from the stored node properties)."""
+    tracer.reports.neuronpedia.np_node_id, computed from the stored node properties)."""
     ids = set()
     for kind, layer, pos, feat in rows:
         if kind is None:

@@ -9,23 +9,25 @@ Parts (``--parts``, default ``swap,supernodes,cards``; ``contrast`` and ``weight
 
 1. swap: for each pair of SWAP_PAIRS (same category, same token length: capitals of France /
    Germany / Italy, an antonym), ``prompt``'s features are replaced by ``other``'s, live mode
-   (:func:`tracer.swap.concept_swaps`): every active feature at the concept position (where
+   (:func:`tracer.analyses.swap.concept_swaps`): every active feature at the concept position (where
    the prompts differ), the same restricted to ``--layers``, and at the concept and last
    positions. Reported: whether the top token moved, and moved to the other prompt's answer
    (its unedited top token), that answer's probability and rank before and after.
 2. supernodes: the five demo prompts (``tracer.prompts.DEMO_PROMPTS``) attributed
    (``--max-feature-nodes``), pruned, their circuit features grouped
-   (:func:`tracer.supernodes.find_supernodes`, co-activation over ``--corpus-seqs`` held-out
+   (:func:`tracer.analyses.supernodes.find_supernodes`, co-activation over ``--corpus-seqs``
+   held-out
    sequences of ``--corpus``) and each supernode ablated against ``--n-random`` random groups
-   of its size (:func:`tracer.supernode_check.validate_supernodes`; effect rank = the share of
+   of its size (:func:`tracer.analyses.supernode_check.validate_supernodes`; effect rank = the share
+   of
    random groups whose effect is smaller). A prompt passes at mean effect rank >= 0.75.
 3. cards: the ten most influential features of each demo graph (the full graph, influence by
-   :func:`tracer.prune.node_influence`; :func:`tracer.feature_topics.feature_cards`):
+   :func:`tracer.prune.node_influence`; :func:`tracer.analyses.feature_topics.feature_cards`):
    influence, top contexts from the CLT's ``feature_contexts.parquet`` (activating token
    «marked»), promoted tokens, and the documented check "top contexts about countries, cities
-   or capitals" (:mod:`tracer.feature_topics`).
+   or capitals" (:mod:`tracer.analyses.feature_topics`).
 4. contrast: one pair of prompts per category of ``tracer/data/prompts.jsonl`` (PAIRS), both
-   attributed and pruned, then :func:`tracer.contrast.contrast`.
+   attributed and pruned, then :func:`tracer.analyses.contrast.contrast`.
 5. weights: top-k global weights (corpus-mean MLP-norm convention) and, on the Dallas circuit,
    how much of each same-position feature-to-feature edge the direct path explains.
 
@@ -207,7 +209,7 @@ def top_token(graph) -> str:
 
 
 def part_swap(rm, args, done: list, save) -> list[dict]:
-    from tracer.swap import SwapVariant, concept_swaps, parse_layers
+    from tracer.analyses.swap import SwapVariant, concept_swaps, parse_layers
 
     mid = parse_layers(args.layers)
     variants = [SwapVariant("concept"), SwapVariant("concept", mid), SwapVariant("concept+last")]
@@ -231,10 +233,10 @@ def part_swap(rm, args, done: list, save) -> list[dict]:
 
 
 def part_supernodes(rm, book, corpus, graphs: Graphs, args, done: list, save) -> list[dict]:
+    from tracer.analyses.supernode_check import validate_supernodes
+    from tracer.analyses.supernodes import corpus_activations, find_supernodes
     from tracer.graph import FEATURE
     from tracer.prompts import DEMO_PROMPTS
-    from tracer.supernode_check import validate_supernodes
-    from tracer.supernodes import corpus_activations, find_supernodes
 
     have = {r["prompt"] for r in done}
     for prompt in DEMO_PROMPTS:
@@ -288,7 +290,7 @@ def part_supernodes(rm, book, corpus, graphs: Graphs, args, done: list, save) ->
 
 
 def part_cards(rm, book, graphs: Graphs, args, done: list, save) -> list[dict]:
-    from tracer.feature_topics import TopicError, feature_cards, place_words
+    from tracer.analyses.feature_topics import TopicError, feature_cards, place_words
     from tracer.prompts import DEMO_PROMPTS
 
     try:
@@ -318,7 +320,7 @@ def part_cards(rm, book, graphs: Graphs, args, done: list, save) -> list[dict]:
 
 
 def part_contrast(graphs: Graphs, args, done: list, save) -> list[dict]:
-    from tracer.contrast import contrast
+    from tracer.analyses.contrast import contrast
 
     have = {r["category"] for r in done}
     for cat, (pa_, pb_) in PAIRS.items():
@@ -347,7 +349,7 @@ def part_contrast(graphs: Graphs, args, done: list, save) -> list[dict]:
 
 
 def part_weights(rm, corpus, graphs: Graphs, args) -> dict:
-    from tracer.global_weights import (
+    from tracer.analyses.global_weights import (
         cumulative_decoders,
         effective_encoders,
         global_weights,
@@ -508,7 +510,7 @@ def markdown(res: dict) -> str:
         lines += ["## Feature cards: the most influential features of each demo graph", "",
                   "About places: at least half of the top-8 contexts have a country, city or "
                   "capital (WordNet) or the word capital/city/country within 3 words of the "
-                  "activating token (tracer/feature_topics.py).", ""]  # fmt: skip
+                  "activating token (tracer/analyses/feature_topics.py).", ""]  # fmt: skip
         for r in res["cards"]:
             lines += [f"### {r['prompt']!r}: {r['n_about_places']} of {r['n_cards']} about "
                       "places", "",
@@ -574,7 +576,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"unknown part(s) {bad}: use some of {','.join(ALL_PARTS)}", file=sys.stderr)
         return 2
-    from tracer.swap import SwapError, parse_layers
+    from tracer.analyses.swap import SwapError, parse_layers
 
     try:
         parse_layers(args.layers)
@@ -591,10 +593,10 @@ def main(argv=None) -> int:
         return 2
     t_start = time.perf_counter()
     from tracer.cli.train_cmd import load_corpus
-    from tracer.features import FeatureBook
     from tracer.fetch import cache_root
     from tracer.model import LanguageModel
     from tracer.replacement import ReplacementModel
+    from tracer.reports.feature_book import FeatureBook
     from transcoders.formats import load_transcoder
     from transcoders.identity import fingerprint
 

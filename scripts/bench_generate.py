@@ -1,4 +1,4 @@
-"""Generation throughput of the sampling loop (transcoders.generate.sample_batch, KV cache,
+"""Generation throughput of the sampling loop (transcoders.corpora.generate.sample_batch, KV cache,
 batched) against a plain Hugging Face ``generate`` call, on SmolLM2 on this machine's CPU.
 
     nice -n 10 .venv/bin/python scripts/bench_generate.py [--batches 1,8,32] [--max-new 128]
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from tracer.model import LanguageModel
-    from transcoders.generate import OPENINGS, sample_batch
+    from transcoders.corpora.generate import OPENINGS, sample_batch
 
     torch.set_num_threads(args.threads)
     model = LanguageModel.load(args.model)

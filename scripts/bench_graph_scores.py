@@ -4,7 +4,8 @@
         [--results benchmarks/graph_scores] [--threads 2]
 
 For each CLT: the five demo prompts attributed as the demo traces them (2,048 feature nodes,
-circuit-tracer convention; ``tracer.prompt_scores``), each graph's replacement and completeness
+circuit-tracer convention; ``tracer.analyses.prompt_scores``), each graph's replacement and
+completeness
 scores and, from :func:`tracer.prune.error_influence_shares`, the share of the token + error
 influence carried by the error nodes of each layer and position (they sum to 1 - replacement).
 Also each error share at the positions the CLT's training called outliers (MLP-output norm >
@@ -47,8 +48,8 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
+    from tracer.analyses.prompt_scores import PromptScoreConfig, prompt_graph_scores
     from tracer.model import LanguageModel
-    from tracer.prompt_scores import PromptScoreConfig, prompt_graph_scores
     from transcoders.formats import load_transcoder
 
     torch.set_num_threads(args.threads)

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from tracer.cli.train_cmd import tokenizer_spec
     from tracer.model import LanguageModel
     from tracer.random_clt import calibrated_random_clt
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
     from transcoders.formats import load_transcoder
     from transcoders.meaning import MeaningConfig, build_probe, probe_inputs, score_probe
 

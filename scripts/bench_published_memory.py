@@ -3,7 +3,8 @@
 Arithmetic only (nothing is downloaded or run): ``tracer.attribution.memory.estimate_from_shapes``
 plans one attribution for Gemma-2-2B (26 layers, d_model 2304, 8 heads / 4 key-value heads of
 256, vocabulary 256,000, two attention-mask kinds) with the GemmaScope width-16k per-layer set,
-the 426k CLT and the 2.5M CLT (``transcoders.presets.GEMMA2_2B_SETS``), on an 80 GB GPU (host
+the 426k CLT and the 2.5M CLT (``transcoders.formats.presets.GEMMA2_2B_SETS``), on an 80 GB GPU
+(host
 128 GiB) and on this machine's CPU (its total RAM). What stays resident is counted beside the
 plan: the model's weights (2,614,341,888 parameters) and the transcoder's encoders, biases and
 thresholds (a lazy load keeps decoders on disk and reads rows of active features); on the GPU
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 from tracer.attribution.memory import GB, ModelShapes, TranscoderShapes, estimate_from_shapes
-from transcoders.presets import GEMMA2_2B_SETS
+from transcoders.formats.presets import GEMMA2_2B_SETS
 
 GEMMA2_2B_PARAMS = 2_614_341_888
 GPU_BYTES = 80e9  # an 80 GB GPU (H100 / A100 80GB)

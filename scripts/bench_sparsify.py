@@ -15,7 +15,8 @@ line) on the hookpoints ``layers.{i}.mlp``, its ``TrainConfig`` defaults otherwi
 optimiser with its width-scaled learning rate, no AuxK) except the batch (``--sparsify-batch-
 seqs``, default: ours), the BOS token excluded (``exclude_tokens``) and no wandb.
 
-Ours: ``transcoders.train`` with the per-layer recipe of ``transcoders.recipes.DEFAULT_RECIPE``
+Ours: ``transcoders.training.run`` with the per-layer recipe of
+``transcoders.training.recipes.DEFAULT_RECIPE``
 (kind ``plt``, skip, TopK) at the same width and k, for ``steps x batch_tokens`` = the same
 tokens. The same tokens, exactly: ``--tokens`` is rounded up to whole training rounds (our
 trainer harvests ``buffer_tokens`` worth of consecutive sequences per round and draws
@@ -27,7 +28,7 @@ ones ``circuit-atlas transcoders train`` evaluates on (``tracer.cli.train_cmd.sp
 
 Only the chosen layers are trained (``--layers``: ``all`` or a list); the model is cut after the
 last of them in both, since later layers cannot change earlier activations. Both results are
-loaded through ``transcoders.load_transcoder`` (sparsify's by ``transcoders.io_sparsify``) and
+loaded through ``transcoders.load_transcoder`` (sparsify's by ``transcoders.formats.sparsify``) and
 scored by the same code: NMSE per layer (``transcoders.metrics.nmse_per_layer``) over the
 held-out positions without BOS (and over all positions), L0, features that never fire on the
 held-out tokens. sparsify's own FVU of its weights on the held-out tokens (computed in its
@@ -57,7 +58,7 @@ from proc_stats import cpu_s  # noqa: E402
 SPARSIFY_VERSION = "1.3.3"
 TORCH_VERSION = "2.13.0"  # the CPU build on this machine's disk; a looser pin pulls CUDA builds
 RUNNER = ROOT / "scripts" / "bench_sparsify_runner.py"
-LOG = "log.jsonl"  # our trainer's log (transcoders.train.LOG)
+LOG = "log.jsonl"  # our trainer's log (transcoders.training.run.LOG)
 
 
 # --- the sparsify environment -------------------------------------------------------------------
@@ -132,7 +133,7 @@ class TokenPlan:
 def plan_tokens(
     tokens: int, seq_len: int, buffer_tokens: int, batch_tokens: int, passes: int
 ) -> TokenPlan:
-    """Round ``tokens`` up to whole rounds of our trainer (``transcoders.train``: a round is
+    """Round ``tokens`` up to whole rounds of our trainer (``transcoders.training.run``: a round is
     ceil(buffer_tokens / (seq_len - 1)) consecutive sequences, used ``passes`` times)."""
     keep = seq_len - 1
     per_round = math.ceil(buffer_tokens / keep)
@@ -159,7 +160,7 @@ def selected_activations(model, layers: list[int]):
     """``activations(tokens)`` of the chosen layers only (MLP input after its norm, MLP output),
     from the model cut after the last of them."""
     from tracer.model import truncate_layers
-    from tracer.splice import mlp_activations
+    from tracer.spliced_metrics import mlp_activations
 
     cut = truncate_layers(model, layers[-1] + 1) if layers[-1] + 1 < model.facts.n_layers else model
     sel = list(layers)
@@ -203,8 +204,8 @@ def run_sparsify(args, model_dir: Path, plan: TokenPlan, layers, work: Path, bos
 def run_ours(args, model, plan: TokenPlan, layers, train_tokens, heldout, work: Path) -> dict:
     import torch
 
-    from transcoders.recipes import DEFAULT_RECIPE as R
-    from transcoders.train import TrainConfig, train
+    from transcoders.training.recipes import DEFAULT_RECIPE as R
+    from transcoders.training.run import TrainConfig, train
 
     cfg = TrainConfig(
         kind="plt",
@@ -259,7 +260,7 @@ def run_ours(args, model, plan: TokenPlan, layers, train_tokens, heldout, work: 
 def eval_curve(log: Path) -> dict:
     """Our trainer's held-out evaluations (same held-out tokens, BOS excluded): step 0 is the
     ridge-regression skip fit alone, before any feature is trained."""
-    from transcoders.train import read_log
+    from transcoders.training.run import read_log
 
     evals = [r for r in read_log(log) if r.get("event") == "eval"]
     if not evals:
@@ -415,7 +416,7 @@ def markdown(r: dict) -> str:
 
 
 def main() -> int:
-    from transcoders.recipes import DEFAULT_RECIPE as R
+    from transcoders.training.recipes import DEFAULT_RECIPE as R
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", action="store_true", help="build the sparsify venv and stop")

@@ -8,8 +8,9 @@ measured GFLOP/s beside this CPU's arithmetic limit, for dense and row-sparse up
 Each case builds a randomly initialised SmolLM2-135M-shaped transcoder (30 layers, d 576;
 ``--kinds``: a cross-layer transcoder, ``clt``, or per-layer skip transcoders, ``plt``; TopK
 k=32, skip connection) and times ``--steps`` optimisation steps (after two warm-up steps) of the
-trainer's own objective and optimiser (:func:`transcoders.objective.objective`,
-:func:`transcoders.trainer.make_optimizer`) on batches of ``--batch-tokens`` real SmolLM2 MLP
+trainer's own objective and optimiser (:func:`transcoders.training.objective.objective`,
+:func:`transcoders.training.trainer.make_optimizer`) on batches of ``--batch-tokens`` real SmolLM2
+MLP
 activations (harvested once from the public corpus; ``--data random`` uses Gaussian inputs).
 ``sparse``: row-sparse gradients and the lazy Adam (the default recipe); ``dense``: dense
 gradients and ``torch.optim.Adam`` (the recipe before). A case whose estimated memory exceeds
@@ -124,7 +125,7 @@ def real_activations(n_tokens: int):
 
     from tracer.cli.train_cmd import load_corpus
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
 
     model = LanguageModel.load("smollm2")
     corpus = load_corpus("public", model)
@@ -150,7 +151,7 @@ def build(kind: str, F: int, k: int):
     import torch
 
     from transcoders.clt import TranscoderConfig
-    from transcoders.trainable import TrainableTranscoder
+    from transcoders.training.trainable import TrainableTranscoder
 
     cfg = TranscoderConfig(
         n_layers=L, d_model=D, n_features=F, kind=kind, activation="topk", topk=k, skip=True
@@ -166,9 +167,9 @@ def build(kind: str, F: int, k: int):
 def time_case(kind, F, mode, x_all, y_all, args) -> dict:
     import torch
 
-    from transcoders.objective import objective
-    from transcoders.train_config import TrainConfig
-    from transcoders.trainer import make_optimizer
+    from transcoders.training.config import TrainConfig
+    from transcoders.training.objective import objective
+    from transcoders.training.trainer import make_optimizer
 
     torch.manual_seed(0)
     k, B = args.topk, args.batch_tokens

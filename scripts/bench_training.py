@@ -192,7 +192,7 @@ def bench_variants(args) -> int:
     from tracer.cli import build_parser
     from tracer.cli.train_cmd import run_training
     from tracer.fetch import cache_root
-    from transcoders.planner import BudgetError
+    from transcoders.training.planner import BudgetError
 
     variants = variants_from_args(args)
     base = ["transcoders", "train", "--model", "smollm2", "--corpus", "public", *args.extra]
@@ -268,7 +268,7 @@ def add_meaning(args) -> int:
     from tracer.cli.train_cmd import tokenizer_spec
     from tracer.fetch import cache_root
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
     from transcoders.formats import load_transcoder
     from transcoders.meaning import (
         MeaningConfig,
@@ -332,10 +332,10 @@ def harvest_shared_cache(targs, seconds: float, max_tokens: int | None = None):
     from tracer.cli.train_cmd import cache_spec, default_threads, load_corpus, split_tokens
     from tracer.fetch import cache_root
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn
-    from transcoders.activation_cache import ActivationCache, heldout_set
+    from tracer.spliced_metrics import activation_fn
     from transcoders.device import setting_from_args
-    from transcoders.train import TrainConfig
+    from transcoders.training.activation_cache import ActivationCache, heldout_set
+    from transcoders.training.run import TrainConfig
 
     setting = setting_from_args(targs)
     torch.set_num_threads(targs.threads or default_threads())
@@ -415,12 +415,12 @@ def linear_baseline(targs, n_seqs: int, ridge: float = 1e-3) -> dict:
 
     from tracer.cli.train_cmd import load_corpus, split_tokens
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn
-    from transcoders import outliers
+    from tracer.spliced_metrics import activation_fn
     from transcoders.evaluation import Heldout
     from transcoders.metrics import nmse_per_layer
-    from transcoders.stream import ShuffleBuffer
-    from transcoders.train import fit_skip
+    from transcoders.training import outliers
+    from transcoders.training.harvest import ShuffleBuffer
+    from transcoders.training.run import fit_skip
 
     model = LanguageModel.load(targs.model)
     train_tokens, eval_tokens, _ = split_tokens(load_corpus(targs.corpus, model), targs)

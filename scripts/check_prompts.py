@@ -1,5 +1,6 @@
 """Does SmolLM2 answer the shipped prompts? Per prompt the expected answer's top-1 rank and
-probability (tracer.prompt_check), per category the counts, and the demo prompts chosen among
+probability (tracer.analyses.prompt_check), per category the counts, and the demo prompts chosen
+among
 those answered top-1 with p >= 0.3 (one per category, the two-hop prompt included).
 
     nice -n 10 .venv/bin/python scripts/check_prompts.py [--model smollm2] [--prompts FILE]
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    from tracer import prompt_check as pc
+    from tracer.analyses import prompt_check as pc
     from tracer.model import LanguageModel
     from tracer.prompts import DEMO_PROMPTS, load_prompts
 

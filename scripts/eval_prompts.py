@@ -1,4 +1,5 @@
-"""Renamed: the prompt check lives in tracer.prompt_check and scripts/check_prompts.py (this
+"""Renamed: the prompt check lives in tracer.analyses.prompt_check and scripts/check_prompts.py
+(this
 name forwards there so old commands keep working).
 
     .venv/bin/python scripts/eval_prompts.py [--model smollm2] [--prompts FILE]

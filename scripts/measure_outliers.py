@@ -1,6 +1,6 @@
 """Where SmolLM2's massive MLP outputs are, and what leaving them out does to a ridge fit (the
 skip connection's start) and to the normalisation scales: the numbers behind
-``transcoders.outliers``.
+``transcoders.training.outliers``.
 
     nice -n 10 .venv/bin/python scripts/measure_outliers.py [--train-seqs 192] [--factor 50]
 
@@ -35,12 +35,12 @@ def main() -> int:
     from tracer.cli import build_parser
     from tracer.cli.train_cmd import load_corpus, split_tokens
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn
-    from transcoders import outliers
+    from tracer.spliced_metrics import activation_fn
     from transcoders.evaluation import Heldout
     from transcoders.metrics import nmse_per_layer
-    from transcoders.stream import ShuffleBuffer
-    from transcoders.train import fit_skip
+    from transcoders.training import outliers
+    from transcoders.training.harvest import ShuffleBuffer
+    from transcoders.training.run import fit_skip
 
     targs = build_parser().parse_args(["transcoders", "train"])  # the default split
     load0 = os.getloadavg()
@@ -135,7 +135,7 @@ def markdown(r: dict) -> str:
     h, t = r["stats"]["heldout"], r["stats"]["train"]
     f = r["factor"]
     lines = [
-        "## Massive MLP outputs of SmolLM2 (transcoders.outliers)",
+        "## Massive MLP outputs of SmolLM2 (transcoders.training.outliers)",
         "",
         f"`{r['command']}`: {r['train_positions']} training and {r['heldout_positions']} held-out"
         f" non-start positions; load average {r['machine']['load_average_start'][0]:.1f} at the "

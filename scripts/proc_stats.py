@@ -12,11 +12,11 @@ def peak_rss_mb() -> float:
 
 
 def _load_phases():
-    """tracer/attribution/phases.py, loaded by path: the one implementation of the high-water
+    """tracer/attribution/memory_phases.py, loaded by path: the one implementation of the high-water
     mark helpers (stdlib only at import), usable where circuit-atlas is not installed."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "tracer" / "attribution" / "phases.py"
+    path = Path(__file__).resolve().parents[1] / "tracer" / "attribution" / "memory_phases.py"
     spec = importlib.util.spec_from_file_location("_atlas_phases", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -5,7 +5,8 @@
     .venv/bin/python scripts/validate_prompts.py --random-clt          # random CLT (a control)
 
 For one prompt per category of the shipped prompt set (``--n-prompts``), the full graph is
-attributed and :func:`tracer.validate.validate` ablates a sample of its features (circuit and
+attributed and :func:`tracer.analyses.validate.validate` ablates a sample of its features (circuit
+and
 others), in the frozen model (columns must match) and the free model (Spearman correlation of
 predicted influence with observed |logit effect|, sign agreement on edges, circuit sufficiency
 and necessity). Writes ``benchmarks/validation.json`` and ``benchmarks/validation.md``.
@@ -109,8 +110,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from tracer.analyses.validate import validate
     from tracer.attribution import attribute
-    from tracer.validate import validate
 
     rm, label = load(args)
     rows = []

@@ -102,7 +102,7 @@ def keyed_edges(graph) -> tuple[set, dict]:
 def tiny_training_run(steps: int = 3):
     """A tiny random Llama (2 layers, d 32), random token rows [12, 9] starting with BOS, and
     a TopK recipe of ``steps`` steps: ``(model, tokens, cfg)`` for quick training runs."""
-    from transcoders.train import TrainConfig
+    from transcoders.training.run import TrainConfig
 
     model = make_tiny_model("llama", n_layers=2)
     g = torch.Generator().manual_seed(0)

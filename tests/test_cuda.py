@@ -14,17 +14,17 @@ import pytest
 import torch
 from model_fixtures import keyed_edges, make_random_clt, tiny_training_run
 
+from tracer.analyses.validate import validate
 from tracer.attribution import attribute
 from tracer.interventions import FeatureEdit, intervene
 from tracer.model import LanguageModel, truncate_layers
 from tracer.replacement import ReplacementModel
-from tracer.splice import activation_fn, spliced_metrics
+from tracer.spliced_metrics import activation_fn, spliced_metrics
 from tracer.steer import generate_batch
-from tracer.validate import validate
 from transcoders.contexts import ContextConfig, collect_activations
 from transcoders.device import DeviceSetting
 from transcoders.formats import load_transcoder, save_transcoder
-from transcoders.train import train
+from transcoders.training.run import train
 
 pytestmark = [
     pytest.mark.cuda,

@@ -78,11 +78,14 @@ def test_light_core_loads_no_torch(module):
 
 
 def test_lazy_names_are_the_functions_even_after_their_modules_load():
+    """``tracer.prune`` (function and module of one name) stays the function after its
+    module is imported; the package names that live in rooms are the rooms' functions."""
     code = (
-        "import tracer.prune, tracer.validate, tracer.paths, transcoders.train; "
+        "import tracer.prune, tracer.analyses.validate, tracer.analyses.paths, "
+        "transcoders.training.run; "
         "import tracer, transcoders; "
-        "from tracer.prune import prune; from tracer.validate import validate; "
-        "from transcoders.train import train; from tracer.paths import paths; "
+        "from tracer.prune import prune; from tracer.analyses.validate import validate; "
+        "from transcoders.training.run import train; from tracer.analyses.paths import paths; "
         "assert tracer.prune is prune and tracer.validate is validate; "
         "assert transcoders.train is train and tracer.paths is paths; "
         "from tracer import Graph; from tracer.graph import Graph as G; assert Graph is G; "
@@ -90,6 +93,23 @@ def test_lazy_names_are_the_functions_even_after_their_modules_load():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+ROOMS = [
+    "transcoders/formats", "transcoders/training", "transcoders/corpora", "tracer/analyses",
+    "tracer/reports", "tracer/attribution", "tracer/attention", "tracer/batch", "tracer/cli",
+    "tracer/explorer", "tracer", "transcoders", "graphstore",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_every_room_says_what_it_holds_and_may_import(room):
+    text = (ROOT / room / "__init__.py").read_text()
+    doc = " ".join((ast.get_docstring(ast.parse(text)) or "").split())
+    assert len(doc.split()) >= 12, f"{room}/__init__.py: say what the room holds"
+    assert "may import" in doc.lower() or "knows nothing of" in doc.lower(), (
+        f"{room}/__init__.py: say what the room may import"
+    )
 
 
 def test_light_commands_load_no_torch():

@@ -24,7 +24,7 @@ def test_readme_walkthrough_runs(tmp_path, monkeypatch, smollm2_full):
     from graphstore import LocalServer
     from tracer.cli.train_cmd import unembed_for_contexts
     from tracer.fetch import cache_root, default_transcoder_path
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
     from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
     from transcoders.formats import save_transcoder
 

@@ -52,14 +52,14 @@ _EXPORTS: dict[str, str] = {
     "graph_scores": "tracer.prune",
     "node_influence": "tracer.prune",
     "prune": "tracer.prune",
-    "paths": "tracer.paths",
+    "paths": "tracer.analyses.paths",
     "add_head_loadings": "tracer.attention",
     "qk_attribution": "tracer.attention",
     "PromptState": "tracer.replacement",
     "ReplacementModel": "tracer.replacement",
     "generate": "tracer.steer",
-    "ValidationReport": "tracer.validate",
-    "validate": "tracer.validate",  # tracer.validate(rm, graph) -> report
+    "ValidationReport": "tracer.analyses.validate",
+    "validate": "tracer.analyses.validate",  # tracer.validate(rm, graph) -> report
     "DeviceError": "transcoders.device",  # the one device/dtype setting
     "DeviceSetting": "transcoders.device",
 }
@@ -67,6 +67,8 @@ _EXPORTS: dict[str, str] = {
 install(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at run time
+    from tracer.analyses.paths import paths  # noqa: F401
+    from tracer.analyses.validate import ValidationReport, validate  # noqa: F401
     from tracer.architectures import ARCHITECTURES, Architecture, architecture_for  # noqa: F401
     from tracer.attention import add_head_loadings, qk_attribution  # noqa: F401
     from tracer.attribution import AttributionConfig, attribute  # noqa: F401
@@ -82,9 +84,7 @@ if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at
         intervene_batch,
     )
     from tracer.model import LanguageModel, ModelLoadError, PromptError, truncate_layers  # noqa: F401
-    from tracer.paths import paths  # noqa: F401
     from tracer.prune import error_influence_shares, graph_scores, node_influence, prune  # noqa: F401
     from tracer.replacement import PromptState, ReplacementModel  # noqa: F401
     from tracer.steer import generate  # noqa: F401
-    from tracer.validate import ValidationReport, validate  # noqa: F401
     from transcoders.device import DeviceError, DeviceSetting  # noqa: F401

@@ -121,10 +121,11 @@ def default_transcoder_path(
 ) -> Path:
     """Where the demo (and ``transcoders train`` via the demo) keeps the CLT it trains for these
     settings. The folder name carries a hash of the whole recipe (model, corpus, width, budget
-    and every training default in ``transcoders.recipes``), so a retrain with another corpus,
+    and every training default in ``transcoders.training.recipes``), so a retrain with another
+    corpus,
     budget or default never reuses an old transcoder. A corpus given as a path is keyed by its
     resolved path, size and modification time."""
-    from transcoders.recipes import DEFAULT_CORPUS, DEFAULT_RECIPE
+    from transcoders.training.recipes import DEFAULT_CORPUS, DEFAULT_RECIPE
 
     features = DEFAULT_RECIPE["features_per_layer"] if features is None else features
     corpus = DEFAULT_CORPUS if corpus is None else corpus

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-# The demo's five prompts (also the prompt set of the training metric tracer.prompt_scores).
+# The demo's five prompts (also the prompt set of the training metric
+# tracer.analyses.prompt_scores).
 # Chosen from benchmarks/prompts.md: each answered top-1 with p >= 0.3 by SmolLM2 (the Dallas
 # two-hop prompt is not: ' Austin' p 0.004, rank 26).
 DEMO_PROMPTS = (

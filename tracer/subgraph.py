@@ -2,7 +2,8 @@
 
 This is what a researcher keeps from a session in the explorer (``circuit-atlas serve``) and
 what the Neuronpedia / circuit-tracer viewer keeps in its ``qParams``: node ids are Neuronpedia
-node ids (:func:`tracer.neuronpedia.np_node_id`, e.g. ``3_17_5`` for feature 17 of layer 3 at
+node ids (:func:`tracer.reports.neuronpedia.np_node_id`, e.g. ``3_17_5`` for feature 17 of layer 3
+at
 position 5), so one subgraph reads the same in both.
 
 qParams shape (the viewer's URL state): ``pinnedIds`` a list of node ids; ``supernodes`` a list
@@ -159,7 +160,7 @@ def diagram(graph, subgraph: Subgraph, labels: Mapping[str, str] | None = None) 
     import numpy as np
 
     from tracer.graph import LOGIT, NODE_KINDS, TOKEN
-    from tracer.neuronpedia import np_node_id
+    from tracer.reports.neuronpedia import np_node_id
 
     index = {np_node_id(graph, i): i for i in range(graph.n_nodes)}
     subgraph.check(index)
@@ -211,8 +212,8 @@ def subgraph_scores(graph, subgraph: Subgraph, convention: str | None = None) ->
     import numpy as np
 
     from tracer.graph import ERROR, FEATURE, Graph
-    from tracer.neuronpedia import np_node_id
     from tracer.prune import graph_scores, resolve_convention
+    from tracer.reports.neuronpedia import np_node_id
 
     subgraph.check()
     pinned = set(subgraph.pinned)

@@ -1,8 +1,8 @@
 """Transcoders: cross-layer and per-layer transcoder modules, their activation functions, and
 their weight formats (circuit-tracer, SAELens, GemmaScope; see ``transcoders.formats``).
 
-Training: ``transcoders.train(cfg, ...)`` with a :class:`TrainConfig` (``transcoders.train``
-names the function; ``from transcoders.train import X`` finds its module as usual).
+Training: ``transcoders.train(cfg, ...)`` with a :class:`TrainConfig` (``transcoders.training.run``
+names the function; ``from transcoders.training.run import X`` finds its module as usual).
 
 The public names are given lazily (PEP 562): ``import transcoders`` loads no torch until a name
 is used, so torch-free helpers (``transcoders.names``) stay light for the graph store.
@@ -39,9 +39,9 @@ _EXPORTS: dict[str, str] = {
     "load_transcoder": "transcoders.formats",
     "save_transcoder": "transcoders.formats",
     "transcoder_info": "transcoders.formats",
-    "TrainConfig": "transcoders.train",
-    "TrainResult": "transcoders.train",
-    "train": "transcoders.train",
+    "TrainConfig": "transcoders.training.run",
+    "TrainResult": "transcoders.training.run",
+    "train": "transcoders.training.run",
 }
 
 install(__name__, _EXPORTS)
@@ -73,4 +73,4 @@ if TYPE_CHECKING:  # names for type checkers and editors; nothing is imported at
         save_transcoder,
         transcoder_info,
     )
-    from transcoders.train import TrainConfig, TrainResult, train  # noqa: F401
+    from transcoders.training.run import TrainConfig, TrainResult, train  # noqa: F401

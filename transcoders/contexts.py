@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from transcoders.clt import CrossLayerTranscoder
-from transcoders.stream import ActivationFn
+from transcoders.training.harvest import ActivationFn
 
 FILE_NAME = "feature_contexts.parquet"
 SOURCE_KEY = "circuit_atlas.contexts_source"

@@ -19,7 +19,8 @@ The mean NMSE is the unweighted mean over layers. Three sets T (per layer):
   convention treats its error nodes as constants;
 - ``nmse_inliers``: the start token and the layer's outliers excluded. Outliers are the
   positions whose ||y|| exceeds ``EVAL_OUTLIER_FACTOR`` x the layer's median ||y|| over the
-  non-start held-out positions (the ``ratio`` rule of :mod:`transcoders.outliers`). The factor
+  non-start held-out positions (the ``ratio`` rule of :mod:`transcoders.training.outliers`). The
+  factor
   is fixed here, not taken from the training recipe, so runs with different recipes compare on
   the same positions. ``outlier_frac`` is the share of non-start positions left out per layer.
 
@@ -37,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from transcoders.metrics import fired_topk
-from transcoders.outliers import norm_thresholds, outlier_mask
-from transcoders.stream import ActivationFn, ShuffleBuffer
+from transcoders.training.harvest import ActivationFn, ShuffleBuffer
+from transcoders.training.outliers import norm_thresholds, outlier_mask
 
 EVAL_OUTLIER_FACTOR = 50.0
 POSITION_SETS = ("nmse_all", "nmse", "nmse_inliers")
@@ -120,7 +121,8 @@ def evaluate_heldout(
     bandwidth: float = 0.1,
     chunk: int = 512,
 ) -> dict[str, torch.Tensor]:
-    """Metrics of a :class:`~transcoders.trainable.TrainableTranscoder` (trained on activations
+    """Metrics of a :class:`~transcoders.training.trainable.TrainableTranscoder` (trained on
+    activations
     scaled by in_scale, out_scale [L]) on ``held``: {``nmse_all``, ``nmse``, ``nmse_inliers``,
     ``outlier_frac``, ``l0``: [L] float; ``fired``: [L, F] bool} (module doc)."""
     L, N, d = held.y.shape

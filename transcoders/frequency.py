@@ -35,7 +35,7 @@ def firing_counts(
 ) -> tuple[torch.Tensor, int]:
     """(counts [L, F] int64: positions each feature fires at, n positions) over the non-start
     positions of ``held`` (:class:`transcoders.evaluation.Heldout`, raw inputs) for a
-    :class:`~transcoders.trainable.TrainableTranscoder` trained on inputs scaled by
+    :class:`~transcoders.training.trainable.TrainableTranscoder` trained on inputs scaled by
     ``in_scale`` [L]."""
     x_all, pos = held.x, held.positions
     L, N, _ = x_all.shape

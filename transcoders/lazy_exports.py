@@ -2,8 +2,8 @@
 
 A package's ``__init__`` lists ``{public name: module that holds it}`` and calls
 :func:`install`; ``import package`` then loads nothing more, and a name loads its module on
-first use (and is cached). A function named like its own module (``tracer.validate``,
-``transcoders.train``) stays the function even after the submodule is imported (the import
+first use (and is cached). A function named like its own module (``tracer.analyses.validate``,
+``transcoders.training.run``) stays the function even after the submodule is imported (the import
 system would otherwise set the package attribute to the module). Stdlib only.
 """
 

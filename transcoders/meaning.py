@@ -2,7 +2,8 @@
 SAEBench), the token-level share, the dead share and firing frequencies.
 
 The probe text is held-out prose with category members marked: the glosses and examples of
-WordNet's held-out tenth of synsets (:func:`transcoders.wordnet.is_heldout`, never in the WordNet
+WordNet's held-out tenth of synsets (:func:`transcoders.corpora.wordnet.is_heldout`, never in the
+WordNet
 corpus source) and, for programming keywords, short Python snippets written for this probe.
 Members come from WordNet (the lemmas below a root synset, e.g. the countries below "country"),
 except the programming keywords (a fixed list). A *positive* position is the last token of a
@@ -31,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from transcoders import wordnet
-from transcoders.corpus import TokenizerSpec
-from transcoders.stream import ActivationFn
+from transcoders.corpora import wordnet
+from transcoders.corpora.corpus import TokenizerSpec
+from transcoders.training.harvest import ActivationFn
 
 FILE_NAME = "meaning.json"
 FREQ_EDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # histogram bins: dead, (0,1e-4], ..., (1e-1, 1]

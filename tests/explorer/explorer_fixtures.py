@@ -48,8 +48,8 @@ def build_feature_contexts(rm, folder):
     """The feature-contexts table of the CLT over CONTEXT_TEXTS, saved in ``folder`` as
     training saves it beside the weights; returns the FeatureBook the explorer reads."""
     from tracer.cli.train_cmd import unembed_for_contexts
-    from tracer.features import FeatureBook
-    from tracer.splice import activation_fn
+    from tracer.reports.feature_book import FeatureBook
+    from tracer.spliced_metrics import activation_fn
     from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
 
     model = rm.model

@@ -14,11 +14,11 @@ from explorer_client import call
 
 from graphstore import GraphNotFoundError, ReadOnlyViolation, SubgraphNotFoundError, graph_id
 from tracer.explorer import ExplorerConfig, ExplorerSetupError, GraphSource, create_app
-from tracer.explorer.intervene import InterventionRequestError, feature_edits
+from tracer.explorer.intervention_jobs import InterventionRequestError, feature_edits
 from tracer.explorer.payload import edge_cumulative, graph_payload, supernode_suggestions
 from tracer.explorer.server import ServerThread, access_token, is_loopback
 from tracer.graph import ERROR, FEATURE
-from tracer.neuronpedia import check_document, np_node_id, read_subgraph, to_neuronpedia
+from tracer.reports.neuronpedia import check_document, np_node_id, read_subgraph, to_neuronpedia
 from tracer.subgraph import Subgraph, SubgraphError, Supernode
 
 
@@ -134,7 +134,7 @@ def test_graph_json_and_list(world):
 
 
 def auto_supernodes(g, k: int = 4) -> list[dict]:
-    """Two supernodes of g's first feature nodes (as tracer.supernodes stores them) and one
+    """Two supernodes of g's first feature nodes (as tracer.analyses.supernodes stores them) and one
     whose members are not nodes of g."""
     feats = [int(i) for i in np.flatnonzero(g.kind == FEATURE)][:k]
 

@@ -18,7 +18,7 @@ from playwright.sync_api import expect
 
 from tracer.graph import FEATURE
 from tracer.interventions import FeatureEdit, intervene
-from tracer.neuronpedia import np_node_id, read_subgraph
+from tracer.reports.neuronpedia import np_node_id, read_subgraph
 from tracer.steer import generate_batch
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ class Tab:
 
 def top_features(graph, k: int) -> list[int]:
     """Indices of the k most influential feature nodes, spread over positions if possible."""
-    from tracer.annotate import display_influence
+    from tracer.reports.annotate import display_influence
 
     infl = display_influence(graph)
     feats = np.flatnonzero(graph.kind == FEATURE)
@@ -417,8 +417,8 @@ def test_readable_default_550_nodes(world, browser, graph550):
 
 def test_france_default_screenshot_and_paths(world, browser):
     """The README's default view of the France circuit; "trace from here" on its top logit
-    highlights paths that start at a token node and read as tracer.paths writes them."""
-    from tracer.paths import paths
+    highlights paths that start at a token node and read as tracer.analyses.paths writes them."""
+    from tracer.analyses.paths import paths
 
     k = next(j for j, (g, _) in enumerate(world.graphs) if "France" in g.prompt)
     g, gid = world.graphs[k][1], world.ids[k]  # the full graph, pruned by the page's default
@@ -453,7 +453,7 @@ def test_france_default_screenshot_and_paths(world, browser):
 def test_subgraph_diagram(world, browser):
     """Pinned nodes drawn with the edges between them at the graph's weights; a supernode's
     edges are the sums of its members'; SVG export; the README's screenshot."""
-    from tracer.paths import paths
+    from tracer.analyses.paths import paths
 
     k = next(j for j, (g, _) in enumerate(world.graphs) if "France" in g.prompt)
     g, gid = world.graphs[k][1], world.ids[k]  # the full graph

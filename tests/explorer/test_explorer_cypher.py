@@ -11,7 +11,7 @@ from explorer_client import call
 
 from tracer.explorer.cypher import MAX_SUMMARY, MAX_TEXT, property_table, summary
 from tracer.graph import FEATURE
-from tracer.neuronpedia import np_node_id
+from tracer.reports.neuronpedia import np_node_id
 
 
 def node(**props):

@@ -21,7 +21,7 @@ from tracer.explorer import ExplorerConfig, GraphSource, InterventionService, Se
 from tracer.explorer import create_app as make_app
 from tracer.explorer.security import DoorPolicy, host_allowed, parse_json
 from tracer.graph import FEATURE
-from tracer.neuronpedia import np_node_id
+from tracer.reports.neuronpedia import np_node_id
 
 TOKEN = "t0k3n-for-the-security-tests-0123456789"
 

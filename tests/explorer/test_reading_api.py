@@ -1,5 +1,5 @@
 """The reading routes (tracer.explorer.reading_routes) over a folder of graphs: paths as
-tracer.paths finds them, the subgraph diagram as tracer.subgraph.diagram draws it, labels
+tracer.analyses.paths finds them, the subgraph diagram as tracer.subgraph.diagram draws it, labels
 refused without a store; bad input answered in one line with a 4xx."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from explorer_client import call
 
 from graphstore import graph_id
 from graphstore.synthetic import SyntheticConfig, synthetic_graph
-from tracer.neuronpedia import np_node_id
-from tracer.paths import paths
+from tracer.analyses.paths import paths
+from tracer.reports.neuronpedia import np_node_id
 from tracer.subgraph import Subgraph, Supernode, diagram, subgraph_scores
 
 SMALL = SyntheticConfig(n_layers=4, vocab_per_layer=30, prompt_tokens=(5, 5), features=(30, 30),

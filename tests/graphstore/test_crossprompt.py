@@ -10,7 +10,7 @@ from conftest import wipe
 from model_fixtures import hand_graph
 
 from graphstore import GraphNotFoundError
-from tracer.global_weights import GlobalWeights
+from tracer.analyses.global_weights import GlobalWeights
 from tracer.graph import FEATURE, LOGIT, TOKEN
 
 F, T, LG = FEATURE, TOKEN, LOGIT

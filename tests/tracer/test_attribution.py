@@ -8,12 +8,12 @@ import pytest
 import torch
 from model_fixtures import make_random_clt, make_tiny_model
 
+from tracer.analyses.validate import removal, target_values
 from tracer.attribution import AttributionConfig, FrozenLinearModel, attribute
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN
 from tracer.interventions import intervene
 from tracer.model import PromptError
 from tracer.replacement import ReplacementModel
-from tracer.validate import removal, target_values
 
 TOKENS = torch.tensor([1, 5, 9, 22, 40, 7, 13])
 

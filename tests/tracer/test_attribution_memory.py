@@ -300,7 +300,7 @@ def test_out_of_memory_names_the_estimate(lazy_setup, monkeypatch):
 def test_memory_phases_are_measured_without_changing_the_graph(lazy_setup, monkeypatch):
     """With ``profile_memory`` each phase's peak is recorded, in order; a phase that holds a
     known block shows it in its own peak only; the graph is the unprofiled one."""
-    from tracer.attribution import phases as phases_mod
+    from tracer.attribution import memory_phases as phases_mod
 
     if not phases_mod.reset_host_peak():
         pytest.skip("this kernel does not allow resetting the resident high-water mark")

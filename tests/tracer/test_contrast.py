@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from model_fixtures import hand_graph
 
-from tracer.contrast import ContrastError, contrast
+from tracer.analyses.contrast import ContrastError, contrast
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 
 F, E, T, LG = FEATURE, ERROR, TOKEN, LOGIT

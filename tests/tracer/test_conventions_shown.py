@@ -8,9 +8,9 @@ import pytest
 from prune_fixtures import start_graph
 
 from graphstore.ingest import flat_properties
-from tracer.neuronpedia import to_neuronpedia
 from tracer.prune import prune
-from tracer.report import write_index, write_report
+from tracer.reports.neuronpedia import to_neuronpedia
+from tracer.reports.report import write_index, write_report
 
 
 @pytest.mark.parametrize("conv", ["circuit-tracer", "atlas"])

@@ -90,8 +90,8 @@ def assert_same(a, b):
 
 def _python_supernodes(setup, path, tokens=None):
     """What the supernodes command computes, through the Python API."""
-    from tracer.supernode_check import validate_supernodes
-    from tracer.supernodes import corpus_activations, find_supernodes
+    from tracer.analyses.supernode_check import validate_supernodes
+    from tracer.analyses.supernodes import corpus_activations, find_supernodes
 
     rm, g = setup["rm"], Graph.load(path)
     acts = None
@@ -152,7 +152,7 @@ def test_supernodes_command_with_a_corpus(setup, tmp_path, monkeypatch, capsys):
 
 
 def test_contrast_command(setup, store_env, tmp_path, capsys):
-    from tracer.contrast import contrast
+    from tracer.analyses.contrast import contrast
 
     opt, store = store_env
     a, b = setup["graphs"]
@@ -176,7 +176,7 @@ def test_contrast_command(setup, store_env, tmp_path, capsys):
 
 
 def test_weights_command(setup, store_env, tmp_path, capsys):
-    from tracer.global_weights import GlobalWeights, global_weights
+    from tracer.analyses.global_weights import GlobalWeights, global_weights
 
     opt, store = store_env
     rm = setup["rm"]
@@ -209,7 +209,7 @@ def test_weights_command(setup, store_env, tmp_path, capsys):
 
 
 def test_swap_command_and_batch(setup, store_env, tmp_path, capsys):
-    from tracer.swap import swap_supernodes
+    from tracer.analyses.swap import swap_supernodes
 
     opt, store = store_env
     a, b = _copy(setup, tmp_path)

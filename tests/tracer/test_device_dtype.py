@@ -17,18 +17,18 @@ import pytest
 import torch
 from model_fixtures import keyed_edges, make_random_clt
 
+from tracer.analyses.validate import validate
 from tracer.attribution import attribute
 from tracer.interventions import FeatureEdit, intervene
 from tracer.model import LanguageModel
 from tracer.replacement import ReplacementModel
-from tracer.splice import mlp_activations, spliced_metrics
+from tracer.spliced_metrics import mlp_activations, spliced_metrics
 from tracer.steer import generate_batch
-from tracer.validate import validate
 from transcoders.contexts import ContextConfig, collect_activations, promoted_tokens
 from transcoders.device import DeviceError, DeviceSetting
 from transcoders.formats import load_transcoder, save_transcoder
-from transcoders.stream import ShuffleBuffer
-from transcoders.train import TrainConfig, init_distributed, train
+from transcoders.training.harvest import ShuffleBuffer
+from transcoders.training.run import TrainConfig, init_distributed, train
 
 PROMPT = "The capital of France is"
 BF16 = torch.bfloat16
@@ -257,7 +257,7 @@ def test_splice_harvest_and_contexts_with_bf16(smollm2_bf16, clt_bf16):
 def test_train_on_the_named_device(tmp_path):
     from model_fixtures import tiny_training_run
 
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
 
     model, tokens, cfg = tiny_training_run(steps=3)
     res = train(

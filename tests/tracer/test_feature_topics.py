@@ -1,4 +1,5 @@
-"""The place-topic rule of tracer.feature_topics on hand-made contexts: the activating token or
+"""The place-topic rule of tracer.analyses.feature_topics on hand-made contexts: the activating
+token or
 a word within 3 of it must be a place word (case-sensitive names, any-case nouns), a feature
 counts at half of its top-8 contexts; and the WordNet word list holds the expected places."""
 
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tracer.feature_topics import (
+from tracer.analyses.feature_topics import (
     PlaceWords,
     context_topic,
     feature_topic,
     marked_text,
     place_words,
 )
-from tracer.features import Context, FeatureBook, FeatureInfo
+from tracer.reports.feature_book import Context, FeatureBook, FeatureInfo
 
 WORDS = PlaceWords.of(["France", "Paris", "New York", "Turkey"])
 
@@ -116,8 +117,8 @@ def test_cards_of_the_most_influential_features():
     import numpy as np
     from model_fixtures import make_random_clt, make_tiny_model
 
+    from tracer.analyses.feature_topics import feature_cards, influential_features
     from tracer.attribution import attribute
-    from tracer.feature_topics import feature_cards, influential_features
     from tracer.graph import FEATURE
     from tracer.prune import node_influence, prune
     from tracer.replacement import ReplacementModel

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tracer.features import (
+from tracer.reports.feature_book import (
     CONTEXTS_FILE,
     Context,
     FeatureBook,

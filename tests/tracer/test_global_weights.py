@@ -10,9 +10,9 @@ import pytest
 import torch
 from model_fixtures import make_random_clt, make_tiny_model
 
+from tracer.analyses.global_weights import GlobalWeights, global_weights, typical_norm_scales
 from tracer.architectures import frozen_norm
 from tracer.attribution import attribute
-from tracer.global_weights import GlobalWeights, global_weights, typical_norm_scales
 from tracer.graph import FEATURE
 from tracer.replacement import ReplacementModel
 

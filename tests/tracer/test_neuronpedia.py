@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from report_fixtures import LOGITS, PROMPT_TOKENS, make_feature_dict, make_graph
 
-from tracer.features import load_features
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN
-from tracer.neuronpedia import (
+from tracer.reports.feature_book import load_features
+from tracer.reports.neuronpedia import (
     LINK_FIELDS,
     METADATA_REQUIRED,
     NODE_FIELDS,

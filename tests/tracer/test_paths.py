@@ -1,4 +1,5 @@
-"""tracer.paths: the k strongest paths, checked against brute-force enumeration of every path
+"""tracer.analyses.paths: the k strongest paths, checked against brute-force enumeration of every
+path
 on small random DAGs, on a hand-worked graph, and through the CLI."""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from prune_fixtures import hand_graph, make_graph
 
+from tracer.analyses.paths import k_best_paths, normalized_weights, paths, resolve_target
 from tracer.graph import FEATURE, LOGIT, TOKEN, Graph
-from tracer.paths import k_best_paths, normalized_weights, paths, resolve_target
 
 
 def random_dag(seed: int, n_tokens=3, n_layers=3, per_layer=3, n_logits=2, p_edge=0.6) -> Graph:

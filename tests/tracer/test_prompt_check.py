@@ -7,7 +7,7 @@ import pytest
 import torch
 from model_fixtures import make_tiny_model
 
-from tracer import prompt_check as pc
+from tracer.analyses import prompt_check as pc
 from tracer.prompts import Prompt
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from model_fixtures import make_random_clt, make_tiny_model
 
+from tracer.analyses.prompt_scores import PromptScoreConfig, prompt_graph_scores
 from tracer.attribution import attribute
 from tracer.graph import FEATURE
-from tracer.prompt_scores import PromptScoreConfig, prompt_graph_scores
 from tracer.prune import graph_scores
 from tracer.replacement import ReplacementModel
 

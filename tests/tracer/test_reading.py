@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from prune_fixtures import hand_graph
 
-from tracer.annotate import auto_label, visible_token
 from tracer.explorer.payload import feature_shares
-from tracer.features import Context, FeatureInfo
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN
+from tracer.reports.annotate import auto_label, visible_token
+from tracer.reports.feature_book import Context, FeatureInfo
 from tracer.subgraph import Subgraph, SubgraphError, Supernode, diagram
 
 

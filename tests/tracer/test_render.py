@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from report_fixtures import LOGITS, PROMPT_TOKENS, make_feature_dict, make_graph
 
-from tracer.features import load_features
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN
-from tracer.render import (
+from tracer.reports.feature_book import load_features
+from tracer.reports.render import (
     NEGATIVE,
     POSITIVE,
     RenderConfig,
@@ -192,7 +192,7 @@ def test_awkward_token_text_is_drawn_literally(tmp_path):
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path):
-    from tracer.render import RenderError
+    from tracer.reports.render import RenderError
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -18,7 +18,7 @@ from report_fixtures import LOGITS, PROMPT_TOKENS, make_feature_dict, make_graph
 
 from tracer.cli import main as cli_main
 from tracer.graph import FEATURE, GraphFormatError
-from tracer.report import QueryTable, ReportError, write_index, write_report
+from tracer.reports.report import QueryTable, ReportError, write_index, write_report
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -377,9 +377,9 @@ def test_report_on_a_pruned_smollm2_graph(smollm2, tmp_path):
     from model_fixtures import make_random_clt
 
     from tracer.attribution import attribute
-    from tracer.neuronpedia import check_document
     from tracer.prune import prune
     from tracer.replacement import ReplacementModel
+    from tracer.reports.neuronpedia import check_document
 
     clt = make_random_clt(4, 576, 64, seed=1)
     with torch.no_grad():
@@ -447,7 +447,7 @@ def _unit_sums(g, groups: dict[str, list[int]]) -> dict[tuple[str, str], tuple[f
 
 
 def test_subgraph_diagram_of_saved_pins_and_automatic_supernodes(tmp_path):
-    from tracer.neuronpedia import np_node_id
+    from tracer.reports.neuronpedia import np_node_id
     from tracer.subgraph import Subgraph, Supernode
 
     g = make_graph(n_layers=5, n_features=30)

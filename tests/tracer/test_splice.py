@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracer.splice import mlp_activations, spliced_eval_fn, spliced_metrics
+from tracer.spliced_metrics import mlp_activations, spliced_eval_fn, spliced_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,7 @@ def test_spliced_eval_reuses_reference_and_checks_shapes():
     import numpy as np
     from model_fixtures import make_random_clt, make_tiny_model
 
-    from tracer.splice import splice_edits
+    from tracer.spliced_metrics import splice_edits
 
     model = make_tiny_model("llama")
     tokens = _tokens()

@@ -10,12 +10,8 @@ import pytest
 import torch
 from model_fixtures import hand_graph, make_random_clt, make_tiny_model
 
-from tracer.attribution import attribute
-from tracer.features import FeatureBook
-from tracer.graph import FEATURE, LOGIT, TOKEN, Graph
-from tracer.replacement import ReplacementModel
-from tracer.supernode_check import agreement, group_effects, validate_supernodes
-from tracer.supernodes import (
+from tracer.analyses.supernode_check import agreement, group_effects, validate_supernodes
+from tracer.analyses.supernodes import (
     SupernodeError,
     corpus_activations,
     decoder_directions,
@@ -23,7 +19,11 @@ from tracer.supernodes import (
     get_supernode,
     supernodes_of,
 )
-from tracer.validate import linear_total_effect, validate
+from tracer.analyses.validate import linear_total_effect, validate
+from tracer.attribution import attribute
+from tracer.graph import FEATURE, LOGIT, TOKEN, Graph
+from tracer.replacement import ReplacementModel
+from tracer.reports.feature_book import FeatureBook
 
 
 def planted(seed=0):

@@ -13,10 +13,8 @@ import pytest
 import torch
 from model_fixtures import make_random_clt, make_tiny_model
 
-from tracer.attribution import attribute
-from tracer.replacement import ReplacementModel
-from tracer.supernodes import SupernodeError, find_supernodes
-from tracer.swap import (
+from tracer.analyses.supernodes import SupernodeError, find_supernodes
+from tracer.analyses.swap import (
     SwapError,
     active_features,
     concept_positions,
@@ -25,6 +23,8 @@ from tracer.swap import (
     swap,
     swap_supernodes,
 )
+from tracer.attribution import attribute
+from tracer.replacement import ReplacementModel
 
 
 def setup():
@@ -204,7 +204,7 @@ def test_supernode_swap_and_batch_file(tmp_path):
 
 
 def test_concept_swaps_report_the_other_answer():
-    from tracer.swap import SwapVariant, concept_swaps
+    from tracer.analyses.swap import SwapVariant, concept_swaps
 
     model, clt, rm = setup()
     a, b = "hello world", "hello worle"

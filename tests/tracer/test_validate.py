@@ -11,18 +11,18 @@ import pytest
 import torch
 from model_fixtures import make_random_clt, make_tiny_model
 
-from tracer.attribution import attribute
-from tracer.graph import FEATURE, LOGIT, Graph
-from tracer.interventions import FeatureEdit, intervene
-from tracer.prune import node_influence, prune
-from tracer.replacement import ReplacementModel
-from tracer.validate import (
+from tracer.analyses.validate import (
     ValidationError,
     linear_total_effect,
     save_report,
     validate,
     validation_path,
 )
+from tracer.attribution import attribute
+from tracer.graph import FEATURE, LOGIT, Graph
+from tracer.interventions import FeatureEdit, intervene
+from tracer.prune import node_influence, prune
+from tracer.replacement import ReplacementModel
 
 TOKENS = torch.tensor([1, 5, 9, 22, 40, 7, 13])
 FLAT_KEYS = ("spearman", "sign_agreement", "sufficiency", "necessity",

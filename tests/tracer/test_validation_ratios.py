@@ -9,13 +9,13 @@ import pytest
 import torch
 from model_fixtures import make_random_clt, make_tiny_model
 
+from tracer.analyses.validate import validate
+from tracer.analyses.validation_report import circuit_ratios, ratio_text
 from tracer.attribution import attribute
 from tracer.graph import FEATURE, LOGIT
 from tracer.interventions import FeatureEdit, intervene
 from tracer.prune import prune
 from tracer.replacement import ReplacementModel
-from tracer.validate import validate
-from tracer.validation_report import circuit_ratios, ratio_text
 
 TOKENS = torch.tensor([1, 5, 9, 22, 40, 7, 13])
 

@@ -12,15 +12,15 @@ import torch
 from model_fixtures import make_tiny_model
 
 from tests.transcoders import train_worker as tw
-from tracer.splice import activation_fn, mlp_activations
-from transcoders.activation_cache import (
+from tracer.spliced_metrics import activation_fn, mlp_activations
+from transcoders.training.activation_cache import (
     ActivationCache,
     CacheMismatch,
     CacheOverflow,
     CacheSpec,
 )
-from transcoders.train import train
-from transcoders.trainer import TRAIN_SET, Trainer, stream_rows
+from transcoders.training.run import train
+from transcoders.training.trainer import TRAIN_SET, Trainer, stream_rows
 
 L, D = 3, 32
 

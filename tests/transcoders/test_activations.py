@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from transcoders.stream import ShuffleBuffer
+from transcoders.training.harvest import ShuffleBuffer
 
 L, D = 2, 3
 

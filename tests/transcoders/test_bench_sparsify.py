@@ -8,7 +8,7 @@ import pytest
 import torch
 from bench_scripts import load_script
 
-from transcoders.train import TrainConfig, train
+from transcoders.training.run import TrainConfig, train
 
 bench = load_script("bench_sparsify")
 P, D = 5, 4  # sequence length (4 tokens after BOS), d_model

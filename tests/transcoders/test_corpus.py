@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from transcoders import corpus as C
-from transcoders.corpus import CorpusError, TokenCorpus, TokenizerSpec
+from transcoders.corpora import corpus as C
+from transcoders.corpora.corpus import CorpusError, TokenCorpus, TokenizerSpec
 
 
 def char_tok(vocab: int = 300) -> TokenizerSpec:
@@ -187,7 +187,7 @@ def test_fetch_corpus_is_idempotent(tmp_path, monkeypatch):
 
 
 def test_wordnet_source_reads_training_glosses(tmp_path, monkeypatch):
-    from transcoders import wordnet
+    from transcoders.corpora import wordnet
 
     if not (wordnet.WORDNET_DIR / "data.noun").is_file():
         pytest.fail("WordNet (Debian wordnet-base) is missing: run scripts/setup", pytrace=False)

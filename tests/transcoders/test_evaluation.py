@@ -15,7 +15,7 @@ from transcoders.evaluation import (
     evaluate_transcoder,
 )
 from transcoders.metrics import nmse_per_layer
-from transcoders.trainable import TrainableTranscoder
+from transcoders.training.trainable import TrainableTranscoder
 
 L, S, P, D, F = 3, 4, 9, 8, 12
 

@@ -13,7 +13,7 @@ from transcoders.frequency import (
     frequency_report,
     frequency_summary,
 )
-from transcoders.trainable import TrainableTranscoder
+from transcoders.training.trainable import TrainableTranscoder
 
 
 def test_firing_counts_match_a_direct_count_and_skip_the_start_token():
@@ -62,7 +62,7 @@ def test_a_training_run_records_frequency_in_metrics_and_config(tmp_path):
     import json
 
     from tests.transcoders.test_train import _tiny
-    from transcoders.train import TrainConfig
+    from transcoders.training.run import TrainConfig
 
     cfg = TrainConfig(n_features=16, topk=4, steps=4, batch_tokens=64, eval_every=100)
     res = _tiny(tmp_path, cfg)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from model_fixtures import TinyTokenizer, make_tiny_model
 
-from transcoders import generate as g
+from transcoders.corpora import generate as g
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,9 +21,9 @@ from model_fixtures import make_random_clt, make_tiny_model
 from safetensors.torch import save_file
 
 from transcoders.formats import load_transcoder, save_transcoder
-from transcoders.hub import HubFileMissing, HubRef, cache_dir, looks_like_reference
+from transcoders.formats.files import TranscoderFormatError
+from transcoders.formats.hub import HubFileMissing, HubRef, cache_dir, looks_like_reference
 from transcoders.identity import hub_name
-from transcoders.io_files import TranscoderFormatError
 
 L, D, F = 3, 32, 16
 COMMIT = "a" * 40
@@ -550,7 +550,7 @@ def test_a_wide_clt_allocates_no_decoder_before_use():
     """new_transcoder allocates encoders only: decoders (here 2.2 GB in float32) stay
     placeholders until a reader sets them, lazily, so a 2.5M-feature CLT opens on a GPU."""
     from transcoders.clt import TranscoderConfig
-    from transcoders.io_assemble import new_transcoder
+    from transcoders.formats.assemble import new_transcoder
 
     cfg = TranscoderConfig(n_layers=64, d_model=64, n_features=4096, kind="clt")
     clt = new_transcoder(cfg)
@@ -562,7 +562,7 @@ def test_a_wide_clt_allocates_no_decoder_before_use():
 def test_npz_decoder_rows_are_read_in_place(tmp_path):
     """GemmaScope's params.npz (np.savez, stored uncompressed) is read by rows from a memory
     map; a compressed npz is read whole; both give the rows of the array."""
-    from transcoders.io_files import NpzFile
+    from transcoders.formats.files import NpzFile
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(50, 7)).astype(np.float32)
@@ -587,7 +587,7 @@ def test_hook_table_names_each_rows_modules():
     table reads our sites from (resid_mid = the MLP norm's input, mlp_in = its output, mlp_out
     = what the MLP block adds)."""
     from tracer.architectures import ARCHITECTURES
-    from transcoders.hook_names import HOOKS_BY_ARCHITECTURE, INPUT_HOOKS, reads_before_gain
+    from transcoders.formats.hook_names import HOOKS_BY_ARCHITECTURE, INPUT_HOOKS, reads_before_gain
 
     for arch in ARCHITECTURES:
         table = HOOKS_BY_ARCHITECTURE.get(arch.name)
@@ -622,7 +622,7 @@ def test_cli_traces_with_a_repository_id(hub, tmp_path, tiny_folder, capsys):
 def test_online_a_repository_without_config_needs_its_folder(hub, monkeypatch):
     """Online, a repository with no config.yaml is not fetched whole (GemmaScope's holds every
     width and L0): the folder must be named. (The hub's answer is stubbed: no network here.)"""
-    import transcoders.hub as h
+    import transcoders.formats.hub as h
 
     monkeypatch.setattr(h, "offline", lambda: False)
     monkeypatch.setattr(h, "optional_file", lambda ref, name: None)  # the hub: no config.yaml

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from transcoders import losses
 from transcoders.activations import jumprelu, step
 from transcoders.metrics import FireTracker, l0_per_layer, nmse_per_layer
 from transcoders.normalize import Normalizer, fold
-from transcoders.trainable import TrainableTranscoder
+from transcoders.training import losses
+from transcoders.training.trainable import TrainableTranscoder
 
 
 def test_jumprelu_forward_backward_hand_values():
@@ -228,7 +228,7 @@ def test_topk_objective_auxk_on_a_skip_transcoder_matches_independent_terms():
     """AuxK decodes only the dead features (no bias, no skip term), also for skip transcoders."""
     from model_fixtures import make_random_clt
 
-    from transcoders.train import TrainConfig, objective
+    from transcoders.training.run import TrainConfig, objective
 
     L, d, F, N, k = 3, 8, 10, 6, 3
     clt = make_random_clt(L, d, n_features=F, kind="clt", seed=31, activation="topk", skip=True)

@@ -13,9 +13,9 @@ import torch
 
 from transcoders import meaning
 from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
-from transcoders.corpus import TokenizerSpec
+from transcoders.corpora.corpus import TokenizerSpec
 
-pytest.importorskip("transcoders.wordnet")
+pytest.importorskip("transcoders.corpora.wordnet")
 if not (meaning.wordnet.WORDNET_DIR / "data.noun").is_file():  # installed by scripts/setup
     pytest.fail("WordNet (Debian wordnet-base) is missing: run scripts/setup", pytrace=False)
 

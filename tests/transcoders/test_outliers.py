@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from transcoders import outliers
-from transcoders.train import TrainConfig, fit_skip, objective
-from transcoders.trainable import TrainableTranscoder
+from transcoders.training import outliers
+from transcoders.training.run import TrainConfig, fit_skip, objective
+from transcoders.training.trainable import TrainableTranscoder
 
 PLANTED = [3, 17, 40, 41, 77]  # positions given 100x the typical output norm
 
@@ -142,8 +142,8 @@ def _planted_run(tmp_path, **overrides):
     the start token, the outlier mask [L, 216] and the thresholds [L], recomputed here."""
     from model_fixtures import make_tiny_model
 
-    from tracer.splice import activation_fn
-    from transcoders.train import train
+    from tracer.spliced_metrics import activation_fn
+    from transcoders.training.run import train
 
     torch.set_num_threads(1)
     model = make_tiny_model("llama", n_layers=2)
@@ -211,7 +211,7 @@ def test_training_leaves_planted_outliers_out(tmp_path):
     """A run on activations with planted 100x outputs: the skip connection starts at the fit
     without them, the scales ignore them, the thresholds are checkpointed, and eval records
     report all / non-start / inlier NMSE."""
-    from transcoders.train import CHECKPOINT, load_checkpoint
+    from transcoders.training.run import CHECKPOINT, load_checkpoint
 
     res, cfg, x, y, out, thr = _planted_run(tmp_path, outlier_uses=("loss", "skip", "scales"))
     assert out.any() and int(out.sum()) < 20
@@ -254,7 +254,7 @@ def test_outlier_uses_turn_each_part_on_alone(tmp_path, uses):
 
 
 def test_unknown_outlier_use_is_one_clear_error():
-    from transcoders.train_config import parse_outlier_uses
+    from transcoders.training.config import parse_outlier_uses
 
     assert parse_outlier_uses("loss, skip") == ("loss", "skip")
     assert parse_outlier_uses("") == ()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transcoders.planner import BudgetPlanner, StepPlan, lr_at
+from transcoders.training.planner import BudgetPlanner, StepPlan, lr_at
 
 
 def test_replan_keeps_progress_continuous_and_ends_at_one():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from transcoders.clt import CrossLayerTranscoder, TranscoderConfig
-from transcoders.objective import objective
-from transcoders.sparse_adam import SparseRowAdam, row_sparse
-from transcoders.train_config import TrainConfig
-from transcoders.trainable import TrainableTranscoder
-from transcoders.trainer import make_optimizer
+from transcoders.training.config import TrainConfig
+from transcoders.training.objective import objective
+from transcoders.training.sparse_adam import SparseRowAdam, row_sparse
+from transcoders.training.trainable import TrainableTranscoder
+from transcoders.training.trainer import make_optimizer
 
 
 def _rows_grad(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.transcoders import train_worker as tw
-from transcoders.planner import StepPlan, lr_at, sparsity_at
-from transcoders.train import (
+from transcoders.training.planner import StepPlan, lr_at, sparsity_at
+from transcoders.training.run import (
     CHECKPOINT,
     BudgetError,
     CheckpointError,
@@ -71,7 +71,7 @@ def _finish(p: subprocess.Popen, timeout: float = 240) -> None:
 
 def _tiny(tmp_path, cfg: TrainConfig, **kw):
     from tests.conftest import make_tiny_model
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
 
     model = make_tiny_model("llama", n_layers=3)
     tr, held = tw.tokens()

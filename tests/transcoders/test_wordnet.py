@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from transcoders import wordnet
+from transcoders.corpora import wordnet
 
 if not (wordnet.WORDNET_DIR / "data.noun").is_file():  # installed by scripts/setup
     pytest.fail("WordNet (Debian wordnet-base) is missing: run scripts/setup", pytrace=False)

@@ -25,7 +25,7 @@ STEPS = 24
 
 
 def config(shards: int | None = None):
-    from transcoders.train import TrainConfig
+    from transcoders.training.run import TrainConfig
 
     return TrainConfig(
         n_features=24,
@@ -69,8 +69,8 @@ def main() -> None:
         dist.init_process_group("gloo")
     from model_fixtures import make_tiny_model
 
-    from tracer.splice import activation_fn
-    from transcoders.train import train
+    from tracer.spliced_metrics import activation_fn
+    from transcoders.training.run import train
 
     model = make_tiny_model("llama", n_layers=3)
     train_t, held_t = tokens()

@@ -6,7 +6,9 @@ per-layer transcoders on every architecture of the table.
   forward of graph sources through the frozen model);
 - :mod:`~tracer.attention.loadings`: head loadings (``add_head_loadings``, ``edge_head_parts``);
 - :mod:`~tracer.attention.qk`: QK attributions (``qk_attribution``).
-"""
+
+What it may import: the engine (tracer's model, hooks, replacement model, attribution,
+graph type) and transcoders; never graphstore."""
 
 from tracer.attention.frozen import HeadAnalysisError
 from tracer.attention.loadings import (

@@ -8,7 +8,9 @@
 - :mod:`~tracer.attribution.memory`: the memory plan (``estimate_memory``; from shapes alone,
   ``estimate_from_shapes``);
 - :mod:`~tracer.attribution.attribute`: ``attribute`` and the graph assembly.
-"""
+
+What it may import: the engine (tracer's model, hooks, replacement model, graph type) and
+transcoders; never graphstore."""
 
 from tracer.attribution.attribute import attribute
 from tracer.attribution.config import DEFAULT_MAX_FEATURE_NODES, AttributionConfig

@@ -38,7 +38,7 @@ from tracer.attribution.memory import (
     workload_from_l0,
     workload_from_state,
 )
-from tracer.attribution.phases import PhaseMemory
+from tracer.attribution.memory_phases import PhaseMemory
 from tracer.attribution.rows import ADD_BYTES, RowStore
 from tracer.attribution.targets import select_logit_targets
 from tracer.graph import ERROR, FEATURE, LOGIT, TOKEN, Graph

@@ -39,7 +39,7 @@ class AttributionConfig:
     it to the plan's suggestion (the graph's ``max_feature_nodes`` then records the budget
     used); ``memory_limit_gb``: plan for at most this much memory (default: what the machine
     has available); ``profile_memory``: measure each phase's peak memory
-    (:mod:`~tracer.attribution.phases`; resets the process's high-water mark) into
+    (:mod:`~tracer.attribution.memory_phases`; resets the process's high-water mark) into
     ``graph.extra["memory_phases"]``.
     """
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tracer.attribution.linear import WRITER_CHUNK_BYTES
-from tracer.attribution.phases import process_rss_bytes
+from tracer.attribution.memory_phases import process_rss_bytes
 from tracer.attribution.rows import ADD_BYTES, CHUNK_BYTES
 
 GB = 1e9

@@ -1,5 +1,5 @@
 """``circuit-atlas contrast GRAPH_A GRAPH_B``: what differs between two prompts' graphs
-(tracer.contrast), printed as tables; the difference graph and summary written to files."""
+(tracer.analyses.contrast), printed as tables; the difference graph and summary written to files."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def register(sub) -> None:
 
 
 def _contrast(args) -> int:
+    from tracer.analyses.contrast import contrast, describe
     from tracer.batch import slug
-    from tracer.contrast import contrast, describe
 
     if args.top < 1:
         raise CLIError(f"--top {args.top}: give at least 1")

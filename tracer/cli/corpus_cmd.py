@@ -9,8 +9,8 @@
   model generated it);
 - a token-corpus folder, a text/JSONL/Parquet path, or a Hugging Face dataset name (alone only).
 
-The sampling loop lives in :mod:`transcoders.generate` and the mixing in
-:mod:`transcoders.corpus`; this module wires the model to them.
+The sampling loop lives in :mod:`transcoders.corpora.generate` and the mixing in
+:mod:`transcoders.corpora.corpus`; this module wires the model to them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ GENERATED_TOKENS = 2_000_000  # default --tokens of corpus generate
 
 def add_subcommands(csub) -> None:
     """``corpus generate`` on the ``corpus`` group's subparsers."""
+    from transcoders.corpora.generate import GenerateConfig
     from transcoders.device import add_device_arguments
-    from transcoders.generate import GenerateConfig
 
     d = GenerateConfig(tokens=GENERATED_TOKENS)
     g = csub.add_parser(
@@ -65,8 +65,8 @@ def _generate(args) -> int:
 
     from tracer.cli.train_cmd import model_fingerprint
     from tracer.model import LanguageModel
+    from transcoders.corpora.generate import GenerateConfig, generate_corpus
     from transcoders.device import setting_from_args
-    from transcoders.generate import GenerateConfig, generate_corpus
 
     setting = setting_from_args(args)
     if args.tokens < 1 or args.batch < 1 or args.max_new < 1:
@@ -103,8 +103,8 @@ def generated_token_corpus(model, tok, seq_len: int = 128, seed: int = 0):
     import json
 
     from tracer.cli.train_cmd import model_fingerprint
-    from transcoders.corpus import MANIFEST, Source, TokenCorpus, write_token_corpus
-    from transcoders.generate import check_generated, read_generated
+    from transcoders.corpora.corpus import MANIFEST, Source, TokenCorpus, write_token_corpus
+    from transcoders.corpora.generate import check_generated, read_generated
 
     folder = generated_dir(model, seed)
     dtype = str(next(model.hf.parameters()).dtype).replace("torch.", "")
@@ -130,7 +130,7 @@ def generated_token_corpus(model, tok, seq_len: int = 128, seed: int = 0):
 def load_corpus_spec(spec: str, model, tok):
     """The token corpus ``--corpus spec`` names (one source or a weighted mix)."""
     from tracer.fetch import cache_root
-    from transcoders.corpus import fetch_corpus, mix_corpora, parse_mix, prepare_corpus
+    from transcoders.corpora.corpus import fetch_corpus, mix_corpora, parse_mix, prepare_corpus
 
     if spec == "public":
         return fetch_corpus(cache_root(), tok)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tracer.prompts import DEMO_PROMPTS
 from transcoders.device import add_device_arguments, setting_from_args
-from transcoders.recipes import DEFAULT_CORPUS, DEFAULT_RECIPE
+from transcoders.training.recipes import DEFAULT_CORPUS, DEFAULT_RECIPE
 
 
 def register(sub) -> None:
@@ -83,9 +83,9 @@ def ensure_transcoder(args) -> Path:
 def _validated(rm, job, prompt: str, n_samples: int):
     """Trace (or reuse) one prompt and validate its full graph (or reuse the validation).
     Returns (pruned, full, pruned_path, full_path)."""
+    from tracer.analyses.validate import validate
     from tracer.batch import trace_one
     from tracer.graph import Graph
-    from tracer.validate import validate
 
     pruned_path, full_path = job.paths(prompt)
     if pruned_path.exists() and full_path.exists():
@@ -152,7 +152,7 @@ def canned_queries(store, graphs) -> dict:
 def _demo(args) -> int:
     from tracer.batch import TraceJob, load_replacement, read_prompts
     from tracer.cli.graph_args import open_store
-    from tracer.report import write_index, write_report
+    from tracer.reports.report import write_index, write_report
 
     setting = setting_from_args(args)  # a bad --device/--dtype fails before any work
     t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def _demo(args) -> int:
 
 
 def _summary_text(s: dict) -> str:
-    from tracer.validation_report import ratio_text
+    from tracer.analyses.validation_report import ratio_text
 
     lines = [
         f"circuit-atlas demo finished in {s['seconds']:.0f} s",

@@ -1,6 +1,6 @@
 """``circuit-atlas paths GRAPH [--target TOKEN] [-k K]``: the strongest paths from the prompt's
 tokens to a logit (or from a node up to the logits), by product of row-normalised |edge|
-weights (tracer.paths). Light: loads no torch."""
+weights (tracer.analyses.paths). Light: loads no torch."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def register(sub) -> None:
         description="List the K strongest paths of a graph: from any input token to the chosen "
         "logit (default: the most probable), or, when --target names another node, from that "
         "node up to the logits. A path's score is the product of its edges' |weight| divided "
-        "by the total |weight| into each edge's target (tracer.paths).",
+        "by the total |weight| into each edge's target (tracer.analyses.paths).",
     )
     p.add_argument("graph", metavar="GRAPH", help="graph Parquet file or stored graph id")
     p.add_argument(
@@ -32,8 +32,8 @@ def register(sub) -> None:
 
 
 def _paths(args) -> int:
+    from tracer.analyses.paths import node_step, paths, resolve_target
     from tracer.graph import LOGIT
-    from tracer.paths import node_step, paths, resolve_target
 
     if args.k < 1:
         raise CLIError(f"-k {args.k}: ask for at least one path")

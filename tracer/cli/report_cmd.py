@@ -21,7 +21,7 @@ def register(sub) -> None:
         type=Path,
         default=None,
         help="feature information (top contexts, histograms, promoted tokens): the transcoder "
-        "folder or its feature_contexts.parquet, or a JSON file (see tracer.features)",
+        "folder or its feature_contexts.parquet, or a JSON file (see tracer.reports.feature_book)",
     )
     p.add_argument(
         "--model",
@@ -43,10 +43,10 @@ def register(sub) -> None:
 def _report(args) -> int:
     from tqdm import tqdm
 
-    from tracer.features import load_features
     from tracer.graph import Graph
-    from tracer.render import RenderConfig
-    from tracer.report import ReportConfig, ensure_output_dir, write_index, write_report
+    from tracer.reports.feature_book import load_features
+    from tracer.reports.render import RenderConfig
+    from tracer.reports.report import ReportConfig, ensure_output_dir, write_index, write_report
 
     # Fail before any work on a bad folder or a bad feature file.
     out = ensure_output_dir(args.out)

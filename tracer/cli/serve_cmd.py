@@ -60,9 +60,9 @@ def build(args):
     features = None
     loader = None
     if args.transcoders:
-        from tracer.features import CONTEXTS_FILE, FeatureBook
-        from transcoders.hub import looks_like_reference
-        from transcoders.presets import preset
+        from tracer.reports.feature_book import CONTEXTS_FILE, FeatureBook
+        from transcoders.formats.hub import looks_like_reference
+        from transcoders.formats.presets import preset
 
         source_name = args.transcoders  # a folder, or a published name (hub id, preset, hf://)
         tpath = Path(source_name)

@@ -1,5 +1,6 @@
 """``circuit-atlas supernodes GRAPH...``: group each graph's features into supernodes
-(tracer.supernodes), check them by perturbation (tracer.supernode_check), write them to the
+(tracer.analyses.supernodes), check them by perturbation (tracer.analyses.supernode_check), write
+them to the
 graph files and the store, print them as a table."""
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ def register(sub) -> None:
         "supernodes",
         help="group a graph's features into supernodes and check each by perturbation",
         description="Group the feature nodes of each graph by decoder-direction, edge-profile "
-        "and corpus co-activation similarity (tracer.supernodes), name the groups by shared "
+        "and corpus co-activation similarity (tracer.analyses.supernodes), name the groups by "
+        "shared "
         "promoted tokens and contexts, and check each group by ablation against random groups "
-        "of its size (tracer.supernode_check). A graph file gets the supernodes in "
+        "of its size (tracer.analyses.supernode_check). A graph file gets the supernodes in "
         "extra['supernodes']; the store gets (:Supernode) nodes with the graph.",
     )
     p.add_argument("graphs", nargs="+", metavar="GRAPH",
@@ -59,10 +61,10 @@ def _supernodes(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from tracer.features import CONTEXTS_FILE, FeatureBook, load_features
+    from tracer.analyses.supernode_check import validate_supernodes
+    from tracer.analyses.supernodes import corpus_activations, find_supernodes
     from tracer.graph import FEATURE
-    from tracer.supernode_check import validate_supernodes
-    from tracer.supernodes import corpus_activations, find_supernodes
+    from tracer.reports.feature_book import CONTEXTS_FILE, FeatureBook, load_features
 
     setting_from_args(args)  # a bad --device/--dtype fails first, with one line
     if args.min_size < 1 or args.n_random < 0:

@@ -1,5 +1,5 @@
 """``circuit-atlas swap GRAPH OTHER ...`` and ``circuit-atlas swap --batch FILE``: swap
-experiments (tracer.swap), stored with the graphs (their files and the store)."""
+experiments (tracer.analyses.swap), stored with the graphs (their files and the store)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def register(sub) -> None:
         help="swap features (or supernodes) of one prompt for another prompt's",
         description="Ablate features of GRAPH's prompt and set features of OTHER's prompt to "
         "their activations there (positions aligned at the last token), then show the next "
-        "tokens and a continuation before and after (tracer.swap). Features are supernodes of "
+        "tokens and a continuation before and after (tracer.analyses.swap). Features are "
+        "supernodes of "
         "the graphs (--remove s0 --insert s1) and/or given directly (L/F@P). --batch runs a "
         "JSON Lines file of {graph, remove, other_graph, insert}. Results go into the graph "
         "files (extra['swaps']) and the store.",
@@ -70,7 +71,7 @@ def register(sub) -> None:
         metavar="L/F@P",
         help="a feature active in OTHER's prompt to insert (repeatable)",
     )
-    p.add_argument("--batch", type=Path, help="JSON Lines file of swaps (tracer.swap)")
+    p.add_argument("--batch", type=Path, help="JSON Lines file of swaps (tracer.analyses.swap)")
     model_args(p)
     from tracer.interventions import MODES
 
@@ -127,10 +128,10 @@ def _swap(args) -> int:
 
 
 def _run_swap(rm, graph, other, args, remove_f, insert_f):
-    """One swap: supernodes' members (tracer.swap.swap_supernodes when only supernodes are
+    """One swap: supernodes' members (tracer.analyses.swap.swap_supernodes when only supernodes are
     given) plus features named directly."""
-    from tracer.supernodes import get_supernode
-    from tracer.swap import swap, swap_supernodes
+    from tracer.analyses.supernodes import get_supernode
+    from tracer.analyses.swap import swap, swap_supernodes
 
     opts = {"mode": args.mode, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
     if not remove_f and not insert_f:
@@ -148,7 +149,7 @@ def _run_swap(rm, graph, other, args, remove_f, insert_f):
 
 
 def _swap_batch(args) -> int:
-    from tracer.swap import read_swap_file, run_swap_file
+    from tracer.analyses.swap import read_swap_file, run_swap_file
 
     recs = read_swap_file(args.batch)
     # Every graph of the file is checked before anything runs.

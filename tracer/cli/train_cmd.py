@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from transcoders.device import add_device_arguments, setting_from_args
-from transcoders.recipes import DEFAULT_RECIPE as DEFAULTS  # the named default recipe
+from transcoders.training.recipes import DEFAULT_RECIPE as DEFAULTS  # the named default recipe
 
 
 def register(sub) -> None:
@@ -129,7 +129,8 @@ def register_subcommand(tsub) -> None:
         "--outlier-rule",
         choices=["ratio", "mad", "none"],
         default=d["outlier_rule"],
-        help="massive MLP outputs left out of the loss, skip fit and scales (transcoders.outliers)",
+        help="massive MLP outputs left out of the loss, skip fit and scales "
+        "(transcoders.training.outliers)",
     )
     t.add_argument(
         "--outlier-factor",
@@ -189,7 +190,7 @@ def default_threads() -> int:
 
 
 def tokenizer_spec(model):
-    from transcoders.corpus import TokenizerSpec
+    from transcoders.corpora.corpus import TokenizerSpec
 
     tok = model.tokenizer
     return TokenizerSpec(
@@ -203,7 +204,7 @@ def tokenizer_spec(model):
 def _fetch(args) -> int:
     from tracer.fetch import cache_root
     from tracer.model import LanguageModel
-    from transcoders.corpus import describe, fetch_corpus
+    from transcoders.corpora.corpus import describe, fetch_corpus
 
     model = LanguageModel.load(args.model)
     corpus = fetch_corpus(
@@ -216,7 +217,7 @@ def _fetch(args) -> int:
 def _prepare(args) -> int:
     from tracer.fetch import cache_root
     from tracer.model import LanguageModel
-    from transcoders.corpus import describe, prepare_corpus
+    from transcoders.corpora.corpus import describe, prepare_corpus
 
     model = LanguageModel.load(args.model)
     corpus = prepare_corpus(
@@ -282,7 +283,7 @@ def model_fingerprint(model, dtype) -> str:
 
 def cache_spec(model, corpus, cfg, setting):
     """The activation-cache spec of a training run (model, its fingerprint, sites, corpus)."""
-    from transcoders.activation_cache import CacheSpec
+    from transcoders.training.activation_cache import CacheSpec
 
     return CacheSpec(
         model=model.facts.name,
@@ -318,10 +319,10 @@ def run_training(args):
 
     from tracer.fetch import cache_root
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn, spliced_eval_fn
+    from tracer.spliced_metrics import activation_fn, spliced_eval_fn
     from transcoders.contexts import ContextConfig, feature_contexts, save_contexts
-    from transcoders.train import TrainConfig, init_distributed, train
-    from transcoders.train_config import parse_outlier_uses
+    from transcoders.training.config import parse_outlier_uses
+    from transcoders.training.run import TrainConfig, init_distributed, train
 
     setting = setting_from_args(args)  # a bad --device/--dtype fails before any loading
     outlier_uses = parse_outlier_uses(args.outlier_uses)  # so does a bad --outlier-uses
@@ -396,7 +397,7 @@ def run_training(args):
         device=setting,
     )
     if args.graph_scores:
-        from tracer.prompt_scores import prompt_graph_scores
+        from tracer.analyses.prompt_scores import prompt_graph_scores
 
         print("[train] attributing the demo prompts for graph scores", file=sys.stderr)
         result.metrics["graph_scores"] = prompt_graph_scores(model, result.clt.to(model.device))

@@ -72,7 +72,7 @@ def add_convert(tsub) -> None:
 
 
 def _convert(args) -> int:
-    from transcoders.formats import convert_transcoder, default_format
+    from transcoders.formats.registry import convert_transcoder, default_format
 
     clt = convert_transcoder(
         args.src, args.dst, args.format, src_format=args.src_format, overwrite=args.force,
@@ -144,7 +144,7 @@ def _meaning(args) -> int:
 
     from tracer.cli.train_cmd import tokenizer_spec
     from tracer.model import LanguageModel
-    from tracer.splice import activation_fn
+    from tracer.spliced_metrics import activation_fn
     from transcoders.device import setting_from_args
     from transcoders.formats import load_transcoder
     from transcoders.meaning import MeaningConfig, build_probe, save_meaning, score_probe

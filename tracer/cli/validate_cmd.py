@@ -94,8 +94,8 @@ def replacement(args, exclude_bos: bool):
 
 
 def _validate(args) -> int:
+    from tracer.analyses.validate import save_report, validate, validation_path
     from tracer.graph import Graph
-    from tracer.validate import save_report, validate, validation_path
 
     setting_from_args(args)  # a bad --device/--dtype fails first, with one line
     graph = Graph.load(args.graph)  # then a bad file fails before the model loads

@@ -1,5 +1,5 @@
 """``circuit-atlas weights``: the transcoder's prompt-independent virtual weights
-(tracer.global_weights), written to a Parquet file and the store."""
+(tracer.analyses.global_weights), written to a Parquet file and the store."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def register(sub) -> None:
         help="prompt-independent virtual weights between transcoder features",
         description="Global weights along the direct path (decoder of the source times the "
         "encoder of the target through the residual stream, attention excluded), the top-k "
-        "inputs and outputs of every feature (tracer.global_weights). For an mlp_in "
+        "inputs and outputs of every feature (tracer.analyses.global_weights). For an mlp_in "
         "transcoder the norm denominator is the corpus mean (or 1 with --corpus none).",
     )
     model_args(p)
@@ -46,8 +46,8 @@ def _weights(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from tracer.analyses.global_weights import global_weights, typical_norm_scales
     from tracer.batch import slug
-    from tracer.global_weights import global_weights, typical_norm_scales
 
     setting_from_args(args)
     if args.top_k < 1:

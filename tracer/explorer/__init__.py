@@ -9,7 +9,7 @@ What it may import: everything (transcoders, tracer, graphstore): with the comma
 the only room that wires the three together."""
 
 from tracer.explorer.app import ExplorerConfig, ExplorerSetupError, check_built, create_app
-from tracer.explorer.intervene import InterventionRequestError, InterventionService
+from tracer.explorer.intervention_jobs import InterventionRequestError, InterventionService
 from tracer.explorer.payload import graph_payload
 from tracer.explorer.server import ServerThread, access_token, is_loopback, serve
 from tracer.explorer.sources import GraphSource

@@ -56,8 +56,8 @@ from graphstore.errors import (
     SubgraphNotFoundError,
 )
 from tracer.explorer.cypher import cypher_result
-from tracer.explorer.features import feature_panel
-from tracer.explorer.intervene import (
+from tracer.explorer.feature_panel import feature_panel
+from tracer.explorer.intervention_jobs import (
     InterventionRequestError,
     InterventionService,
     JobNotFoundError,
@@ -66,8 +66,8 @@ from tracer.explorer.intervene import (
 from tracer.explorer.payload import graph_payload, supernode_suggestions
 from tracer.explorer.security import BODY_KEY, MAX_BODY, MAX_DEPTH, Door, DoorPolicy, parse_json
 from tracer.explorer.sources import GraphSource
-from tracer.features import FeatureBook
-from tracer.neuronpedia import (
+from tracer.reports.feature_book import FeatureBook
+from tracer.reports.neuronpedia import (
     NeuronpediaFormatError,
     np_node_id,
     read_subgraph,

@@ -1,11 +1,11 @@
 """A graph as the JSON the explorer's page draws: column arrays of nodes and edges.
 
-Node ids are Neuronpedia node ids (:func:`tracer.neuronpedia.np_node_id`), the ids saved
+Node ids are Neuronpedia node ids (:func:`tracer.reports.neuronpedia.np_node_id`), the ids saved
 subgraphs use. Each node carries its display influence and the cumulative influence share the
 node-threshold slider compares against (as the Neuronpedia export); each edge carries the
 cumulative share of |weight| (edges sorted by |weight|, largest first) the edge slider compares
 against, so the page re-prunes without asking the server. Automatic supernodes
-(tracer.supernodes) found for the graph are listed by :func:`supernode_suggestions` for the
+(tracer.analyses.supernodes) found for the graph are listed by :func:`supernode_suggestions` for the
 page to offer as groups.
 """
 
@@ -15,16 +15,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tracer.annotate import (
+from tracer.graph import ERROR, FEATURE, LOGIT, NODE_KINDS, TOKEN, Graph
+from tracer.reports.annotate import (
     display_influence,
     node_heading,
     node_text,
     visible_token,
     vocab_text,
 )
-from tracer.features import FeatureBook
-from tracer.graph import ERROR, FEATURE, LOGIT, NODE_KINDS, TOKEN, Graph
-from tracer.neuronpedia import cumulative_influence, np_node_id
+from tracer.reports.feature_book import FeatureBook
+from tracer.reports.neuronpedia import cumulative_influence, np_node_id
 
 
 def edge_cumulative(weight: np.ndarray) -> np.ndarray:
@@ -143,7 +143,8 @@ def scores_with_convention(scores: dict, params: dict) -> dict:
 
 
 def supernode_suggestions(graph: Graph, supernodes: list[dict]) -> list[dict]:
-    """Automatic supernodes (dicts of ``tracer.supernodes.Supernode``) as the page offers them:
+    """Automatic supernodes (dicts of ``tracer.analyses.supernodes.Supernode``) as the page offers
+    them:
     id, name, the perturbation check's agreement and effect rank, and ``members``: the node ids
     of this graph's nodes of the group's (layer, position, feature) members (the graph shown
     may be the full graph, whose node order differs from the circuit's). Groups with fewer than

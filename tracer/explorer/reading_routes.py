@@ -2,7 +2,8 @@
 
 Routes (added to the app by :func:`tracer.explorer.app.create_app`)::
 
-    GET  /api/graphs/{id}/paths?node=NODE_ID&k=5&full=1   the k strongest paths (tracer.paths):
+    GET  /api/graphs/{id}/paths?node=NODE_ID&k=5&full=1   the k strongest paths
+    (tracer.analyses.paths):
                                  from the tokens to NODE_ID when it is a logit (default: the
                                  most probable logit), else from NODE_ID up to the logits
     POST /api/graphs/{id}/diagram?full=1   the subgraph diagram (tracer.subgraph.diagram) of
@@ -26,10 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tracer.analyses.paths import node_step, paths, resolve_target
 from tracer.explorer.app import api, explorer, json_body
 from tracer.graph import FEATURE, LOGIT
-from tracer.neuronpedia import np_node_id, to_neuronpedia
-from tracer.paths import node_step, paths, resolve_target
+from tracer.reports.neuronpedia import np_node_id, to_neuronpedia
 from tracer.subgraph import Subgraph, diagram, subgraph_scores
 
 MAX_K = 50
